@@ -1,0 +1,203 @@
+"""Tests for simbal_jax.routing against NumPy float64 references and plain Python loops."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from simbal_jax import routing
+
+
+def _distinct_logits(rng, t, e):
+  """Random logits whose values (and hence probs / sigmoids) are pairwise distinct per row."""
+  base = rng.permutation(t * e).reshape(t, e).astype(np.float64)
+  return (base / (t * e) * 6.0 - 3.0 + rng.uniform(0, 1e-3, size=(t, e))).astype(np.float32)
+
+
+def _np_route(logits, k, gating, renormalize, bias=None):
+  x = logits.astype(np.float64)
+  sm = np.exp(x - x.max(-1, keepdims=True))
+  sm /= sm.sum(-1, keepdims=True)
+  sig = 1.0 / (1.0 + np.exp(-x))
+  score = {"softmax_topk": sm, "topk_softmax": x, "sigmoid": sig}[gating]
+  select = score + (0.0 if bias is None else bias.astype(np.float64))
+  idx = np.argsort(-select, axis=-1, kind="stable")[:, :k]
+  chosen = np.take_along_axis(score, idx, -1)
+  if gating == "softmax_topk":
+    gates = chosen / chosen.sum(-1, keepdims=True) if renormalize else chosen
+    probs = sm
+  elif gating == "topk_softmax":
+    gates = np.exp(chosen - chosen.max(-1, keepdims=True))
+    gates /= gates.sum(-1, keepdims=True)
+    probs = sm
+  else:
+    gates = chosen / chosen.sum(-1, keepdims=True)
+    probs = sig / sig.sum(-1, keepdims=True)
+  return probs, gates, idx
+
+
+@pytest.mark.parametrize("gating,renormalize", [("softmax_topk", False), ("softmax_topk", True),
+                                                ("topk_softmax", False), ("sigmoid", False)])
+def test_route_matches_numpy(gating, renormalize):
+  rng = np.random.default_rng(0)
+  logits = _distinct_logits(rng, 16, 8)
+  out = routing.route(jnp.asarray(logits, jnp.bfloat16).astype(jnp.float32), 3, gating=gating,
+                      renormalize=renormalize)
+  logits32 = np.asarray(out.logits)
+  probs, gates, idx = _np_route(logits32, 3, gating, renormalize)
+  assert out.logits.dtype == out.probs.dtype == out.gates.dtype == jnp.float32
+  assert out.expert_index.dtype == jnp.int32
+  assert out.gates.shape == (16, 3) and out.expert_index.shape == (16, 3)
+  np.testing.assert_array_equal(out.expert_index, idx)
+  np.testing.assert_allclose(out.gates, gates, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out.probs, probs, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(out.probs).sum(-1), 1.0, rtol=1e-5)
+  gate_sum = np.asarray(out.gates).sum(-1)
+  if gating == "softmax_topk" and not renormalize:
+    # Sum of the K largest softmax probabilities: strictly inside (K/E, 1).
+    np.testing.assert_allclose(gate_sum, np.sort(probs, -1)[:, -3:].sum(-1), rtol=1e-5)
+    assert np.all(gate_sum < 1.0) and np.all(gate_sum > 3 / 8)
+  else:
+    np.testing.assert_allclose(gate_sum, 1.0, rtol=1e-5)
+
+
+def test_route_bf16_input_upcast_and_jit():
+  rng = np.random.default_rng(1)
+  logits = jnp.asarray(_distinct_logits(rng, 8, 6), jnp.bfloat16)
+  eager = routing.route(logits, 2, gating="sigmoid")
+  jitted = jax.jit(routing.route, static_argnums=1, static_argnames="gating")(
+      logits, 2, gating="sigmoid")
+  assert eager.logits.dtype == jnp.float32
+  np.testing.assert_array_equal(eager.expert_index, jitted.expert_index)
+  np.testing.assert_allclose(eager.gates, jitted.gates, rtol=1e-6)
+
+
+@pytest.mark.parametrize("gating", routing.GATINGS)
+def test_bias_changes_choice_not_gate_values(gating):
+  rng = np.random.default_rng(2)
+  logits = _distinct_logits(rng, 32, 8)
+  bias = np.zeros(8, np.float32)
+  bias[[5, 6]] = 100.0  # forces experts 5 and 6 into every token's top-2
+  plain = routing.route(logits, 2, gating=gating)
+  biased = routing.route(logits, 2, gating=gating, bias_E=jnp.asarray(bias))
+  np.testing.assert_array_equal(np.sort(biased.expert_index, -1), np.tile([5, 6], (32, 1)))
+  assert not np.array_equal(np.sort(plain.expert_index, -1), np.sort(biased.expert_index, -1))
+  _, gates_ref, idx_ref = _np_route(logits, 2, gating, False, bias)
+  np.testing.assert_array_equal(biased.expert_index, idx_ref)
+  np.testing.assert_allclose(biased.gates, gates_ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(biased.probs, plain.probs, rtol=1e-6)
+  if gating == "softmax_topk":
+    # Gates are the unbiased probabilities at the chosen experts.
+    np.testing.assert_allclose(
+        biased.gates, np.take_along_axis(np.asarray(plain.probs), idx_ref, -1), rtol=1e-6)
+  # No gradient reaches the bias; the logits do get one.
+  g_bias, g_logits = jax.grad(
+      lambda b, x: jnp.sum(routing.route(x, 2, gating=gating, bias_E=b).gates ** 2),
+      argnums=(0, 1))(jnp.asarray(bias), jnp.asarray(logits))
+  np.testing.assert_array_equal(g_bias, np.zeros(8))
+  assert np.abs(np.asarray(g_logits)).sum() > 0
+
+
+def test_expert_counts_vs_numpy():
+  rng = np.random.default_rng(3)
+  idx = rng.integers(0, 5, size=(20, 3))
+  mask = rng.uniform(size=20) < 0.6
+  np.testing.assert_array_equal(routing.expert_counts(jnp.asarray(idx), 5),
+                                np.bincount(idx.ravel(), minlength=5))
+  np.testing.assert_array_equal(routing.expert_counts(jnp.asarray(idx), 5, jnp.asarray(mask)),
+                                np.bincount(idx[mask].ravel(), minlength=5))
+
+
+def test_loss_free_update_hand_case():
+  bias = jnp.array([[0.5, 0.0, -0.5, 0.0], [0.0, 0.0, 0.0, 0.0]], jnp.float32)
+  counts = jnp.array([[1.0, 2.0, 3.0, 2.0], [0.0, 0.0, 8.0, 0.0]])  # means 2 and 2
+  new = routing.loss_free_update(bias, counts, 0.25)
+  np.testing.assert_allclose(new, [[0.75, 0.0, -0.75, 0.0], [0.25, 0.25, -0.25, 0.25]])
+  np.testing.assert_allclose(routing.loss_free_update(bias[0], counts[0], 0.1),
+                             [0.6, 0.0, -0.6, 0.0], rtol=1e-6)
+  assert new.dtype == jnp.float32
+
+
+def test_capacity_hand_cases():
+  assert routing.capacity(16, 4, 2, 1.0) == 8
+  assert routing.capacity(20, 4, 2, 1.1) == 11  # 11.000000000000002 in floats
+  assert routing.capacity(10, 4, 1, 1.25) == 4  # ceil(3.125)
+  assert routing.capacity(3, 64, 1, 1.0) == 1  # at least 1
+  assert routing.capacity(8, 2, 2, 4.0) == 8  # at most T
+  assert routing.capacity(7, 4, 2, None) == routing.capacity(7, 4, 2, 0.0) == 7
+
+
+def _loop_plan(idx, num_experts, cap, mask=None):
+  """Walks assignments in token order, as the spec describes."""
+  t_count, k_count = idx.shape
+  fill = [0] * num_experts
+  slot = np.full((t_count, k_count), num_experts * cap)
+  for t in range(t_count):
+    for k in range(k_count):
+      if mask is not None and not mask[t]:
+        continue
+      e = idx[t, k]
+      if fill[e] < cap:
+        slot[t, k] = e * cap + fill[e]
+      fill[e] += 1
+  return slot
+
+
+@pytest.mark.parametrize("case", ["drops", "masked", "nodrop"])
+def test_dispatch_plan_vs_loop(case):
+  rng = np.random.default_rng({"drops": 4, "masked": 5, "nodrop": 6}[case])
+  t_count, num_experts, k = 24, 6, 3
+  # Distinct experts per token, skewed towards low ids so some experts overflow.
+  idx = np.stack([rng.choice(num_experts, k, replace=False, p=[.3, .25, .2, .1, .1, .05])
+                  for _ in range(t_count)]).astype(np.int32)
+  mask = (rng.uniform(size=t_count) < 0.7) if case == "masked" else None
+  cap = routing.capacity(t_count, num_experts, k, None if case == "nodrop" else 1.0)
+  plan_fn = jax.jit(routing.dispatch_plan, static_argnums=(1, 2))
+  plan = plan_fn(jnp.asarray(idx), num_experts, cap,
+                 mask_T=None if mask is None else jnp.asarray(mask))
+  num_slots = num_experts * cap
+  expected = _loop_plan(idx, num_experts, cap, mask)
+  slot = np.asarray(plan.slot)
+  np.testing.assert_array_equal(slot, expected)
+  np.testing.assert_array_equal(plan.kept, expected < num_slots)
+  if case == "drops":
+    assert (~np.asarray(plan.kept)).sum() > 0
+  if case == "nodrop":
+    assert cap == t_count and np.asarray(plan.kept).all()
+  # slot <-> slot_assignment <-> slot_token consistency.
+  sa, st = np.asarray(plan.slot_assignment), np.asarray(plan.slot_token)
+  assert sa.shape == st.shape == (num_slots,)
+  flat = slot.ravel()
+  for a in range(t_count * k):
+    if flat[a] < num_slots:
+      assert sa[flat[a]] == a and st[flat[a]] == a // k
+  empty = sa == t_count * k
+  np.testing.assert_array_equal(empty, st == t_count)
+  assert (~empty).sum() == (flat < num_slots).sum()
+  np.testing.assert_array_equal(st[~empty], sa[~empty] // k)
+  for s in np.nonzero(~empty)[0]:
+    assert flat[sa[s]] == s
+  # Every expert within capacity, its slots filled contiguously; each token at most K experts.
+  per_expert = (~empty).reshape(num_experts, cap)
+  assert np.all(per_expert.sum(1) <= cap)
+  assert np.all(np.diff(per_expert.astype(int), axis=1) <= 0)
+  assert np.all(np.bincount(st[~empty], minlength=t_count) <= k)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: routing.route(jnp.zeros((4, 3)), 0), "top_k must be >= 1"),
+    (lambda: routing.route(jnp.zeros((4, 3)), 4), "top_k must be <= 3"),
+    (lambda: routing.route(jnp.zeros((2, 4, 3)), 1), "rank 2"),
+    (lambda: routing.route(jnp.zeros((4, 3)), 1, gating="softmax"), "valid: 'softmax_topk'"),
+    (lambda: routing.route(jnp.zeros((4, 3)), 1, bias_E=jnp.zeros(4)), r"bias_E must have"),
+    (lambda: routing.route(jnp.zeros((4, 3)), 1.5), "static Python int"),
+    (lambda: routing.expert_counts(jnp.zeros((4, 2), jnp.int32), 3, jnp.ones(5)), "mask_T"),
+    (lambda: routing.loss_free_update(jnp.zeros(3), jnp.zeros(4), 0.1), "same shape"),
+    (lambda: routing.capacity(0, 4, 1, 1.0), "num_tokens must be >= 1"),
+    (lambda: routing.capacity(8, 4, 5, 1.0), "top_k must be <= 4"),
+    (lambda: routing.dispatch_plan(jnp.zeros((4,), jnp.int32), 3, 2), "rank 2"),
+    (lambda: routing.dispatch_plan(jnp.zeros((4, 1), jnp.int32), 3, 0), "capacity must be >= 1"),
+])
+def test_bad_input_raises(call, match):
+  with pytest.raises(ValueError, match=match):
+    call()

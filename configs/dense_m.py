@@ -1,0 +1,12 @@
+"""Dense-M: MoE-M with one SwiGLU FFN of 4 * d_model per block and no balancing."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import moe_m  # noqa: E402
+
+
+def get_config(arg=None):
+  """Dense-M; `arg`: extra comma-separated key=value overrides."""
+  return moe_m.get_config("dense" + ("," + arg if arg else ""))

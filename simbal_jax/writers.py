@@ -1,0 +1,123 @@
+"""Metric writers: JSONL (source of truth) + TensorBoard (tensorboardX), progress bar, summary.
+
+Only process 0 writes. Metrics are flat dicts of scalars with '/' namespaces
+(`train/loss`, `moe/layer_3/maxvio`).
+"""
+
+import json
+import math
+import os
+import time
+
+from absl import logging
+import numpy as np
+
+
+def _scalar(v):
+  """Python float/int from a numpy/jax scalar."""
+  v = np.asarray(v)
+  if v.dtype.kind in "iub":
+    return int(v)
+  return float(v)
+
+
+class MetricWriter:
+  """Appends {'step': s, **metrics} lines to <workdir>/metrics.jsonl and TensorBoard scalars."""
+
+  def __init__(self, workdir, *, tensorboard=True, enabled=True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    self._file = None
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._file = open(self.path, "a", encoding="utf-8")
+    if tensorboard:
+      try:
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("TensorBoard writer unavailable (%s); JSONL only", e)
+
+  def write(self, step, metrics):
+    """Writes one record of scalar metrics for `step`."""
+    if not self.enabled:
+      return
+    rec = {"step": int(step)}
+    rec.update({k: _scalar(v) for k, v in metrics.items()})
+    self._file.write(json.dumps(rec, allow_nan=True) + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      for k, v in rec.items():
+        if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+          self._tb.add_scalar(k, v, global_step=int(step))
+
+  def close(self):
+    if self._file is not None:
+      self._file.close()
+      self._file = None
+    if self._tb is not None:
+      self._tb.flush()
+      self._tb.close()
+      self._tb = None
+
+
+def read_jsonl(path):
+  """Reads a metrics.jsonl file into a list of dicts."""
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+  """tqdm progress bar with step, loss, tokens/s and ETA (no-op when disabled)."""
+
+  def __init__(self, start, total, tokens_per_step, enabled=True, desc="train"):
+    self.tokens_per_step = tokens_per_step
+    self.start = start
+    self._t0 = time.time()
+    self._bar = None
+    if enabled:
+      try:
+        from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+        self._bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True,
+                         mininterval=1.0)
+      except Exception:  # pylint: disable=broad-except
+        self._bar = None
+
+  def update(self, step, loss):
+    """Moves the bar to `step` and shows the loss and throughput."""
+    elapsed = max(time.time() - self._t0, 1e-9)
+    tps = (step - self.start) * self.tokens_per_step / elapsed
+    if self._bar is not None:
+      self._bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
+      self._bar.update(step - self._bar.n)
+    return tps
+
+  def close(self):
+    if self._bar is not None:
+      self._bar.close()
+
+
+def format_table(rows, columns, floatfmt="{:.4f}"):
+  """Plain-text table.
+
+  Args:
+    rows: list of (name, dict) pairs.
+    columns: list of (header, key) pairs.
+  Returns:
+    str.
+  """
+  head = ["run"] + [h for h, _ in columns]
+  body = []
+  for name, d in rows:
+    cells = [str(name)]
+    for _, k in columns:
+      v = d.get(k)
+      cells.append("-" if v is None else (floatfmt.format(v) if isinstance(v, float) else str(v)))
+    body.append(cells)
+  widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
+  line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
+                             enumerate(zip(r, widths)))
+  sep = "  ".join("-" * w for w in widths)
+  return "\n".join([line(head), sep] + [line(r) for r in body])

@@ -42,7 +42,8 @@ def get_config(arg=None):
   e.capacity_factor = 0.0  # <= 0: dropless (paper)
   e.shared_expert_d_ff = 0  # 0: no shared expert
   e.router_init = "orthogonal"  # orthogonal | normal
-  e.router_init_scale = 1.0  # scale of the router initialiser
+  e.router_init_scale = 1.0  # column norm of the initial router
+  e.num_groups = 1  # routing groups (own capacity/dispatch); multiple of batch shards if sharded
 
   cfg.balance = b = ml_collections.ConfigDict()
   b.method = "lbl"  # one of METHODS
@@ -68,23 +69,26 @@ def get_config(arg=None):
 
   cfg.data = d = ml_collections.ConfigDict()
   d.source = "stdlib"  # stdlib | text_files | tfds | synthetic
-  d.tokenizer = "bytes"  # bytes | sentencepiece | cl100k
-  d.sp_vocab_size = 8000  # sentencepiece vocabulary size when trained here
-  d.globs = ""  # comma-separated globs (text_files)
-  d.tfds_name = ""  # TFDS dataset name (tfds)
-  d.tfds_data_dir = ""  # TFDS data dir
-  d.tfds_text_key = "text"  # feature holding the text
+  d.tokenizer = "bytes"  # bytes | sentencepiece | cl100k (ignored by synthetic)
+  d.sp_vocab_size = 4096  # sentencepiece vocabulary when trained here
+  d.sp_train_chars = 2_000_000  # sentencepiece training sample (characters)
+  d.globs = ""  # text_files: comma-separated globs, ** allowed
+  d.tfds_name = ""  # tfds: dataset name or a prepared builder dir
+  d.tfds_data_dir = ""  # tfds: data_dir ("" = TFDS default)
+  d.tfds_text_key = "text"  # tfds: feature holding the text
   d.tfds_train_split = "train"
-  d.tfds_eval_split = "validation"
-  d.eval_fraction = 0.02  # held-out share of documents (stdlib / text_files)
+  d.tfds_eval_split = "validation"  # "" = hold out eval_fraction of train documents
+  d.eval_fraction = 0.05  # held-out share of documents (by document-id hash)
   d.max_docs = 0  # 0: all documents
-  d.synthetic = s = ml_collections.ConfigDict()
-  s.num_domains = 4  # synthetic corpus: number of token distributions
-  s.vocab_size = 256  # synthetic vocabulary
-  s.doc_len = 256  # tokens per synthetic document
-  s.num_docs = 2048  # synthetic documents
+  d.max_bytes = 0  # stdlib/text_files byte budget (0: no limit)
   d.cache_dir = ""  # "": <workdir>/data
-  d.worker_count = 0  # grain workers (0: in-process)
+  d.worker_count = 0  # grain worker processes (0: threads in-process)
+  d.synthetic = s = ml_collections.ConfigDict()
+  s.num_domains = 4  # latent domains (one random Markov chain each)
+  s.vocab_size = 256  # chain states (EOS = vocab_size)
+  s.doc_len = 0  # 0: seq_len + 1, one document per sequence
+  s.num_docs = 4096  # synthetic documents
+  s.seed = 0  # corpus seed (independent of the training seed)
 
   cfg.train = t = ml_collections.ConfigDict()
   t.seq_len = 128  # tokens per sequence

@@ -1,0 +1,28 @@
+"""Data pipeline: sources -> tokenizer -> packed sequences -> grain iterators (no jax import).
+
+  from simbal_jax import data
+  ds = data.make_datasets(cfg.data, seq_len=256, batch_size=32, workdir=workdir, seed=0)
+  it = ds.train_iter()            # infinite; it.get_state() / it.set_state(state)
+  batch = next(it)                # inputs/targets int32[b, L] (+ domain int32[b], synthetic)
+  evals = ds.eval_batches(4)      # fixed list
+
+Sources: "stdlib" (this interpreter's standard library .py files), "text_files" (globs),
+"tfds" (any dataset prepared with `tfds build NAME --file_format=array_record`), "synthetic"
+(Markov chains of several latent domains, batches carry the domain). Tokenizers: "bytes",
+"sentencepiece" (trained on the train split, cached), "cl100k" (offline, from bpe-openai).
+Heavy packages (grain, tensorflow_datasets, sentencepiece, bpe_openai) load on first use.
+"""
+import importlib
+
+_EXPORTS = {
+    "make_datasets": "pipeline", "Datasets": "pipeline", "DEFAULTS": "pipeline",
+    "resolve_config": "pipeline", "SOURCES": "sources", "TOKENIZERS": "tokenizers",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+  if name in _EXPORTS:
+    module = importlib.import_module(f"simbal_jax.data.{_EXPORTS[name]}")
+    return getattr(module, name)
+  raise AttributeError(f"module 'simbal_jax.data' has no attribute {name!r}")

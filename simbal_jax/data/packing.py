@@ -1,0 +1,137 @@
+"""Token streams on disk and packed fixed-length sequences.
+
+A split's documents are tokenized once into one flat stream `doc_0 EOS doc_1 EOS ...` stored as a
+raw little-endian file (uint16 when the vocabulary fits, else uint32) and memory-mapped.
+Sequence i of length L is the window `stream[i*L : i*L + L + 1]`: inputs are its first L
+tokens, targets its last L (inputs shifted by one), so every token is a target exactly once.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Callable, Iterable
+
+import numpy as np
+
+_META = "meta.json"
+
+
+class FlatSequences:
+  """Packed sequences read from a memory-mapped token stream (picklable by path)."""
+
+  def __init__(self, path: str, dtype: str, length: int, seq_len: int):
+    self.path, self.dtype, self.length, self.seq_len = path, dtype, int(length), int(seq_len)
+    self._tokens = None
+
+  def __getstate__(self):
+    return {k: v for k, v in self.__dict__.items() if k != "_tokens"} | {"_tokens": None}
+
+  @property
+  def tokens(self) -> np.ndarray:
+    if self._tokens is None:
+      self._tokens = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.length,))
+    return self._tokens
+
+  def __len__(self) -> int:
+    return max(0, (self.length - 1) // self.seq_len)
+
+  def get(self, indices_N: np.ndarray):
+    """Returns (int32[N, L + 1] windows, None) for sequence indices int[N]."""
+    offsets_NxW = (np.asarray(indices_N, np.int64)[:, None] * self.seq_len
+                   + np.arange(self.seq_len + 1, dtype=np.int64)[None, :])
+    return self.tokens[offsets_NxW].astype(np.int32), None
+
+
+class RowSequences:
+  """Packed sequences held in memory as rows (the synthetic source), with domain labels."""
+
+  def __init__(self, tokens_NxW: np.ndarray, domain_N: np.ndarray | None):
+    self.tokens_NxW = np.ascontiguousarray(tokens_NxW, dtype=np.int32)
+    self.domain_N = None if domain_N is None else np.asarray(domain_N, np.int32)
+
+  def __len__(self) -> int:
+    return len(self.tokens_NxW)
+
+  def get(self, indices_N: np.ndarray):
+    """Returns (int32[N, L + 1] rows, int32[N] domains or None)."""
+    idx = np.asarray(indices_N, np.int64)
+    dom = None if self.domain_N is None else self.domain_N[idx]
+    return self.tokens_NxW[idx], dom
+
+
+def make_batch(seqs, indices_N: np.ndarray) -> dict[str, np.ndarray]:
+  """Batch dict for sequence indices: inputs/targets int32[N, L] (+ domain int32[N])."""
+  window_NxW, domain_N = seqs.get(indices_N)
+  batch = {"inputs": window_NxW[:, :-1], "targets": window_NxW[:, 1:]}
+  if domain_N is not None:
+    batch["domain"] = domain_N
+  return batch
+
+
+def stream_dtype(vocab_size: int) -> str:
+  return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+def write_streams(out_dir: str, splits: dict[str, Iterable[str]],
+                  encode: Callable[[str], object], eos_id: int, vocab_size: int,
+                  fingerprint: dict) -> dict:
+  """Tokenizes each split's documents into `<out_dir>/<split>.bin` (atomic, then meta.json).
+
+  Args:
+    out_dir: str, directory of this (corpus, tokenizer) pair.
+    splits: split name -> iterable of document texts (in stream order).
+    encode: text -> token ids (list or integer array).
+    eos_id: int, appended after every document.
+    vocab_size: int, picks the on-disk dtype; every id is checked to be < vocab_size.
+    fingerprint: JSON-able description stored in the metadata.
+
+  Returns:
+    The metadata dict: {"dtype", "splits": {name: {"tokens", "docs"}}, ...}.
+  """
+  os.makedirs(out_dir, exist_ok=True)
+  dtype = np.dtype(stream_dtype(vocab_size))
+  meta = {"dtype": dtype.name, "vocab_size": vocab_size, "eos_id": eos_id,
+          "fingerprint": fingerprint, "splits": {}}
+  eos = np.array([eos_id], dtype=dtype)
+  start = time.time()
+  for name, texts in splits.items():
+    path = os.path.join(out_dir, f"{name}.bin")
+    tmp = f"{path}.tmp{os.getpid()}"
+    n_tokens = n_docs = 0
+    with open(tmp, "wb") as f:
+      for text in texts:
+        ids = np.asarray(encode(text))
+        if not ids.size:
+          continue
+        if ids.max() >= vocab_size or ids.min() < 0:
+          raise ValueError(f"tokenizer produced an id outside [0, {vocab_size})")
+        f.write(ids.astype(dtype).tobytes())
+        f.write(eos.tobytes())
+        n_tokens += ids.size + 1
+        n_docs += 1
+    os.replace(tmp, path)
+    meta["splits"][name] = {"tokens": n_tokens, "docs": n_docs}
+  meta["seconds"] = round(time.time() - start, 3)
+  tmp = os.path.join(out_dir, f"{_META}.tmp{os.getpid()}")
+  with open(tmp, "w") as f:
+    json.dump(meta, f, indent=1)
+  os.replace(tmp, os.path.join(out_dir, _META))
+  logging.info("tokenized %s in %.1f s: %s", out_dir, meta["seconds"], meta["splits"])
+  return meta
+
+
+def read_meta(out_dir: str) -> dict | None:
+  """The metadata of finished streams in `out_dir`, or None when not (fully) written."""
+  path = os.path.join(out_dir, _META)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def open_split(out_dir: str, meta: dict, split: str, seq_len: int) -> FlatSequences:
+  """Packed sequences of one written split."""
+  return FlatSequences(os.path.join(out_dir, f"{split}.bin"), meta["dtype"],
+                       meta["splits"][split]["tokens"], seq_len)

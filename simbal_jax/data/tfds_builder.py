@@ -1,0 +1,160 @@
+"""The project's own TFDS builder: local text files -> array_record train/validation splits.
+
+Local text (the stdlib corpus, user globs) goes through a real `GeneratorBasedBuilder` writing
+`file_format="array_record"`, so the same reading path (`builder_from_directory(...)
+.as_data_source(split)`) serves local files and any prepared TFDS dataset, with no TensorFlow.
+Prepared data lives in `<cache_dir>/tfds/<key>/`, where the key hashes the file list (paths,
+sizes, mtimes) and the split parameters: a second run with the same parameters reuses it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+
+from simbal_jax.data import sources
+
+BUILDER_NAME = "simbal_text_corpus"
+_builder_class = None
+
+
+def _get_builder_class():
+  """Defines the builder class on first use (keeps tensorflow_datasets a lazy import)."""
+  global _builder_class
+  if _builder_class is not None:
+    return _builder_class
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  class SimbalTextCorpus(tfds.core.GeneratorBasedBuilder):
+    """Text documents split by document hash into train / validation."""
+
+    name = BUILDER_NAME
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    # No code directory / checksums file: avoids tfds' lookup of the defining module's resources
+    # (which needs the optional `importlib_resources` package) and there is nothing to download.
+    code_path = None
+    url_infos = None
+
+    def __init__(self, *, files=(), eval_fraction=0.05, strict=True, **kwargs):
+      self._files = list(files)
+      self._eval_fraction = float(eval_fraction)
+      self._strict = strict
+      super().__init__(**kwargs)
+
+    def _info(self):
+      # Built directly: dataset_info_from_configs needs a registered package layout.
+      return tfds.core.DatasetInfo(
+          builder=self,
+          description="Local UTF-8 text documents (one file = one document).",
+          features=tfds.features.FeaturesDict({
+              "id": tfds.features.Text(),
+              "text": tfds.features.Text(),
+          }),
+      )
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {
+          "train": self._generate_examples(False),
+          "validation": self._generate_examples(True),
+      }
+
+    def _generate_examples(self, want_eval):
+      for path in self._files:
+        if sources.is_eval_doc(path, self._eval_fraction) != want_eval:
+          continue
+        text = sources.read_text(path, strict=self._strict)
+        if text is None or not text.strip():
+          continue
+        yield path, {"id": path, "text": text}
+
+  _builder_class = SimbalTextCorpus
+  return _builder_class
+
+
+def cache_key(payload) -> str:
+  """Short stable hash of a JSON-serialisable payload."""
+  blob = json.dumps(payload, sort_keys=True, default=str).encode("utf-8")
+  return hashlib.sha1(blob).hexdigest()[:16]
+
+
+def prepare_text_corpus(files: list[str], *, eval_fraction: float, cache_dir: str,
+                        strict: bool, tag: str) -> str:
+  """Writes (or reuses) the array_record dataset of `files`; returns its builder directory.
+
+  Args:
+    files: sorted list of text file paths (one document each).
+    eval_fraction: float in [0, 1), share of documents held out (by path hash).
+    cache_dir: str, root of the data cache.
+    strict: bool; True turns an unreadable or binary file into a ValueError naming it (user
+      globs), False skips such files with a log line (the stdlib has a few on purpose).
+    tag: str, short name of the source for the directory name.
+  """
+  # Validate every file before writing anything, so errors come before any preparation.
+  for f in files:
+    if strict:
+      sources.read_text(f, strict=True)
+  n_eval = sum(sources.is_eval_doc(f, eval_fraction) for f in files)
+  if n_eval == 0 or n_eval == len(files):
+    raise ValueError(
+        f"{tag}: {len(files)} documents give an empty {'validation' if n_eval == 0 else 'train'}"
+        f" split with eval_fraction={eval_fraction}; add documents or change data.eval_fraction")
+  key = cache_key({"v": 1, "files": sources.file_fingerprint(files),
+                   "eval_fraction": eval_fraction, "strict": strict})
+  data_dir = os.path.join(cache_dir, "tfds", f"{tag}_{key}")
+  cls = _get_builder_class()
+  builder = cls(files=files, eval_fraction=eval_fraction, strict=strict, data_dir=data_dir,
+                file_format="array_record")
+  builder_dir = str(builder.data_dir)
+  if os.path.isfile(os.path.join(builder_dir, "dataset_info.json")):
+    return builder_dir
+  start = time.time()
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    tfds.disable_progress_bar()
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(
+            download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+  except Exception:
+    shutil.rmtree(builder_dir, ignore_errors=True)
+    raise
+  logging.info("prepared %s (%d files) in %.1f s -> %s", tag, len(files), time.time() - start,
+               builder_dir)
+  return builder_dir
+
+
+def read_split(builder_dir: str, split: str, text_key: str = "text", max_docs: int = 0):
+  """Yields `(doc_id, text)` of one split of a prepared array_record dataset.
+
+  Args:
+    builder_dir: directory holding dataset_info.json (…/name/config/version).
+    split: split name ("train", "validation", "train[:90%]", …).
+    text_key: feature holding the text.
+    max_docs: int, 0 = all records, else the first max_docs records.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  source = tfds.builder_from_directory(builder_dir).as_data_source(split=split)
+  yield from iter_records(source, text_key, max_docs, where=f"{builder_dir} [{split}]")
+
+
+def iter_records(source, text_key: str, max_docs: int, where: str):
+  """Yields (doc_id, text) from a random-access TFDS data source."""
+  n = len(source)
+  if max_docs:
+    n = min(n, max_docs)
+  for i in range(n):
+    record = source[i]
+    if text_key not in record:
+      raise ValueError(f"{where}: records have no feature {text_key!r} (data.tfds_text_key); "
+                       f"features: {sorted(record)}")
+    text = record[text_key]
+    if isinstance(text, bytes):
+      text = text.decode("utf-8", errors="replace")
+    doc_id = record.get("id", i)
+    if isinstance(doc_id, bytes):
+      doc_id = doc_id.decode("utf-8", errors="replace")
+    yield str(doc_id), str(text)

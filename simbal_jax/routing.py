@@ -121,7 +121,7 @@ def route(logits_TxE, top_k, *, gating="softmax_topk", renormalize=False, bias_E
   "topk_softmax" and "sigmoid", whose gates already sum to 1.
 
   Args:
-    logits_TxE: float[T, E] router scores (any float dtype; computed in float32). Rank must be 2:
+    logits_TxE: float[T, E] router scores (bf16 etc. computed in float32; float64 stays). Rank 2:
       callers flatten batch and length first.
     top_k: static int K, 1 <= K <= E.
     gating: one of `GATINGS`.
@@ -141,7 +141,8 @@ def route(logits_TxE, top_k, *, gating="softmax_topk", renormalize=False, bias_E
   if bias_E is not None and jnp.shape(bias_E) != (num_experts,):
     raise ValueError(f"bias_E must have shape ({num_experts},), got {jnp.shape(bias_E)}.")
 
-  logits_TxE = jnp.asarray(logits_TxE).astype(jnp.float32)
+  logits_TxE = jnp.asarray(logits_TxE)
+  logits_TxE = logits_TxE.astype(jnp.promote_types(logits_TxE.dtype, jnp.float32))
   if gating == "sigmoid":
     sig_TxE = jax.nn.sigmoid(logits_TxE)
     probs_TxE = sig_TxE / jnp.sum(sig_TxE, axis=-1, keepdims=True)
@@ -253,7 +254,8 @@ def capacity(num_tokens, num_experts, top_k, capacity_factor):
   return int(min(num_tokens, max(1, math.ceil(ideal * (1.0 - 1e-9)))))
 
 
-def dispatch_plan(expert_index_TxK, num_experts, capacity, *, mask_T=None):  # pylint: disable=redefined-outer-name
+# pylint: disable-next=redefined-outer-name
+def dispatch_plan(expert_index_TxK, num_experts, capacity, *, mask_T=None):
   """Assigns every (token, k) pair a slot in a flat `[E * C]` buffer, dropping overflow.
 
   Priority is token order over the flattened assignments `a = t * K + k`: the position of `a` in

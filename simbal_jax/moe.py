@@ -1,0 +1,312 @@
+"""Feed-forward blocks: dense SwiGLU and the sparse Mixture-of-Experts block (Flax linen).
+
+The MoE block routes each token to K of E SwiGLU experts (`routing.route`), dispatches the
+assignments into per-expert buffers `[E, C, D]` of static capacity C (`routing.dispatch_plan`),
+runs all experts as batched einsums (`'ecd,edf->ecf'`) and combines the results weighted by the
+gates. Dispatch and combine are gathers whose backward passes are gathers too (`jax.custom_vjp`):
+every token has K slots and every slot one token, so no scatter, no one-hot `[T, E, C]` tensor
+and no `ragged_dot` appears anywhere (DESIGN.md section 4).
+
+Everything the balancing losses and metrics need is returned per call as one `MoEAux`
+(router logits/probs/gates/indices, per-expert counts, dropped fraction); the router kernel
+float32[D, E] is the parameter `router` of the block (see `model.router_kernels`).
+"""
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from simbal_jax import losses
+from simbal_jax import routing
+
+ROUTER_INITS = ("orthogonal", "normal")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """Sparse FFN settings (validated on construction).
+
+  Attributes:
+    num_experts: E >= 1 routed experts.
+    top_k: K experts per token, 1 <= K <= E.
+    d_ff: hidden width F of each SwiGLU expert.
+    gating: one of `routing.GATINGS`.
+    renormalize: renormalise the K gates to sum 1 (softmax_topk only).
+    capacity_factor: C = ceil(T*K/E * factor) slots per expert per group; <= 0 means no drops
+      (C = T, every expert can take every token of its group).
+    shared_expert_d_ff: hidden width of an always-on dense SwiGLU beside the experts (0: none).
+    router_init: "orthogonal" (orthonormal columns, as the paper) or "normal"
+      (N(0, scale^2 / D): expected column norm `router_init_scale`, like the orthogonal init).
+    router_init_scale: column norm of the initial router.
+    num_groups: tokens are split into this many contiguous routing groups, each with its own
+      capacity and dispatch (1 = all tokens of the batch together). Under sharding set it to a
+      multiple of the number of batch shards (mesh data * expert) so dispatch stays local.
+  """
+  num_experts: int
+  top_k: int
+  d_ff: int
+  gating: str = "softmax_topk"
+  renormalize: bool = False
+  capacity_factor: float = 1.25
+  shared_expert_d_ff: int = 0
+  router_init: str = "orthogonal"
+  router_init_scale: float = 1.0
+  num_groups: int = 1
+
+  def __post_init__(self):
+    for name in ("num_experts", "top_k", "d_ff", "num_groups"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"MoEConfig.{name} must be an int >= 1, got {value!r}")
+    if self.top_k > self.num_experts:
+      raise ValueError(f"MoEConfig.top_k={self.top_k} exceeds num_experts={self.num_experts}")
+    if self.gating not in routing.GATINGS:
+      raise ValueError(f"MoEConfig.gating={self.gating!r}; valid: {routing.GATINGS}")
+    if self.router_init not in ROUTER_INITS:
+      raise ValueError(f"MoEConfig.router_init={self.router_init!r}; valid: {ROUTER_INITS}")
+    if not isinstance(self.shared_expert_d_ff, int) or self.shared_expert_d_ff < 0:
+      raise ValueError(f"MoEConfig.shared_expert_d_ff must be an int >= 0, "
+                       f"got {self.shared_expert_d_ff!r}")
+
+
+class MoEAux(NamedTuple):
+  """Per-call routing outputs of one MoE block (the model stacks them over MoE layers: [Lm, ...]).
+
+  Attributes:
+    router: routing.RouterOutput with fields [T, E] / [T, K] (T = B * L, row-major over B, L).
+    counts: float32[E] assignments per expert before capacity drops.
+    dropped: float32[] fraction of the T * K assignments dropped by capacity.
+  """
+  router: routing.RouterOutput
+  counts: jax.Array
+  dropped: jax.Array
+
+
+def kernel_init(in_axis=-2, out_axis=-1, batch_axis=()):
+  """Truncated-normal fan-in initializer (std 1 / sqrt(fan_in)) for matmul kernels."""
+  return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=in_axis,
+                                          out_axis=out_axis, batch_axis=batch_axis)
+
+
+def router_initializer(kind, scale=1.0):
+  """Initializer for a router kernel [D, E]: "orthogonal" or "normal" (see MoEConfig)."""
+  if kind == "orthogonal":
+    return losses.orthogonal_init(scale)
+  if kind == "normal":
+    def init(key, shape, dtype=jnp.float32):
+      std = scale / jnp.sqrt(shape[-2]).astype(jnp.float32)
+      return (jax.random.normal(key, shape, jnp.float32) * std).astype(dtype)
+    return init
+  raise ValueError(f"router_init={kind!r}; valid: {ROUTER_INITS}")
+
+
+def boxed_param(module, name, init, shape, names, dtype):
+  """`module.param` with logical axis names attached (nn.with_logical_partitioning)."""
+  return module.param(name, nn.with_logical_partitioning(init, names), shape, dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Gather-only dispatch / combine (custom VJPs whose backward passes are gathers as well).
+
+
+def _take_rows(x_NxD, index):
+  """x[index] along axis 0; indices == N (sentinels) read a zero row."""
+  return jnp.take(x_NxD, index, axis=0, mode="fill", fill_value=0)
+
+
+@jax.custom_vjp
+def dispatch(x_TxD, slot_token_S, slot_TxK):
+  """Gathers tokens into buffer slots: `buf[s] = x[slot_token[s]]`, zero for empty slots.
+
+  Args:
+    x_TxD: float[T, D] token features.
+    slot_token_S: int32[S] token feeding each slot; T marks an empty slot.
+    slot_TxK: int32[T, K] slot of each assignment; S marks a dropped one (used by the backward:
+      `dx[t] = sum_k dbuf[slot[t, k]]`).
+
+  Returns:
+    float[S, D] buffer rows, dtype of x.
+  """
+  del slot_TxK
+  return _take_rows(x_TxD, slot_token_S)
+
+
+def _dispatch_fwd(x_TxD, slot_token_S, slot_TxK):
+  return _take_rows(x_TxD, slot_token_S), (None, slot_TxK)
+
+
+def _dispatch_bwd(res, dbuf_SxD):
+  _, slot_TxK = res
+  rows_TxKxD = _take_rows(dbuf_SxD, slot_TxK).astype(jnp.float32)
+  return rows_TxKxD.sum(axis=1).astype(dbuf_SxD.dtype), None, None
+
+
+dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
+
+
+def _combine_fwd_value(y_SxD, gates_TxK, slot_TxK):
+  rows_TxKxD = _take_rows(y_SxD, slot_TxK)
+  out = jnp.einsum("tkd,tk->td", rows_TxKxD, gates_TxK.astype(y_SxD.dtype),
+                   preferred_element_type=jnp.float32)
+  return out.astype(y_SxD.dtype)
+
+
+@jax.custom_vjp
+def combine(y_SxD, gates_TxK, slot_TxK, slot_assignment_S):
+  """Gathers expert outputs back to tokens: `out[t] = sum_k gates[t, k] * y[slot[t, k]]`.
+
+  Dropped assignments (slot == S) contribute zero and get zero gate gradient.
+
+  Args:
+    y_SxD: float[S, D] expert outputs per buffer slot.
+    gates_TxK: float32[T, K] combine weights.
+    slot_TxK: int32[T, K] slot of each assignment (S = dropped).
+    slot_assignment_S: int32[S] flat assignment `t * K + k` filling each slot (T * K = empty);
+      used by the backward: `dy[s] = gate[a] * dout[a // K]` for `a = slot_assignment[s]`.
+
+  Returns:
+    float[T, D] combined outputs, dtype of y.
+  """
+  del slot_assignment_S
+  return _combine_fwd_value(y_SxD, gates_TxK, slot_TxK)
+
+
+def _combine_fwd(y_SxD, gates_TxK, slot_TxK, slot_assignment_S):
+  out = _combine_fwd_value(y_SxD, gates_TxK, slot_TxK)
+  return out, (y_SxD, gates_TxK, slot_TxK, slot_assignment_S)
+
+
+def _combine_bwd(res, dout_TxD):
+  y_SxD, gates_TxK, slot_TxK, slot_assignment_S = res
+  top_k = slot_TxK.shape[1]
+  gate_S = _take_rows(gates_TxK.reshape(-1), slot_assignment_S)  # 0 for empty slots
+  token_S = slot_assignment_S // top_k  # sentinel T * K -> T (reads zero)
+  dy_SxD = _take_rows(dout_TxD, token_S) * gate_S[:, None].astype(dout_TxD.dtype)
+  rows_TxKxD = _take_rows(y_SxD, slot_TxK)
+  dgates_TxK = jnp.einsum("tkd,td->tk", rows_TxKxD, dout_TxD.astype(y_SxD.dtype),
+                          preferred_element_type=jnp.float32)
+  return dy_SxD.astype(y_SxD.dtype), dgates_TxK.astype(gates_TxK.dtype), None, None
+
+
+combine.defvjp(_combine_fwd, _combine_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules.
+
+
+class MLP(nn.Module):
+  """Dense SwiGLU FFN: `(silu(x Wg) * (x Wu)) Wo`, no biases.
+
+  Attributes:
+    d_ff: hidden width F.
+    dtype: compute dtype. param_dtype: storage dtype.
+  """
+  d_ff: int
+  dtype: Any = jnp.bfloat16
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    """Args: x_BxLxD: float[B, L, D]. Returns float[B, L, D] in `dtype`."""
+    d_model = x_BxLxD.shape[-1]
+    init = kernel_init()
+    wg = boxed_param(self, "wi_gate", init, (d_model, self.d_ff), ("embed", "mlp"),
+                     self.param_dtype)
+    wu = boxed_param(self, "wi_up", init, (d_model, self.d_ff), ("embed", "mlp"),
+                     self.param_dtype)
+    wo = boxed_param(self, "wo", init, (self.d_ff, d_model), ("mlp", "embed"), self.param_dtype)
+    x = x_BxLxD.astype(self.dtype)
+    h = jax.nn.silu(x @ wg.astype(self.dtype)) * (x @ wu.astype(self.dtype))
+    h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+    return h @ wo.astype(self.dtype)
+
+
+class MoEBlock(nn.Module):
+  """Sparse SwiGLU Mixture-of-Experts FFN (router in float32, experts stacked [E, D, F]).
+
+  Parameters: `router` [D, E] (no bias), `wi_gate`, `wi_up` [E, D, F], `wo` [E, F, D], and a
+  `shared` MLP when `config.shared_expert_d_ff > 0`.
+
+  Attributes:
+    config: MoEConfig.
+    dtype: compute dtype of the experts (router, softmax and gates are float32 regardless).
+    param_dtype: storage dtype.
+  """
+  config: MoEConfig
+  dtype: Any = jnp.bfloat16
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxLxD, expert_bias_E=None):
+    """Routes, dispatches, runs the experts and combines.
+
+    Args:
+      x_BxLxD: float[B, L, D] block input (the normalised residual stream after attention).
+      expert_bias_E: float32[E] Loss-Free selection bias, or None. Not differentiated.
+
+    Returns:
+      (y float[B, L, D] in `dtype`, MoEAux for the B * L tokens).
+    """
+    cfg = self.config
+    if x_BxLxD.ndim != 3:
+      raise ValueError(f"x_BxLxD must be rank 3 [B, L, D], got shape {x_BxLxD.shape}")
+    batch, length, d_model = x_BxLxD.shape
+    n_exp, top_k, d_ff, groups = cfg.num_experts, cfg.top_k, cfg.d_ff, cfg.num_groups
+    tokens = batch * length
+    if tokens % groups:
+      raise ValueError(f"B * L = {tokens} tokens not divisible by num_groups={groups}")
+    group_tokens = tokens // groups
+    cap = routing.capacity(group_tokens, n_exp, top_k, cfg.capacity_factor)
+    if expert_bias_E is not None:
+      if expert_bias_E.shape != (n_exp,):
+        raise ValueError(f"expert_bias_E must have shape ({n_exp},), got {expert_bias_E.shape}")
+      expert_bias_E = jax.lax.stop_gradient(expert_bias_E.astype(jnp.float32))
+
+    router = boxed_param(self, "router", router_initializer(cfg.router_init,
+                                                            cfg.router_init_scale),
+                         (d_model, n_exp), ("embed", None), self.param_dtype)
+    e_init = kernel_init(batch_axis=(0,))
+    wg = boxed_param(self, "wi_gate", e_init, (n_exp, d_model, d_ff), ("expert", "embed", "mlp"),
+                     self.param_dtype)
+    wu = boxed_param(self, "wi_up", e_init, (n_exp, d_model, d_ff), ("expert", "embed", "mlp"),
+                     self.param_dtype)
+    wo = boxed_param(self, "wo", e_init, (n_exp, d_ff, d_model), ("expert", "mlp", "embed"),
+                     self.param_dtype)
+
+    x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
+    x_TxD = x_BxLxD.reshape(tokens, d_model)
+    logits_TxE = jnp.einsum("td,de->te", x_TxD.astype(jnp.float32), router.astype(jnp.float32),
+                            precision=jax.lax.Precision.HIGHEST)
+    router_out = routing.route(logits_TxE, top_k, gating=cfg.gating,
+                               renormalize=cfg.renormalize, bias_E=expert_bias_E)
+
+    index_GxTxK = router_out.expert_index.reshape(groups, group_tokens, top_k)
+    plan = jax.vmap(lambda idx: routing.dispatch_plan(idx, n_exp, cap))(index_GxTxK)
+    x_GxTxD = x_TxD.astype(self.dtype).reshape(groups, group_tokens, d_model)
+    group_axis = "expert_group" if groups > 1 else None
+    buf_GxSxD = jax.vmap(dispatch)(x_GxTxD, plan.slot_token, plan.slot)
+    buf_GxExCxD = nn.with_logical_constraint(buf_GxSxD.reshape(groups, n_exp, cap, d_model),
+                                             (group_axis, "expert", None, "embed"))
+    h_gate = jnp.einsum("gecd,edf->gecf", buf_GxExCxD, wg.astype(self.dtype))
+    h_up = jnp.einsum("gecd,edf->gecf", buf_GxExCxD, wu.astype(self.dtype))
+    h_GxExCxF = nn.with_logical_constraint(jax.nn.silu(h_gate) * h_up,
+                                           (group_axis, "expert", None, "mlp"))
+    y_GxExCxD = jnp.einsum("gecf,efd->gecd", h_GxExCxF, wo.astype(self.dtype))
+    y_GxExCxD = nn.with_logical_constraint(y_GxExCxD, (group_axis, "expert", None, "embed"))
+    gates_GxTxK = router_out.gates.reshape(groups, group_tokens, top_k)
+    y_GxTxD = jax.vmap(combine)(y_GxExCxD.reshape(groups, n_exp * cap, d_model), gates_GxTxK,
+                                plan.slot, plan.slot_assignment)
+    y_BxLxD = y_GxTxD.reshape(batch, length, d_model)
+    if cfg.shared_expert_d_ff:
+      y_BxLxD = y_BxLxD + MLP(cfg.shared_expert_d_ff, self.dtype, self.param_dtype,
+                              name="shared")(x_BxLxD)
+    y_BxLxD = nn.with_logical_constraint(y_BxLxD, ("batch", "length", "embed"))
+
+    aux = MoEAux(router=router_out,
+                 counts=routing.expert_counts(router_out.expert_index, n_exp),
+                 dropped=1.0 - jnp.mean(plan.kept.astype(jnp.float32)))
+    return y_BxLxD, aux

@@ -1,0 +1,212 @@
+"""MoE block: NumPy float64 reference loops, capacity drops, custom-VJP gradients."""
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from simbal_jax import moe
+from simbal_jax import routing
+
+D, E, K, F = 16, 4, 2, 8
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compiles():
+  """Cheaper XLA compiles for these tiny shapes (restored afterwards for other test files)."""
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def _setup(cfg, batch=2, length=8, seed=0, dtype=jnp.float32):
+  block = moe.MoEBlock(cfg, dtype=dtype)
+  x = jax.random.normal(jax.random.PRNGKey(seed), (batch, length, D), jnp.float32)
+  params = nn.unbox(jax.jit(block.init)(jax.random.PRNGKey(seed + 1), x))
+  return block, params, x
+
+
+def _np_params(params):
+  return {k: np.asarray(v, np.float64) for k, v in params["params"].items() if k != "shared"}
+
+
+def _silu(z):
+  return z / (1.0 + np.exp(-z))
+
+
+def _ref_moe(params, x_BxLxD, top_k, capacity, num_groups=1, shared=None):
+  """Per-token float64 loop: softmax -> top-k; token-order priority per group; SwiGLU experts."""
+  p = _np_params(params)
+  x = np.asarray(x_BxLxD, np.float64).reshape(-1, D)
+  tokens = x.shape[0]
+  logits = x @ p["router"]
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  out = np.zeros_like(x)
+  fill = {}
+  dropped = 0
+  group_size = tokens // num_groups
+  for t in range(tokens):
+    chosen = np.argsort(-probs[t], kind="stable")[:top_k]
+    for e in chosen:
+      key = (t // group_size, e)
+      fill[key] = fill.get(key, 0) + 1
+      if fill[key] > capacity:
+        dropped += 1
+        continue
+      h = _silu(x[t] @ p["wi_gate"][e]) * (x[t] @ p["wi_up"][e])
+      out[t] += probs[t, e] * (h @ p["wo"][e])
+    if shared is not None:
+      h = _silu(x[t] @ shared["wi_gate"]) * (x[t] @ shared["wi_up"])
+      out[t] += h @ shared["wo"]
+  return out.reshape(x_BxLxD.shape), dropped / (tokens * top_k)
+
+
+def test_no_drop_matches_per_token_loop():
+  cfg = moe.MoEConfig(num_experts=E, top_k=K, d_ff=F, capacity_factor=0.0, router_init="normal")
+  block, params, x = _setup(cfg)
+  y, aux = jax.jit(block.apply)(params, x)
+  ref, dropped = _ref_moe(params, x, K, capacity=10**9)
+  assert dropped == 0.0
+  np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
+  assert float(aux.dropped) == 0.0
+  idx = np.asarray(aux.router.expert_index)
+  np.testing.assert_array_equal(np.asarray(aux.counts), np.bincount(idx.ravel(), minlength=E))
+  assert aux.router.logits.shape == (16, E) and aux.router.gates.shape == (16, K)
+  assert aux.router.logits.dtype == jnp.float32
+
+
+def test_shared_expert_is_added():
+  cfg = moe.MoEConfig(num_experts=E, top_k=K, d_ff=F, capacity_factor=0.0, router_init="normal",
+                      shared_expert_d_ff=6)
+  block, params, x = _setup(cfg, seed=3)
+  shared = {k: np.asarray(v, np.float64) for k, v in params["params"]["shared"].items()}
+  assert shared["wi_gate"].shape == (D, 6)
+  y, _ = jax.jit(block.apply)(params, x)
+  ref, _ = _ref_moe(params, x, K, capacity=10**9, shared=shared)
+  np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_groups", [1, 2])
+def test_capacity_drops_follow_token_order(num_groups):
+  cf = 0.5
+  cfg = moe.MoEConfig(num_experts=E, top_k=K, d_ff=F, capacity_factor=cf, router_init="normal",
+                      num_groups=num_groups)
+  block, params, x = _setup(cfg, batch=2, length=16, seed=5)
+  group_tokens = 32 // num_groups
+  cap = math.ceil(group_tokens * K / E * cf)  # 4 (groups of 16) or 8 (one group of 32)
+  y, aux = jax.jit(block.apply)(params, x)
+  ref, dropped = _ref_moe(params, x, K, capacity=cap, num_groups=num_groups)
+  assert dropped > 0.1  # the case really drops assignments
+  np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(float(aux.dropped), dropped, rtol=1e-6)
+
+
+def _dispatch_autodiff(x_TxD, plan, num_slots):
+  """Reference: scatter into the buffer, gather back (plain autodiff: scatter-add backward)."""
+  tokens, top_k = plan.slot.shape
+  token_A = jnp.repeat(jnp.arange(tokens), top_k)
+  buf = jnp.zeros((num_slots + 1, x_TxD.shape[1]), x_TxD.dtype)
+  return buf.at[plan.slot.reshape(-1)].set(x_TxD[token_A])[:num_slots]
+
+
+def _combine_autodiff(y_SxD, gates_TxK, plan):
+  y_pad = jnp.concatenate([y_SxD, jnp.zeros((1, y_SxD.shape[1]), y_SxD.dtype)], 0)
+  return jnp.sum(y_pad[plan.slot] * gates_TxK[..., None], axis=1)
+
+
+def _ref_block(params, x_BxLxD, cfg):
+  """Plain-autodiff MoE (scatter dispatch, gather combine) with the same routing."""
+  p = params["params"]
+  x = x_BxLxD.reshape(-1, D)
+  out = routing.route(x @ p["router"], cfg.top_k)
+  cap = routing.capacity(x.shape[0], E, cfg.top_k, cfg.capacity_factor)
+  plan = routing.dispatch_plan(out.expert_index, E, cap)
+  buf = _dispatch_autodiff(x, plan, E * cap).reshape(E, cap, D)
+  h = (jax.nn.silu(jnp.einsum("ecd,edf->ecf", buf, p["wi_gate"]))
+       * jnp.einsum("ecd,edf->ecf", buf, p["wi_up"]))
+  y = jnp.einsum("ecf,efd->ecd", h, p["wo"]).reshape(E * cap, D)
+  return _combine_autodiff(y, out.gates, plan).reshape(x_BxLxD.shape)
+
+
+@pytest.mark.parametrize("cf", [0.0, 0.75])
+def test_custom_vjp_gradients_match_autodiff_reference(cf):
+  cfg = moe.MoEConfig(num_experts=E, top_k=K, d_ff=F, capacity_factor=cf, router_init="normal")
+  block, params, x = _setup(cfg, seed=7)
+  proj = jax.random.normal(jax.random.PRNGKey(9), x.shape)
+
+  def loss(fn):
+    return lambda p, x: jnp.sum(fn(p, x) * proj)
+
+  ours = jax.jit(jax.grad(loss(lambda p, x: block.apply(p, x)[0]), argnums=(0, 1)))(params, x)
+  ref = jax.jit(jax.grad(loss(lambda p, x: _ref_block(p, x, cfg)), argnums=(0, 1)))(params, x)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+  assert float(jnp.abs(ours[0]["params"]["router"]).max()) > 0  # gates carry gradient
+
+
+def test_dispatch_combine_vjp_against_autodiff():
+  tokens, top_k, n_exp, cap = 12, 2, 3, 5  # 24 assignments, 15 slots: some dropped
+  idx = jax.random.randint(jax.random.PRNGKey(0), (tokens, top_k), 0, n_exp)
+  idx = idx.at[:, 1].set((idx[:, 0] + 1) % n_exp)  # distinct experts per token
+  plan = routing.dispatch_plan(idx, n_exp, cap)
+  x = jax.random.normal(jax.random.PRNGKey(1), (tokens, 4))
+  gates = jax.random.uniform(jax.random.PRNGKey(2), (tokens, top_k))
+  w = jax.random.normal(jax.random.PRNGKey(3), (n_exp * cap, 4))
+
+  def ours(x, gates):
+    buf = moe.dispatch(x, plan.slot_token, plan.slot)
+    return moe.combine(jnp.tanh(buf) * w, gates, plan.slot, plan.slot_assignment)
+
+  def ref(x, gates):
+    buf = _dispatch_autodiff(x, plan, n_exp * cap)
+    return _combine_autodiff(jnp.tanh(buf) * w, gates, plan)
+
+  def value_and_vjp(fn):
+    return jax.jit(lambda x, gates, ct: (fn(x, gates), jax.vjp(fn, x, gates)[1](ct)))
+
+  assert not bool(plan.kept.all())
+  out_ct = jax.random.normal(jax.random.PRNGKey(4), (tokens, 4))
+  y_ours, g_ours = value_and_vjp(ours)(x, gates, out_ct)
+  y_ref, g_ref = value_and_vjp(ref)(x, gates, out_ct)
+  np.testing.assert_allclose(y_ours, y_ref, rtol=1e-6, atol=1e-6)
+  for a, b in zip(g_ours, g_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_compute_keeps_router_float32():
+  cfg = moe.MoEConfig(num_experts=E, top_k=K, d_ff=F, router_init="orthogonal")
+  block, params, x = _setup(cfg, dtype=jnp.bfloat16)
+  y, aux = jax.jit(block.apply)(params, x.astype(jnp.bfloat16))
+  assert y.dtype == jnp.bfloat16
+  assert aux.router.probs.dtype == jnp.float32 and aux.router.gates.dtype == jnp.float32
+  assert bool(jnp.all(jnp.isfinite(y.astype(jnp.float32))))
+  r = np.asarray(params["params"]["router"], np.float64)
+  np.testing.assert_allclose(r.T @ r, np.eye(E), atol=1e-5)  # orthonormal columns (D >= E)
+
+
+def test_expert_bias_changes_choice_not_gates():
+  cfg = moe.MoEConfig(num_experts=E, top_k=1, d_ff=F, capacity_factor=0.0, router_init="normal")
+  block, params, x = _setup(cfg)
+  bias = jnp.array([100.0, 0.0, 0.0, 0.0])
+  _, aux = jax.jit(block.apply)(params, x, bias)
+  assert bool(jnp.all(aux.router.expert_index == 0))
+  np.testing.assert_allclose(aux.router.gates[:, 0], aux.router.probs[:, 0], rtol=1e-6)
+
+
+def test_validation_errors():
+  with pytest.raises(ValueError, match="top_k"):
+    moe.MoEConfig(num_experts=2, top_k=3, d_ff=4)
+  with pytest.raises(ValueError, match="gating"):
+    moe.MoEConfig(num_experts=2, top_k=1, d_ff=4, gating="argmax")
+  with pytest.raises(ValueError, match="router_init"):
+    moe.MoEConfig(num_experts=2, top_k=1, d_ff=4, router_init="zeros")
+  cfg = moe.MoEConfig(num_experts=E, top_k=K, d_ff=F, num_groups=3, router_init="normal")
+  with pytest.raises(ValueError, match="num_groups"):
+    moe.MoEBlock(cfg).init(jax.random.PRNGKey(0), jnp.zeros((2, 8, D)))
+  cfg = moe.MoEConfig(num_experts=E, top_k=K, d_ff=F, router_init="normal")
+  with pytest.raises(ValueError, match="expert_bias_E"):
+    moe.MoEBlock(cfg).init(jax.random.PRNGKey(0), jnp.zeros((2, 8, D)), jnp.zeros((E + 1,)))

@@ -10,12 +10,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 from typing import Callable, Iterable
 
 import numpy as np
 
 _META = "meta.json"
+
+
+def _unique() -> str:
+  """Temp-file suffix unique across hosts sharing a cache directory."""
+  return f"{socket.gethostname()}.{os.getpid()}"
 
 
 class FlatSequences:
@@ -98,7 +104,7 @@ def write_streams(out_dir: str, splits: dict[str, Iterable[str]],
   start = time.time()
   for name, texts in splits.items():
     path = os.path.join(out_dir, f"{name}.bin")
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = f"{path}.tmp{_unique()}"
     n_tokens = n_docs = 0
     with open(tmp, "wb") as f:
       for text in texts:
@@ -114,7 +120,7 @@ def write_streams(out_dir: str, splits: dict[str, Iterable[str]],
     os.replace(tmp, path)
     meta["splits"][name] = {"tokens": n_tokens, "docs": n_docs}
   meta["seconds"] = round(time.time() - start, 3)
-  tmp = os.path.join(out_dir, f"{_META}.tmp{os.getpid()}")
+  tmp = os.path.join(out_dir, f"{_META}.tmp{_unique()}")
   with open(tmp, "w") as f:
     json.dump(meta, f, indent=1)
   os.replace(tmp, os.path.join(out_dir, _META))

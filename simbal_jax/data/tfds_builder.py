@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 
 from simbal_jax.data import sources
@@ -119,9 +118,9 @@ def prepare_text_corpus(files: list[str], *, eval_fraction: float, cache_dir: st
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(
             download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
-  except Exception:
-    shutil.rmtree(builder_dir, ignore_errors=True)
-    raise
+  except Exception:  # another host sharing the cache may have finished first: use its copy
+    if not os.path.isfile(os.path.join(builder_dir, "dataset_info.json")):
+      raise
   logging.info("prepared %s (%d files) in %.1f s -> %s", tag, len(files), time.time() - start,
                builder_dir)
   return builder_dir

@@ -22,6 +22,8 @@ import hashlib
 import io
 import logging
 import os
+import socket
+import warnings
 from typing import Iterable, Sequence
 
 TOKENIZERS = ("bytes", "sentencepiece", "cl100k")
@@ -37,8 +39,9 @@ CL100K_SPECIAL_TOKENS = {
     "<|endofprompt|>": 100276,
 }
 CL100K_VOCAB_SIZE = 100277
-# bpe_openai refuses a single string of 1M characters or more: longer texts are split at newlines.
-_CL100K_MAX_CHARS = 500_000
+# bpe_openai refuses a string of 1M characters or one giving > 200k tokens: longer texts are
+# split at newlines (and halved again on a token-limit error).
+_CL100K_MAX_CHARS = 100_000
 
 # Incremented every time a SentencePiece model is trained (tests check the cache with it).
 SP_TRAIN_COUNT = 0
@@ -105,13 +108,13 @@ def cl100k_file() -> str:
   Raises:
     FileNotFoundError: package or file missing (never downloads anything).
   """
-  try:
-    import bpe_openai  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.find_spec("bpe_openai")  # locate without importing (import loads data)
+  if spec is None or not spec.origin:
     raise FileNotFoundError(
         "tokenizer 'cl100k' needs the PyPI package `bpe-openai` (it ships "
-        "bpe_openai/data/cl100k_base.tiktoken.gz): pip install bpe-openai") from e
-  path = os.path.join(os.path.dirname(bpe_openai.__file__), "data", "cl100k_base.tiktoken.gz")
+        "bpe_openai/data/cl100k_base.tiktoken.gz): pip install bpe-openai")
+  path = os.path.join(os.path.dirname(spec.origin), "data", "cl100k_base.tiktoken.gz")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"cl100k_base vocabulary file missing: {path} (reinstall bpe-openai)")
   return path
@@ -164,19 +167,29 @@ class Cl100kTokenizer:
 
   def __init__(self):
     cl100k_file()
-    import bpe_openai  # pylint: disable=g-import-not-at-top
-    self._enc = bpe_openai.get_encoding("cl100k_base")
+    with warnings.catch_warnings():  # bpe_openai uses a deprecated importlib.resources call
+      warnings.simplefilter("ignore", DeprecationWarning)
+      import bpe_openai  # pylint: disable=g-import-not-at-top
+      self._enc = bpe_openai.get_encoding("cl100k_base")
+    self._limit_error = bpe_openai.TokenLimitError
     if self._enc.n_vocab != CL100K_VOCAB_SIZE:
       raise ValueError(f"unexpected cl100k vocabulary size {self._enc.n_vocab}")
 
   def encode(self, text: str) -> list[int]:
     """Encodes `text` (special-token strings are treated as plain text)."""
-    if len(text) <= _CL100K_MAX_CHARS:
-      return self._enc.encode_ordinary(text)
     ids = []
     for piece in _split_long(text, _CL100K_MAX_CHARS):
-      ids.extend(self._enc.encode_ordinary(piece))
+      ids.extend(self._encode_piece(piece))
     return ids
+
+  def _encode_piece(self, text: str) -> list[int]:
+    try:
+      return self._enc.encode_ordinary(text)
+    except self._limit_error:
+      if len(text) < 2:
+        raise
+      halves = _split_long(text, len(text) // 2 + 1)
+      return [i for half in halves for i in self._encode_piece(half)]
 
   def decode(self, ids: Sequence[int]) -> str:
     """Decodes ids to text (invalid UTF-8 replaced)."""
@@ -262,7 +275,7 @@ def train_sentencepiece(texts: Iterable[str], model_path: str, *, vocab_size: in
                      f"large for a {sum(map(len, sentences))}-character sample): {e}") from e
   SP_TRAIN_COUNT += 1
   os.makedirs(os.path.dirname(model_path) or ".", exist_ok=True)
-  tmp = f"{model_path}.tmp{os.getpid()}"
+  tmp = f"{model_path}.tmp{socket.gethostname()}.{os.getpid()}"
   with open(tmp, "wb") as f:
     f.write(model.getvalue())
   os.replace(tmp, model_path)

@@ -10,8 +10,10 @@ cannot be read (partially written, corrupt) is skipped with a warning and the on
 import os
 import signal
 import threading
+import time
 
 from absl import logging
+from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
@@ -80,7 +82,19 @@ class Checkpointer:
           raise
         logging.warning("checkpoint at step %d in %s is unreadable (%s: %s); trying an earlier"
                         " one", s, self.directory, type(e).__name__, str(e)[:300])
+        self._set_aside(s)
     return None
+
+  def _set_aside(self, step):
+    """Renames an unreadable step dir to <step>.unreadable so the step can be saved again."""
+    try:
+      src = epath.Path(self.directory) / str(step)
+      dst = epath.Path(self.directory) / f"{step}.unreadable.{int(time.time())}"
+      src.rename(dst)
+      self.manager.reload()
+      logging.warning("moved unreadable checkpoint %s to %s", src, dst)
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("could not move unreadable checkpoint %d aside: %s", step, e)
 
   def wait(self):
     """Blocks until pending async saves are written."""

@@ -207,8 +207,8 @@ def train_step(state, batch, *, model, tx, sc, schedule=None):
   if sc.use_loss_free and counts is not None:
     bias = routing.loss_free_update(bias, counts, sc.lf_rate)
   metrics = {f"train/{k}": v for k, v in out.items() if k != "dropped"}
-  metrics["train/grad_norm"] = optax.global_norm(grads)
-  metrics["train/param_norm"] = optax.global_norm(params)
+  metrics["train/grad_norm"] = optax.tree.norm(grads)
+  metrics["train/param_norm"] = optax.tree.norm(params)
   if schedule is not None:
     metrics["train/lr"] = schedule(state.step)
   if counts is not None:

@@ -55,7 +55,7 @@ def prepare_config(config):
   return cfg
 
 
-def build(config, workdir):
+def build(config, workdir, devices=None):
   """Builds everything the loop needs; raises config / data / mesh errors before compiling.
 
   Returns:
@@ -70,9 +70,10 @@ def build(config, workdir):
   sc = step_lib.StepConfig.from_config(cfg)
   t = cfg.train
   probe = model_lib.ModelConfig.from_config(cfg, vocab_size=max(cfg.model.vocab_size, 1))
-  num_devices = jax.device_count()
+  devices = list(jax.devices() if devices is None else devices)
+  num_devices = len(devices)
   sharding.validate(cfg.mesh, probe, int(t.global_batch_size), num_devices, seq_len=int(t.seq_len))
-  mesh = sharding.make_mesh(cfg.mesh)
+  mesh = sharding.make_mesh(cfg.mesh, devices)
   datasets = data_lib.make_datasets(
       cfg.data, seq_len=int(t.seq_len), batch_size=int(t.global_batch_size), workdir=workdir,
       seed=int(cfg.seed), process_index=jax.process_index(), process_count=jax.process_count())
@@ -150,7 +151,7 @@ def _host(metrics):
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def train_and_evaluate(config, workdir, *, hooks=()):
+def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
   """Trains and evaluates; returns a summary dict (final eval metrics, timings, status).
 
   Args:
@@ -158,6 +159,7 @@ def train_and_evaluate(config, workdir, *, hooks=()):
     workdir: str, run directory (checkpoints/, metrics.jsonl, tb/, data cache).
     hooks: callables hook(step, state) run on the host after each dispatched step (testing,
       profiling); they must not block on the state unless they mean to.
+    devices: devices for the mesh (default: all).
   Raises:
     ValueError: bad config / data / mesh (before training starts).
     NonFiniteLossError: NaN or Inf training loss (names the step).
@@ -166,7 +168,7 @@ def train_and_evaluate(config, workdir, *, hooks=()):
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   t0 = time.time()
-  env = build(config, workdir)
+  env = build(config, workdir, devices)
   cfg, t = env.cfg, env.cfg.train
   is_main = jax.process_index() == 0
   logging.info("devices: %d (%d processes), mesh %s", jax.device_count(), jax.process_count(),
@@ -197,8 +199,10 @@ def train_and_evaluate(config, workdir, *, hooks=()):
         if env.mcfg.moe is not None:
           from simbal_jax import model as model_lib  # pylint: disable=g-import-not-at-top
           kernels = np.asarray(jax.device_get(model_lib.router_kernels(st.params, env.mcfg)))
-        m = analysis.eval_metrics(sums, kernels)
+        layer_ids = [i for i in range(env.mcfg.num_layers) if env.mcfg.is_moe_layer(i)]
+        m = analysis.eval_metrics(sums, kernels, layer_ids)
         writer.write(step, m)
+        summary["expert_load"] = analysis.eval_load(sums)
         return m
 
       def save(st, step, force=False):
@@ -247,7 +251,8 @@ def train_and_evaluate(config, workdir, *, hooks=()):
                      tokens_per_second=(step - start) * tokens_per_step / max(train_seconds,
                                                                               1e-9),
                      wall_seconds=round(time.time() - t0, 3))
-      summary["final_state"] = state
+      summary.update(final_state=state, model_config=env.mcfg, config=cfg,
+                     eval_batch=env.datasets.eval_batches(1)[0] if eval_batches else None)
   finally:
     if ckpt is not None:
       ckpt.close()

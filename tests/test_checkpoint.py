@@ -54,6 +54,8 @@ def test_corrupt_latest_is_skipped(tmp_path, mode):
   step, st, data = ck.restore(jax.eval_shape(lambda: _state(0, 0)))
   assert step == 1 and data == {"pos": 1}
   np.testing.assert_array_equal(np.asarray(st["params"]["w"]), np.ones((3, 4)))
+  assert ck.all_steps() == [1]  # the unreadable step was moved aside ...
+  assert ck.save(2, _state(5, 2), {"pos": 5})  # ... so it can be written again
   ck.close()
 
 

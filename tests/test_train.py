@@ -1,0 +1,146 @@
+"""End-to-end training tests on tiny configs derived from configs/demo.py (synthetic data)."""
+import glob
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from configs import demo
+from simbal_jax import train
+from simbal_jax import writers
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compiles():
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)
+
+
+def tiny_config(method="lbl", steps=8, **train_kw):
+  """The demo config shrunk: 2 layers, d 32, 4 experts top-2, synthetic corpus."""
+  cfg = demo.get_config(method)
+  cfg.model.d_model, cfg.model.num_heads, cfg.model.d_ff = 32, 2, 64
+  cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.d_ff = 4, 2, 32
+  cfg.data.source = "synthetic"
+  cfg.data.synthetic.vocab_size = 64
+  cfg.data.synthetic.num_docs = 256
+  cfg.train.seq_len, cfg.train.global_batch_size = 16, 8
+  cfg.train.num_steps, cfg.train.eval_every, cfg.train.eval_batches = steps, 0, 1
+  cfg.opt.warmup_steps = 2
+  cfg.ckpt.every, cfg.ckpt.async_save = 4, True
+  cfg.log.every, cfg.log.progress, cfg.log.tensorboard = 1, False, False
+  for k, v in train_kw.items():
+    cfg.train[k] = v
+  return cfg
+
+
+def losses_of(workdir):
+  return {r["step"]: r["train/loss"] for r in writers.read_jsonl(
+      os.path.join(workdir, "metrics.jsonl")) if "train/loss" in r}
+
+
+def _params(summary):
+  return jax.tree.map(np.asarray, jax.device_get(summary["final_state"]))
+
+
+def test_sigterm_then_resume_is_bit_exact(tmp_path):
+  k = 4
+  cfg = tiny_config("lf_lbl", steps=2 * k)  # LBL + Loss-Free bias state
+  straight = train.train_and_evaluate(cfg, str(tmp_path / "a"))
+  assert straight["status"] == "done" and straight["step"] == 2 * k
+
+  def sigterm_at_k(step, state):
+    del state
+    if step == k - 1:  # delivered during step k-1's bookkeeping: saves at that boundary
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  first = train.train_and_evaluate(cfg, str(tmp_path / "b"), hooks=[sigterm_at_k])
+  assert first["status"] == "preempted" and first["step"] == k - 1
+  assert os.path.isdir(tmp_path / "b" / "checkpoints" / str(k - 1))
+  assert signal.getsignal(signal.SIGTERM) is not None  # handler restored, process alive
+  resumed = train.train_and_evaluate(cfg, str(tmp_path / "b"))
+  assert resumed["start_step"] == k - 1 and resumed["step"] == 2 * k
+  la, lb = losses_of(tmp_path / "a"), losses_of(tmp_path / "b")
+  assert sorted(la) == sorted(lb) == list(range(1, 2 * k + 1))
+  assert [la[s] for s in sorted(la)] == [lb[s] for s in sorted(lb)]  # bit-exact
+  a, b = _params(straight), _params(resumed)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert np.abs(a.expert_bias).max() > 0  # the Loss-Free bias moved and was checkpointed
+
+
+def test_corrupt_latest_checkpoint_is_skipped(tmp_path):
+  cfg = tiny_config("simbal", steps=8)
+  cfg.ckpt.every = 4
+  train.train_and_evaluate(cfg, str(tmp_path))
+  ck = tmp_path / "checkpoints"
+  assert sorted(os.listdir(ck)) == ["4", "8"]
+  for f in glob.glob(str(ck / "8" / "state" / "**"), recursive=True):
+    if os.path.isfile(f) and "commit_success" not in f:
+      with open(f, "r+b") as fh:
+        fh.truncate(os.path.getsize(f) // 2)
+  cfg.train.num_steps = 10
+  out = train.train_and_evaluate(cfg, str(tmp_path))
+  assert out["start_step"] == 4 and out["step"] == 10 and out["status"] == "done"
+
+
+def test_nan_stops_and_names_the_step(tmp_path):
+  cfg = tiny_config("lbl", steps=8, debug_nan_step=6)
+  cfg.ckpt.every = 4
+  with pytest.raises(train.NonFiniteLossError, match="at step 6") as err:
+    train.train_and_evaluate(cfg, str(tmp_path))
+  assert err.value.step == 6
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]  # last good one kept
+  assert max(losses_of(tmp_path)) == 5
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda c: c.balance.update(method="bogus"), "simbal_lbl"),
+    (lambda c: c.data.update(source="text_files", globs="/nonexistent/dir/*.txt"),
+     "nonexistent"),
+    (lambda c: c.mesh.update(data=3), "mesh"),
+    (lambda c: c.train.update(global_batch_size=9), "divisible"),
+    (lambda c: c.moe.update(top_k=9), "top_k"),
+])
+def test_config_and_data_errors_raise_before_training(tmp_path, change, match):
+  cfg = tiny_config()
+  change(cfg)
+  with pytest.raises(ValueError, match=match):
+    train.train_and_evaluate(cfg, str(tmp_path))
+  assert not os.path.exists(tmp_path / "metrics.jsonl")
+  assert not os.listdir(tmp_path / "checkpoints") if os.path.exists(
+      tmp_path / "checkpoints") else True
+
+
+@pytest.mark.parametrize("content", [b"\x00\x01\x02binary\xff\xfe" * 50, None])
+def test_unreadable_or_binary_text_file(tmp_path, content):
+  path = tmp_path / "doc.txt"
+  if content is None:
+    path.write_text("hello")
+    os.chmod(path, 0)
+    if os.access(path, os.R_OK):  # running as root: permissions are not enforced
+      pytest.skip("cannot make a file unreadable as root")
+  else:
+    path.write_bytes(content)
+  cfg = tiny_config()
+  cfg.data.update(source="text_files", globs=str(path))
+  with pytest.raises(ValueError):
+    train.train_and_evaluate(cfg, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
+
+
+def test_sharded_step_matches_single_device(tmp_path):
+  assert jax.device_count() == 8
+  cfg = tiny_config("lbl", steps=2)
+  cfg.ckpt.enabled = False
+  single = train.train_and_evaluate(cfg, str(tmp_path / "one"), devices=jax.devices()[:1])
+  cfg.mesh.data, cfg.mesh.expert = 2, 4
+  sharded = train.train_and_evaluate(cfg, str(tmp_path / "many"))
+  st = sharded["final_state"]
+  assert len(st.params["embedding"].sharding.device_set) == 8
+  l1, l8 = losses_of(tmp_path / "one"), losses_of(tmp_path / "many")
+  np.testing.assert_allclose([l8[1], l8[2]], [l1[1], l1[2]], rtol=2e-5)
+  np.testing.assert_allclose(sharded["eval/loss"], single["eval/loss"], rtol=2e-5)

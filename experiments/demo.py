@@ -1,6 +1,6 @@
 """`make demo`: a small MoE trained with LBL and with SimBal on the stdlib corpus (CPU, minutes).
 
-  python -m experiments.demo --workdir=runs/demo [--steps=500]
+  python -m experiments.demo --workdir=runs/demo [--steps=1000]
 
 Prints a comparison table (validation loss, PES, MaxVio, SEU, orthogonality gap) and writes
 loss_curves.png and expert_load.png into the workdir (each run in <workdir>/<method>/).
@@ -18,7 +18,7 @@ from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Output directory.")
-_STEPS = flags.DEFINE_integer("steps", 500, "Training steps per run.")
+_STEPS = flags.DEFINE_integer("steps", 1000, "Training steps per run.")
 _METHODS = flags.DEFINE_list("methods", ["lbl", "simbal"], "Balancing methods to compare.")
 _PES_TOKENS = flags.DEFINE_integer("pes_tokens", 512, "Tokens sampled for PES.")
 
@@ -84,6 +84,8 @@ def main(argv):
   for method in _METHODS.value:
     cfg = demo_config.get_config(method)
     cfg.train.num_steps = _STEPS.value
+    cfg.train.eval_every = max(_STEPS.value // 4, 1)
+    cfg.ckpt.every = max(_STEPS.value // 2, 1)
     cfg.data.cache_dir = os.path.join(workdir, "data")  # prepared once, shared by the runs
     run_dir = os.path.join(workdir, method)
     _say(f"training {method}: {cfg.train.num_steps} steps, {cfg.moe.num_experts} experts "
@@ -99,12 +101,14 @@ def main(argv):
                              num_tokens=_PES_TOKENS.value, expert_bias=st.expert_bias)
     summary["pes_min"], summary["pes_mean"] = pes["min"], pes["mean"]
     _say(f"{method}: validation loss {summary['eval/loss']:.4f}, PES per layer "
-         f"{[round(v, 4) for v in pes['pes']]}, {summary['tokens_per_second']:,.0f} tokens/s")
+         f"{[round(float(v), 4) for v in pes['pes']]}, {summary['tokens_per_second']:,.0f} tokens/s")
     results[method] = {"dir": run_dir, "summary": summary}
   columns = [("val loss", "eval/loss"), ("val ppl", "eval/ppl"), ("PES min", "pes_min"),
              ("PES mean", "pes_mean"), ("MaxVio", "moe/maxvio"), ("load CV", "moe/load_cv"),
              ("SEU", "moe/seu"), ("dead", "moe/dead"), ("ortho L1", "moe/ortho_l1"),
              ("tok/s", "tokens_per_second")]
+  for r in results.values():
+    r["summary"]["tokens_per_second"] = int(r["summary"]["tokens_per_second"])
   table = writers.format_table([(n, r["summary"]) for n, r in results.items()], columns)
   _plots(workdir, results)
   keep = [k for _, k in columns]

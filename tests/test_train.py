@@ -172,3 +172,16 @@ def test_loss_falls_and_balancing_matters(tmp_path):
   assert out["none"]["moe/maxvio"] > 1.5 * out["lbl"]["moe/maxvio"], {
       m: out[m]["moe/maxvio"] for m in out}
   assert out["simbal"]["moe/ortho_l1"] < out["none"]["moe/ortho_l1"]
+
+
+def test_grad_accumulation_matches_full_batch(tmp_path):
+  """SimBal + CE + z-loss are means over tokens: 2 micro-batches == the full batch."""
+  cfg = tiny_config("simbal", steps=3)
+  cfg.ckpt.enabled = False
+  full = train.train_and_evaluate(cfg, str(tmp_path / "full"))
+  cfg.train.grad_accum = 2
+  accum = train.train_and_evaluate(cfg, str(tmp_path / "accum"))
+  lf, la = losses_of(tmp_path / "full"), losses_of(tmp_path / "accum")
+  np.testing.assert_allclose([la[s] for s in (1, 2, 3)], [lf[s] for s in (1, 2, 3)], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               _params(full).params, _params(accum).params)

@@ -1,6 +1,6 @@
 """`make demo`: a small MoE trained with LBL and with SimBal on the stdlib corpus (CPU, minutes).
 
-  python -m experiments.demo --workdir=runs/demo [--steps=1000]
+  python -m experiments.demo --workdir=runs/demo [--steps=1500]
 
 Prints a comparison table (validation loss, PES, MaxVio, SEU, orthogonality gap) and writes
 loss_curves.png and expert_load.png into the workdir (each run in <workdir>/<method>/).
@@ -18,7 +18,7 @@ from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Output directory.")
-_STEPS = flags.DEFINE_integer("steps", 1000, "Training steps per run.")
+_STEPS = flags.DEFINE_integer("steps", 1500, "Training steps per run.")
 _METHODS = flags.DEFINE_list("methods", ["lbl", "simbal"], "Balancing methods to compare.")
 _PES_TOKENS = flags.DEFINE_integer("pes_tokens", 512, "Tokens sampled for PES.")
 

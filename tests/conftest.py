@@ -9,3 +9,17 @@ if "xla_force_host_platform_device_count" not in _flags:
 import jax  # noqa: E402
 
 jax.config.update("jax_platforms", "cpu")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def fast_compiles():
+  """Cheaper XLA compiles for tiny shapes; restored afterwards for other test modules.
+
+  Use with `pytestmark = pytest.mark.usefixtures("fast_compiles")`.
+  """
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)

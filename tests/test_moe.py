@@ -13,11 +13,7 @@ from simbal_jax import routing
 D, E, K, F = 16, 4, 2, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  """Cheaper XLA compiles for these tiny shapes (restored afterwards for other test files)."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
   yield
   jax.config.update("jax_disable_most_optimizations", previous)
 

@@ -12,10 +12,7 @@ from simbal_jax.moe import MoEConfig
 P = jax.sharding.PartitionSpec
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
   yield
   jax.config.update("jax_disable_most_optimizations", previous)
 

@@ -13,8 +13,6 @@ from simbal_jax.moe import MoEConfig
 
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
 
 
 def _tiny(moe=True, **kw):

@@ -14,8 +14,6 @@ D, E, K, F = 16, 4, 2, 8
 
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
 
 
 def _setup(cfg, batch=2, length=8, seed=0, dtype=jnp.float32):

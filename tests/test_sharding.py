@@ -13,8 +13,6 @@ P = jax.sharding.PartitionSpec
 
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
 
 
 def _mesh_cfg(data=-1, expert=1, model_axis=1):

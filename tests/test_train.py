@@ -115,20 +115,37 @@ def test_config_and_data_errors_raise_before_training(tmp_path, change, match):
       tmp_path / "checkpoints") else True
 
 
-@pytest.mark.parametrize("content", [b"\x00\x01\x02binary\xff\xfe" * 50, None])
-def test_unreadable_or_binary_text_file(tmp_path, content):
-  path = tmp_path / "doc.txt"
-  if content is None:
-    path.write_text("hello")
-    os.chmod(path, 0)
-    if os.access(path, os.R_OK):  # running as root: permissions are not enforced
-      pytest.skip("cannot make a file unreadable as root")
-  else:
-    path.write_bytes(content)
+def _binary_file(d):
+  (d / "doc.txt").write_bytes(b"\x00\x01\x02binary\xff\xfe" * 50)
+
+
+def _broken_symlink(d):
+  os.symlink(d / "missing.txt", d / "doc.txt")  # open() fails for root too
+
+
+def _unreadable_file(d):
+  # A regular file by stat whose read() fails with EIO even as root (chmod 0 cannot do that:
+  # CI runs as root). Reaches read_text's OSError path, which the other two cases do not.
+  os.symlink("/proc/self/mem", d / "doc.txt")
+
+
+@pytest.mark.parametrize("make_bad", [
+    _binary_file,
+    _broken_symlink,
+    pytest.param(_unreadable_file, marks=pytest.mark.skipif(
+        not os.path.isfile("/proc/self/mem"), reason="needs Linux /proc")),
+])
+def test_bad_text_file_raises_before_training(tmp_path, make_bad):
+  docs = tmp_path / "docs"
+  docs.mkdir()
+  (docs / "good.txt").write_text("hello " * 100)
+  make_bad(docs)
   cfg = tiny_config()
-  cfg.data.update(source="text_files", globs=str(path))
-  with pytest.raises(ValueError):
-    train.train_and_evaluate(cfg, str(tmp_path / "run"))
+  cfg.data.update(source="text_files", globs=str(docs / "*.txt"))
+  steps = []
+  with pytest.raises(ValueError, match="doc.txt"):
+    train.train_and_evaluate(cfg, str(tmp_path / "run"), hooks=[lambda step, _: steps.append(step)])
+  assert not steps
   assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
 
 
@@ -147,15 +164,18 @@ def test_sharded_step_matches_single_device(tmp_path):
 
 
 def test_loss_falls_and_balancing_matters(tmp_path):
-  """Synthetic corpus, 200 steps: the loss falls with LBL and SimBal; without balancing the load
-  ends up far less even than with LBL.
+  """Synthetic corpus, 200 steps: the train CE falls with LBL and SimBal; without balancing the
+  eval load ends up far less even than with LBL.
 
   A tiny 200-step run does not collapse on its own (no dead experts appear at this scale), so
-  the test uses a setting where imbalance shows quickly: top-1 Mixtral-style gating
-  (topk_softmax: the single gate is 1, so the LM loss gives the router no balancing pressure),
-  a high learning rate and lbl_coef 0.1. It asserts MaxVio(none) > 1.5 * MaxVio(lbl).
+  the test uses a setting where imbalance shows quickly: 8 experts for 4 domains, top-1
+  Mixtral-style gating (topk_softmax: the single gate is 1, so nothing but the balancing loss
+  evens the router out), a high learning rate and lbl_coef 0.1. MaxVio is measured on 2048
+  held-out tokens per layer (half the documents are held out): on one eval batch (128 tokens,
+  16 per expert) sampling noise alone gives MaxVio ~0.5 and the comparison was seed luck.
+  Measured, seeds 0/1/2: MaxVio none 0.73/0.78/0.55, lbl 0.17/0.24/0.18, simbal 0.55/0.47/0.71.
   """
-  out = {}
+  out, ce = {}, {}
   for method in ("none", "lbl", "simbal"):
     cfg = tiny_config(method, steps=200)
     cfg.ckpt.enabled = False
@@ -164,13 +184,18 @@ def test_loss_falls_and_balancing_matters(tmp_path):
     cfg.moe.router_init = "normal"
     cfg.opt.peak_lr = 3e-2
     cfg.balance.lbl_coef = 0.1
-    cfg.train.eval_batches = 2
-    out[method] = train.train_and_evaluate(cfg, str(tmp_path / method))
-    losses = losses_of(tmp_path / method)
-    first, last = losses[min(losses)], losses[max(losses)]
-    assert last < first - 1.0, (method, first, last)
-  assert out["none"]["moe/maxvio"] > 1.5 * out["lbl"]["moe/maxvio"], {
-      m: out[m]["moe/maxvio"] for m in out}
+    cfg.data.synthetic.num_docs, cfg.data.eval_fraction = 512, 0.5
+    cfg.train.eval_batches = 16
+    workdir = tmp_path / method
+    out[method] = train.train_and_evaluate(cfg, str(workdir), devices=jax.devices()[:1])
+    ce[method] = [r["train/ce"] for r in writers.read_jsonl(workdir / "metrics.jsonl")
+                  if "train/ce" in r]
+    assert out[method]["eval/tokens"] == 16 * 8 * 16
+  for method in ("lbl", "simbal"):
+    first, last = ce[method][0], np.mean(ce[method][-3:])
+    assert last < first - 0.7, (method, first, last)  # from ln(65) ~ 4.2 to ~3
+  maxvio = {m: out[m]["moe/maxvio"] for m in out}
+  assert maxvio["none"] > 2.0 * maxvio["lbl"], maxvio
   assert out["simbal"]["moe/ortho_l1"] < out["none"]["moe/ortho_l1"]
 
 

@@ -53,15 +53,20 @@ def glob_files(globs: str) -> list[str]:
   """Expands comma-separated globs (`**` allowed) into a sorted list of files.
 
   Raises:
-    ValueError: no globs given, or a glob that matches no file (the message names it).
+    ValueError: no globs given, a glob that matches no file, or a match that is a broken
+      symlink (the message names the glob or the link). Directories are skipped.
   """
   patterns = [g.strip() for g in (globs or "").split(",") if g.strip()]
   if not patterns:
     raise ValueError("source 'text_files' needs data.globs (comma-separated file globs)")
   files = set()
   for pattern in patterns:
-    matched = [f for f in glob.glob(os.path.expanduser(pattern), recursive=True)
-               if os.path.isfile(f)]
+    matched = glob.glob(os.path.expanduser(pattern), recursive=True)
+    for f in matched:
+      if os.path.islink(f) and not os.path.exists(f):
+        raise ValueError(f"data.globs: {f} (matched by {pattern!r}) is a broken symlink to "
+                         f"{os.readlink(f)!r}; fix or remove it")
+    matched = [f for f in matched if os.path.isfile(f)]
     if not matched:
       raise ValueError(f"data.globs: the glob {pattern!r} matches no file")
     files.update(os.path.abspath(f) for f in matched)

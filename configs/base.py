@@ -48,7 +48,9 @@ def get_config(arg=None):
   cfg.balance = b = ml_collections.ConfigDict()
   b.method = "lbl"  # one of METHODS
   b.lbl_coef = 0.01  # alpha of alpha * E * sum f_i P_i (uniform router -> 1.0)
-  b.lbl_scope = "batch"  # sequence | batch | global (under jit "batch" sees the global batch)
+  # sequence | batch | global. Under jit on global arrays "batch" and "global" both see the
+  # whole global batch; with train.grad_accum > 1 each micro-batch is its own batch.
+  b.lbl_scope = "batch"
   b.simbal_coef = 0.1  # coefficient of ||R^T R - I||_1 (paper: 0.1)
   b.simbal_norm = "l1"  # l1 (paper) | fro2
   b.simbal_normalize = False  # use unit-norm router columns (cosine Gram)

@@ -1,0 +1,447 @@
+"""Benchmarks: the MoE block against a dense FFN, the full train step, and the balancing losses.
+
+  python -m experiments.benchmark --what=moe_layer --shapes=moe_m --tokens=16384
+  python -m experiments.benchmark --what=train_step --config=configs/moe_m.py:simbal \
+      --config.train.global_batch_size=16
+  python -m experiments.benchmark --what=routing --config=configs/demo.py --tokens=16384
+
+Modes:
+  moe_layer   `moe.MoEBlock` forward+backward against a dense SwiGLU `moe.MLP` with
+              d_ff = K * expert d_ff (the same useful FLOPs). Useful FLOPs count only the K routed
+              expert matmuls: 6 * T * K * 3 * D * F (fwd + bwd); capacity padding is not useful.
+  train_step  the jitted train step of `train.make_steps` on synthetic random tokens (no data
+              pipeline): step ms, tokens/s, MFU from `model.flops_per_token`.
+  routing     the balancing machinery alone at MoE-M scale (route + dispatch plan, LBL, SimBal,
+              all MoE layers of a step), then the train step of --config with balance.method
+              none / lbl / simbal: the losses' share of a training step.
+
+Timing (see the device METHOD notes): one untimed first call (compile), `--warmup` untimed calls,
+then `--iters` calls each closed by `jax.block_until_ready`; the median is reported, with the
+10th/90th percentiles as the spread. Inputs rotate over `--input_sets` random sets (never zeros).
+Prints a table; `--out` also writes JSON with the device kind, jax version and every number.
+"""
+
+import copy
+import datetime
+import functools
+import json
+import math
+import os
+import platform
+import sys
+import time
+import types
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name -> (top_k K, experts E, d_model D, expert d_ff F)
+SHAPES = {"bench_s": (8, 64, 1024, 512), "moe_m": (4, 32, 768, 768),
+          "olmoe": (8, 64, 2048, 1024)}
+# Datasheet dense bf16 peaks (TFLOP/s) and HBM bandwidth (GB/s) by device kind substring.
+KNOWN_PEAKS = {"H100": (989.0, 3350.0), "H200": (989.0, 4800.0)}
+# Vocabulary of each tokenizer when the config leaves model.vocab_size at 0.
+TOKENIZER_VOCAB = {"bytes": 257, "cl100k": 100277}
+
+_WHAT = flags.DEFINE_enum("what", "moe_layer", ["moe_layer", "train_step", "routing"],
+                          "Which benchmark to run.")
+_SHAPES = flags.DEFINE_list("shapes", ["bench_s", "moe_m", "olmoe"],
+                            f"moe_layer: shape names {sorted(SHAPES)} or 'K:E:D:F'. routing "
+                            "uses the first one for its loss timings.")
+_TOKENS = flags.DEFINE_integer("tokens", 16384, "Tokens T per MoE layer call (moe_layer, routing).")
+_CF = flags.DEFINE_float("capacity_factor", 1.25, "moe_layer: capacity factor (<= 0: dropless).")
+_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "moe_layer: compute dtype.")
+_PARAM_DTYPE = flags.DEFINE_string("param_dtype", "float32", "moe_layer: parameter dtype.")
+_MOE_LAYERS = flags.DEFINE_integer("moe_layers", 8, "routing: MoE layers per step (MoE-M: 8).")
+_METHODS = flags.DEFINE_list("methods", ["none", "lbl", "simbal"],
+                             "routing: balance.method values to compare in the train step.")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed calls after the compiling call.")
+_ITERS = flags.DEFINE_integer("iters", 20, "Timed calls (median reported).")
+_INPUT_SETS = flags.DEFINE_integer("input_sets", 2, "Random input sets rotated over the calls.")
+_NUM_DEVICES = flags.DEFINE_integer("num_devices", 0, "train_step/routing: devices (0: all).")
+_PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Per-device peak TFLOP/s for MFU (0: 989 on GPU, "
+                           "else n/a).")
+_PEAK_GBPS = flags.DEFINE_float("peak_gbps", 0.0, "Per-device memory GB/s for the byte floor "
+                                "(0: datasheet for H100/H200, else n/a).")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed for parameters and inputs.")
+_OUT = flags.DEFINE_string("out", "", "Write the JSON report here ('' = do not write).")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(_REPO, "configs", "demo.py"),
+    "train_step/routing: config file[:variant]; fields overridable (--config.train.seq_len=...).",
+    lock_config=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing and environment.
+
+
+def timed(call, *, warmup, iters):
+  """Times `call(i)` (returns arrays to wait for): compile call, `warmup` calls, `iters` timed.
+
+  Returns:
+    dict: median_ms, p10_ms, p90_ms, min_ms, first_call_s (compile + one run), iters.
+  """
+  if iters < 1:
+    raise ValueError(f"iters must be >= 1, got {iters}")
+  t0 = time.perf_counter()
+  jax.block_until_ready(call(0))
+  first = time.perf_counter() - t0
+  for i in range(warmup):
+    jax.block_until_ready(call(1 + i))
+  ms = []
+  for i in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(call(1 + warmup + i))
+    ms.append((time.perf_counter() - t0) * 1e3)
+  ms = np.asarray(ms)
+  return dict(median_ms=float(np.median(ms)), p10_ms=float(np.percentile(ms, 10)),
+              p90_ms=float(np.percentile(ms, 90)), min_ms=float(ms.min()),
+              first_call_s=round(first, 3), iters=int(iters))
+
+
+def peaks(peak_tflops=0.0, peak_gbps=0.0):
+  """(TFLOP/s, GB/s) per device: flags if > 0, datasheet by device kind, 989 on any GPU, else None."""
+  dev = jax.devices()[0]
+  known = next((v for k, v in KNOWN_PEAKS.items() if k in dev.device_kind), (None, None))
+  tf = peak_tflops if peak_tflops > 0 else (known[0] or (989.0 if dev.platform == "gpu" else None))
+  gb = peak_gbps if peak_gbps > 0 else known[1]
+  return tf, gb
+
+
+def environment():
+  dev = jax.devices()[0]
+  return dict(platform=dev.platform, device_kind=dev.device_kind, device_count=jax.device_count(),
+              jax_version=jax.__version__, python=platform.python_version(),
+              cpu_count=os.cpu_count(), date=datetime.date.today().isoformat(),
+              load_avg_1m=os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
+
+
+def parse_shape(name):
+  """'moe_m' or 'K:E:D:F' -> (name, (K, E, D, F))."""
+  if name in SHAPES:
+    return name, SHAPES[name]
+  parts = name.split(":")
+  if len(parts) != 4 or not all(p.isdigit() for p in parts):
+    raise ValueError(f"unknown shape {name!r}: use one of {sorted(SHAPES)} or 'K:E:D:F'")
+  return name, tuple(int(p) for p in parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# moe_layer.
+
+
+def _fwd_bwd(module):
+  """jit(params, x, dy) -> (grads wrt (params, x), aux): one forward + backward of `module`."""
+  def f(params, x):
+    out = module.apply({"params": params}, x)
+    return out if isinstance(out, tuple) else (out, None)
+
+  def run(params, x, dy):
+    y, pullback, aux = jax.vjp(f, params, x, has_aux=True)
+    return pullback(dy.astype(y.dtype)), aux
+  return jax.jit(run)
+
+
+def bench_moe_layer(shape, tokens, *, capacity_factor=1.25, dtype="bfloat16",
+                    param_dtype="float32", warmup=3, iters=20, input_sets=2, seed=0,
+                    peak_tflops=None, peak_gbps=None):
+  """MoEBlock fwd+bwd vs dense SwiGLU (d_ff = K * F) on T tokens; returns one result row."""
+  from simbal_jax import moe  # pylint: disable=g-import-not-at-top
+  from simbal_jax import routing  # pylint: disable=g-import-not-at-top
+  name, (k, e, d, f) = parse_shape(shape)
+  dt, pdt = jnp.dtype(dtype), jnp.dtype(param_dtype)
+  mcfg = moe.MoEConfig(num_experts=e, top_k=k, d_ff=f, capacity_factor=capacity_factor)
+  blocks = {"moe": moe.MoEBlock(mcfg, dtype=dt, param_dtype=pdt),
+            "dense": moe.MLP(k * f, dtype=dt, param_dtype=pdt)}
+  keys = jax.random.split(jax.random.key(seed), 2 + 2 * input_sets)
+  xs = [jax.random.normal(keys[2 + 2 * i], (1, tokens, d), jnp.float32).astype(dt)
+        for i in range(input_sets)]
+  dys = [jax.random.normal(keys[3 + 2 * i], (1, tokens, d), jnp.float32).astype(dt)
+         for i in range(input_sets)]
+  flops = 6 * tokens * k * 3 * d * f
+  row = dict(shape=name, top_k=k, experts=e, d_model=d, d_ff=f, dense_d_ff=k * f, tokens=tokens,
+             capacity_factor=capacity_factor, capacity=routing.capacity(tokens, e, k,
+                                                                        capacity_factor),
+             dtype=dt.name, param_dtype=pdt.name, useful_gflop=flops / 1e9)
+  for i, (label, block) in enumerate(blocks.items()):
+    params = jax.jit(block.init)(keys[i], xs[0])["params"]
+    params = jax.tree.map(lambda p: p.value if hasattr(p, "value") else p, params,
+                          is_leaf=lambda p: hasattr(p, "value"))
+    step = _fwd_bwd(block)
+    outs = []
+
+    def call(j, step=step, params=params, outs=outs):
+      out = step(params, xs[j % input_sets], dys[j % input_sets])
+      outs.append(out[1])
+      return out
+    t = timed(call, warmup=warmup, iters=iters)
+    row[f"{label}_ms"] = t["median_ms"]
+    row[f"{label}_p10_ms"], row[f"{label}_p90_ms"] = t["p10_ms"], t["p90_ms"]
+    row[f"{label}_first_call_s"] = t["first_call_s"]
+    row[f"{label}_tflops"] = flops / (t["median_ms"] * 1e-3) / 1e12
+    if label == "moe":
+      row["dropped"] = float(np.mean([float(a.dropped) for a in outs[-input_sets:]]))
+    n_params = sum(p.size for p in jax.tree.leaves(params))
+    # Byte floor: params read fwd + read bwd + grads written; x, dy read, y, dx written.
+    row[f"{label}_min_bytes"] = 3 * n_params * pdt.itemsize + 4 * tokens * d * dt.itemsize
+  row["ratio"] = row["moe_ms"] / row["dense_ms"]
+  row["iters"] = iters
+  if peak_tflops:
+    row["flop_floor_ms"] = flops / (peak_tflops * 1e12) * 1e3
+  if peak_gbps:
+    row["moe_byte_floor_ms"] = row["moe_min_bytes"] / (peak_gbps * 1e9) * 1e3
+  return row
+
+
+# ----------------------------------------------------------------------------------------------
+# train_step.
+
+
+def vocab_size(cfg):
+  """cfg.model.vocab_size, or the tokenizer's size when it is 0 (no data is loaded)."""
+  if int(cfg.model.vocab_size) > 0:
+    return int(cfg.model.vocab_size)
+  if cfg.data.source == "synthetic":
+    return int(cfg.data.synthetic.vocab_size) + 1
+  if cfg.data.tokenizer == "sentencepiece":
+    return int(cfg.data.sp_vocab_size)
+  if cfg.data.tokenizer in TOKENIZER_VOCAB:
+    return TOKENIZER_VOCAB[cfg.data.tokenizer]
+  raise ValueError(f"set --config.model.vocab_size (tokenizer {cfg.data.tokenizer!r})")
+
+
+def build_env(config, devices=None):
+  """Model, optimizer, mesh and state shardings as `train.build` makes them, minus the data."""
+  from simbal_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  from simbal_jax import optim  # pylint: disable=g-import-not-at-top
+  from simbal_jax import sharding  # pylint: disable=g-import-not-at-top
+  from simbal_jax import step as step_lib  # pylint: disable=g-import-not-at-top
+  from simbal_jax import train  # pylint: disable=g-import-not-at-top
+  cfg = train.prepare_config(config)
+  cfg.model.vocab_size = vocab_size(cfg)
+  t = cfg.train
+  devices = list(jax.devices() if devices is None else devices)
+  mcfg = model_lib.ModelConfig.from_config(cfg)
+  sharding.validate(cfg.mesh, mcfg, int(t.global_batch_size), len(devices), seq_len=int(t.seq_len))
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  model = model_lib.Transformer(mcfg)
+  tx, schedule = optim.make_optimizer(cfg.opt, int(t.num_steps))
+  rules = sharding.logical_rules(cfg.mesh)
+  init = functools.partial(step_lib.init_state, model=model, tx=tx, seq_len=int(t.seq_len))
+  boxed = jax.eval_shape(init, jax.random.key(0))
+  shardings = sharding.state_shardings(boxed, mesh, rules)
+  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "expert")))
+  return types.SimpleNamespace(cfg=cfg, sc=step_lib.StepConfig.from_config(cfg), model=model,
+                               mcfg=mcfg, tx=tx, schedule=schedule, mesh=mesh, rules=rules,
+                               init=init, shardings=shardings, batch_sharding=batch_sharding)
+
+
+def bench_train_step(config, *, warmup=3, iters=20, input_sets=2, devices=None, seed=0,
+                     peak_tflops=None):
+  """Times the jitted train step on random tokens; returns one result row."""
+  from simbal_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  from simbal_jax import sharding  # pylint: disable=g-import-not-at-top
+  from simbal_jax import step as step_lib  # pylint: disable=g-import-not-at-top
+  from simbal_jax import train  # pylint: disable=g-import-not-at-top
+  env = build_env(config, devices)
+  cfg, t = env.cfg, env.cfg.train
+  b, l = int(t.global_batch_size), int(t.seq_len)
+  rng = np.random.default_rng(seed)
+  batches = []
+  for _ in range(input_sets):
+    toks = rng.integers(0, cfg.model.vocab_size, size=(b, l + 1), dtype=np.int32)
+    batches.append(train.to_global({"inputs": toks[:, :-1], "targets": toks[:, 1:]},
+                                   env.batch_sharding))
+  with sharding.mesh_rules(env.mesh, env.rules):
+    state = jax.jit(lambda k: step_lib.unbox(env.init(k)),
+                    out_shardings=env.shardings)(jax.random.key(seed))
+    train_step = jax.jit(  # as train.make_steps does, without the eval step
+        functools.partial(step_lib.train_step, model=env.model, tx=env.tx, sc=env.sc,
+                          schedule=env.schedule),
+        in_shardings=(env.shardings, env.batch_sharding), out_shardings=(env.shardings, None),
+        donate_argnums=(0,))
+    box = {"state": state}
+
+    def call(i):
+      box["state"], metrics = train_step(box["state"], batches[i % input_sets])
+      return box["state"], metrics
+    tm = timed(call, warmup=warmup, iters=iters)
+    loss = float(jax.device_get(call(0)[1]["train/loss"]))
+  n_dev = env.mesh.size
+  tokens = b * l
+  fpt = model_lib.flops_per_token(env.mcfg, l)
+  tok_s = tokens / (tm["median_ms"] * 1e-3)
+  counts = model_lib.count_params(env.mcfg)
+  row = dict(method=cfg.balance.method, step_ms=tm["median_ms"], p10_ms=tm["p10_ms"],
+             p90_ms=tm["p90_ms"], first_call_s=tm["first_call_s"], tokens_per_step=tokens,
+             tokens_per_s=tok_s, flops_per_token=fpt, devices=n_dev, mesh=dict(env.mesh.shape),
+             batch=b, seq_len=l, dtype=cfg.model.dtype, active_params=counts["active"],
+             total_params=counts["total"], final_loss=loss, iters=iters)
+  row["mfu"] = (fpt * tok_s / (n_dev * peak_tflops * 1e12)) if peak_tflops else None
+  return row
+
+
+# ----------------------------------------------------------------------------------------------
+# routing.
+
+
+def bench_routing_losses(shape, tokens, num_layers, *, warmup=3, iters=20, input_sets=2, seed=0):
+  """Route + dispatch plan, LBL and SimBal over `num_layers` MoE layers (one step's worth).
+
+  Returns:
+    list of rows {part, ms, ...}: router (logits, softmax, top-k; fwd + bwd), dispatch_plan
+    (fwd; integer), lbl (fwd + bwd w.r.t. probs), simbal (fwd + bwd w.r.t. the kernels).
+  """
+  from simbal_jax import losses  # pylint: disable=g-import-not-at-top
+  from simbal_jax import routing  # pylint: disable=g-import-not-at-top
+  name, (k, e, d, _) = parse_shape(shape)
+  cap = routing.capacity(tokens, e, k, 1.25)
+  keys = jax.random.split(jax.random.key(seed), 2 * input_sets)
+  kerns = [jax.random.normal(keys[2 * i], (num_layers, d, e), jnp.float32) / math.sqrt(d)
+           for i in range(input_sets)]
+  xs = [jax.random.normal(keys[2 * i + 1], (num_layers, tokens, d), jnp.float32)
+        for i in range(input_sets)]
+
+  def route_all(r_LxDxE, x_LxTxD):  # float32 router at HIGHEST precision, as moe.MoEBlock
+    logits = jnp.einsum("ltd,lde->lte", x_LxTxD, r_LxDxE, precision=jax.lax.Precision.HIGHEST)
+    return jax.vmap(lambda lg: routing.route(lg, k))(logits)
+
+  def router(r, x):
+    out = route_all(r, x)
+    return jnp.sum(out.gates), out
+
+  router_fb = jax.jit(jax.grad(router, argnums=(0, 1), has_aux=True))
+  route = jax.jit(route_all)
+  outs = [route(r, x) for r, x in zip(kerns, xs)]
+  plan = jax.jit(jax.vmap(lambda idx: routing.dispatch_plan(idx, e, cap)))
+  lbl_fb = jax.jit(jax.value_and_grad(lambda p, i: jnp.mean(jax.vmap(losses.load_balancing)(p, i))))
+  sim_fb = jax.jit(jax.value_and_grad(lambda r: jnp.mean(losses.simbal(r))))
+  parts = {
+      "router_fwd_bwd": lambda j: router_fb(kerns[j % input_sets], xs[j % input_sets]),
+      "dispatch_plan": lambda j: plan(outs[j % input_sets].expert_index),
+      "lbl_fwd_bwd": lambda j: lbl_fb(outs[j % input_sets].probs,
+                                      outs[j % input_sets].expert_index),
+      "simbal_fwd_bwd": lambda j: sim_fb(kerns[j % input_sets]),
+  }
+  rows = []
+  for part, call in parts.items():
+    tm = timed(call, warmup=warmup, iters=iters)
+    rows.append(dict(part=part, shape=name, top_k=k, experts=e, d_model=d, tokens=tokens,
+                     moe_layers=num_layers, ms=tm["median_ms"], p10_ms=tm["p10_ms"],
+                     p90_ms=tm["p90_ms"], iters=iters))
+  return rows
+
+
+def bench_routing(config, methods, shape, tokens, num_layers, *, warmup=3, iters=20,
+                  input_sets=2, devices=None, seed=0, peak_tflops=None):
+  """Loss-part timings plus the train step of `config` under each balance.method."""
+  parts = bench_routing_losses(shape, tokens, num_layers, warmup=warmup, iters=iters,
+                               input_sets=input_sets, seed=seed)
+  steps = []
+  for method in methods:
+    cfg = copy.deepcopy(config)
+    cfg.balance.method = method
+    steps.append(bench_train_step(cfg, warmup=warmup, iters=iters, input_sets=input_sets,
+                                  devices=devices, seed=seed, peak_tflops=peak_tflops))
+  base = next((s["step_ms"] for s in steps if s["method"] == "none"), None)
+  for s in steps:
+    s["overhead_vs_none"] = (s["step_ms"] / base - 1.0) if base else None
+  return dict(losses=parts, train_steps=steps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Report.
+
+
+def _fmt(v, digits=4):
+  if v is None:
+    return "n/a"
+  if isinstance(v, float):
+    return f"{v:.{digits}g}"
+  return str(v)
+
+
+def table(rows, cols):
+  """Plain-text table of `rows` (dicts) with (header, key[, digits]) columns."""
+  cells = [[_fmt(r.get(c[1]), *(c[2:])) for c in cols] for r in rows]
+  widths = [max(len(c[0]), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
+  lines = ["  ".join(c[0].rjust(w) for c, w in zip(cols, widths)),
+           "  ".join("-" * w for w in widths)]
+  lines += ["  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in cells]
+  return "\n".join(lines)
+
+
+MOE_COLS = (("shape", "shape"), ("T", "tokens"), ("C", "capacity"), ("moe ms", "moe_ms"),
+            ("dense ms", "dense_ms"), ("ratio", "ratio", 3), ("moe TF/s", "moe_tflops", 3),
+            ("dense TF/s", "dense_tflops", 3), ("dropped", "dropped", 3),
+            ("moe p10-p90 ms", "moe_spread"))
+STEP_COLS = (("method", "method"), ("step ms", "step_ms"), ("p10", "p10_ms"), ("p90", "p90_ms"),
+             ("tokens/s", "tokens_per_s"), ("MFU", "mfu", 3), ("vs none", "overhead_vs_none", 3),
+             ("compile s", "first_call_s"))
+LOSS_COLS = (("part", "part"), ("shape", "shape"), ("T", "tokens"), ("layers", "moe_layers"),
+             ("ms", "ms"), ("p10", "p10_ms"), ("p90", "p90_ms"))
+
+
+def run(what, flags_values, config=None):
+  """Runs one mode; returns the JSON-able report (environment, settings, results)."""
+  fv = types.SimpleNamespace(**flags_values)
+  tf, gb = peaks(fv.peak_tflops, fv.peak_gbps)
+  devices = jax.devices()[:fv.num_devices] if fv.num_devices > 0 else None
+  report = dict(what=what, env=environment(), peak_tflops=tf, peak_gbps=gb,
+                settings=flags_values, command=" ".join(["python -m experiments.benchmark"] + sys.argv[1:]))
+  common = dict(warmup=fv.warmup, iters=fv.iters, input_sets=fv.input_sets, seed=fv.seed)
+  if what == "moe_layer":
+    rows = [bench_moe_layer(s, fv.tokens, capacity_factor=fv.capacity_factor, dtype=fv.dtype,
+                            param_dtype=fv.param_dtype, peak_tflops=tf, peak_gbps=gb, **common)
+            for s in fv.shapes]
+    for r in rows:
+      r["moe_spread"] = f"{r['moe_p10_ms']:.4g}-{r['moe_p90_ms']:.4g}"
+    report["results"] = rows
+    report["text"] = table(rows, MOE_COLS)
+  elif what == "train_step":
+    row = bench_train_step(config, devices=devices, peak_tflops=tf, **common)
+    report["results"] = [row]
+    report["config"] = config.to_dict()
+    report["text"] = table([row], STEP_COLS[:6] + STEP_COLS[7:])
+  elif what == "routing":
+    res = bench_routing(config, fv.methods, fv.shapes[0], fv.tokens, fv.moe_layers,
+                        devices=devices, peak_tflops=tf, **common)
+    report["results"] = res
+    report["config"] = config.to_dict()
+    report["text"] = table(res["losses"], LOSS_COLS) + "\n\n" + table(res["train_steps"],
+                                                                       STEP_COLS)
+  else:
+    raise ValueError(f"unknown --what={what!r}")
+  return report
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
+  names = ("shapes", "tokens", "capacity_factor", "dtype", "param_dtype", "moe_layers",
+           "methods", "warmup", "iters", "input_sets", "num_devices", "peak_tflops",
+           "peak_gbps", "seed")
+  values = {n: flags.FLAGS[n].value for n in names}
+  env = environment()
+  print(f"jax {env['jax_version']} on {env['device_count']} x {env['device_kind']} "
+        f"({env['platform']}), {env['cpu_count']} host CPUs (load {env['load_avg_1m']}), "
+        f"{env['date']}", flush=True)
+  report = run(_WHAT.value, values, _CONFIG.value)
+  print(report["text"])
+  if report["peak_tflops"] is None:
+    print("MFU: n/a (no --peak_tflops for this platform)")
+  if _OUT.value:
+    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+    with open(_OUT.value, "w") as fh:
+      json.dump(report, fh, indent=1, default=str)
+    print(f"wrote {_OUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)

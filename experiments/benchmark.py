@@ -81,28 +81,39 @@ _CONFIG = config_flags.DEFINE_config_file(
 # Timing and environment.
 
 
-def timed(call, *, warmup, iters):
-  """Times `call(i)` (returns arrays to wait for): compile call, `warmup` calls, `iters` timed.
+def timed(calls, *, warmup, iters):
+  """Times several variants round-robin, so that background load hits them alike.
+
+  Args:
+    calls: dict name -> `call(i)` returning arrays to wait for (i counts that variant's calls).
+    warmup: untimed calls per variant after its first (compiling) call.
+    iters: timed calls per variant; iteration j times every variant once, in order.
 
   Returns:
-    dict: median_ms, p10_ms, p90_ms, min_ms, first_call_s (compile + one run), iters.
+    dict name -> dict(median_ms, p10_ms, p90_ms, min_ms, first_call_s, iters).
   """
   if iters < 1:
     raise ValueError(f"iters must be >= 1, got {iters}")
-  t0 = time.perf_counter()
-  jax.block_until_ready(call(0))
-  first = time.perf_counter() - t0
-  for i in range(warmup):
-    jax.block_until_ready(call(1 + i))
-  ms = []
-  for i in range(iters):
+  first, ms = {}, {name: [] for name in calls}
+  for name, call in calls.items():
     t0 = time.perf_counter()
-    jax.block_until_ready(call(1 + warmup + i))
-    ms.append((time.perf_counter() - t0) * 1e3)
-  ms = np.asarray(ms)
-  return dict(median_ms=float(np.median(ms)), p10_ms=float(np.percentile(ms, 10)),
-              p90_ms=float(np.percentile(ms, 90)), min_ms=float(ms.min()),
-              first_call_s=round(first, 3), iters=int(iters))
+    jax.block_until_ready(call(0))
+    first[name] = time.perf_counter() - t0
+    for i in range(warmup):
+      jax.block_until_ready(call(1 + i))
+  for j in range(iters):
+    for name, call in calls.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(call(1 + warmup + j))
+      ms[name].append((time.perf_counter() - t0) * 1e3)
+  out = {}
+  for name, m in ms.items():
+    m = np.asarray(m)
+    out[name] = dict(median_ms=float(np.median(m)), p10_ms=float(np.percentile(m, 10)),
+                     p90_ms=float(np.percentile(m, 90)), min_ms=float(m.min()),
+                     first_call_s=round(first[name], 3), iters=int(iters),
+                     times_ms=[round(x, 4) for x in m.tolist()])
+  return out
 
 
 def peaks(peak_tflops=0.0, peak_gbps=0.0):
@@ -169,27 +180,27 @@ def bench_moe_layer(shape, tokens, *, capacity_factor=1.25, dtype="bfloat16",
              capacity_factor=capacity_factor, capacity=routing.capacity(tokens, e, k,
                                                                         capacity_factor),
              dtype=dt.name, param_dtype=pdt.name, useful_gflop=flops / 1e9)
+  calls, outs = {}, []
   for i, (label, block) in enumerate(blocks.items()):
     params = jax.jit(block.init)(keys[i], xs[0])["params"]
     params = jax.tree.map(lambda p: p.value if hasattr(p, "value") else p, params,
                           is_leaf=lambda p: hasattr(p, "value"))
-    step = _fwd_bwd(block)
-    outs = []
+    n_params = sum(p.size for p in jax.tree.leaves(params))
+    # Byte floor: params read fwd + read bwd + grads written; x, dy read, y, dx written.
+    row[f"{label}_min_bytes"] = 3 * n_params * pdt.itemsize + 4 * tokens * d * dt.itemsize
 
-    def call(j, step=step, params=params, outs=outs):
+    def call(j, step=_fwd_bwd(block), params=params, label=label):
       out = step(params, xs[j % input_sets], dys[j % input_sets])
-      outs.append(out[1])
+      if label == "moe":
+        outs.append(out[1])
       return out
-    t = timed(call, warmup=warmup, iters=iters)
+    calls[label] = call
+  for label, t in timed(calls, warmup=warmup, iters=iters).items():
     row[f"{label}_ms"] = t["median_ms"]
     row[f"{label}_p10_ms"], row[f"{label}_p90_ms"] = t["p10_ms"], t["p90_ms"]
     row[f"{label}_first_call_s"] = t["first_call_s"]
     row[f"{label}_tflops"] = flops / (t["median_ms"] * 1e-3) / 1e12
-    if label == "moe":
-      row["dropped"] = float(np.mean([float(a.dropped) for a in outs[-input_sets:]]))
-    n_params = sum(p.size for p in jax.tree.leaves(params))
-    # Byte floor: params read fwd + read bwd + grads written; x, dy read, y, dx written.
-    row[f"{label}_min_bytes"] = 3 * n_params * pdt.itemsize + 4 * tokens * d * dt.itemsize
+  row["dropped"] = float(np.mean([float(a.dropped) for a in outs[-input_sets:]]))
   row["ratio"] = row["moe_ms"] / row["dense_ms"]
   row["iters"] = iters
   if peak_tflops:
@@ -242,11 +253,9 @@ def build_env(config, devices=None):
                                init=init, shardings=shardings, batch_sharding=batch_sharding)
 
 
-def bench_train_step(config, *, warmup=3, iters=20, input_sets=2, devices=None, seed=0,
-                     peak_tflops=None):
-  """Times the jitted train step on random tokens; returns one result row."""
-  from simbal_jax import model as model_lib  # pylint: disable=g-import-not-at-top
-  from simbal_jax import sharding  # pylint: disable=g-import-not-at-top
+def train_step_runner(config, *, input_sets=2, devices=None, seed=0):
+  """(call(i) running one train step on rotating random-token batches, env). Call it inside
+  `sharding.mesh_rules(env.mesh, env.rules)`."""
   from simbal_jax import step as step_lib  # pylint: disable=g-import-not-at-top
   from simbal_jax import train  # pylint: disable=g-import-not-at-top
   env = build_env(config, devices)
@@ -258,33 +267,59 @@ def bench_train_step(config, *, warmup=3, iters=20, input_sets=2, devices=None, 
     toks = rng.integers(0, cfg.model.vocab_size, size=(b, l + 1), dtype=np.int32)
     batches.append(train.to_global({"inputs": toks[:, :-1], "targets": toks[:, 1:]},
                                    env.batch_sharding))
-  with sharding.mesh_rules(env.mesh, env.rules):
-    state = jax.jit(lambda k: step_lib.unbox(env.init(k)),
-                    out_shardings=env.shardings)(jax.random.key(seed))
-    train_step = jax.jit(  # as train.make_steps does, without the eval step
-        functools.partial(step_lib.train_step, model=env.model, tx=env.tx, sc=env.sc,
-                          schedule=env.schedule),
-        in_shardings=(env.shardings, env.batch_sharding), out_shardings=(env.shardings, None),
-        donate_argnums=(0,))
-    box = {"state": state}
+  state = jax.jit(lambda k: step_lib.unbox(env.init(k)),
+                  out_shardings=env.shardings)(jax.random.key(seed))
+  train_step = jax.jit(  # as train.make_steps does, without the eval step
+      functools.partial(step_lib.train_step, model=env.model, tx=env.tx, sc=env.sc,
+                        schedule=env.schedule),
+      in_shardings=(env.shardings, env.batch_sharding), out_shardings=(env.shardings, None),
+      donate_argnums=(0,))
+  box = {"state": state}
 
-    def call(i):
-      box["state"], metrics = train_step(box["state"], batches[i % input_sets])
-      return box["state"], metrics
-    tm = timed(call, warmup=warmup, iters=iters)
-    loss = float(jax.device_get(call(0)[1]["train/loss"]))
-  n_dev = env.mesh.size
-  tokens = b * l
+  def call(i):
+    box["state"], metrics = train_step(box["state"], batches[i % input_sets])
+    env.last_metrics = metrics
+    return box["state"], metrics
+  return call, env
+
+
+def train_step_row(env, tm, peak_tflops=None):
+  """Result row of one timed train step (tm from `timed`)."""
+  from simbal_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  t = env.cfg.train
+  b, l = int(t.global_batch_size), int(t.seq_len)
+  n_dev, tokens = env.mesh.size, b * l
   fpt = model_lib.flops_per_token(env.mcfg, l)
   tok_s = tokens / (tm["median_ms"] * 1e-3)
   counts = model_lib.count_params(env.mcfg)
-  row = dict(method=cfg.balance.method, step_ms=tm["median_ms"], p10_ms=tm["p10_ms"],
+  row = dict(method=env.cfg.balance.method, step_ms=tm["median_ms"], p10_ms=tm["p10_ms"],
              p90_ms=tm["p90_ms"], first_call_s=tm["first_call_s"], tokens_per_step=tokens,
              tokens_per_s=tok_s, flops_per_token=fpt, devices=n_dev, mesh=dict(env.mesh.shape),
-             batch=b, seq_len=l, dtype=cfg.model.dtype, active_params=counts["active"],
-             total_params=counts["total"], final_loss=loss, iters=iters)
+             batch=b, seq_len=l, dtype=env.cfg.model.dtype, active_params=counts["active"],
+             total_params=counts["total"], iters=tm["iters"], times_ms=tm["times_ms"],
+             last_loss=float(jax.device_get(env.last_metrics["train/loss"])))
   row["mfu"] = (fpt * tok_s / (n_dev * peak_tflops * 1e12)) if peak_tflops else None
   return row
+
+
+def bench_train_steps(configs, *, warmup=3, iters=20, input_sets=2, devices=None, seed=0,
+                      peak_tflops=None):
+  """Times the jitted train step of each config (round-robin) on random tokens; one row each.
+
+  The configs must share the mesh settings (one mesh context for all).
+  """
+  from simbal_jax import sharding  # pylint: disable=g-import-not-at-top
+  runners = [train_step_runner(c, input_sets=input_sets, devices=devices, seed=seed)
+             for c in configs]
+  env0 = runners[0][1]
+  with sharding.mesh_rules(env0.mesh, env0.rules):
+    tms = timed({i: call for i, (call, _) in enumerate(runners)}, warmup=warmup, iters=iters)
+  return [train_step_row(env, tms[i], peak_tflops) for i, (_, env) in enumerate(runners)]
+
+
+def bench_train_step(config, **kw):
+  """Times the jitted train step of one config; returns its result row."""
+  return bench_train_steps([config], **kw)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,8 +365,7 @@ def bench_routing_losses(shape, tokens, num_layers, *, warmup=3, iters=20, input
       "simbal_fwd_bwd": lambda j: sim_fb(kerns[j % input_sets]),
   }
   rows = []
-  for part, call in parts.items():
-    tm = timed(call, warmup=warmup, iters=iters)
+  for part, tm in timed(parts, warmup=warmup, iters=iters).items():
     rows.append(dict(part=part, shape=name, top_k=k, experts=e, d_model=d, tokens=tokens,
                      moe_layers=num_layers, ms=tm["median_ms"], p10_ms=tm["p10_ms"],
                      p90_ms=tm["p90_ms"], iters=iters))
@@ -343,15 +377,17 @@ def bench_routing(config, methods, shape, tokens, num_layers, *, warmup=3, iters
   """Loss-part timings plus the train step of `config` under each balance.method."""
   parts = bench_routing_losses(shape, tokens, num_layers, warmup=warmup, iters=iters,
                                input_sets=input_sets, seed=seed)
-  steps = []
+  configs = []
   for method in methods:
     cfg = copy.deepcopy(config)
     cfg.balance.method = method
-    steps.append(bench_train_step(cfg, warmup=warmup, iters=iters, input_sets=input_sets,
-                                  devices=devices, seed=seed, peak_tflops=peak_tflops))
-  base = next((s["step_ms"] for s in steps if s["method"] == "none"), None)
-  for s in steps:
-    s["overhead_vs_none"] = (s["step_ms"] / base - 1.0) if base else None
+    configs.append(cfg)
+  steps = bench_train_steps(configs, warmup=warmup, iters=iters, input_sets=input_sets,
+                            devices=devices, seed=seed, peak_tflops=peak_tflops)
+  base = next((s for s in steps if s["method"] == "none"), None)
+  for s in steps:  # paired: the median over iterations of (step / the none step run beside it)
+    s["overhead_vs_none"] = None if base is None else float(
+        np.median(np.asarray(s["times_ms"]) / np.asarray(base["times_ms"])) - 1.0)
   return dict(losses=parts, train_steps=steps)
 
 
@@ -430,7 +466,7 @@ def main(argv):
   values = {n: flags.FLAGS[n].value for n in names}
   env = environment()
   print(f"jax {env['jax_version']} on {env['device_count']} x {env['device_kind']} "
-        f"({env['platform']}), {env['cpu_count']} host CPUs (load {env['load_avg_1m']}), "
+        f"({env['platform']}), {env['cpu_count']} host CPUs (load {env['load_avg_1m']:.2f}), "
         f"{env['date']}", flush=True)
   report = run(_WHAT.value, values, _CONFIG.value)
   print(report["text"])

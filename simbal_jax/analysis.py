@@ -3,7 +3,8 @@
 `eval_metrics` turns the additive per-batch sums of `step.eval_step` into the flat eval dict:
 eval/loss, eval/ppl and per-MoE-layer routing metrics (`moe/layer_<i>/maxvio`, i = block index)
 plus their means over layers (`moe/maxvio`). Load metrics use the expert counts of all eval
-batches together.
+batches together; so does domain specialisation (`moe/domain_mi_norm`, I(expert; domain) /
+H(domain), when the eval batches carry domain labels: the synthetic source).
 
 `layer_pes` computes the paper's PES on a sample of tokens: the inputs of every MoE block are
 captured with `flax.linen.intercept_methods`, then every expert's SwiGLU is run from the stacked
@@ -26,12 +27,20 @@ def eval_load(sums):
   return counts / np.maximum(counts.sum(-1, keepdims=True), 1.0)
 
 
+def eval_domain_counts(sums):
+  """Summed (domain, expert) counts float64[Lm, D, E] of the eval batches (None without)."""
+  if "domain_counts" not in sums[0]:
+    return None
+  return np.sum([np.asarray(s["domain_counts"], np.float64) for s in sums], axis=0)
+
+
 def eval_metrics(sums, router_kernels=None, layer_ids=None):
   """Flat eval metrics from per-batch sums.
 
   Args:
     sums: list of dicts from step.eval_step (host numpy): ce_sum, tokens, seqs, and for MoE
-      counts float32[Lm, E], entropy_sum float32[Lm], seu_sum float32[Lm].
+      counts float32[Lm, E], entropy_sum float32[Lm], seu_sum float32[Lm], and with domain
+      labels domain_counts float32[Lm, D, E] (gives domain_mi and domain_mi_norm).
     router_kernels: float32[Lm, D, E] or None (orthogonality gap).
     layer_ids: block index of each MoE layer (default 0..Lm-1), used in the metric names.
   Returns:
@@ -58,6 +67,11 @@ def eval_metrics(sums, router_kernels=None, layer_ids=None):
   if router_kernels is not None:
     gap = metrics_lib.orthogonality_gap(jnp.asarray(router_kernels, jnp.float32))
     per["ortho_l1"], per["ortho_mse"] = np.asarray(gap.l1), np.asarray(gap.mse)
+  domain_counts = eval_domain_counts(sums)
+  if domain_counts is not None:
+    spec = metrics_lib.specialization_from_counts(domain_counts)
+    per["domain_mi"], per["domain_mi_norm"] = np.asarray(spec.mutual_info), np.asarray(
+        spec.normalized)
   for name, values in per.items():
     values = np.asarray(values, np.float64).reshape(n_moe)
     for i, v in zip(layer_ids, values):

@@ -221,16 +221,20 @@ def train_step(state, batch, *, model, tx, sc, schedule=None):
   return new_state, metrics
 
 
-def eval_step(params, expert_bias, batch, *, model):
+def eval_step(params, expert_bias, batch, *, model, num_domains=0):
   """Additive evaluation statistics of one batch (the host sums them over batches).
 
   Args:
     params: model parameters. expert_bias: float32[Lm, E].
-    batch: dict(inputs, targets int32[B, L]).
+    batch: dict(inputs, targets int32[B, L], optional domain int32[B]).
+    model: model.Transformer.
+    num_domains: static int D; when > 0 and the batch carries `domain`, the (domain, expert)
+      count table is added (every token has its sequence's domain).
   Returns:
     dict: ce_sum float32[], tokens float32[], and for MoE models counts float32[Lm, E],
     entropy_sum float32[Lm] (token-summed routing entropy), seu_sum float32[Lm]
-    (sequence-summed SEU), seqs float32[].
+    (sequence-summed SEU), seqs float32[], and with domains domain_counts float32[Lm, D, E]
+    (routed assignments per domain and expert, see metrics.domain_expert_counts).
   """
   logits, aux = model.apply({"params": params}, batch["inputs"],
                             expert_bias=_bias_arg(model, expert_bias))
@@ -244,6 +248,11 @@ def eval_step(params, expert_bias, batch, *, model):
     out["entropy_sum"] = jax.vmap(metrics_lib.routing_entropy)(r.probs) * (b * l)
     out["seu_sum"] = jax.vmap(lambda i: metrics_lib.seu(i.reshape(b, l, k), e))(
         r.expert_index) * b
+    if num_domains > 0 and "domain" in batch:
+      domain_T = jnp.repeat(batch["domain"].astype(jnp.int32), l)  # tokens are sequence-major
+      out["domain_counts"] = jax.vmap(
+          lambda i: metrics_lib.domain_expert_counts(i, domain_T, e, num_domains))(
+              r.expert_index)
   return out
 
 

@@ -99,10 +99,15 @@ def build(config, workdir, devices=None):
       batch_sharding=batch_sharding)
 
 
-def to_global(batch, batch_sharding):
-  """Host-local numpy batch -> global jax arrays sharded over the batch axis."""
+TRAIN_KEYS = ("inputs", "targets", "mask")
+EVAL_KEYS = TRAIN_KEYS + ("domain",)  # domain int32[b] (synthetic source): specialisation
+
+
+def to_global(batch, batch_sharding, keys=TRAIN_KEYS):
+  """Host-local numpy batch -> global jax arrays (those named in `keys`) sharded over the
+  batch axis."""
   return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
-          for k, v in batch.items() if k in ("inputs", "targets", "mask")}
+          for k, v in batch.items() if k in keys}
 
 
 def initial_state(env, ckpt):
@@ -141,10 +146,28 @@ def make_steps(env):
                         schedule=env.schedule),
       in_shardings=(env.shardings, env.batch_sharding), out_shardings=(env.shardings, None),
       donate_argnums=(0,))
+  num_domains = int(env.cfg.data.synthetic.num_domains) if env.datasets.has_domain else 0
   evaluate = jax.jit(
-      functools.partial(step_lib.eval_step, model=env.model),
+      functools.partial(step_lib.eval_step, model=env.model, num_domains=num_domains),
       in_shardings=(env.shardings.params, env.shardings.expert_bias, env.batch_sharding))
   return train, evaluate
+
+
+def eval_batches_of(env):
+  """The global eval batches (with domain labels when the source has them)."""
+  return [to_global(b, env.batch_sharding, EVAL_KEYS)
+          for b in env.datasets.eval_batches(int(env.cfg.train.eval_batches))]
+
+
+def evaluate(env, eval_step, state, eval_batches):
+  """Eval metrics of `state` (analysis.eval_metrics) and the per-batch sums behind them."""
+  sums = [jax.device_get(eval_step(state.params, state.expert_bias, b)) for b in eval_batches]
+  kernels = None
+  if env.mcfg.moe is not None:
+    from simbal_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+    kernels = np.asarray(jax.device_get(model_lib.router_kernels(state.params, env.mcfg)))
+  layer_ids = [i for i in range(env.mcfg.num_layers) if env.mcfg.is_moe_layer(i)]
+  return analysis.eval_metrics(sums, kernels, layer_ids), sums
 
 
 def _host(metrics):
@@ -190,19 +213,13 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
       if data_state:
         it.set_state(data_state)
       train_step, eval_step = make_steps(env)
-      eval_batches = [to_global(b, env.batch_sharding)
-                      for b in env.datasets.eval_batches(int(t.eval_batches))]
+      eval_batches = eval_batches_of(env)
 
       def run_eval(st, step):
-        sums = [jax.device_get(eval_step(st.params, st.expert_bias, b)) for b in eval_batches]
-        kernels = None
-        if env.mcfg.moe is not None:
-          from simbal_jax import model as model_lib  # pylint: disable=g-import-not-at-top
-          kernels = np.asarray(jax.device_get(model_lib.router_kernels(st.params, env.mcfg)))
-        layer_ids = [i for i in range(env.mcfg.num_layers) if env.mcfg.is_moe_layer(i)]
-        m = analysis.eval_metrics(sums, kernels, layer_ids)
+        m, sums = evaluate(env, eval_step, st, eval_batches)
         writer.write(step, m)
         summary["expert_load"] = analysis.eval_load(sums)
+        summary["domain_expert_counts"] = analysis.eval_domain_counts(sums)
         return m
 
       def save(st, step, force=False):
@@ -274,14 +291,16 @@ def _check_and_log(pending, writer, progress, cfg):
 
 
 def _brief(m):
-  keys = ("eval/loss", "eval/ppl", "moe/maxvio", "moe/load_cv", "moe/dead", "moe/seu")
+  keys = ("eval/loss", "eval/ppl", "moe/maxvio", "moe/load_cv", "moe/dead", "moe/seu",
+          "moe/domain_mi_norm")
   return ", ".join(f"{k}={m[k]:.4g}" for k in keys if k in m)
 
 
 def summary_table(summary):
   """A small table of the final metrics."""
   keys = ("eval/loss", "eval/ppl", "moe/maxvio", "moe/load_cv", "moe/dead", "moe/seu",
-          "moe/entropy", "moe/ortho_l1", "moe/ortho_mse", "tokens_per_second", "wall_seconds")
+          "moe/entropy", "moe/ortho_l1", "moe/ortho_mse", "moe/domain_mi_norm",
+          "tokens_per_second", "wall_seconds")
   rows = [(k, summary[k]) for k in keys if k in summary]
   width = max([len(k) for k, _ in rows] + [6])
   lines = [f"{'metric'.ljust(width)}  value", "-" * (width + 14)]

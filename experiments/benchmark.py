@@ -117,7 +117,7 @@ def timed(calls, *, warmup, iters):
 
 
 def peaks(peak_tflops=0.0, peak_gbps=0.0):
-  """(TFLOP/s, GB/s) per device: flags if > 0, datasheet by device kind, 989 on any GPU, else None."""
+  """(TFLOP/s, GB/s) per device: flags if > 0, else datasheet by device kind, 989 on any GPU."""
   dev = jax.devices()[0]
   known = next((v for k, v in KNOWN_PEAKS.items() if k in dev.device_kind), (None, None))
   tf = peak_tflops if peak_tflops > 0 else (known[0] or (989.0 if dev.platform == "gpu" else None))
@@ -429,8 +429,9 @@ def run(what, flags_values, config=None):
   fv = types.SimpleNamespace(**flags_values)
   tf, gb = peaks(fv.peak_tflops, fv.peak_gbps)
   devices = jax.devices()[:fv.num_devices] if fv.num_devices > 0 else None
+  command = " ".join(["python -m experiments.benchmark"] + sys.argv[1:])
   report = dict(what=what, env=environment(), peak_tflops=tf, peak_gbps=gb,
-                settings=flags_values, command=" ".join(["python -m experiments.benchmark"] + sys.argv[1:]))
+                settings=flags_values, command=command)
   common = dict(warmup=fv.warmup, iters=fv.iters, input_sets=fv.input_sets, seed=fv.seed)
   if what == "moe_layer":
     rows = [bench_moe_layer(s, fv.tokens, capacity_factor=fv.capacity_factor, dtype=fv.dtype,

@@ -1,6 +1,6 @@
 """simbal_jax: load balancing for sparse Mixture-of-Experts language models in JAX.
 
-The pure modules (`routing`, `losses`, `metrics`) import only jax and numpy, so any JAX
+The pure modules (`routing`, `losses`, `metrics`, `specialization`) import only jax and numpy, so any JAX
 codebase can call them:
 
   from simbal_jax import losses
@@ -18,6 +18,7 @@ on demand so that importing the package stays light.
 from simbal_jax import losses
 from simbal_jax import metrics
 from simbal_jax import routing
+from simbal_jax import specialization
 
-__all__ = ["losses", "metrics", "routing"]
+__all__ = ["losses", "metrics", "routing", "specialization"]
 __version__ = "0.1.0"

@@ -23,7 +23,6 @@ Prints a table; `--out` also writes JSON with the device kind, jax version and e
 
 import copy
 import datetime
-import functools
 import json
 import math
 import os
@@ -228,29 +227,11 @@ def vocab_size(cfg):
 
 
 def build_env(config, devices=None):
-  """Model, optimizer, mesh and state shardings as `train.build` makes them, minus the data."""
-  from simbal_jax import model as model_lib  # pylint: disable=g-import-not-at-top
-  from simbal_jax import optim  # pylint: disable=g-import-not-at-top
-  from simbal_jax import sharding  # pylint: disable=g-import-not-at-top
-  from simbal_jax import step as step_lib  # pylint: disable=g-import-not-at-top
+  """`train.build_model` for a config whose vocabulary is derived without loading data."""
   from simbal_jax import train  # pylint: disable=g-import-not-at-top
   cfg = train.prepare_config(config)
   cfg.model.vocab_size = vocab_size(cfg)
-  t = cfg.train
-  devices = list(jax.devices() if devices is None else devices)
-  mcfg = model_lib.ModelConfig.from_config(cfg)
-  sharding.validate(cfg.mesh, mcfg, int(t.global_batch_size), len(devices), seq_len=int(t.seq_len))
-  mesh = sharding.make_mesh(cfg.mesh, devices)
-  model = model_lib.Transformer(mcfg)
-  tx, schedule = optim.make_optimizer(cfg.opt, int(t.num_steps))
-  rules = sharding.logical_rules(cfg.mesh)
-  init = functools.partial(step_lib.init_state, model=model, tx=tx, seq_len=int(t.seq_len))
-  boxed = jax.eval_shape(init, jax.random.key(0))
-  shardings = sharding.state_shardings(boxed, mesh, rules)
-  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "expert")))
-  return types.SimpleNamespace(cfg=cfg, sc=step_lib.StepConfig.from_config(cfg), model=model,
-                               mcfg=mcfg, tx=tx, schedule=schedule, mesh=mesh, rules=rules,
-                               init=init, shardings=shardings, batch_sharding=batch_sharding)
+  return train.build_model(cfg, devices)
 
 
 def train_step_runner(config, *, input_sets=2, devices=None, seed=0):
@@ -269,11 +250,7 @@ def train_step_runner(config, *, input_sets=2, devices=None, seed=0):
                                    env.batch_sharding))
   state = jax.jit(lambda k: step_lib.unbox(env.init(k)),
                   out_shardings=env.shardings)(jax.random.key(seed))
-  train_step = jax.jit(  # as train.make_steps does, without the eval step
-      functools.partial(step_lib.train_step, model=env.model, tx=env.tx, sc=env.sc,
-                        schedule=env.schedule),
-      in_shardings=(env.shardings, env.batch_sharding), out_shardings=(env.shardings, None),
-      donate_argnums=(0,))
+  train_step = train.make_train_step(env)
   box = {"state": state}
 
   def call(i):

@@ -59,21 +59,19 @@ def build(config, workdir, devices=None):
   """Builds everything the loop needs; raises config / data / mesh errors before compiling.
 
   Returns:
-    types.SimpleNamespace `env` with cfg, datasets, model, tx, schedule, mesh, rules,
-    abstract (unboxed abstract TrainState with shardings), shardings, batch_sharding, sc.
+    types.SimpleNamespace `env`: `build_model`'s fields plus `datasets`.
   """
   from simbal_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from simbal_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   from simbal_jax import sharding  # pylint: disable=g-import-not-at-top
 
   cfg = prepare_config(config)
-  sc = step_lib.StepConfig.from_config(cfg)
   t = cfg.train
-  probe = model_lib.ModelConfig.from_config(cfg, vocab_size=max(cfg.model.vocab_size, 1))
   devices = list(jax.devices() if devices is None else devices)
-  num_devices = len(devices)
-  sharding.validate(cfg.mesh, probe, int(t.global_batch_size), num_devices, seq_len=int(t.seq_len))
-  mesh = sharding.make_mesh(cfg.mesh, devices)
+  # Mesh and shape errors first, before any data is prepared (the vocabulary is not known yet).
+  probe = model_lib.ModelConfig.from_config(cfg, vocab_size=max(cfg.model.vocab_size, 1))
+  sharding.validate(cfg.mesh, probe, int(t.global_batch_size), len(devices),
+                    seq_len=int(t.seq_len))
   datasets = data_lib.make_datasets(
       cfg.data, seq_len=int(t.seq_len), batch_size=int(t.global_batch_size), workdir=workdir,
       seed=int(cfg.seed), process_index=jax.process_index(), process_count=jax.process_count())
@@ -82,7 +80,32 @@ def build(config, workdir, devices=None):
     raise ValueError(f"model.vocab_size={vocab} is smaller than the tokenizer's "
                      f"{datasets.vocab_size}")
   cfg.model.vocab_size = vocab
+  env = build_model(cfg, devices)
+  env.datasets = datasets
+  return env
+
+
+def build_model(cfg, devices=None):
+  """Model, optimizer, mesh and state shardings of a prepared config (no data).
+
+  Args:
+    cfg: ConfigDict from `prepare_config`, with `model.vocab_size` > 0.
+    devices: devices for the mesh (default: all).
+  Returns:
+    types.SimpleNamespace with cfg, sc, model, mcfg, tx, schedule, mesh, rules, init,
+    abstract (unboxed abstract TrainState with shardings), shardings, batch_sharding.
+  """
+  from simbal_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  from simbal_jax import sharding  # pylint: disable=g-import-not-at-top
+
+  if int(cfg.model.vocab_size) < 1:
+    raise ValueError("build_model needs cfg.model.vocab_size > 0")
+  t = cfg.train
+  devices = list(jax.devices() if devices is None else devices)
   mcfg = model_lib.ModelConfig.from_config(cfg)
+  sharding.validate(cfg.mesh, mcfg, int(t.global_batch_size), len(devices),
+                    seq_len=int(t.seq_len))
+  mesh = sharding.make_mesh(cfg.mesh, devices)
   model = model_lib.Transformer(mcfg)
   tx, schedule = optim.make_optimizer(cfg.opt, int(t.num_steps))
   rules = sharding.logical_rules(cfg.mesh)
@@ -94,9 +117,9 @@ def build(config, workdir, devices=None):
   batch_sharding = jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec(("data", "expert")))
   return types.SimpleNamespace(
-      cfg=cfg, sc=sc, datasets=datasets, model=model, mcfg=mcfg, tx=tx, schedule=schedule,
-      mesh=mesh, rules=rules, init=init, abstract=abstract, shardings=shardings,
-      batch_sharding=batch_sharding)
+      cfg=cfg, sc=step_lib.StepConfig.from_config(cfg), model=model, mcfg=mcfg, tx=tx,
+      schedule=schedule, mesh=mesh, rules=rules, init=init, abstract=abstract,
+      shardings=shardings, batch_sharding=batch_sharding)
 
 
 TRAIN_KEYS = ("inputs", "targets", "mask")
@@ -139,18 +162,22 @@ def initial_state(env, ckpt):
   return state, None, "scratch"
 
 
-def make_steps(env):
-  """Jitted train step (state donated) and eval step."""
-  train = jax.jit(
+def make_train_step(env):
+  """The jitted train step (state donated): (state, batch) -> (state, metrics)."""
+  return jax.jit(
       functools.partial(step_lib.train_step, model=env.model, tx=env.tx, sc=env.sc,
                         schedule=env.schedule),
       in_shardings=(env.shardings, env.batch_sharding), out_shardings=(env.shardings, None),
       donate_argnums=(0,))
+
+
+def make_steps(env):
+  """Jitted train step (state donated) and eval step."""
   num_domains = int(env.cfg.data.synthetic.num_domains) if env.datasets.has_domain else 0
   evaluate = jax.jit(
       functools.partial(step_lib.eval_step, model=env.model, num_domains=num_domains),
       in_shardings=(env.shardings.params, env.shardings.expert_bias, env.batch_sharding))
-  return train, evaluate
+  return make_train_step(env), evaluate
 
 
 def eval_batches_of(env):

@@ -55,6 +55,9 @@ _SHAPES = flags.DEFINE_list("shapes", ["bench_s", "moe_m", "olmoe"],
                             "uses the first one for its loss timings.")
 _TOKENS = flags.DEFINE_integer("tokens", 16384, "Tokens T per MoE layer call (moe_layer, routing).")
 _CF = flags.DEFINE_float("capacity_factor", 1.25, "moe_layer: capacity factor (<= 0: dropless).")
+_DISPATCH = flags.DEFINE_enum("dispatch", "capacity", ["capacity", "ragged"],
+                               "moe_layer: MoEConfig.dispatch (ragged: dropless ragged_dot, "
+                               "TPU only in practice; capacity_factor ignored).")
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "moe_layer: compute dtype.")
 _PARAM_DTYPE = flags.DEFINE_string("param_dtype", "float32", "moe_layer: parameter dtype.")
 _MOE_LAYERS = flags.DEFINE_integer("moe_layers", 8, "routing: MoE layers per step (MoE-M: 8).")
@@ -158,7 +161,7 @@ def _fwd_bwd(module):
   return jax.jit(run)
 
 
-def bench_moe_layer(shape, tokens, *, capacity_factor=1.25, dtype="bfloat16",
+def bench_moe_layer(shape, tokens, *, capacity_factor=1.25, dispatch="capacity", dtype="bfloat16",
                     param_dtype="float32", warmup=3, iters=20, input_sets=2, seed=0,
                     peak_tflops=None, peak_gbps=None):
   """MoEBlock fwd+bwd vs dense SwiGLU (d_ff = K * F) on T tokens; returns one result row."""
@@ -166,7 +169,8 @@ def bench_moe_layer(shape, tokens, *, capacity_factor=1.25, dtype="bfloat16",
   from simbal_jax import routing  # pylint: disable=g-import-not-at-top
   name, (k, e, d, f) = parse_shape(shape)
   dt, pdt = jnp.dtype(dtype), jnp.dtype(param_dtype)
-  mcfg = moe.MoEConfig(num_experts=e, top_k=k, d_ff=f, capacity_factor=capacity_factor)
+  mcfg = moe.MoEConfig(num_experts=e, top_k=k, d_ff=f, capacity_factor=capacity_factor,
+                       dispatch=dispatch)
   blocks = {"moe": moe.MoEBlock(mcfg, dtype=dt, param_dtype=pdt),
             "dense": moe.MLP(k * f, dtype=dt, param_dtype=pdt)}
   keys = jax.random.split(jax.random.key(seed), 2 + 2 * input_sets)
@@ -176,8 +180,9 @@ def bench_moe_layer(shape, tokens, *, capacity_factor=1.25, dtype="bfloat16",
          for i in range(input_sets)]
   flops = 6 * tokens * k * 3 * d * f
   row = dict(shape=name, top_k=k, experts=e, d_model=d, d_ff=f, dense_d_ff=k * f, tokens=tokens,
-             capacity_factor=capacity_factor, capacity=routing.capacity(tokens, e, k,
-                                                                        capacity_factor),
+             capacity_factor=capacity_factor, dispatch=dispatch,
+             capacity=(routing.capacity(tokens, e, k, capacity_factor)
+                       if dispatch == "capacity" else None),
              dtype=dt.name, param_dtype=pdt.name, useful_gflop=flops / 1e9)
   calls, outs = {}, []
   for i, (label, block) in enumerate(blocks.items()):
@@ -411,7 +416,8 @@ def run(what, flags_values, config=None):
                 settings=flags_values, command=command)
   common = dict(warmup=fv.warmup, iters=fv.iters, input_sets=fv.input_sets, seed=fv.seed)
   if what == "moe_layer":
-    rows = [bench_moe_layer(s, fv.tokens, capacity_factor=fv.capacity_factor, dtype=fv.dtype,
+    rows = [bench_moe_layer(s, fv.tokens, capacity_factor=fv.capacity_factor,
+                            dispatch=getattr(fv, "dispatch", "capacity"), dtype=fv.dtype,
                             param_dtype=fv.param_dtype, peak_tflops=tf, peak_gbps=gb, **common)
             for s in fv.shapes]
     for r in rows:
@@ -438,7 +444,7 @@ def run(what, flags_values, config=None):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
-  names = ("shapes", "tokens", "capacity_factor", "dtype", "param_dtype", "moe_layers",
+  names = ("shapes", "tokens", "capacity_factor", "dispatch", "dtype", "param_dtype", "moe_layers",
            "methods", "warmup", "iters", "input_sets", "num_devices", "peak_tflops",
            "peak_gbps", "seed")
   values = {n: flags.FLAGS[n].value for n in names}

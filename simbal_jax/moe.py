@@ -1,11 +1,19 @@
 """Feed-forward blocks: dense SwiGLU and the sparse Mixture-of-Experts block (Flax linen).
 
-The MoE block routes each token to K of E SwiGLU experts (`routing.route`), dispatches the
-assignments into per-expert buffers `[E, C, D]` of static capacity C (`routing.dispatch_plan`),
-runs all experts as batched einsums (`'ecd,edf->ecf'`) and combines the results weighted by the
-gates. Dispatch and combine are gathers whose backward passes are gathers too (`jax.custom_vjp`):
-every token has K slots and every slot one token, so no scatter, no one-hot `[T, E, C]` tensor
-and no `ragged_dot` appears anywhere (DESIGN.md section 4).
+The MoE block routes each token to K of E SwiGLU experts (`routing.route`) and dispatches the
+assignments in one of two ways (`MoEConfig.dispatch`):
+
+* "capacity" (default): per-expert buffers `[E, C, D]` of static capacity C
+  (`routing.dispatch_plan`), all experts run as batched einsums (`'ecd,edf->ecf'`). Dropless
+  (`capacity_factor <= 0`) means C = T, i.e. E / K times the useful expert FLOPs.
+* "ragged": the T * K assignments sorted by expert into exactly T * K rows
+  (`routing.sorted_plan`), experts run as grouped matmuls `jax.lax.ragged_dot`; never drops.
+  Efficient on TPU only: on GPU ragged_dot lowers to a dense E-times-larger computation
+  (DESIGN.md section 4) and on CPU to a masked dense one.
+
+Both combine the expert outputs weighted by the gates. Dispatch and combine are gathers whose
+backward passes are gathers too (`jax.custom_vjp`): every token has K slots and every slot one
+token, so no scatter and no one-hot `[T, E, C]` tensor appears anywhere (DESIGN.md section 4).
 
 Everything the balancing losses and metrics need is returned per call as one `MoEAux`
 (router logits/probs/gates/indices, per-expert counts, dropped fraction); the router kernel
@@ -23,6 +31,7 @@ from simbal_jax import losses
 from simbal_jax import routing
 
 ROUTER_INITS = ("orthogonal", "normal")
+DISPATCHES = ("capacity", "ragged")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +45,7 @@ class MoEConfig:
     gating: one of `routing.GATINGS`.
     renormalize: renormalise the K gates to sum 1 (softmax_topk only).
     capacity_factor: C = ceil(T*K/E * factor) slots per expert per group; <= 0 means no drops
-      (C = T, every expert can take every token of its group).
+      (C = T, every expert can take every token of its group). Ignored by dispatch="ragged".
     shared_expert_d_ff: hidden width of an always-on dense SwiGLU beside the experts (0: none).
     router_init: "orthogonal" (orthonormal columns, as the paper) or "normal"
       (N(0, scale^2 / D): expected column norm `router_init_scale`, like the orthogonal init).
@@ -44,6 +53,11 @@ class MoEConfig:
     num_groups: tokens are split into this many contiguous routing groups, each with its own
       capacity and dispatch (1 = all tokens of the batch together). Under sharding set it to a
       multiple of the number of batch shards (mesh data * expert) so dispatch stays local.
+      Must be 1 with dispatch="ragged" (ragged_dot cannot be batched over groups without a
+      copy of the expert weights per group; without drops groups would not change the output).
+    dispatch: "capacity" (buffers [E, C, D], batched einsums) or "ragged" (dropless: T * K rows
+      sorted by expert, `jax.lax.ragged_dot`; `capacity_factor` is ignored). Use "ragged" on
+      TPU only: on GPU and CPU ragged_dot lowers to a dense E-times-larger computation.
   """
   num_experts: int
   top_k: int
@@ -55,6 +69,7 @@ class MoEConfig:
   router_init: str = "orthogonal"
   router_init_scale: float = 1.0
   num_groups: int = 1
+  dispatch: str = "capacity"
 
   def __post_init__(self):
     for name in ("num_experts", "top_k", "d_ff", "num_groups"):
@@ -67,6 +82,12 @@ class MoEConfig:
       raise ValueError(f"MoEConfig.gating={self.gating!r}; valid: {routing.GATINGS}")
     if self.router_init not in ROUTER_INITS:
       raise ValueError(f"MoEConfig.router_init={self.router_init!r}; valid: {ROUTER_INITS}")
+    if self.dispatch not in DISPATCHES:
+      raise ValueError(f"MoEConfig.dispatch={self.dispatch!r}; valid: {DISPATCHES}")
+    if self.dispatch == "ragged" and self.num_groups != 1:
+      raise ValueError(f"MoEConfig.dispatch='ragged' needs num_groups=1, got "
+                       f"{self.num_groups} (ragged_dot has no batching over groups without "
+                       f"copying the expert weights; use dispatch='capacity' for groups)")
     if not isinstance(self.shared_expert_d_ff, int) or self.shared_expert_d_ff < 0:
       raise ValueError(f"MoEConfig.shared_expert_d_ff must be an int >= 0, "
                        f"got {self.shared_expert_d_ff!r}")
@@ -78,7 +99,7 @@ class MoEAux(NamedTuple):
   Attributes:
     router: routing.RouterOutput with fields [T, E] / [T, K] (T = B * L, row-major over B, L).
     counts: float32[E] assignments per expert before capacity drops.
-    dropped: float32[] fraction of the T * K assignments dropped by capacity.
+    dropped: float32[] fraction of the T * K assignments dropped by capacity (0 for "ragged").
   """
   router: routing.RouterOutput
   counts: jax.Array
@@ -284,23 +305,13 @@ class MoEBlock(nn.Module):
     router_out = routing.route(logits_TxE, top_k, gating=cfg.gating,
                                renormalize=cfg.renormalize, bias_E=expert_bias_E)
 
-    index_GxTxK = router_out.expert_index.reshape(groups, group_tokens, top_k)
-    plan = jax.vmap(lambda idx: routing.dispatch_plan(idx, n_exp, cap))(index_GxTxK)
-    x_GxTxD = x_TxD.astype(self.dtype).reshape(groups, group_tokens, d_model)
-    group_axis = "expert_group" if groups > 1 else None
-    buf_GxSxD = jax.vmap(dispatch)(x_GxTxD, plan.slot_token, plan.slot)
-    buf_GxExCxD = nn.with_logical_constraint(buf_GxSxD.reshape(groups, n_exp, cap, d_model),
-                                             (group_axis, "expert", None, "embed"))
-    h_gate = jnp.einsum("gecd,edf->gecf", buf_GxExCxD, wg.astype(self.dtype))
-    h_up = jnp.einsum("gecd,edf->gecf", buf_GxExCxD, wu.astype(self.dtype))
-    h_GxExCxF = nn.with_logical_constraint(jax.nn.silu(h_gate) * h_up,
-                                           (group_axis, "expert", None, "mlp"))
-    y_GxExCxD = jnp.einsum("gecf,efd->gecd", h_GxExCxF, wo.astype(self.dtype))
-    y_GxExCxD = nn.with_logical_constraint(y_GxExCxD, (group_axis, "expert", None, "embed"))
-    gates_GxTxK = router_out.gates.reshape(groups, group_tokens, top_k)
-    y_GxTxD = jax.vmap(combine)(y_GxExCxD.reshape(groups, n_exp * cap, d_model), gates_GxTxK,
-                                plan.slot, plan.slot_assignment)
-    y_BxLxD = y_GxTxD.reshape(batch, length, d_model)
+    x_TxD = x_TxD.astype(self.dtype)
+    wg, wu, wo = (w.astype(self.dtype) for w in (wg, wu, wo))
+    if cfg.dispatch == "ragged":
+      y_TxD, kept_TxK = self._ragged_experts(x_TxD, router_out, wg, wu, wo)
+    else:
+      y_TxD, kept_TxK = self._capacity_experts(x_TxD, router_out, wg, wu, wo, cap)
+    y_BxLxD = y_TxD.reshape(batch, length, d_model)
     if cfg.shared_expert_d_ff:
       y_BxLxD = y_BxLxD + MLP(cfg.shared_expert_d_ff, self.dtype, self.param_dtype,
                               name="shared")(x_BxLxD)
@@ -308,5 +319,46 @@ class MoEBlock(nn.Module):
 
     aux = MoEAux(router=router_out,
                  counts=routing.expert_counts(router_out.expert_index, n_exp),
-                 dropped=1.0 - jnp.mean(plan.kept.astype(jnp.float32)))
+                 dropped=1.0 - jnp.mean(kept_TxK.astype(jnp.float32)))
     return y_BxLxD, aux
+
+  def _capacity_experts(self, x_TxD, router_out, wg, wu, wo, cap):
+    """Capacity dispatch per routing group: buffers [G, E, C, D], batched einsums.
+
+    Args: x_TxD: float[T, D] in `dtype`; router_out: RouterOutput; wg, wu: [E, D, F] and
+    wo: [E, F, D] in `dtype`; cap: static capacity C per group. Returns (float[T, D] combined
+    outputs, bool[T, K] kept assignments).
+    """
+    cfg = self.config
+    n_exp, top_k, groups = cfg.num_experts, cfg.top_k, cfg.num_groups
+    tokens, d_model = x_TxD.shape
+    group_tokens = tokens // groups
+    index_GxTxK = router_out.expert_index.reshape(groups, group_tokens, top_k)
+    plan = jax.vmap(lambda idx: routing.dispatch_plan(idx, n_exp, cap))(index_GxTxK)
+    x_GxTxD = x_TxD.reshape(groups, group_tokens, d_model)
+    group_axis = "expert_group" if groups > 1 else None
+    buf_GxSxD = jax.vmap(dispatch)(x_GxTxD, plan.slot_token, plan.slot)
+    buf_GxExCxD = nn.with_logical_constraint(buf_GxSxD.reshape(groups, n_exp, cap, d_model),
+                                             (group_axis, "expert", None, "embed"))
+    h_gate = jnp.einsum("gecd,edf->gecf", buf_GxExCxD, wg)
+    h_up = jnp.einsum("gecd,edf->gecf", buf_GxExCxD, wu)
+    h_GxExCxF = nn.with_logical_constraint(jax.nn.silu(h_gate) * h_up,
+                                           (group_axis, "expert", None, "mlp"))
+    y_GxExCxD = jnp.einsum("gecf,efd->gecd", h_GxExCxF, wo)
+    y_GxExCxD = nn.with_logical_constraint(y_GxExCxD, (group_axis, "expert", None, "embed"))
+    gates_GxTxK = router_out.gates.reshape(groups, group_tokens, top_k)
+    y_GxTxD = jax.vmap(combine)(y_GxExCxD.reshape(groups, n_exp * cap, d_model), gates_GxTxK,
+                                plan.slot, plan.slot_assignment)
+    return y_GxTxD.reshape(tokens, d_model), plan.kept.reshape(tokens, top_k)
+
+  def _ragged_experts(self, x_TxD, router_out, wg, wu, wo):
+    """Dropless dispatch: S = T * K rows sorted by expert, grouped matmuls (`ragged_dot`).
+
+    Same arguments and results as `_capacity_experts` (no capacity; every assignment kept).
+    """
+    plan, group_sizes_E = routing.sorted_plan(router_out.expert_index, self.config.num_experts)
+    buf_SxD = dispatch(x_TxD, plan.slot_token, plan.slot)
+    h_gate = jax.lax.ragged_dot(buf_SxD, wg, group_sizes_E)
+    h_up = jax.lax.ragged_dot(buf_SxD, wu, group_sizes_E)
+    y_SxD = jax.lax.ragged_dot(jax.nn.silu(h_gate) * h_up, wo, group_sizes_E)
+    return combine(y_SxD, router_out.gates, plan.slot, plan.slot_assignment), plan.kept

@@ -14,7 +14,8 @@ Conventions (shape letters as in `simbal_jax/__init__.py`):
 * Dispatch is index based (sort / gather / scatter, no `[T, E, C]` one-hot): each assignment
   `a = t * K + k` gets a buffer slot `e * C + position` in a flat buffer of `S = E * C` slots,
   where `position` counts the earlier assignments (in token order) to the same expert. Assignments
-  with `position >= C` are dropped.
+  with `position >= C` are dropped. `sorted_plan` is the dropless variant for grouped matmuls:
+  S = T * K slots sorted by expert, plus per-expert group sizes.
 """
 
 import math
@@ -45,7 +46,8 @@ class RouterOutput(NamedTuple):
 
 
 class DispatchPlan(NamedTuple):
-  """Index maps for capacity-limited dispatch into a flat buffer of S = E * C slots.
+  """Index maps for dispatch into a flat buffer of S slots (S = E * C from `dispatch_plan`,
+  S = T * K from `sorted_plan`).
 
   Attributes:
     slot: int32[T, K] buffer slot `e * C + position` of each assignment; equals S (an
@@ -311,3 +313,40 @@ def dispatch_plan(expert_index_TxK, num_experts, capacity, *, mask_T=None):
   return DispatchPlan(slot=slot_A.reshape(num_tokens, top_k),
                       kept=kept_A.reshape(num_tokens, top_k),
                       slot_assignment=slot_assignment_S, slot_token=slot_token_S)
+
+
+def sorted_plan(expert_index_TxK, num_experts):
+  """Dropless dispatch plan: the T * K assignments sorted by expert into S = T * K slots.
+
+  Slot s holds the assignment of rank s in a stable sort of the flattened expert ids
+  (`a = t * K + k`), so expert e owns the contiguous slots `[start_e, start_e + group_sizes[e])`
+  with `start_e = sum_{e' < e} group_sizes[e']`, tokens in order within it: the layout
+  `jax.lax.ragged_dot` expects. Nothing is dropped and no slot is empty, so the plan feeds the
+  same gather-only dispatch / combine as `dispatch_plan` does (with S = T * K instead of E * C).
+
+  Args:
+    expert_index_TxK: int[T, K] chosen experts in [0, E) (values outside give undefined slots
+      and group sizes that do not sum to T * K).
+    num_experts: static int E >= 1.
+
+  Returns:
+    (plan, group_sizes) where plan is a DispatchPlan with `slot` int32[T, K] the sorted rank of
+    each assignment (a permutation of range(T * K)), `kept` all True, `slot_assignment`
+    int32[S] the sort order (slot -> assignment, the inverse permutation of `slot`) and
+    `slot_token` int32[S] = `slot_assignment // K`; group_sizes is int32[E], the assignments per
+    expert (sums to T * K).
+  """
+  _check_rank("expert_index_TxK", expert_index_TxK, 2)
+  num_experts = _static_int("num_experts", num_experts, 1)
+  num_tokens, top_k = jnp.shape(expert_index_TxK)
+  num_assign = num_tokens * top_k
+
+  expert_A = jnp.asarray(expert_index_TxK, jnp.int32).reshape(-1)
+  order_A = jnp.argsort(expert_A, stable=True).astype(jnp.int32)  # sorted rank -> assignment
+  slot_A = jnp.zeros((num_assign,), jnp.int32).at[order_A].set(
+      jnp.arange(num_assign, dtype=jnp.int32), unique_indices=True)
+  group_sizes_E = jnp.zeros((num_experts,), jnp.int32).at[expert_A].add(1, mode="drop")
+  plan = DispatchPlan(slot=slot_A.reshape(num_tokens, top_k),
+                      kept=jnp.ones((num_tokens, top_k), bool),
+                      slot_assignment=order_A, slot_token=order_A // top_k)
+  return plan, group_sizes_E

@@ -1,4 +1,4 @@
-"""MoE block: NumPy float64 reference loops, capacity drops, custom-VJP gradients."""
+"""MoE block: NumPy float64 reference loops, capacity drops, custom-VJP gradients, ragged."""
 import math
 
 import flax.linen as nn
@@ -191,6 +191,54 @@ def test_expert_bias_changes_choice_not_gates():
   np.testing.assert_allclose(aux.router.gates[:, 0], aux.router.probs[:, 0], rtol=1e-6)
 
 
+@pytest.mark.parametrize("shared", [0, 6])
+def test_ragged_matches_per_token_loop(shared):
+  cfg = moe.MoEConfig(num_experts=E, top_k=K, d_ff=F, capacity_factor=0.5, router_init="normal",
+                      shared_expert_d_ff=shared, dispatch="ragged")  # capacity_factor ignored
+  block, params, x = _setup(cfg, seed=11)
+  shared_np = ({k: np.asarray(v, np.float64) for k, v in params["params"]["shared"].items()}
+               if shared else None)
+  y, aux = jax.jit(block.apply)(params, x)
+  ref, _ = _ref_moe(params, x, K, capacity=10**9, shared=shared_np)
+  np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
+  assert float(aux.dropped) == 0.0
+  idx = np.asarray(aux.router.expert_index)
+  np.testing.assert_array_equal(np.asarray(aux.counts), np.bincount(idx.ravel(), minlength=E))
+
+
+@pytest.mark.parametrize("shared,bias", [(0, None), (6, None), (0, (100.0, 50.0, 0.0, 0.0))])
+def test_ragged_equals_dropless_capacity_values_and_grads(shared, bias):
+  """dispatch="ragged" == "capacity" at capacity_factor 0 (same params): output, aux, grads.
+
+  The bias case routes every token to experts 0 and 1, so experts 2 and 3 get empty groups.
+  """
+  kw = dict(num_experts=E, top_k=K, d_ff=F, capacity_factor=0.0, router_init="normal",
+            shared_expert_d_ff=shared)
+  cap_block, params, x = _setup(moe.MoEConfig(**kw), seed=13)
+  rag_block = moe.MoEBlock(moe.MoEConfig(**kw, dispatch="ragged"), dtype=jnp.float32)
+  bias = None if bias is None else jnp.asarray(bias, jnp.float32)
+  proj = jax.random.normal(jax.random.PRNGKey(14), x.shape)
+
+  def value_and_grads(block):
+    def loss(p, x):
+      y, aux = block.apply(p, x, bias)
+      return jnp.sum(y * proj), (y, aux)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+
+  (_, (y_cap, aux_cap)), g_cap = value_and_grads(cap_block)
+  (_, (y_rag, aux_rag)), g_rag = value_and_grads(rag_block)
+  np.testing.assert_allclose(np.asarray(y_rag), np.asarray(y_cap), rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(aux_rag), jax.tree.leaves(aux_cap)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert jax.tree.structure(g_rag) == jax.tree.structure(g_cap)
+  for a, b in zip(jax.tree.leaves(g_rag), jax.tree.leaves(g_cap)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+  assert float(jnp.abs(g_rag[0]["params"]["router"]).max()) > 0  # gates carry gradient
+  if bias is not None:
+    assert set(np.unique(np.asarray(aux_rag.router.expert_index)).tolist()) == {0, 1}
+    np.testing.assert_array_equal(np.asarray(g_rag[0]["params"]["wo"][2:]), 0.0)
+
+
 def test_validation_errors():
   with pytest.raises(ValueError, match="top_k"):
     moe.MoEConfig(num_experts=2, top_k=3, d_ff=4)
@@ -198,6 +246,10 @@ def test_validation_errors():
     moe.MoEConfig(num_experts=2, top_k=1, d_ff=4, gating="argmax")
   with pytest.raises(ValueError, match="router_init"):
     moe.MoEConfig(num_experts=2, top_k=1, d_ff=4, router_init="zeros")
+  with pytest.raises(ValueError, match=r"dispatch='sorted'; valid: \('capacity', 'ragged'\)"):
+    moe.MoEConfig(num_experts=2, top_k=1, d_ff=4, dispatch="sorted")
+  with pytest.raises(ValueError, match="ragged' needs num_groups=1"):
+    moe.MoEConfig(num_experts=2, top_k=1, d_ff=4, dispatch="ragged", num_groups=2)
   cfg = moe.MoEConfig(num_experts=E, top_k=K, d_ff=F, num_groups=3, router_init="normal")
   with pytest.raises(ValueError, match="num_groups"):
     moe.MoEBlock(cfg).init(jax.random.PRNGKey(0), jnp.zeros((2, 8, D)))

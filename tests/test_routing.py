@@ -184,6 +184,32 @@ def test_dispatch_plan_vs_loop(case):
   assert np.all(np.bincount(st[~empty], minlength=t_count) <= k)
 
 
+def test_sorted_plan_vs_numpy_stable_sort():
+  rng = np.random.default_rng(7)
+  t_count, num_experts, k = 10, 5, 2
+  idx = np.stack([rng.choice(num_experts, k, replace=False, p=[.4, .3, .2, .1, 0.])
+                  for _ in range(t_count)]).astype(np.int32)  # expert 4 unused: size 0
+  plan, sizes = jax.jit(routing.sorted_plan, static_argnums=1)(jnp.asarray(idx), num_experts)
+  # Independent construction: stable sort of the flat expert ids, slot = rank in that sort.
+  order = sorted(range(t_count * k), key=lambda a: idx.ravel()[a])  # Python sort is stable
+  slot = np.empty(t_count * k, np.int64)
+  slot[order] = np.arange(t_count * k)
+  np.testing.assert_array_equal(plan.slot, slot.reshape(t_count, k))
+  np.testing.assert_array_equal(plan.slot_assignment, order)
+  np.testing.assert_array_equal(plan.slot_token, np.asarray(order) // k)
+  assert np.asarray(plan.kept).all() and plan.kept.shape == (t_count, k)
+  assert sorted(np.asarray(plan.slot).ravel().tolist()) == list(range(t_count * k))
+  assert sizes.dtype == jnp.int32
+  np.testing.assert_array_equal(sizes, np.bincount(idx.ravel(), minlength=num_experts))
+  assert int(sizes[4]) == 0
+  # Contiguous expert segments in slot order, tokens ascending within each.
+  experts_in_slot_order = idx.ravel()[np.asarray(plan.slot_assignment)]
+  np.testing.assert_array_equal(experts_in_slot_order, np.repeat(np.arange(num_experts), sizes))
+  for e in range(num_experts):
+    toks = np.asarray(plan.slot_token)[experts_in_slot_order == e]
+    assert np.all(np.diff(toks) > 0)
+
+
 @pytest.mark.parametrize("call,match", [
     (lambda: routing.route(jnp.zeros((4, 3)), 0), "top_k must be >= 1"),
     (lambda: routing.route(jnp.zeros((4, 3)), 4), "top_k must be <= 3"),
@@ -197,6 +223,8 @@ def test_dispatch_plan_vs_loop(case):
     (lambda: routing.capacity(8, 4, 5, 1.0), "top_k must be <= 4"),
     (lambda: routing.dispatch_plan(jnp.zeros((4,), jnp.int32), 3, 2), "rank 2"),
     (lambda: routing.dispatch_plan(jnp.zeros((4, 1), jnp.int32), 3, 0), "capacity must be >= 1"),
+    (lambda: routing.sorted_plan(jnp.zeros((4,), jnp.int32), 3), "rank 2"),
+    (lambda: routing.sorted_plan(jnp.zeros((4, 1), jnp.int32), 0), "num_experts must be >= 1"),
 ])
 def test_bad_input_raises(call, match):
   with pytest.raises(ValueError, match=match):

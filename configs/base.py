@@ -6,8 +6,6 @@ change a few fields; `apply_variant` turns a variant name from the config string
 `--config.moe.num_experts=16`.
 """
 
-import math
-
 import ml_collections
 
 # Balancing methods understood by the trainer (simbal_jax.step.BALANCE_METHODS mirrors this).
@@ -155,15 +153,31 @@ def apply_variant(cfg, arg):
       *parents, leaf = key.split(".")
       for p in parents:
         node = node[p]
-      old = node[leaf]
-      node[leaf] = type(old)(value) if not isinstance(old, bool) else value.lower() in (
-          "1", "true", "yes")
+      try:
+        old = node[leaf]
+        if isinstance(old, bool):
+          node[leaf] = value.lower() in ("1", "true", "yes")
+        elif isinstance(old, int):
+          number = float(value)  # accepts 1e3 for an int field when it is a whole number
+          if number != int(number):
+            raise ValueError(f"{value!r} is not a whole number")
+          node[leaf] = int(number)
+        else:
+          node[leaf] = type(old)(value)
+      except (KeyError, AttributeError, ValueError, TypeError) as e:
+        raise ValueError(f"config variant {token!r}: cannot set {key}: {e}") from None
     elif token == "dense":
       cfg.moe.num_experts = 0
       cfg.balance.method = "none"
     elif token.startswith("simbal_coef"):
+      try:
+        coef = float(token[len("simbal_coef"):])
+      except ValueError:
+        raise ValueError(f"config variant {token!r}: expected simbal_coef<number>, e.g. "
+                         "simbal_coef0.1 (combine with other variants by commas: "
+                         "simbal_coef1,moe.gating=sigmoid)") from None
       cfg.balance.method = "simbal"
-      cfg.balance.simbal_coef = float(token[len("simbal_coef"):])
+      cfg.balance.simbal_coef = coef
     elif token.endswith("_sigmoid"):
       set_method(cfg, token[:-len("_sigmoid")])
       cfg.moe.gating = "sigmoid"
@@ -177,8 +191,3 @@ def apply_variant(cfg, arg):
             "<method>_sigmoid, <method>_softmax, simbal_coef<x>, dense, key=value")
       set_method(cfg, token)
   return cfg
-
-
-def steps_for_budget(token_budget, global_batch_size, seq_len):
-  """Optimizer steps needed to see `token_budget` tokens (rounded up)."""
-  return int(math.ceil(token_budget / (global_batch_size * seq_len)))

@@ -33,8 +33,7 @@ def get_config(arg=None):
   cfg.train.seq_len = 2048
   cfg.train.global_batch_size = 1024
   cfg.train.token_budget = int(78.6e9)
-  cfg.train.num_steps = base.steps_for_budget(
-      cfg.train.token_budget, cfg.train.global_batch_size, cfg.train.seq_len)
+  cfg.train.num_steps = 0  # derived from token_budget at start, after any overrides
   cfg.train.eval_every = 2000
   cfg.train.eval_batches = 64
   cfg.ckpt.every = 1000

@@ -34,8 +34,7 @@ def get_config(arg=None):
   cfg.train.seq_len = 2048
   cfg.train.global_batch_size = 512
   cfg.train.token_budget = int(19.9e9)
-  cfg.train.num_steps = base.steps_for_budget(
-      cfg.train.token_budget, cfg.train.global_batch_size, cfg.train.seq_len)
+  cfg.train.num_steps = 0  # derived from token_budget at start, after any overrides
   cfg.train.eval_every = 1000
   cfg.train.eval_batches = 64
   cfg.ckpt.every = 1000

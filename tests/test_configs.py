@@ -6,6 +6,7 @@ from ml_collections import config_flags
 import pytest
 
 from configs import base, demo, dense_l, dense_m, moe_l, moe_m
+from simbal_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,7 +41,9 @@ def test_paper_values():
     assert c.balance.simbal_coef == 0.1 and c.moe.router_init == "orthogonal"
     assert c.moe.capacity_factor <= 0  # dropless
     # steps cover the token budget and no more than one extra step
-    tokens = c.train.num_steps * c.train.global_batch_size * c.train.seq_len
+    assert c.train.num_steps == 0  # derived from the budget after command-line overrides
+    steps = train.prepare_config(c).train.num_steps
+    tokens = steps * c.train.global_batch_size * c.train.seq_len
     assert c.train.token_budget <= tokens < c.train.token_budget + (
         c.train.global_batch_size * c.train.seq_len)
   assert m.train.token_budget == 19_900_000_000 and l.train.token_budget == 78_600_000_000
@@ -63,8 +66,24 @@ def test_unknown_method_lists_valid():
 
 
 def test_key_value_variant():
-  c = demo.get_config("simbal,moe.num_experts=4,ckpt.async_save=false")
+  c = demo.get_config("simbal,moe.num_experts=4,ckpt.async_save=false,train.num_steps=1e3")
   assert c.moe.num_experts == 4 and c.ckpt.async_save is False and c.balance.method == "simbal"
+  assert c.train.num_steps == 1000 and isinstance(c.train.num_steps, int)
+
+
+@pytest.mark.parametrize("variant,match", [
+    ("train.num_steps=2.5", "train.num_steps"), ("moe.no_such_field=1", "moe.no_such_field"),
+    ("simbal_coef1_sigmoid", "simbal_coef<number>"), ("opt.peak_lr=fast", "opt.peak_lr")])
+def test_bad_variant_names_the_key(variant, match):
+  with pytest.raises(ValueError, match=match):
+    demo.get_config(variant)
+
+
+def test_budget_follows_batch_overrides():
+  c = moe_m.get_config()
+  c.train.global_batch_size = 256  # a command-line override, applied after get_config
+  steps = train.prepare_config(c).train.num_steps
+  assert steps == -(-19_900_000_000 // (256 * 2048))  # ceil, computed independently
 
 
 def test_config_flags_override():

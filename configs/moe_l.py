@@ -25,6 +25,8 @@ def get_config(arg=None):
   cfg.moe.num_experts = 32
   cfg.moe.top_k = 4
   cfg.moe.d_ff = 1536
+  # Dropless as in the paper. At this batch that is a huge buffer: on GPU pass
+  # --config.moe.capacity_factor=1.25, on TPU --config.moe.dispatch=ragged (README, Training).
   cfg.moe.capacity_factor = 0.0
   cfg.opt.peak_lr = 3e-4
   cfg.opt.warmup_steps = 2000

@@ -102,3 +102,8 @@ def test_config_flags_override():
                                   sys_argv=argv2)
   with pytest.raises(Exception):  # locked config: unknown field
     fv2(argv2)
+
+
+def test_config_methods_match_the_trainer():
+  from simbal_jax import step  # pylint: disable=g-import-not-at-top
+  assert base.METHODS == step.BALANCE_METHODS

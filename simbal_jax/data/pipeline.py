@@ -4,7 +4,8 @@ Train: `MapDataset.range(num_sequences).shuffle(seed).repeat().batch(global_batc
 sequence indices, then each host gathers its contiguous slice `[p*b, (p+1)*b)` of every global
 batch (b = global_batch // process_count), so the hosts' batches are disjoint and their union,
 in host order, is the global batch. The pipeline is random-access, so the iterator state is
-one integer (`get_state()` -> JSON-able dict) and a restored iterator continues exactly.
+one integer, the number of global batches already returned (`get_state()` -> JSON-able dict,
+the same on every host), and a restored iterator continues exactly.
 Eval: the first `num_batches * global_batch` validation sequences, in a fixed order.
 """
 from __future__ import annotations
@@ -181,9 +182,10 @@ class Datasets:
         it_ds = it_ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
       return iter(it_ds)
 
+    # No process_index / process_count: Orbax writes this state from the primary host only and
+    # every host restores that one file; next_batch counts GLOBAL batches, the same on all hosts.
     fingerprint = {"corpus": self.info.get("corpus_key", ""), "seq_len": self.seq_len,
-                   "batch_size": self.batch_size, "seed": self.seed,
-                   "process_index": self.process_index, "process_count": self.process_count}
+                   "batch_size": self.batch_size, "seed": self.seed}
     return _iterator_class()(make_inner, fingerprint)
 
   def eval_batches(self, num_batches: int) -> list[dict[str, np.ndarray]]:

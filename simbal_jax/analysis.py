@@ -7,9 +7,13 @@ batches together; so does domain specialisation (`moe/domain_mi_norm`, I(expert;
 H(domain), when the eval batches carry domain labels: the synthetic source).
 
 `layer_pes` computes the paper's PES on a sample of tokens: the inputs of every MoE block are
-captured with `flax.linen.intercept_methods`, then every expert's SwiGLU is run from the stacked
-parameters on the sampled tokens and `metrics.pes` averages the pairwise cosines.
+captured with `flax.linen.intercept_methods` (on a copy of the model without `remat`: the
+parameter tree is the same, and a value captured inside `nn.remat` would be a leaked tracer),
+then every expert's SwiGLU is run from the stacked parameters on the sampled tokens and
+`metrics.pes` averages the pairwise cosines.
 """
+
+import dataclasses
 
 import flax.linen as nn
 import jax
@@ -17,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from simbal_jax import metrics as metrics_lib
+from simbal_jax import model as model_lib
+from simbal_jax import moe
 
 
 def eval_load(sums):
@@ -84,13 +90,15 @@ def capture_moe_inputs(model, params, tokens_BxL, expert_bias=None):
   """Runs the model and returns the inputs of every MoE block, in layer order.
 
   Args:
-    model: model.Transformer. params: its parameters.
+    model: model.Transformer (with or without remat). params: its parameters.
     tokens_BxL: int32[B, L].
     expert_bias: float32[Lm, E] or None.
   Returns:
     list of (module path tuple, float[B, L, D]) per MoE block.
   """
-  from simbal_jax import moe  # pylint: disable=g-import-not-at-top
+  # nn.remat traces the block in its own scope: an input captured there is a tracer that
+  # escapes. Remat does not change parameters or values, so run the model without it.
+  model = model_lib.Transformer(dataclasses.replace(model.config, remat=False))
   captured = []
 
   def interceptor(next_fun, args, kwargs, context):

@@ -44,13 +44,13 @@ def _text_cfg(corpus, **kw):
   return cfg
 
 
-def _split_by_hash(paths, frac):
-  """Independent re-implementation of the split rule (sha1 of the path, first 8 bytes)."""
+def _split_by_hash(ids, frac):
+  """Independent re-implementation of the split rule (sha1 of the document id, first 8 bytes)."""
   out = set()
-  for p in paths:
-    u = int(hashlib.sha1(p.encode()).hexdigest()[:16], 16) / 2.0**64
+  for i in ids:
+    u = int(hashlib.sha1(i.encode()).hexdigest()[:16], 16) / 2.0**64
     if u < frac:
-      out.add(p)
+      out.add(i)
   return out
 
 
@@ -128,8 +128,98 @@ def test_text_files_split_is_deterministic_and_disjoint(corpus):
   assert d1 == d2  # cached, same directory
   train = {i for i, _ in tfds_builder.read_split(d1, "train")}
   val = {i for i, _ in tfds_builder.read_split(d1, "validation")}
-  assert not train & val and train | val == set(files)
-  assert val == _split_by_hash(files, 0.25) and 0 < len(val) < len(files)
+  names = {os.path.basename(f) for f in files}  # ids are paths relative to the glob's root
+  assert not train & val and train | val == names
+  assert val == _split_by_hash(names, 0.25) and 0 < len(val) < len(files)
+
+
+def _copy_tree(files, src_root, dst_root):
+  for f in files:
+    dst = os.path.join(dst_root, os.path.relpath(f, src_root))
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    with open(f, "rb") as a, open(dst, "wb") as b:
+      b.write(a.read())
+
+
+def test_split_does_not_depend_on_the_corpus_location(corpus, tmp_path):
+  files = sources.glob_files(corpus["glob"])
+  roots = [str(tmp_path / "a" / "txt"), str(tmp_path / "b" / "deeper" / "copy")]
+  splits, evals = [], []
+  for root in roots:
+    _copy_tree(files, corpus["root"], os.path.join(root, "sub"))
+    pattern = os.path.join(root, "**", "*.txt")
+    assert sources.glob_root(pattern) == root
+    ds = pipeline.make_datasets(_text_cfg(corpus, globs=pattern), seq_len=16, batch_size=4,
+                                workdir=str(tmp_path / "work"), seed=0)
+    builder_dir = ds.info["corpus"].split(" at ")[-1]
+    splits.append({i for i, _ in tfds_builder.read_split(builder_dir, "validation")})
+    evals.append(ds.eval_batches(2))
+  expected = _split_by_hash({"sub/" + os.path.basename(f) for f in files}, 0.25)
+  assert splits[0] == splits[1] == expected
+  for a, b in zip(*evals):
+    np.testing.assert_array_equal(a["inputs"], b["inputs"])
+
+
+def test_stdlib_split_and_subset_do_not_depend_on_the_install_path(monkeypatch, tmp_path):
+  stdlib = sources.stdlib_dir()
+  files = [f for f in sources.stdlib_files() if 2000 < os.path.getsize(f) < 6000][:40]
+  infos = []
+  for name in ("py_a", "opt/py_b"):
+    root = str(tmp_path / name / "lib")
+    _copy_tree(files, stdlib, root)
+    monkeypatch.setattr(sources, "stdlib_dir", lambda root=root: root)
+    chosen = sources.select_files(sources.stdlib_files(), 25, 0, root=root)
+    ds = pipeline.make_datasets({"source": "stdlib", "max_docs": 25, "eval_fraction": 0.3},
+                                seq_len=8, batch_size=2, workdir=str(tmp_path / "w"), seed=0)
+    infos.append(([os.path.relpath(f, root) for f in chosen], ds.info["splits"]))
+  assert infos[0] == infos[1]
+  assert len(infos[0][0]) == 25 and min(s["docs"] for s in infos[0][1].values()) > 0
+  assert sources.doc_id(os.path.join(stdlib, "json", "decoder.py"), stdlib) == "json/decoder.py"
+
+
+def test_cached_corpus_is_not_read_again(corpus, tmp_path, monkeypatch):
+  files = sources.glob_files(corpus["glob"])
+  kw = dict(eval_fraction=0.25, cache_dir=str(tmp_path), strict=True, tag="text_files")
+  tfds_builder.prepare_text_corpus(files, **kw)
+  reads = []
+  real = sources.read_text
+  monkeypatch.setattr(sources, "read_text", lambda *a, **k: reads.append(a) or real(*a, **k))
+  tfds_builder.prepare_text_corpus(files, **kw)
+  assert not reads  # the cache key already covers every file's size and mtime
+
+
+class _CountingSource:
+  """A random-access TFDS-like data source that counts record reads."""
+
+  def __init__(self, records):
+    self.records, self.reads = records, [0] * len(records)
+
+  def __len__(self):
+    return len(self.records)
+
+  def __getitem__(self, i):
+    self.reads[i] += 1
+    return self.records[i]
+
+
+def test_tfds_held_out_split_reads_each_record_once(monkeypatch, tmp_path):
+  from simbal_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  texts = [" ".join(rng.choice(WORDS, size=40)) for _ in range(60)]
+  src = _CountingSource([{"id": f"doc{i}".encode(), "text": t.encode()}
+                         for i, t in enumerate(texts)])
+  monkeypatch.setattr(prepare, "_tfds_data_source", lambda cfg, split: src)
+  ds = pipeline.make_datasets({"source": "tfds", "tfds_name": "fake", "tfds_eval_split": "",
+                               "eval_fraction": 0.25}, seq_len=16, batch_size=4,
+                              workdir=str(tmp_path), seed=0)
+  assert src.reads == [1] * len(texts)  # train and validation streams written in one pass
+  val = _split_by_hash({f"tfds:doc{i}" for i in range(len(texts))}, 0.25)
+  val_texts = [t for i, t in enumerate(texts) if f"tfds:doc{i}" in val]
+  assert ds.info["splits"]["validation"]["docs"] == len(val_texts)
+  assert ds.info["splits"]["train"]["docs"] == len(texts) - len(val_texts)
+  stream = b"".join(t.encode() + b"\x00" for t in val_texts)  # EOS (256) shown as 0 below
+  row = ds.eval_batches(1)[0]["inputs"][0]
+  assert bytes(np.where(row == 256, 0, row).astype(np.uint8)) == stream[:16]
 
 
 def test_packing_shapes_shift_eos_and_documents(corpus):
@@ -147,8 +237,9 @@ def test_packing_shapes_shift_eos_and_documents(corpus):
   rows = [r for b in ds.eval_batches(100) for r in b["inputs"]]
   stream = np.concatenate(rows)
   assert (stream == 256).sum() >= 2
-  val_files = _split_by_hash(sources.glob_files(corpus["glob"]), 0.25)
-  contents = {open(f, "rb").read() for f in val_files}
+  val_names = _split_by_hash({os.path.basename(f) for f in sources.glob_files(corpus["glob"])},
+                             0.25)
+  contents = {open(os.path.join(corpus["root"], f), "rb").read() for f in val_names}
   pieces = bytes(stream.astype(np.uint8) * (stream != 256)).split(b"\x00")
   eos_pos = np.nonzero(stream == 256)[0]
   whole = [bytes(stream[a + 1:b].astype(np.uint8)) for a, b in zip(eos_pos[:-1], eos_pos[1:])]

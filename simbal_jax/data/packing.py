@@ -96,29 +96,54 @@ def write_streams(out_dir: str, splits: dict[str, Iterable[str]],
   Returns:
     The metadata dict: {"dtype", "splits": {name: {"tokens", "docs"}}, ...}.
   """
+  def tagged():
+    for name, texts in splits.items():
+      for text in texts:
+        yield name, text
+  return write_tagged_streams(out_dir, list(splits), tagged(), encode, eos_id, vocab_size,
+                              fingerprint)
+
+
+def write_tagged_streams(out_dir: str, names: Iterable[str], tagged: Iterable[tuple[str, str]],
+                         encode: Callable[[str], object], eos_id: int, vocab_size: int,
+                         fingerprint: dict) -> dict:
+  """`write_streams` from ONE pass over `(split name, text)` pairs (all splits open at once).
+
+  Args:
+    names: the split names (each gets a file, possibly empty); a pair naming another raises.
+    tagged: iterable of (split name, document text); each split's stream keeps their order.
+    The other arguments and the result are those of `write_streams`.
+  """
   os.makedirs(out_dir, exist_ok=True)
   dtype = np.dtype(stream_dtype(vocab_size))
+  names = list(names)
   meta = {"dtype": dtype.name, "vocab_size": vocab_size, "eos_id": eos_id,
-          "fingerprint": fingerprint, "splits": {}}
+          "fingerprint": fingerprint, "splits": {n: {"tokens": 0, "docs": 0} for n in names}}
   eos = np.array([eos_id], dtype=dtype)
   start = time.time()
-  for name, texts in splits.items():
-    path = os.path.join(out_dir, f"{name}.bin")
-    tmp = f"{path}.tmp{_unique()}"
-    n_tokens = n_docs = 0
-    with open(tmp, "wb") as f:
-      for text in texts:
-        ids = np.asarray(encode(text))
-        if not ids.size:
-          continue
-        if ids.max() >= vocab_size or ids.min() < 0:
-          raise ValueError(f"tokenizer produced an id outside [0, {vocab_size})")
-        f.write(ids.astype(dtype).tobytes())
-        f.write(eos.tobytes())
-        n_tokens += ids.size + 1
-        n_docs += 1
-    os.replace(tmp, path)
-    meta["splits"][name] = {"tokens": n_tokens, "docs": n_docs}
+  paths = {n: os.path.join(out_dir, f"{n}.bin") for n in names}
+  tmps = {n: f"{paths[n]}.tmp{_unique()}" for n in names}
+  files = {}
+  try:
+    for n in names:
+      files[n] = open(tmps[n], "wb")  # pylint: disable=consider-using-with
+    for name, text in tagged:
+      if name not in files:
+        raise ValueError(f"document tagged with unknown split {name!r}; splits: {names}")
+      ids = np.asarray(encode(text))
+      if not ids.size:
+        continue
+      if ids.max() >= vocab_size or ids.min() < 0:
+        raise ValueError(f"tokenizer produced an id outside [0, {vocab_size})")
+      files[name].write(ids.astype(dtype).tobytes())
+      files[name].write(eos.tobytes())
+      meta["splits"][name]["tokens"] += ids.size + 1
+      meta["splits"][name]["docs"] += 1
+  finally:
+    for f in files.values():
+      f.close()
+  for n in names:
+    os.replace(tmps[n], paths[n])
   meta["seconds"] = round(time.time() - start, 3)
   tmp = os.path.join(out_dir, f"{_META}.tmp{_unique()}")
   with open(tmp, "w") as f:

@@ -36,7 +36,7 @@ DEFAULTS = {
     "tfds_train_split": "train",
     "tfds_eval_split": "validation",  # "" = hold out eval_fraction of train documents
     "eval_fraction": 0.05,       # share of documents held out (by document-id hash)
-    "max_docs": 0,               # 0 = all documents; else a fixed subset (stdlib: by path hash)
+    "max_docs": 0,               # 0 = all documents; else a fixed subset (local: by doc-id hash)
     "max_bytes": 0,              # stdlib/text_files: 0 = no limit; else a byte budget on disk
     "cache_dir": "",             # "" = <workdir>/data
     "worker_count": 0,           # grain worker processes for the train iterator (0 = threads)

@@ -25,22 +25,36 @@ SPLITS = ("train", "validation")
 
 
 class _Corpus:
-  """Documents of both splits: `key` identifies the content, `texts(split)` iterates it."""
+  """Documents of both splits: `key` identifies the content, `texts(split)` iterates it.
 
-  def __init__(self, key: str, texts: Callable[[str], Iterable[str]], desc: str):
+  `tagged()` yields `(split, text)` for both splits; a source whose splits come from one pass
+  over the same records gives its own, so tokenization reads them once.
+  """
+
+  def __init__(self, key: str, texts: Callable[[str], Iterable[str]], desc: str,
+               tagged: Callable[[], Iterable[tuple[str, str]]] | None = None):
     self.key, self.texts, self.desc = key, texts, desc
+    self._tagged = tagged
+
+  def tagged(self) -> Iterable[tuple[str, str]]:
+    if self._tagged is not None:
+      yield from self._tagged()
+      return
+    for split in SPLITS:
+      for text in self.texts(split):
+        yield split, text
 
 
 def _local_corpus(cfg, cache_dir) -> _Corpus:
   """stdlib / text_files through the project's TFDS builder (array_record)."""
   if cfg["source"] == "stdlib":
-    files, strict = sources.stdlib_files(), False
+    files, strict, root = sources.stdlib_files(), False, sources.stdlib_dir()
   else:
-    files, strict = sources.glob_files(cfg["globs"]), True
-  files = sources.select_files(files, int(cfg["max_docs"]), int(cfg["max_bytes"]))
+    files, strict, root = sources.glob_files(cfg["globs"]), True, sources.glob_root(cfg["globs"])
+  files = sources.select_files(files, int(cfg["max_docs"]), int(cfg["max_bytes"]), root=root)
   builder_dir = tfds_builder.prepare_text_corpus(
       files, eval_fraction=float(cfg["eval_fraction"]), cache_dir=cache_dir, strict=strict,
-      tag=cfg["source"])
+      tag=cfg["source"], root=root)
   key = tfds_builder.cache_key({"builder_dir": os.path.abspath(builder_dir)})
   return _Corpus(key, lambda split: (t for _, t in tfds_builder.read_split(builder_dir, split)),
                  f"{cfg['source']} ({len(files)} files) at {builder_dir}")
@@ -81,17 +95,21 @@ def _tfds_corpus(cfg) -> _Corpus:
       for _, text in tfds_builder.iter_records(src, text_key, max_docs, where):
         yield text
       return
+    for name, text in tagged():
+      if name == split:
+        yield text
+
+  def tagged():
     for doc_id, text in tfds_builder.iter_records(train_src, text_key, max_docs, where):
       # Salted: a train split that was itself cut by the unsalted rule still gives eval docs.
-      if sources.is_eval_doc("tfds:" + doc_id, frac) == (split == "validation"):
-        yield text
+      yield ("validation" if sources.is_eval_doc("tfds:" + doc_id, frac) else "train"), text
 
   key = tfds_builder.cache_key({
       "v": 2, "tfds": cfg["tfds_name"], "data_dir": cfg["tfds_data_dir"],
       "train": cfg["tfds_train_split"], "eval": eval_split, "text_key": text_key,
       "max_docs": max_docs, "eval_fraction": None if eval_src is not None else frac,
       "sizes": [len(train_src), len(eval_src) if eval_src is not None else 0]})
-  return _Corpus(key, texts, where)
+  return _Corpus(key, texts, where, tagged=None if eval_src is not None else tagged)
 
 
 def _make_tokenizer(cfg, corpus: _Corpus, cache_dir: str):
@@ -141,9 +159,9 @@ def prepare(cfg: dict, *, seq_len: int, cache_dir: str):
   meta = packing.read_meta(out_dir)
   if meta is None:
     encode = getattr(tok, "encode_array", tok.encode)
-    meta = packing.write_streams(out_dir, {s: corpus.texts(s) for s in SPLITS}, encode,
-                                 tok.eos_id, tok.vocab_size,
-                                 {"corpus": corpus.desc, "tokenizer": tok.fingerprint})
+    meta = packing.write_tagged_streams(out_dir, SPLITS, corpus.tagged(), encode, tok.eos_id,
+                                        tok.vocab_size,
+                                        {"corpus": corpus.desc, "tokenizer": tok.fingerprint})
   train = packing.open_split(out_dir, meta, "train", seq_len)
   eval_ = packing.open_split(out_dir, meta, "validation", seq_len)
   info = {"source": cfg["source"], "tokenizer": tok.fingerprint, "corpus": corpus.desc,

@@ -2,6 +2,8 @@
 
 Documents are `(doc_id, text)` pairs. The train/validation split is a pure function of the
 document id (`is_eval_doc`), so it is deterministic and disjoint by document on every machine.
+A file's id is its path relative to the corpus root (`doc_id`: the stdlib directory, or the
+non-wildcard prefix of the globs), so neither the install path nor the corpus location matters.
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import glob
 import hashlib
 import logging
 import os
+import re
 import sysconfig
 from typing import NamedTuple
 
@@ -16,6 +19,7 @@ import numpy as np
 
 SOURCES = ("stdlib", "text_files", "tfds", "synthetic")
 _SKIP_DIRS = ("site-packages", "dist-packages", "__pycache__")
+_GLOB_MAGIC = re.compile(r"[*?[]")
 
 
 def doc_hash(doc_id: str) -> float:
@@ -27,6 +31,16 @@ def doc_hash(doc_id: str) -> float:
 def is_eval_doc(doc_id: str, eval_fraction: float) -> bool:
   """True iff the document with this id belongs to the validation split."""
   return doc_hash(doc_id) < eval_fraction
+
+
+def doc_id(path: str, root: str) -> str:
+  """Id of the document in file `path`: its path relative to the corpus `root`, '/'-separated."""
+  return os.path.relpath(os.path.abspath(path), os.path.abspath(root)).replace(os.sep, "/")
+
+
+def corpus_root(files: list[str]) -> str:
+  """Fallback corpus root of a non-empty file list: the deepest directory holding all of them."""
+  return os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
 
 
 def stdlib_dir() -> str:
@@ -56,11 +70,8 @@ def glob_files(globs: str) -> list[str]:
     ValueError: no globs given, a glob that matches no file, or a match that is a broken
       symlink (the message names the glob or the link). Directories are skipped.
   """
-  patterns = [g.strip() for g in (globs or "").split(",") if g.strip()]
-  if not patterns:
-    raise ValueError("source 'text_files' needs data.globs (comma-separated file globs)")
   files = set()
-  for pattern in patterns:
+  for pattern in _patterns(globs):
     matched = glob.glob(os.path.expanduser(pattern), recursive=True)
     for f in matched:
       if os.path.islink(f) and not os.path.exists(f):
@@ -71,6 +82,28 @@ def glob_files(globs: str) -> list[str]:
       raise ValueError(f"data.globs: the glob {pattern!r} matches no file")
     files.update(os.path.abspath(f) for f in matched)
   return sorted(files)
+
+
+def glob_root(globs: str) -> str:
+  """Corpus root of comma-separated globs: the common directory of their non-wildcard prefixes.
+
+  `/data/corpus/**/*.txt` -> `/data/corpus`; `/a/x/*.txt,/a/y/*.txt` -> `/a`; a plain file
+  path -> its directory. Document ids are relative to it (`doc_id`).
+  """
+  roots = []
+  for pattern in _patterns(globs):
+    head = os.path.dirname(os.path.abspath(os.path.expanduser(pattern)))
+    while _GLOB_MAGIC.search(head):
+      head = os.path.dirname(head)
+    roots.append(head)
+  return os.path.commonpath(roots)
+
+
+def _patterns(globs: str) -> list[str]:
+  patterns = [g.strip() for g in (globs or "").split(",") if g.strip()]
+  if not patterns:
+    raise ValueError("source 'text_files' needs data.globs (comma-separated file globs)")
+  return patterns
 
 
 def read_text(path: str, *, strict: bool) -> str | None:
@@ -101,18 +134,21 @@ def read_text(path: str, *, strict: bool) -> str | None:
   return None
 
 
-def select_files(files: list[str], max_docs: int, max_bytes: int) -> list[str]:
+def select_files(files: list[str], max_docs: int, max_bytes: int,
+                 root: str | None = None) -> list[str]:
   """Chooses a deterministic, representative subset of `files`.
 
-  Files are ordered by a salted hash of their path (a fixed pseudo-random order independent
-  of the split hash, so the split keeps its eval_fraction) and taken until
-  `max_docs` files (0: no limit) or `max_bytes` bytes on disk (0: no limit) are reached; the
-  result is sorted by path.
+  Files are ordered by a salted hash of their document id (`doc_id` relative to `root`; None:
+  `corpus_root(files)`), a fixed pseudo-random order independent of the split hash (so the
+  split keeps its eval_fraction) and of the corpus location, and taken until `max_docs` files
+  (0: no limit) or `max_bytes` bytes on disk (0: no limit) are reached; the result is sorted by
+  path.
   """
-  if not max_docs and not max_bytes:
+  if not files or (not max_docs and not max_bytes):
     return list(files)
+  root = corpus_root(files) if root is None else root
   chosen, total = [], 0
-  for f in sorted(files, key=lambda f: doc_hash("select:" + f)):
+  for f in sorted(files, key=lambda f: doc_hash("select:" + doc_id(f, root))):
     if max_docs and len(chosen) >= max_docs:
       break
     size = os.path.getsize(f)

@@ -4,7 +4,10 @@ Local text (the stdlib corpus, user globs) goes through a real `GeneratorBasedBu
 `file_format="array_record"`, so the same reading path (`builder_from_directory(...)
 .as_data_source(split)`) serves local files and any prepared TFDS dataset, with no TensorFlow.
 Prepared data lives in `<cache_dir>/tfds/<key>/`, where the key hashes the file list (paths,
-sizes, mtimes) and the split parameters: a second run with the same parameters reuses it.
+sizes, mtimes), the corpus root and the split parameters: a second run with the same parameters
+reuses it (without reading the files again). Records are keyed and split by the document id, the
+path relative to the corpus root, so the split and the record order do not depend on where the
+corpus lies.
 """
 from __future__ import annotations
 
@@ -38,8 +41,9 @@ def _get_builder_class():
     code_path = None
     url_infos = None
 
-    def __init__(self, *, files=(), eval_fraction=0.05, strict=True, **kwargs):
+    def __init__(self, *, files=(), root=None, eval_fraction=0.05, strict=True, **kwargs):
       self._files = list(files)
+      self._root = sources.corpus_root(self._files) if root is None and self._files else root
       self._eval_fraction = float(eval_fraction)
       self._strict = strict
       super().__init__(**kwargs)
@@ -64,12 +68,13 @@ def _get_builder_class():
 
     def _generate_examples(self, want_eval):
       for path in self._files:
-        if sources.is_eval_doc(path, self._eval_fraction) != want_eval:
+        doc_id = sources.doc_id(path, self._root)
+        if sources.is_eval_doc(doc_id, self._eval_fraction) != want_eval:
           continue
         text = sources.read_text(path, strict=self._strict)
         if text is None or not text.strip():
           continue
-        yield path, {"id": path, "text": text}
+        yield doc_id, {"id": doc_id, "text": text}
 
   _builder_class = SimbalTextCorpus
   return _builder_class
@@ -82,35 +87,38 @@ def cache_key(payload) -> str:
 
 
 def prepare_text_corpus(files: list[str], *, eval_fraction: float, cache_dir: str,
-                        strict: bool, tag: str) -> str:
+                        strict: bool, tag: str, root: str | None = None) -> str:
   """Writes (or reuses) the array_record dataset of `files`; returns its builder directory.
 
   Args:
     files: sorted list of text file paths (one document each).
-    eval_fraction: float in [0, 1), share of documents held out (by path hash).
+    eval_fraction: float in [0, 1), share of documents held out (by document-id hash).
     cache_dir: str, root of the data cache.
     strict: bool; True turns an unreadable or binary file into a ValueError naming it (user
       globs), False skips such files with a log line (the stdlib has a few on purpose).
     tag: str, short name of the source for the directory name.
+    root: str, corpus root; document ids are paths relative to it (`sources.doc_id`). None:
+      `sources.corpus_root(files)`.
   """
-  # Validate every file before writing anything, so errors come before any preparation.
-  for f in files:
-    if strict:
-      sources.read_text(f, strict=True)
-  n_eval = sum(sources.is_eval_doc(f, eval_fraction) for f in files)
+  root = sources.corpus_root(files) if root is None and files else root
+  n_eval = sum(sources.is_eval_doc(sources.doc_id(f, root), eval_fraction) for f in files)
   if n_eval == 0 or n_eval == len(files):
     raise ValueError(
         f"{tag}: {len(files)} documents give an empty {'validation' if n_eval == 0 else 'train'}"
         f" split with eval_fraction={eval_fraction}; add documents or change data.eval_fraction")
-  key = cache_key({"v": 1, "files": sources.file_fingerprint(files),
+  # The key covers every file's size and mtime: a cached dataset needs no second read.
+  key = cache_key({"v": 2, "files": sources.file_fingerprint(files), "root": os.path.abspath(root),
                    "eval_fraction": eval_fraction, "strict": strict})
   data_dir = os.path.join(cache_dir, "tfds", f"{tag}_{key}")
   cls = _get_builder_class()
-  builder = cls(files=files, eval_fraction=eval_fraction, strict=strict, data_dir=data_dir,
-                file_format="array_record")
+  builder = cls(files=files, root=root, eval_fraction=eval_fraction, strict=strict,
+                data_dir=data_dir, file_format="array_record")
   builder_dir = str(builder.data_dir)
   if os.path.isfile(os.path.join(builder_dir, "dataset_info.json")):
     return builder_dir
+  if strict:  # every file is valid text before anything is written, so errors come first
+    for f in files:
+      sources.read_text(f, strict=True)
   start = time.time()
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top

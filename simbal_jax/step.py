@@ -10,6 +10,7 @@ from the expert counts of the whole global batch (all micro-batches).
 
 Gradient accumulation (`grad_accum` > 1) scans over micro-batches; the LBL of each micro-batch
 uses that micro-batch's f and P (the mean over micro-batches is reported and differentiated).
+lbl_scope "global" (f and P of the whole global batch) is therefore rejected with grad_accum > 1.
 """
 
 import dataclasses
@@ -23,6 +24,7 @@ import optax
 
 from simbal_jax import losses
 from simbal_jax import metrics as metrics_lib
+from simbal_jax import model as model_lib
 from simbal_jax import routing
 
 BALANCE_METHODS = ("none", "lbl", "simbal", "loss_free", "lf_lbl", "lf_simbal", "simbal_lbl")
@@ -75,6 +77,12 @@ class StepConfig:
                        f"{losses.SIMBAL_REDUCTIONS}")
     if self.grad_accum < 1:
       raise ValueError(f"train.grad_accum must be >= 1, got {self.grad_accum}")
+    if self.use_lbl and self.lbl_scope == "global" and self.grad_accum > 1:
+      raise ValueError(
+          f"balance.lbl_scope='global' with train.grad_accum={self.grad_accum}: the global scope "
+          "over gradient-accumulation steps is not implemented in the trainer (each micro-batch "
+          "would silently use its own f and P). Use lbl_scope='batch' (per micro-batch) or "
+          "train.grad_accum=1.")
 
   @property
   def use_lbl(self):
@@ -156,7 +164,6 @@ def loss_fn(params, batch, expert_bias, step, *, model, sc):
       loss = loss + sc.lbl_coef * lbl
       out["lbl"] = lbl
     if sc.use_simbal:
-      from simbal_jax import model as model_lib  # pylint: disable=g-import-not-at-top
       kern = model_lib.router_kernels(params, mcfg)
       sim = jnp.mean(losses.simbal(kern, norm=sc.simbal_norm, normalize=sc.simbal_normalize,
                                    reduction=sc.simbal_reduction))

@@ -1,51 +1,98 @@
-"""Eager argument checks shared by the metric modules (no jax tracing happens here)."""
+"""Eager argument checks shared by the pure math modules (routing, losses, metrics, specialization).
+
+Every check takes the argument's NAME FIRST, then the value, then the constraint
+(`static_int("top_k", top_k, 1, num_experts)`), raises `ValueError` with a message that starts
+with that name, and runs before anything is traced (shapes and dtypes are static under `jit`).
+"""
 
 import operator
 
 import jax.numpy as jnp
 
 
-def static_int(value, name, minimum=None):
-  """Returns `value` as a Python int or raises ValueError (tracers are not static)."""
+def static_int(name, value, minimum=None, maximum=None):
+  """Returns `value` as a Python int, or raises ValueError (bools and tracers are not static ints).
+
+  Args:
+    name: str, the argument's name for the message.
+    value: anything with `__index__` (int, numpy integer).
+    minimum: optional int, inclusive lower bound.
+    maximum: optional int, inclusive upper bound.
+  """
+  if isinstance(value, bool):
+    raise ValueError(f"{name} must be an int, got bool {value!r}.")
   try:
     value = operator.index(value)
   except TypeError:
     raise ValueError(f"{name} must be a static Python int, got {type(value).__name__}: "
-                     f"{value!r}") from None
+                     f"{value!r}.") from None
   if minimum is not None and value < minimum:
-    raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    raise ValueError(f"{name} must be >= {minimum}, got {value}.")
+  if maximum is not None and value > maximum:
+    raise ValueError(f"{name} must be <= {maximum}, got {value}.")
   return value
 
 
-def check_rank(x, rank, name, shape_doc):
+def check_name(kind, value, valid):
+  """Raises ValueError unless `value` is one of `valid` (a tuple of option names)."""
+  if value not in valid:
+    raise ValueError(f"Unknown {kind} {value!r}; valid: {', '.join(map(repr, valid))}.")
+
+
+def _shape_doc(shape_doc):
+  return f" {shape_doc}" if shape_doc else ""
+
+
+def check_rank(name, x, rank, shape_doc=""):
+  """Returns `jnp.asarray(x)`, or raises ValueError unless its rank is exactly `rank`.
+
+  Args:
+    name: str, the argument's name.
+    x: array-like (or tracer).
+    rank: int.
+    shape_doc: optional str naming the axes for the message, e.g. "[T, K]".
+  """
   x = jnp.asarray(x)
   if x.ndim != rank:
-    raise ValueError(f"{name} must have rank {rank} {shape_doc}, got shape {x.shape}")
+    raise ValueError(f"{name} must have rank {rank}{_shape_doc(shape_doc)}, got shape "
+                     f"{x.shape}.")
   return x
 
 
-def check_index(expert_index, rank, shape_doc):
-  expert_index = check_rank(expert_index, rank, "expert_index", shape_doc)
-  if not jnp.issubdtype(expert_index.dtype, jnp.integer):
-    raise ValueError(f"expert_index must have an integer dtype, got {expert_index.dtype}")
-  return expert_index
+def check_min_rank(name, x, rank, shape_doc=""):
+  """Returns `jnp.asarray(x)`, or raises ValueError unless its rank is >= `rank`."""
+  x = jnp.asarray(x)
+  if x.ndim < rank:
+    raise ValueError(f"{name} must have rank >= {rank}{_shape_doc(shape_doc)}, got shape "
+                     f"{x.shape}.")
+  return x
 
 
-def check_mask(mask, shape, name="mask"):
-  """Returns the mask as bool of `shape`, or all True when mask is None."""
-  if mask is None:
-    return jnp.ones(shape, bool)
-  mask = jnp.asarray(mask)
-  if mask.shape != tuple(shape):
-    raise ValueError(f"{name} must have shape {tuple(shape)}, got {mask.shape}")
-  return mask.astype(bool)
+def check_index(name, x, rank, shape_doc=""):
+  """`check_rank`, and an integer dtype (expert indices, domain labels)."""
+  x = check_rank(name, x, rank, shape_doc)
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise ValueError(f"{name} must have an integer dtype, got {x.dtype}.")
+  return x
+
+
+def check_mask(name, mask, shape):
+  """Returns `mask` unchanged (None allowed), or raises ValueError unless its shape is `shape`."""
+  if mask is not None and tuple(jnp.shape(mask)) != tuple(shape):
+    raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(jnp.shape(mask))}.")
+  return mask
+
+
+def bool_mask(name, mask, shape):
+  """`check_mask`, then the mask as bool[shape] (all True when `mask` is None)."""
+  if check_mask(name, mask, shape) is None:
+    return jnp.ones(tuple(shape), bool)
+  return jnp.asarray(mask).astype(bool)
 
 
 def check_load(load_E):
-  load = jnp.asarray(load_E, jnp.float32)
-  if load.ndim < 1:
-    raise ValueError(f"load_E must have rank >= 1 [..., E], got shape {load.shape}")
-  return load
+  """`load_E` as float32[..., E] (rank >= 1)."""
+  return check_min_rank("load_E", jnp.asarray(load_E, jnp.float32), 1, "[..., E]")
 
 
 def masked_mean(values, mask):

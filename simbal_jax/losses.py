@@ -27,21 +27,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from simbal_jax import _checks
 from simbal_jax import routing
 
 SCOPES = ("sequence", "batch", "global")
 SIMBAL_NORMS = ("l1", "fro2")
 SIMBAL_REDUCTIONS = ("sum", "mean")
-
-
-def _check_name(kind, value, valid):
-  if value not in valid:
-    raise ValueError(f"Unknown {kind} {value!r}; valid: {', '.join(map(repr, valid))}.")
-
-
-def _check_mask(mask, shape, name="mask"):
-  if mask is not None and tuple(jnp.shape(mask)) != tuple(shape):
-    raise ValueError(f"{name} must have shape {tuple(shape)}, got {jnp.shape(mask)}.")
 
 
 def _safe_div(num, den):
@@ -102,7 +93,7 @@ def lbl_stats(probs_TxE, expert_index_TxK, mask_T=None):
   if not 1 <= top_k <= num_experts:
     raise ValueError(f"top_k (expert_index_TxK.shape[1]) must be in [1, {num_experts}], got "
                      f"{top_k}.")
-  _check_mask(mask_T, (num_tokens,), "mask_T")
+  _checks.check_mask("mask_T", mask_T, (num_tokens,))
   probs_TxE = _upcast(probs_TxE)
   weight_T = (jnp.ones((num_tokens,), jnp.float32) if mask_T is None
               else jnp.asarray(mask_T, jnp.float32))
@@ -153,7 +144,7 @@ def lbl_from_stats(stats, top_k, *, expert_fraction=None, total_tokens=None):
   Returns:
     float32[...] (a scalar for [E] stats); 0 where there are no tokens.
   """
-  top_k = routing._static_int("top_k", top_k, 1)  # pylint: disable=protected-access
+  top_k = _checks.static_int("top_k", top_k, 1)
   num_experts = jnp.shape(stats.assigned)[-1]
   if expert_fraction is None:
     f_E = expert_fraction_from_stats(stats, top_k)
@@ -204,7 +195,7 @@ def load_balancing(probs, expert_index, *, scope="batch", axis_name=None, mask=N
   Returns:
     float32[] loss, or (loss, LBLStats) with `return_stats=True`.
   """
-  _check_name("scope", scope, SCOPES)
+  _checks.check_name("scope", scope, SCOPES)
   if axis_name is not None and scope != "global":
     raise ValueError(f"axis_name is only used with scope='global', got scope={scope!r}.")
   shape, index_shape = jnp.shape(probs), jnp.shape(expert_index)
@@ -215,7 +206,7 @@ def load_balancing(probs, expert_index, *, scope="batch", axis_name=None, mask=N
   if len(index_shape) != len(shape) or index_shape[:-1] != shape[:-1]:
     raise ValueError(f"expert_index must have shape {shape[:-1]} + (K,), got {index_shape}.")
   top_k = index_shape[-1]
-  _check_mask(mask, shape[:-1])
+  _checks.check_mask("mask", mask, shape[:-1])
   if expert_fraction is not None and scope == "sequence":
     raise ValueError("expert_fraction is only supported for scopes 'batch' and 'global'.")
 
@@ -245,9 +236,8 @@ def _masked_mean(values, mask, axis_name):
 
 
 def _z_loss(logits, mask, axis_name, name):
-  if jnp.ndim(logits) < 2:
-    raise ValueError(f"{name} must have rank >= 2 [..., classes], got shape {jnp.shape(logits)}.")
-  _check_mask(mask, jnp.shape(logits)[:-1])
+  _checks.check_min_rank(name, logits, 2, "[..., classes]")
+  _checks.check_mask("mask", mask, jnp.shape(logits)[:-1])
   lse = jax.nn.logsumexp(_upcast(logits), axis=-1)
   return _masked_mean(lse**2, mask, axis_name)
 
@@ -295,14 +285,13 @@ def cross_entropy(logits_BxLxV, targets_BxL, mask_BxL=None, *, axis_name=None):
   Returns:
     (mean_ce float32[], mean_z float32[]).
   """
-  if jnp.ndim(logits_BxLxV) < 2:
-    raise ValueError(f"logits_BxLxV must have rank >= 2, got shape {jnp.shape(logits_BxLxV)}.")
+  _checks.check_min_rank("logits_BxLxV", logits_BxLxV, 2, "[..., V]")
   if jnp.shape(targets_BxL) != jnp.shape(logits_BxLxV)[:-1]:
     raise ValueError(f"targets_BxL must have shape {jnp.shape(logits_BxLxV)[:-1]}, got "
                      f"{jnp.shape(targets_BxL)}.")
   if not jnp.issubdtype(jnp.result_type(targets_BxL), jnp.integer):
     raise ValueError(f"targets_BxL must be integer, got {jnp.result_type(targets_BxL)}.")
-  _check_mask(mask_BxL, jnp.shape(targets_BxL), "mask_BxL")
+  _checks.check_mask("mask_BxL", mask_BxL, jnp.shape(targets_BxL))
   logits = _upcast(logits_BxLxV)
   lse = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, jnp.asarray(targets_BxL)[..., None], axis=-1)[..., 0]
@@ -341,10 +330,9 @@ def simbal(kernel, *, norm="l1", normalize=False, reduction="sum"):
   Returns:
     float32[...] (scalar for a single [D, E] kernel).
   """
-  _check_name("norm", norm, SIMBAL_NORMS)
-  _check_name("reduction", reduction, SIMBAL_REDUCTIONS)
-  if jnp.ndim(kernel) < 2:
-    raise ValueError(f"kernel must have rank >= 2 [..., D, E], got shape {jnp.shape(kernel)}.")
+  _checks.check_name("norm", norm, SIMBAL_NORMS)
+  _checks.check_name("reduction", reduction, SIMBAL_REDUCTIONS)
+  _checks.check_min_rank("kernel", kernel, 2, "[..., D, E]")
   r = _upcast(kernel)
   num_experts = jnp.shape(r)[-1]
   if normalize:

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from simbal_jax import _checks
+from simbal_jax import losses
 # Re-exported expert-diversity metrics (see simbal_jax/specialization.py).
 from simbal_jax.specialization import DomainSpecialization  # noqa: F401
 from simbal_jax.specialization import domain_expert_counts  # noqa: F401
@@ -59,9 +60,9 @@ def expert_load(expert_index_TxK, num_experts, mask_T=None):
     float32[E], load_e = #assignments to e / #assignments (sums to 1; all zeros when no token
     is valid). A perfectly balanced router gives 1/E everywhere.
   """
-  num_experts = _checks.static_int(num_experts, "num_experts", 1)
-  index = _checks.check_index(expert_index_TxK, 2, "[T, K]")
-  return _expert_load(index, _checks.check_mask(mask_T, index.shape[:1], "mask_T"), num_experts)
+  num_experts = _checks.static_int("num_experts", num_experts, 1)
+  index = _checks.check_index("expert_index", expert_index_TxK, 2, "[T, K]")
+  return _expert_load(index, _checks.bool_mask("mask_T", mask_T, index.shape[:1]), num_experts)
 
 
 @functools.partial(jax.jit, static_argnums=2)
@@ -129,9 +130,9 @@ def seu(expert_index_BxLxK, num_experts, mask_BxL=None):
     sequence) / E, in [K/E, 1] (1/E .. 1 with padding). Sequences with no valid token are left
     out of the mean (0 if there is none). Low SEU = sequences specialise on few experts.
   """
-  num_experts = _checks.static_int(num_experts, "num_experts", 1)
-  index = _checks.check_index(expert_index_BxLxK, 3, "[B, L, K]")
-  return _seu(index, _checks.check_mask(mask_BxL, index.shape[:2], "mask_BxL"), num_experts)
+  num_experts = _checks.static_int("num_experts", num_experts, 1)
+  index = _checks.check_index("expert_index", expert_index_BxLxK, 3, "[B, L, K]")
+  return _seu(index, _checks.bool_mask("mask_BxL", mask_BxL, index.shape[:2]), num_experts)
 
 
 @functools.partial(jax.jit, static_argnums=2)
@@ -155,8 +156,8 @@ def routing_entropy(probs_TxE, mask_T=None):
     float32[], mean_t -sum_e p_te log p_te (0 log 0 = 0). log(E) for a uniform router, 0 for a
     one-hot router.
   """
-  probs = _checks.check_rank(probs_TxE, 2, "probs_TxE", "[T, E]").astype(jnp.float32)
-  mask = _checks.check_mask(mask_T, probs.shape[:1], "mask_T")
+  probs = _checks.check_rank("probs_TxE", probs_TxE, 2, "[T, E]").astype(jnp.float32)
+  mask = _checks.bool_mask("mask_T", mask_T, probs.shape[:1])
   entropy_T = jnp.sum(jax.scipy.special.entr(probs), axis=-1)
   return _checks.masked_mean(entropy_T, mask)
 
@@ -170,17 +171,13 @@ def orthogonality_gap(kernel_DxE):
 
   Returns:
     OrthoGap(l1=float32[...] sum |G - I|, mse=float32[...] mean (G - I)^2 over the E*E
-    entries). Both are 0 iff R has orthonormal columns. G is computed in float32 at HIGHEST
-    matmul precision (TPU/GPU default precision would round to bfloat16/tf32).
+    entries). Both are 0 iff R has orthonormal columns. These are `losses.simbal` with
+    norm="l1" and with norm="fro2", reduction="mean": G in float32 at HIGHEST matmul precision
+    (TPU/GPU default precision would round to bfloat16/tf32).
   """
-  kernel = jnp.asarray(kernel_DxE)
-  if kernel.ndim < 2:
-    raise ValueError(f"kernel must have rank >= 2 [..., D, E], got shape {kernel.shape}")
-  kernel = kernel.astype(jnp.float32)
-  gram = jnp.einsum("...de,...df->...ef", kernel, kernel, precision=jax.lax.Precision.HIGHEST)
-  diff = gram - jnp.eye(kernel.shape[-1], dtype=jnp.float32)
-  return OrthoGap(l1=jnp.sum(jnp.abs(diff), axis=(-2, -1)),
-                  mse=jnp.mean(jnp.square(diff), axis=(-2, -1)))
+  kernel = jnp.asarray(kernel_DxE).astype(jnp.float32)
+  return OrthoGap(l1=losses.simbal(kernel, norm="l1"),
+                  mse=losses.simbal(kernel, norm="fro2", reduction="mean"))
 
 
 # ---------------------------------------------------------------------------------- summary
@@ -215,7 +212,7 @@ def summarize(router_output, num_experts, mask=None, *, seq_len=None):
   out = {"load_cv": load_cv(load_E), "max_vio": max_vio(load_E),
          "dead_experts": dead_experts(load_E), "entropy": routing_entropy(probs, mask)}
   if seq_len is not None:
-    seq_len = _checks.static_int(seq_len, "seq_len", 1)
+    seq_len = _checks.static_int("seq_len", seq_len, 1)
     if index.shape[0] % seq_len:
       raise ValueError(f"T={index.shape[0]} is not a multiple of seq_len={seq_len}")
     seq_mask = None if mask is None else jnp.asarray(mask).reshape(-1, seq_len)

@@ -19,11 +19,12 @@ Conventions (shape letters as in `simbal_jax/__init__.py`):
 """
 
 import math
-import operator
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from simbal_jax import _checks
 
 GATINGS = ("softmax_topk", "topk_softmax", "sigmoid")
 
@@ -65,41 +66,6 @@ class DispatchPlan(NamedTuple):
 
 
 # ----------------------------------------------------------------------------------------------
-# Validation helpers (eager, before tracing).
-
-
-def _static_int(name, value, minimum=None, maximum=None):
-  """Returns `value` as a Python int, raising ValueError if it is not a static integer in range."""
-  if isinstance(value, bool):
-    raise ValueError(f"{name} must be an int, got bool {value!r}.")
-  try:
-    value = operator.index(value)
-  except TypeError as e:
-    raise ValueError(f"{name} must be a static Python int, got {type(value).__name__} "
-                     f"{value!r}.") from e
-  if minimum is not None and value < minimum:
-    raise ValueError(f"{name} must be >= {minimum}, got {value}.")
-  if maximum is not None and value > maximum:
-    raise ValueError(f"{name} must be <= {maximum}, got {value}.")
-  return value
-
-
-def _check_name(kind, value, valid):
-  if value not in valid:
-    raise ValueError(f"Unknown {kind} {value!r}; valid: {', '.join(map(repr, valid))}.")
-
-
-def _check_rank(name, x, rank):
-  if jnp.ndim(x) != rank:
-    raise ValueError(f"{name} must have rank {rank}, got shape {jnp.shape(x)}.")
-
-
-def _check_mask(mask_T, num_tokens, name="mask_T"):
-  if mask_T is not None and jnp.shape(mask_T) != (num_tokens,):
-    raise ValueError(f"{name} must have shape ({num_tokens},), got {jnp.shape(mask_T)}.")
-
-
-# ----------------------------------------------------------------------------------------------
 # Gating.
 
 
@@ -136,10 +102,10 @@ def route(logits_TxE, top_k, *, gating="softmax_topk", renormalize=False, bias_E
   Raises:
     ValueError: bad rank, top_k out of range, unknown gating, or bias of the wrong shape.
   """
-  _check_name("gating", gating, GATINGS)
-  _check_rank("logits_TxE", logits_TxE, 2)
+  _checks.check_name("gating", gating, GATINGS)
+  _checks.check_rank("logits_TxE", logits_TxE, 2, "[T, E]")
   num_experts = jnp.shape(logits_TxE)[1]
-  top_k = _static_int("top_k", top_k, 1, num_experts)
+  top_k = _checks.static_int("top_k", top_k, 1, num_experts)
   if bias_E is not None and jnp.shape(bias_E) != (num_experts,):
     raise ValueError(f"bias_E must have shape ({num_experts},), got {jnp.shape(bias_E)}.")
 
@@ -186,10 +152,10 @@ def expert_counts(expert_index_TxK, num_experts, mask_T=None):
   Returns:
     float32[E] assignment counts.
   """
-  _check_rank("expert_index_TxK", expert_index_TxK, 2)
-  num_experts = _static_int("num_experts", num_experts, 1)
+  _checks.check_rank("expert_index_TxK", expert_index_TxK, 2, "[T, K]")
+  num_experts = _checks.static_int("num_experts", num_experts, 1)
   num_tokens, top_k = jnp.shape(expert_index_TxK)
-  _check_mask(mask_T, num_tokens)
+  _checks.check_mask("mask_T", mask_T, (num_tokens,))
   if mask_T is None:
     weight_TxK = jnp.ones((num_tokens, top_k), jnp.float32)
   else:
@@ -247,9 +213,9 @@ def capacity(num_tokens, num_experts, top_k, capacity_factor):
   Returns:
     Python int C.
   """
-  num_tokens = _static_int("num_tokens", num_tokens, 1)
-  num_experts = _static_int("num_experts", num_experts, 1)
-  top_k = _static_int("top_k", top_k, 1, num_experts)
+  num_tokens = _checks.static_int("num_tokens", num_tokens, 1)
+  num_experts = _checks.static_int("num_experts", num_experts, 1)
+  top_k = _checks.static_int("top_k", top_k, 1, num_experts)
   if capacity_factor is None or capacity_factor <= 0:
     return num_tokens
   ideal = num_tokens * top_k / num_experts * float(capacity_factor)
@@ -279,11 +245,11 @@ def dispatch_plan(expert_index_TxK, num_experts, capacity, *, mask_T=None):
     DispatchPlan; with S = E * C, `slot[t, k] == S` and `kept[t, k] == False` for dropped
     assignments, and `slot_assignment` / `slot_token` hold T * K / T for empty slots.
   """
-  _check_rank("expert_index_TxK", expert_index_TxK, 2)
-  num_experts = _static_int("num_experts", num_experts, 1)
-  cap = _static_int("capacity", capacity, 1)
+  _checks.check_rank("expert_index_TxK", expert_index_TxK, 2, "[T, K]")
+  num_experts = _checks.static_int("num_experts", num_experts, 1)
+  cap = _checks.static_int("capacity", capacity, 1)
   num_tokens, top_k = jnp.shape(expert_index_TxK)
-  _check_mask(mask_T, num_tokens)
+  _checks.check_mask("mask_T", mask_T, (num_tokens,))
   num_assign = num_tokens * top_k
   num_slots = num_experts * cap
 
@@ -336,8 +302,8 @@ def sorted_plan(expert_index_TxK, num_experts):
     `slot_token` int32[S] = `slot_assignment // K`; group_sizes is int32[E], the assignments per
     expert (sums to T * K).
   """
-  _check_rank("expert_index_TxK", expert_index_TxK, 2)
-  num_experts = _static_int("num_experts", num_experts, 1)
+  _checks.check_rank("expert_index_TxK", expert_index_TxK, 2, "[T, K]")
+  num_experts = _checks.static_int("num_experts", num_experts, 1)
   num_tokens, top_k = jnp.shape(expert_index_TxK)
   num_assign = num_tokens * top_k
 

@@ -65,11 +65,11 @@ def pes(expert_outputs_TxExD, mask_T=None, *, eps=_EPS):
     float32[] in [-1/(E-1), 1]: 1 for identical (parallel) experts, 0 for mutually orthogonal
     outputs, ~0 for independent random experts in high dimension.
   """
-  outputs = _checks.check_rank(expert_outputs_TxExD, 3, "expert_outputs", "[T, E, D]")
+  outputs = _checks.check_rank("expert_outputs", expert_outputs_TxExD, 3, "[T, E, D]")
   num_experts = outputs.shape[1]
   if num_experts < 2:
     raise ValueError(f"pes needs at least 2 experts, got E={num_experts}")
-  return _pes(outputs, _checks.check_mask(mask_T, outputs.shape[:1], "mask_T"), eps)
+  return _pes(outputs, _checks.bool_mask("mask_T", mask_T, outputs.shape[:1]), eps)
 
 
 @jax.jit
@@ -103,10 +103,10 @@ def pes_sample_indices(key, num_total_tokens, num_experts, num_tokens, num_pairs
   Returns:
     (token_index int32[N], expert_i int32[N, P], expert_j int32[N, P]) with expert_i < expert_j.
   """
-  num_total_tokens = _checks.static_int(num_total_tokens, "num_total_tokens", 1)
-  num_experts = _checks.static_int(num_experts, "num_experts", 2)
-  num_tokens = _checks.static_int(num_tokens, "num_tokens", 2)
-  num_pairs = _checks.static_int(num_pairs, "num_pairs", 1)
+  num_total_tokens = _checks.static_int("num_total_tokens", num_total_tokens, 1)
+  num_experts = _checks.static_int("num_experts", num_experts, 2)
+  num_tokens = _checks.static_int("num_tokens", num_tokens, 2)
+  num_pairs = _checks.static_int("num_pairs", num_pairs, 1)
   total_pairs = num_experts * (num_experts - 1) // 2
   if num_pairs > total_pairs:
     raise ValueError(f"num_pairs={num_pairs} exceeds the {total_pairs} distinct pairs of "
@@ -153,7 +153,7 @@ def pes_sampled(key, expert_outputs_TxExD, num_tokens, num_pairs, *, eps=_EPS):
   Returns:
     PESEstimate(mean float32[], stderr float32[], num_tokens, num_pairs).
   """
-  outputs = _checks.check_rank(expert_outputs_TxExD, 3, "expert_outputs", "[T, E, D]")
+  outputs = _checks.check_rank("expert_outputs", expert_outputs_TxExD, 3, "[T, E, D]")
   total, num_experts, _ = outputs.shape
   indices = pes_sample_indices(key, total, num_experts, num_tokens, num_pairs)
   mean, stderr = _pes_sampled(outputs, *indices, eps)
@@ -193,8 +193,8 @@ def spearman(a_N, b_N):
   Returns:
     float32[] in [-1, 1]; 0 when either sample is constant (correlation undefined).
   """
-  a = _checks.check_rank(a_N, 1, "a_N", "[N]").astype(jnp.float32)
-  b = _checks.check_rank(b_N, 1, "b_N", "[N]").astype(jnp.float32)
+  a = _checks.check_rank("a_N", a_N, 1, "[N]").astype(jnp.float32)
+  b = _checks.check_rank("b_N", b_N, 1, "[N]").astype(jnp.float32)
   if a.shape != b.shape or a.shape[0] < 2:
     raise ValueError(f"spearman needs two samples of equal size >= 2, got {a.shape}, {b.shape}")
   return _spearman(a, b)
@@ -227,9 +227,9 @@ def routing_consistency(key, x_TxD, expert_index_TxK, num_pairs, *, eps=_EPS):
   Returns:
     float32[], the rank correlation (0 when either quantity is constant over the pairs).
   """
-  x = _checks.check_rank(x_TxD, 2, "x_TxD", "[T, D]")
-  index = _checks.check_index(expert_index_TxK, 2, "[T, K]")
-  num_pairs = _checks.static_int(num_pairs, "num_pairs", 2)
+  x = _checks.check_rank("x_TxD", x_TxD, 2, "[T, D]")
+  index = _checks.check_index("expert_index", expert_index_TxK, 2, "[T, K]")
+  num_pairs = _checks.static_int("num_pairs", num_pairs, 2)
   total = x.shape[0]
   if index.shape[0] != total:
     raise ValueError(f"x_TxD and expert_index_TxK disagree on T: {x.shape} vs {index.shape}")
@@ -301,16 +301,14 @@ def domain_expert_counts(expert_index_TxK, domain_T, num_experts, num_domains, m
     and counts / sum(counts) is p(d, e) with each assignment weighing 1/K. Integers, exact up to
     2^24 per cell. Expert indices outside [0, E) and domains outside [0, D) are not counted.
   """
-  num_experts = _checks.static_int(num_experts, "num_experts", 1)
-  num_domains = _checks.static_int(num_domains, "num_domains", 1)
-  index = _checks.check_index(expert_index_TxK, 2, "[T, K]")
-  domain = _checks.check_rank(domain_T, 1, "domain_T", "[T]")
-  if not jnp.issubdtype(domain.dtype, jnp.integer):
-    raise ValueError(f"domain_T must have an integer dtype, got {domain.dtype}")
+  num_experts = _checks.static_int("num_experts", num_experts, 1)
+  num_domains = _checks.static_int("num_domains", num_domains, 1)
+  index = _checks.check_index("expert_index", expert_index_TxK, 2, "[T, K]")
+  domain = _checks.check_index("domain_T", domain_T, 1, "[T]")
   if domain.shape[0] != index.shape[0]:
     raise ValueError(f"domain_T and expert_index_TxK disagree on T: {domain.shape} vs "
                      f"{index.shape}")
-  mask = _checks.check_mask(mask_T, index.shape[:1], "mask_T")
+  mask = _checks.bool_mask("mask_T", mask_T, index.shape[:1])
   return _domain_expert_counts(index, domain, mask, num_experts, num_domains)
 
 
@@ -338,9 +336,7 @@ def specialization_from_counts(counts_DxE):
     DomainSpecialization with float32 fields ([...] scalars, [..., D, E] tables). An all-zero
     table gives zeros everywhere.
   """
-  counts = jnp.asarray(counts_DxE)
-  if counts.ndim < 2:
-    raise ValueError(f"counts_DxE must have rank >= 2 [..., D, E], got shape {counts.shape}")
+  counts = _checks.check_min_rank("counts_DxE", counts_DxE, 2, "[..., D, E]")
   return _specialization_from_counts(counts.astype(jnp.float32))
 
 

@@ -304,6 +304,8 @@ def test_jit_matches_eager():
     (lambda: metrics.expert_load(np.zeros((4, 2), np.float32), E), "integer dtype"),
     (lambda: metrics.expert_load(np.zeros((4,), np.int32), E), "rank 2"),
     (lambda: metrics.expert_load(np.zeros((4, 2), np.int32), 2.5), "static Python int"),
+    (lambda: metrics.expert_load(np.zeros((4, 2), np.int32), True), "num_experts must be an int, "
+     "got bool"),  # the shared _checks.static_int (as routing always did)
     (lambda: metrics.seu(np.zeros((4, 2), np.int32), E), "rank 3"),
     (lambda: metrics.routing_entropy(np.ones((2, 3, E))), "rank 2"),
     (lambda: metrics.orthogonality_gap(np.ones(E)), "rank >= 2"),

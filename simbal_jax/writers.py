@@ -1,7 +1,9 @@
 """Metric writers: JSONL (source of truth) + TensorBoard (tensorboardX), progress bar, summary.
 
 Only process 0 writes. Metrics are flat dicts of scalars with '/' namespaces
-(`train/loss`, `moe/layer_3/maxvio`).
+(`train/loss`, `moe/layer_3/maxvio`). On resume from step s the trainer calls
+`MetricWriter.drop_after(s)`, so records of steps redone after a crash appear once and the file
+stays increasing in step.
 """
 
 import json
@@ -53,6 +55,36 @@ class MetricWriter:
         if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
           self._tb.add_scalar(k, v, global_step=int(step))
 
+  def drop_after(self, step):
+    """Removes the records with step > `step` (and unreadable lines, e.g. a line cut by a crash).
+
+    The file is rewritten atomically (temporary file + os.replace); later writes append.
+    TensorBoard keeps its events: readers take the last value of a step.
+    """
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    self._file.close()
+    kept, dropped = [], 0
+    with open(self.path, encoding="utf-8") as f:
+      for line in f:
+        try:
+          keep = json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):
+          keep = False
+        if keep:
+          kept.append(line if line.endswith("\n") else line + "\n")
+        elif line.strip():
+          dropped += 1
+    if dropped:
+      logging.info("metrics.jsonl: dropped %d records after step %d (resumed run)", dropped, step)
+      tmp = self.path + ".tmp"
+      with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, self.path)
+    self._file = open(self.path, "a", encoding="utf-8")
+
   def close(self):
     if self._file is not None:
       self._file.close()
@@ -70,12 +102,14 @@ def read_jsonl(path):
 
 
 class Progress:
-  """tqdm progress bar with step, loss, tokens/s and ETA (no-op when disabled)."""
+  """tqdm progress bar with step, loss, tokens/s and ETA (no-op when disabled).
+
+  Tokens/s counts from the first update on (the first step, which compiles, is left out).
+  """
 
   def __init__(self, start, total, tokens_per_step, enabled=True, desc="train"):
     self.tokens_per_step = tokens_per_step
-    self.start = start
-    self._t0 = time.time()
+    self._first = None  # (step, time) of the first update
     self._bar = None
     if enabled:
       try:
@@ -86,11 +120,16 @@ class Progress:
         self._bar = None
 
   def update(self, step, loss):
-    """Moves the bar to `step` and shows the loss and throughput."""
-    elapsed = max(time.time() - self._t0, 1e-9)
-    tps = (step - self.start) * self.tokens_per_step / elapsed
+    """Moves the bar to `step` and shows the loss and throughput (None until the 2nd update)."""
+    now = time.time()
+    if self._first is None:
+      self._first = (step, now)
+    tps = None
+    if step > self._first[0]:
+      tps = (step - self._first[0]) * self.tokens_per_step / max(now - self._first[1], 1e-9)
     if self._bar is not None:
-      self._bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
+      self._bar.set_postfix(loss=f"{loss:.4f}", tok_s="-" if tps is None else f"{tps:,.0f}",
+                            refresh=False)
       self._bar.update(step - self._bar.n)
     return tps
 

@@ -20,7 +20,10 @@ import numpy as np
 
 from simbal_jax import analysis
 from simbal_jax import checkpoint
+from simbal_jax import data as data_lib
+from simbal_jax import model as model_lib
 from simbal_jax import optim
+from simbal_jax import sharding
 from simbal_jax import step as step_lib
 from simbal_jax import writers
 
@@ -61,10 +64,6 @@ def build(config, workdir, devices=None):
   Returns:
     types.SimpleNamespace `env`: `build_model`'s fields plus `datasets`.
   """
-  from simbal_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from simbal_jax import model as model_lib  # pylint: disable=g-import-not-at-top
-  from simbal_jax import sharding  # pylint: disable=g-import-not-at-top
-
   cfg = prepare_config(config)
   t = cfg.train
   devices = list(jax.devices() if devices is None else devices)
@@ -95,9 +94,6 @@ def build_model(cfg, devices=None):
     types.SimpleNamespace with cfg, sc, model, mcfg, tx, schedule, mesh, rules, init,
     abstract (unboxed abstract TrainState with shardings), shardings, batch_sharding.
   """
-  from simbal_jax import model as model_lib  # pylint: disable=g-import-not-at-top
-  from simbal_jax import sharding  # pylint: disable=g-import-not-at-top
-
   if int(cfg.model.vocab_size) < 1:
     raise ValueError("build_model needs cfg.model.vocab_size > 0")
   t = cfg.train
@@ -180,10 +176,14 @@ def make_steps(env):
   return make_train_step(env), evaluate
 
 
-def eval_batches_of(env):
-  """The global eval batches (with domain labels when the source has them)."""
-  return [to_global(b, env.batch_sharding, EVAL_KEYS)
-          for b in env.datasets.eval_batches(int(env.cfg.train.eval_batches))]
+def eval_batches_of(env, host_batches=None):
+  """The global eval batches (with domain labels when the source has them).
+
+  `host_batches`: the host-local numpy batches when already loaded (default: load them).
+  """
+  if host_batches is None:
+    host_batches = env.datasets.eval_batches(int(env.cfg.train.eval_batches))
+  return [to_global(b, env.batch_sharding, EVAL_KEYS) for b in host_batches]
 
 
 def evaluate(env, eval_step, state, eval_batches):
@@ -191,7 +191,6 @@ def evaluate(env, eval_step, state, eval_batches):
   sums = [jax.device_get(eval_step(state.params, state.expert_bias, b)) for b in eval_batches]
   kernels = None
   if env.mcfg.moe is not None:
-    from simbal_jax import model as model_lib  # pylint: disable=g-import-not-at-top
     kernels = np.asarray(jax.device_get(model_lib.router_kernels(state.params, env.mcfg)))
   layer_ids = [i for i in range(env.mcfg.num_layers) if env.mcfg.is_moe_layer(i)]
   return analysis.eval_metrics(sums, kernels, layer_ids), sums
@@ -204,6 +203,11 @@ def _host(metrics):
 def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
   """Trains and evaluates; returns a summary dict (final eval metrics, timings, status).
 
+  Timings: `wall_seconds` is the whole call; `first_step_seconds` the first step of this run
+  (compilation); `train_seconds` the loop after the first step less `eval_ckpt_seconds` (the
+  evals and checkpoint saves inside the loop), so `tokens_per_second` is the training
+  throughput of the compiled step (a one-step run can only time its compiling step).
+
   Args:
     config: ConfigDict (see configs/base.py).
     workdir: str, run directory (checkpoints/, metrics.jsonl, tb/, data cache).
@@ -214,7 +218,6 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
     ValueError: bad config / data / mesh (before training starts).
     NonFiniteLossError: NaN or Inf training loss (names the step).
   """
-  from simbal_jax import sharding  # pylint: disable=g-import-not-at-top
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   t0 = time.time()
@@ -236,11 +239,13 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
       state, data_state, source = initial_state(env, ckpt)
       start = int(jax.device_get(state.step))
       logging.info("starting at step %d from %s", start, source)
+      writer.drop_after(start)  # records of steps after the checkpoint (crash) are redone
       it = env.datasets.train_iter()
       if data_state:
         it.set_state(data_state)
       train_step, eval_step = make_steps(env)
-      eval_batches = eval_batches_of(env)
+      host_eval = env.datasets.eval_batches(int(t.eval_batches))
+      eval_batches = eval_batches_of(env, host_eval)
 
       def run_eval(st, step):
         m, sums = evaluate(env, eval_step, st, eval_batches)
@@ -257,12 +262,17 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
       progress = writers.Progress(start, int(t.num_steps), tokens_per_step,
                                   enabled=cfg.log.progress and is_main)
       pending = None  # (step, metrics on device) of the previous step
-      last_eval, step, t_loop = {}, start, time.time()
+      last_eval, step = {}, start
+      t_loop = t_first = time.time()  # t_first: end of the first (compiling) step
+      paused = 0.0  # seconds of evals and checkpoint saves inside the loop
       with checkpoint.PreemptionHandler() as preempt:
         while step < int(t.num_steps):
           batch = to_global(next(it), env.batch_sharding)
           state, metrics = train_step(state, batch)
           step += 1
+          if step == start + 1:
+            jax.block_until_ready(metrics)
+            t_first = time.time()
           for hook in hooks:
             hook(step, state)
           if pending is not None:  # fetch step t-1 after dispatching step t
@@ -273,6 +283,7 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
           if due_save or due_eval or preempt.requested or step == int(t.num_steps):
             _check_and_log(pending, writer, progress, cfg)  # never save a NaN state
             pending = None
+          t_pause = time.time()
           if due_eval and step < int(t.num_steps):
             last_eval = run_eval(state, step)
             logging.info("eval step %d: %s", step, _brief(last_eval))
@@ -280,23 +291,28 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
             save(state, step)
           if preempt.requested:
             save(state, step, force=True)
+          paused += time.time() - t_pause
+          if preempt.requested:
             summary["status"] = "preempted"
             logging.warning("preempted at step %d: checkpoint saved, exiting", step)
             break
       progress.close()
-      train_seconds = time.time() - t_loop
+      timed_steps = step - start - 1  # steps after the compiling one
+      train_seconds = time.time() - t_first - paused
+      if timed_steps < 1:  # a one-step run: only the compiling step to measure
+        timed_steps, train_seconds = step - start, t_first - t_loop
       if summary["status"] != "preempted":
         save(state, step, force=True)
         last_eval = run_eval(state, step)
         summary["status"] = "done"
       summary.update(last_eval)
       summary.update(step=step, start_step=start, resumed_from=source,
-                     train_seconds=round(train_seconds, 3),
-                     tokens_per_second=(step - start) * tokens_per_step / max(train_seconds,
-                                                                              1e-9),
-                     wall_seconds=round(time.time() - t0, 3))
+                     first_step_seconds=t_first - t_loop, train_seconds=train_seconds,
+                     eval_ckpt_seconds=paused,
+                     tokens_per_second=timed_steps * tokens_per_step / max(train_seconds, 1e-9),
+                     wall_seconds=time.time() - t0)
       summary.update(final_state=state, model_config=env.mcfg, config=cfg,
-                     eval_batch=env.datasets.eval_batches(1)[0] if eval_batches else None)
+                     eval_batch=host_eval[0] if host_eval else None)
   finally:
     if ckpt is not None:
       ckpt.close()

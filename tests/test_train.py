@@ -2,6 +2,7 @@
 import glob
 import os
 import signal
+import time
 
 import jax
 import numpy as np
@@ -82,7 +83,8 @@ def test_corrupt_latest_checkpoint_is_skipped(tmp_path):
   assert out["start_step"] == 4 and out["step"] == 10 and out["status"] == "done"
 
 
-def test_nan_stops_and_names_the_step(tmp_path):
+def test_nan_stops_then_resume_keeps_metrics_monotonic_and_times_training(tmp_path,
+                                                                          monkeypatch):
   cfg = tiny_config("lbl", steps=8, debug_nan_step=6)
   cfg.ckpt.every = 4
   with pytest.raises(train.NonFiniteLossError, match="at step 6") as err:
@@ -90,6 +92,56 @@ def test_nan_stops_and_names_the_step(tmp_path):
   assert err.value.step == 6
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]  # last good one kept
   assert max(losses_of(tmp_path)) == 5
+
+  # Resume from step 4 after the crash: step 5 is redone and its first record is dropped, so
+  # metrics.jsonl has every step once, in increasing order (appending gave 1..5, 5..8).
+  # Timing bookkeeping, without speed thresholds: each eval sleeps 0.2 s (eval at step 6 in
+  # the loop, at 8 after it; a save at 8), so the in-loop eval/checkpoint time is >= 0.2 s and
+  # the disjoint intervals (first step, timed steps 6..8, evals and saves) fit in the wall time.
+  original = train.evaluate
+
+  def slow_evaluate(*args, **kwargs):
+    time.sleep(0.2)
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(train, "evaluate", slow_evaluate)
+  cfg.train.debug_nan_step, cfg.train.eval_every = -1, 2
+  out = train.train_and_evaluate(cfg, str(tmp_path))
+  assert out["start_step"] == 4 and out["status"] == "done"
+  train_steps = [r["step"] for r in writers.read_jsonl(tmp_path / "metrics.jsonl")
+                 if "train/loss" in r]
+  assert train_steps == list(range(1, 9))
+
+  assert out["eval_ckpt_seconds"] >= 0.2
+  assert out["first_step_seconds"] > 0 and out["train_seconds"] > 0
+  assert (out["first_step_seconds"] + out["train_seconds"] + out["eval_ckpt_seconds"]
+          <= out["wall_seconds"])
+  tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
+  np.testing.assert_allclose(out["tokens_per_second"],
+                             3 * tokens_per_step / out["train_seconds"], rtol=1e-9)
+  assert isinstance(out["eval_batch"]["inputs"], np.ndarray)  # the loaded host batch
+  assert out["eval_batch"]["inputs"].shape == (8, 16)
+
+
+def test_metric_writer_drop_after(tmp_path):
+  w = writers.MetricWriter(str(tmp_path), tensorboard=False)
+  for s in range(1, 9):
+    w.write(s, {"train/loss": float(s)})
+  w.close()
+  with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as f:
+    f.write('{"step": 9, "train/lo')  # a line cut by a crash
+  w = writers.MetricWriter(str(tmp_path), tensorboard=False)
+  w.drop_after(4)
+  for s in range(5, 7):
+    w.write(s, {"train/loss": 10.0 * s})
+  w.close()
+  recs = writers.read_jsonl(tmp_path / "metrics.jsonl")
+  assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6]
+  assert [r["train/loss"] for r in recs] == [1.0, 2.0, 3.0, 4.0, 50.0, 60.0]
+  assert not os.path.exists(tmp_path / "metrics.jsonl.tmp")
+  off = writers.MetricWriter(str(tmp_path / "off"), enabled=False)  # not process 0: no file
+  off.drop_after(0)
+  assert not os.path.exists(tmp_path / "off" / "metrics.jsonl")
 
 
 @pytest.mark.parametrize("change,match", [
@@ -133,7 +185,8 @@ def _unreadable_file(d):
 def test_bad_text_file_raises_before_training(tmp_path, make_bad):
   docs = tmp_path / "docs"
   docs.mkdir()
-  (docs / "good.txt").write_text("hello " * 100)
+  for i in range(40):  # enough documents for a validation split
+    (docs / f"good{i}.txt").write_text(f"hello {i} " * 100)
   make_bad(docs)
   cfg = tiny_config()
   cfg.data.update(source="text_files", globs=str(docs / "*.txt"))

@@ -39,13 +39,14 @@ class TrainState:
     params: model parameters (unboxed).
     opt_state: optax state.
     expert_bias: float32[Lm, E] Loss-Free selection bias ([0, 0] for a dense model).
-    rng: uint32[2] raw key data; the step uses fold_in(rng, step).
+
+  The step is deterministic (no dropout or router noise), so the state holds no RNG key; a
+  stochastic addition would add one here and use `fold_in(key, step)` inside the step.
   """
   step: jax.Array
   params: Any
   opt_state: Any
   expert_bias: jax.Array
-  rng: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,22 +108,24 @@ class StepConfig:
                debug_nan_step=int(t.get("debug_nan_step", -1)))
 
 
-def init_state(key, model, tx, seq_len):
+def init_state(key, model, tx):
   """Builds a (boxed) TrainState; call under jax.eval_shape / jit(out_shardings=...).
 
+  Parameter shapes do not depend on the sequence length (RoPE has no table), so init runs on
+  one dummy sequence of `num_groups` tokens: divisible by the MoE routing groups, and cheap.
+
   Args:
-    key: PRNG key.
+    key: PRNG key for the parameters.
     model: model.Transformer.
     tx: optax transformation.
-    seq_len: int, L for the dummy input.
   """
-  init_key, train_key = jax.random.split(key)
-  params = model.init(init_key, jnp.zeros((1, seq_len), jnp.int32))["params"]
   mcfg = model.config
+  dummy_len = mcfg.moe.num_groups if mcfg.moe else 1
+  init_key, _ = jax.random.split(key)  # the second half was the (unused) train key
+  params = model.init(init_key, jnp.zeros((1, dummy_len), jnp.int32))["params"]
   bias_shape = (mcfg.num_moe_layers, mcfg.moe.num_experts) if mcfg.moe else (0, 0)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    expert_bias=jnp.zeros(bias_shape, jnp.float32),
-                    rng=jax.random.key_data(train_key))
+                    expert_bias=jnp.zeros(bias_shape, jnp.float32))
 
 
 def _bias_arg(model, expert_bias):

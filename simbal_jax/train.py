@@ -105,7 +105,7 @@ def build_model(cfg, devices=None):
   model = model_lib.Transformer(mcfg)
   tx, schedule = optim.make_optimizer(cfg.opt, int(t.num_steps))
   rules = sharding.logical_rules(cfg.mesh)
-  init = functools.partial(step_lib.init_state, model=model, tx=tx, seq_len=int(t.seq_len))
+  init = functools.partial(step_lib.init_state, model=model, tx=tx)
   boxed = jax.eval_shape(init, jax.random.key(0))
   shardings = sharding.state_shardings(boxed, mesh, rules)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

@@ -125,3 +125,16 @@ def test_global_lbl_scope_with_grad_accum_is_rejected(method, accum, raises):
       train.prepare_config(cfg)
   else:
     assert train.prepare_config(cfg).train.grad_accum == accum
+
+
+def test_init_does_not_depend_on_seq_len_or_groups(tmp_path):
+  """Groups that do not divide seq_len are fine (init runs on num_groups tokens)."""
+  cfg = demo.get_config("lbl")
+  cfg.model.d_model, cfg.model.num_heads, cfg.moe.num_experts, cfg.moe.d_ff = 32, 2, 4, 32
+  cfg.data.source, cfg.data.synthetic.num_docs = "synthetic", 256
+  cfg.data.synthetic.vocab_size = 64
+  cfg.train.seq_len, cfg.train.global_batch_size, cfg.train.num_steps = 12, 8, 2
+  cfg.moe.num_groups = 8  # 8 * 12 tokens split in 8 groups; 12 % 8 != 0
+  cfg.ckpt.enabled, cfg.log.progress, cfg.log.tensorboard = False, False, False
+  summary = train.train_and_evaluate(cfg, str(tmp_path), devices=jax.devices()[:1])
+  assert summary["status"] == "done" and np.isfinite(summary["eval/loss"])

@@ -41,7 +41,7 @@ def get_config(arg=None):
   e.shared_expert_d_ff = 0  # 0: no shared expert
   e.router_init = "orthogonal"  # orthogonal | normal
   e.router_init_scale = 1.0  # column norm of the initial router
-  e.num_groups = 1  # routing groups (own capacity/dispatch); multiple of batch shards if sharded
+  e.num_groups = 1  # routing groups (own capacity/dispatch); 0: one per batch shard (auto)
   # capacity | ragged. "ragged": dropless grouped matmul via jax.lax.ragged_dot (T*K rows, no
   # E/K padding; capacity_factor ignored; needs num_groups=1) - efficient on TPU; on GPU it
   # lowers to a dense E-times-larger computation (DESIGN §4), and on CPU to a masked dense one:

@@ -28,6 +28,7 @@ def get_config(arg=None):
   # Dropless as in the paper. At this batch that is a huge buffer: on GPU pass
   # --config.moe.capacity_factor=1.25, on TPU --config.moe.dispatch=ragged (README, Training).
   cfg.moe.capacity_factor = 0.0
+  cfg.moe.num_groups = 0  # auto: one routing group per batch shard (mesh data x expert)
   cfg.opt.peak_lr = 3e-4
   cfg.opt.warmup_steps = 2000
   cfg.data.source = "tfds"

@@ -67,6 +67,7 @@ def build(config, workdir, devices=None):
   cfg = prepare_config(config)
   t = cfg.train
   devices = list(jax.devices() if devices is None else devices)
+  resolve_num_groups(cfg, len(devices))
   # Mesh and shape errors first, before any data is prepared (the vocabulary is not known yet).
   probe = model_lib.ModelConfig.from_config(cfg, vocab_size=max(cfg.model.vocab_size, 1))
   sharding.validate(cfg.mesh, probe, int(t.global_batch_size), len(devices),
@@ -84,6 +85,18 @@ def build(config, workdir, devices=None):
   return env
 
 
+def resolve_num_groups(cfg, num_devices):
+  """Resolves `moe.num_groups = 0` (auto) in place: one routing group per batch shard.
+
+  With the batch split over mesh data x expert, one group per shard keeps each token's dispatch
+  on its own device and bounds a dropless buffer by the shard's tokens. `dispatch="ragged"`
+  needs a single group, so auto gives 1 there.
+  """
+  if int(cfg.moe.num_experts) > 0 and int(cfg.moe.num_groups) == 0:
+    data, expert, _ = sharding.mesh_shape(cfg.mesh, num_devices)
+    cfg.moe.num_groups = 1 if cfg.moe.dispatch == "ragged" else data * expert
+
+
 def build_model(cfg, devices=None):
   """Model, optimizer, mesh and state shardings of a prepared config (no data).
 
@@ -98,6 +111,7 @@ def build_model(cfg, devices=None):
     raise ValueError("build_model needs cfg.model.vocab_size > 0")
   t = cfg.train
   devices = list(jax.devices() if devices is None else devices)
+  resolve_num_groups(cfg, len(devices))
   mcfg = model_lib.ModelConfig.from_config(cfg)
   sharding.validate(cfg.mesh, mcfg, int(t.global_batch_size), len(devices),
                     seq_len=int(t.seq_len))

@@ -138,3 +138,13 @@ def test_init_does_not_depend_on_seq_len_or_groups(tmp_path):
   cfg.ckpt.enabled, cfg.log.progress, cfg.log.tensorboard = False, False, False
   summary = train.train_and_evaluate(cfg, str(tmp_path), devices=jax.devices()[:1])
   assert summary["status"] == "done" and np.isfinite(summary["eval/loss"])
+
+
+@pytest.mark.parametrize("dispatch,groups", [("capacity", 8), ("ragged", 1)])
+def test_auto_groups_one_per_batch_shard(dispatch, groups):
+  cfg = demo.get_config("lbl")
+  cfg.model.vocab_size, cfg.model.d_model, cfg.model.num_heads = 64, 32, 2
+  cfg.moe.num_experts, cfg.moe.d_ff, cfg.moe.dispatch, cfg.moe.num_groups = 4, 32, dispatch, 0
+  cfg.mesh.data, cfg.mesh.expert = 2, 4  # 8 batch shards on the 8 fake devices
+  env = train.build_model(train.prepare_config(cfg), jax.devices()[:8])
+  assert env.mcfg.moe.num_groups == groups

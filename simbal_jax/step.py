@@ -156,14 +156,17 @@ def loss_fn(params, batch, expert_bias, step, *, model, sc):
   if mcfg.moe is not None:
     r = aux.router
     n_moe, e = r.probs.shape[0], r.probs.shape[-1]
+    mask = batch.get("mask")  # padding tokens (none in packed batches) leave the statistics
+    mask_T = None if mask is None else mask.reshape(-1)
     if sc.use_lbl:
-      probs, index = r.probs, r.expert_index
+      probs, index, lbl_mask = r.probs, r.expert_index, mask_T
       if sc.lbl_scope == "sequence":
         b, l = batch["inputs"].shape
         probs = probs.reshape(n_moe, b, l, e)
         index = index.reshape(n_moe, b, l, -1)
+        lbl_mask = mask
       lbl = jnp.mean(jax.vmap(lambda p, i: losses.load_balancing(
-          p, i, scope=sc.lbl_scope))(probs, index))
+          p, i, scope=sc.lbl_scope, mask=lbl_mask))(probs, index))
       loss = loss + sc.lbl_coef * lbl
       out["lbl"] = lbl
     if sc.use_simbal:
@@ -173,7 +176,7 @@ def loss_fn(params, batch, expert_bias, step, *, model, sc):
       loss = loss + sc.simbal_coef * sim
       out["simbal"] = sim
     if sc.router_z_coef > 0:
-      rz = jnp.mean(jax.vmap(losses.router_z_loss)(r.logits))
+      rz = jnp.mean(jax.vmap(lambda x: losses.router_z_loss(x, mask_T))(r.logits))
       loss = loss + sc.router_z_coef * rz
       out["router_z"] = rz
     counts = aux.counts.astype(jnp.float32)

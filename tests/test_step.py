@@ -53,7 +53,8 @@ def _np_logsumexp(x):
   return (m + np.log(np.exp(x - m).sum(-1, keepdims=True)))[..., 0]
 
 
-def test_loss_fn_golden_simbal_lbl_sequence_scope():
+@pytest.mark.parametrize("masked", [False, True])
+def test_loss_fn_golden_simbal_lbl_sequence_scope(masked):
   """Total loss == CE + z * mean lse^2 + lbl_coef * mean_layers LBL (per sequence)
   + simbal_coef * mean_layers ||R^T R - I||_1 + router_z_coef * mean_layers mean lse_router^2,
   every term recomputed in NumPy float64 from the returned logits / router logits and the
@@ -71,6 +72,11 @@ def test_loss_fn_golden_simbal_lbl_sequence_scope():
            "targets": jax.random.randint(ks[1], (b, l), 0, v)}
   params = nn.unbox(model.init(ks[2], batch["inputs"])["params"])
   bias = jnp.zeros((mcfg.num_moe_layers, e))
+  keep = np.ones((b, l), bool)
+  if masked:  # padding tokens must leave every statistic; each sequence keeps some tokens
+    keep[0, 5:], keep[2, 1:3] = False, False
+    batch["mask"] = jnp.asarray(keep)
+  keep_t = keep.reshape(-1)
   loss, (out, counts) = jax.jit(functools.partial(step_lib.loss_fn, model=model, sc=sc))(
       params, batch, bias, jnp.int32(1))
   logits, aux = model.apply({"params": params}, batch["inputs"], expert_bias=bias)
@@ -79,8 +85,8 @@ def test_loss_fn_golden_simbal_lbl_sequence_scope():
   lg = np.asarray(logits, np.float64).reshape(b * l, v)
   lse = _np_logsumexp(lg)
   tgt = np.asarray(batch["targets"]).reshape(-1)
-  ce = np.mean(lse - lg[np.arange(b * l), tgt])
-  z = np.mean(lse ** 2)
+  ce = np.mean((lse - lg[np.arange(b * l), tgt])[keep_t])
+  z = np.mean((lse ** 2)[keep_t])
   # Router logits are block input @ kernel (layers 1 and 3); kernels straight from the params.
   moe_layers = [i for i in range(4) if (i + 1) % 2 == 0]
   kernels = [np.asarray(params[f"layers_{i}"]["ffn"]["router"], np.float64) for i in moe_layers]
@@ -97,13 +103,13 @@ def test_loss_fn_golden_simbal_lbl_sequence_scope():
     np.testing.assert_array_equal(np.sort(topk, -1), np.sort(index, -1))
     per_seq = []
     for s in range(b):
-      rows = slice(s * l, (s + 1) * l)
-      f = np.bincount(topk[rows].reshape(-1), minlength=e) / (k * l)
+      rows = np.arange(s * l, (s + 1) * l)[keep[s]]
+      f = np.bincount(topk[rows].reshape(-1), minlength=e) / (k * len(rows))
       per_seq.append(e * np.sum(f * probs[rows].mean(0)))
     lbl_layers.append(np.mean(per_seq))
   lbl = np.mean(lbl_layers)
   sim = np.mean([np.abs(r.T @ r - np.eye(e)).sum() for r in kernels])
-  rz = np.mean([np.mean(_np_logsumexp(rl) ** 2) for rl in router_logits])
+  rz = np.mean([np.mean((_np_logsumexp(rl) ** 2)[keep_t]) for rl in router_logits])
   total = ce + 0.01 * z + 0.3 * lbl + 0.2 * sim + 0.05 * rz
 
   assert sim > 0.1 and abs(lbl - 1.0) > 1e-3  # the terms are not trivial

@@ -6,7 +6,7 @@ parallelism), wide matmul dimensions (mlp, heads, vocab) over "model". Typical u
 
   initialize_distributed(cfg.mesh.multihost)        # before any other jax call
   validate(cfg.mesh, model_cfg, global_batch, jax.device_count())
-  mesh, rules = make_mesh(cfg.mesh), logical_rules(cfg.mesh)
+  mesh, rules = make_mesh(cfg.mesh), LOGICAL_RULES
   with mesh_rules(mesh, rules):                        # sharding constraints become active
     abstract = jax.eval_shape(init_fn, key)
     shardings = state_shardings(abstract, mesh, rules)
@@ -79,23 +79,13 @@ def make_mesh(mesh_cfg, devices=None):
                        devices=devices)
 
 
-def logical_rules(mesh_cfg=None):
-  """Logical-to-mesh axis rules (first matching free mesh axis wins, flax semantics).
-
-  batch -> ("data", "expert"); expert -> "expert"; expert_group (routing groups in the MoE
-  buffers) -> "data"; vocab, heads, mlp -> "model"; embed, length, kv -> replicated.
-
-  Args:
-    mesh_cfg: unused (the rules do not depend on sizes; size-1 axes are free); kept so callers
-      can specialise later.
-
-  Returns:
-    tuple of (logical name, mesh axes or None) pairs for `nn.logical_axis_rules`.
-  """
-  del mesh_cfg
-  return (("batch", ("data", "expert")), ("expert", "expert"), ("expert_group", "data"),
-          ("vocab", "model"), ("heads", "model"), ("mlp", "model"),
-          ("embed", None), ("length", None), ("kv", None))
+# Logical-to-mesh axis rules (first matching free mesh axis wins, flax semantics); they do not
+# depend on the mesh sizes (size-1 axes are simply free). batch -> ("data", "expert"); expert ->
+# "expert"; expert_group (routing groups in the MoE buffers) -> "data"; vocab, heads, mlp ->
+# "model"; embed, length, kv -> replicated. Use with `mesh_rules(mesh, LOGICAL_RULES)`.
+LOGICAL_RULES = (("batch", ("data", "expert")), ("expert", "expert"), ("expert_group", "data"),
+                 ("vocab", "model"), ("heads", "model"), ("mlp", "model"),
+                 ("embed", None), ("length", None), ("kv", None))
 
 
 @contextlib.contextmanager
@@ -171,7 +161,7 @@ def state_shardings(abstract_tree, mesh, rules):
     abstract_tree: pytree, e.g. `jax.eval_shape(init)` output holding nn.LogicallyPartitioned
       boxes (unboxed leaves are replicated).
     mesh: jax.sharding.Mesh.
-    rules: logical rules (see `logical_rules`).
+    rules: logical rules (see `LOGICAL_RULES`).
 
   Returns:
     pytree of jax.sharding.NamedSharding matching the tree's structure (boxes count as leaves).

@@ -118,7 +118,7 @@ def build_model(cfg, devices=None):
   mesh = sharding.make_mesh(cfg.mesh, devices)
   model = model_lib.Transformer(mcfg)
   tx, schedule = optim.make_optimizer(cfg.opt, int(t.num_steps))
-  rules = sharding.logical_rules(cfg.mesh)
+  rules = sharding.LOGICAL_RULES
   init = functools.partial(step_lib.init_state, model=model, tx=tx)
   boxed = jax.eval_shape(init, jax.random.key(0))
   shardings = sharding.state_shardings(boxed, mesh, rules)

@@ -65,7 +65,7 @@ def test_validation_errors():
 def test_state_shardings_follow_logical_names():
   cfg = _cfg()
   mesh = sharding.make_mesh(_mesh_cfg(data=2, expert=2, model_axis=2))
-  rules = sharding.logical_rules()
+  rules = sharding.LOGICAL_RULES
   tokens = jnp.zeros((4, 8), jnp.int32)
   abstract = jax.eval_shape(model.Transformer(cfg).init, jax.random.PRNGKey(0), tokens)
   shard = sharding.state_shardings(abstract, mesh, rules)["params"]
@@ -98,7 +98,7 @@ def test_sharded_matches_unsharded(num_groups, capacity_factor):
 
   mesh_cfg = _mesh_cfg(data=2, expert=4)
   sharding.validate(mesh_cfg, cfg, batch, jax.device_count(), seq_len=length)
-  mesh, rules = sharding.make_mesh(mesh_cfg), sharding.logical_rules(mesh_cfg)
+  mesh, rules = sharding.make_mesh(mesh_cfg), sharding.LOGICAL_RULES
   with sharding.mesh_rules(mesh, rules):
     abstract = jax.eval_shape(init, jax.random.PRNGKey(0), tokens)
     state_sh = sharding.state_shardings(abstract, mesh, rules)

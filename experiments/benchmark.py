@@ -45,8 +45,6 @@ SHAPES = {"bench_s": (8, 64, 1024, 512), "moe_m": (4, 32, 768, 768),
           "olmoe": (8, 64, 2048, 1024)}
 # Datasheet dense bf16 peaks (TFLOP/s) and HBM bandwidth (GB/s) by device kind substring.
 KNOWN_PEAKS = {"H100": (989.0, 3350.0), "H200": (989.0, 4800.0)}
-# Vocabulary of each tokenizer when the config leaves model.vocab_size at 0.
-TOKENIZER_VOCAB = {"bytes": 257, "cl100k": 100277}
 
 _WHAT = flags.DEFINE_enum("what", "moe_layer", ["moe_layer", "train_step", "routing"],
                           "Which benchmark to run.")
@@ -226,8 +224,10 @@ def vocab_size(cfg):
     return int(cfg.data.synthetic.vocab_size) + 1
   if cfg.data.tokenizer == "sentencepiece":
     return int(cfg.data.sp_vocab_size)
-  if cfg.data.tokenizer in TOKENIZER_VOCAB:
-    return TOKENIZER_VOCAB[cfg.data.tokenizer]
+  from simbal_jax.data import tokenizers  # pylint: disable=g-import-not-at-top  (stdlib only)
+  known = {"bytes": tokenizers.BytesTokenizer.vocab_size, "cl100k": tokenizers.CL100K_VOCAB_SIZE}
+  if cfg.data.tokenizer in known:
+    return known[cfg.data.tokenizer]
   raise ValueError(f"set --config.model.vocab_size (tokenizer {cfg.data.tokenizer!r})")
 
 

@@ -130,6 +130,44 @@ def get_config(arg=None):
   return cfg
 
 
+def paper_config(*, d_model, num_layers, num_heads, rope_theta, peak_lr, global_batch_size,
+                 token_budget):
+  """The SimBal paper's MoE recipe (DESIGN.md section 1) at one model size.
+
+  32 experts top-4 with expert d_ff = d_model, every FFN an MoE (Dense variant: 4 * d_model),
+  cl100k vocabulary, bf16 compute (float32 master weights), AdamW with warm-up over 2000 steps,
+  dropless routing. Batch and sequence length are ours (2048-token sequences); steps are derived
+  from `token_budget` at start, after any command-line overrides.
+  """
+  cfg = get_config()
+  cfg.model.vocab_size = 100277  # cl100k_base
+  cfg.model.d_model = d_model
+  cfg.model.num_layers = num_layers
+  cfg.model.num_heads = num_heads
+  cfg.model.d_ff = 4 * d_model  # the Dense variant's FFN
+  cfg.model.rope_theta = rope_theta
+  cfg.model.dtype = "bfloat16"  # bf16 compute, float32 master weights
+  cfg.moe.num_experts = 32
+  cfg.moe.top_k = 4
+  cfg.moe.d_ff = d_model
+  # Dropless as in the paper. At this batch that is a huge buffer: on GPU pass
+  # --config.moe.capacity_factor=1.25, on TPU --config.moe.dispatch=ragged (README, Training).
+  cfg.moe.capacity_factor = 0.0
+  cfg.moe.num_groups = 0  # auto: one routing group per batch shard (mesh data x expert)
+  cfg.opt.peak_lr = peak_lr
+  cfg.opt.warmup_steps = 2000
+  cfg.data.source = "tfds"  # DCLM prepared as TFDS array_record (one shard held out)
+  cfg.data.tokenizer = "cl100k"
+  cfg.train.seq_len = 2048
+  cfg.train.global_batch_size = global_batch_size
+  cfg.train.token_budget = token_budget
+  cfg.train.num_steps = 0  # derived from token_budget at start, after any overrides
+  cfg.train.eval_batches = 64
+  cfg.ckpt.every = 1000
+  cfg.log.every = 50
+  return cfg
+
+
 def set_method(cfg, method):
   """Sets cfg.balance.method, checking it against METHODS."""
   if method not in METHODS:

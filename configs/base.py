@@ -3,13 +3,10 @@
 Experiment configs (`moe_m.py`, `moe_l.py`, `demo.py`, ...) start from `get_config()` here and
 change a few fields; `apply_variant` turns a variant name from the config string
 (`configs/moe_m.py:simbal`) into field changes. Any field can be overridden on the command line:
-`--config.moe.num_experts=16`.
+`--config.moe.num_experts=16` (the one override mechanism: ml_collections' own).
 """
 
 import ml_collections
-
-# Balancing methods understood by the trainer (simbal_jax.step.BALANCE_METHODS mirrors this).
-METHODS = ("none", "lbl", "simbal", "loss_free", "lf_lbl", "lf_simbal", "simbal_lbl")
 
 
 def get_config(arg=None):
@@ -49,17 +46,19 @@ def get_config(arg=None):
   e.dispatch = "capacity"
 
   cfg.balance = b = ml_collections.ConfigDict()
-  b.method = "lbl"  # one of METHODS
-  b.lbl_coef = 0.01  # alpha of alpha * E * sum f_i P_i (uniform router -> 1.0)
-  # sequence | batch | global. Under jit on global arrays "batch" and "global" both see the
-  # whole global batch; with train.grad_accum > 1 each micro-batch is its own batch.
-  b.lbl_scope = "batch"
-  b.simbal_coef = 0.1  # coefficient of ||R^T R - I||_1 (paper: 0.1)
-  b.simbal_norm = "l1"  # l1 (paper) | fro2
-  b.simbal_normalize = False  # use unit-norm router columns (cosine Gram)
-  b.simbal_reduction = "sum"  # sum (paper) | mean (divide by E^2)
+  # Balancing terms "name:coef+name:coef" from the registry simbal_jax.balance.TERMS (lbl,
+  # simbal, simbal_unit, colnorm, router_z, ...); a name alone takes its default coefficient
+  # (lbl 0.01 = alpha of alpha * E * sum f_i P_i, uniform router -> 1.0; simbal 0.1 = the
+  # paper's coefficient of ||R^T R - I||_1); "" = no balancing loss.
+  b.terms = "lbl:0.01"
+  b.loss_free = False  # Loss-Free (aux-loss-free) selection bias, updated after each step
   b.lf_rate = 1e-3  # Loss-Free bias update rate u: b += u * sign(mean - count)
-  b.router_z_coef = 0.0  # router z-loss coefficient (0: off)
+  # sequence | batch | global. "batch" is the (micro-)batch: the whole global batch under jit
+  # when train.grad_accum == 1. "global" is the whole global batch also with grad_accum > 1
+  # (one extra forward pass to get its expert fractions first).
+  b.lbl_scope = "batch"
+  b.simbal_norm = "l1"  # l1 (paper) | fro2
+  b.simbal_reduction = "sum"  # sum (paper) | mean (divide by E^2)
 
   cfg.opt = o = ml_collections.ConfigDict()
   o.peak_lr = 3e-3  # peak learning rate
@@ -102,9 +101,13 @@ def get_config(arg=None):
   t.num_steps = 300  # optimizer steps (0: derive from token_budget)
   t.token_budget = 0  # training tokens; used when num_steps == 0
   t.z_loss = 1e-5  # output-logit z-loss coefficient
-  t.eval_every = 100  # eval every N steps (0: only at the end)
-  t.eval_batches = 4  # validation batches per eval
-  t.debug_nan_step = -1  # testing hook: poison the loss at this step (-1: off)
+  # Evaluation: a fixed set of sequences spread over the whole held-out split, the same for
+  # every run with the same data settings (methods and seeds of one comparison).
+  t.eval_tokens = 16384  # evaluation-set size in tokens (rounded up to whole global batches)
+  t.num_evals = 8  # evaluations per run, the last at the final step (0: only at the end)
+  t.eval_spacing = "linear"  # linear | log: where the num_evals evaluations fall in the run
+  t.eval_every = 0  # > 0: evaluate every N steps instead of num_evals
+  t.pes_tokens = 0  # > 0: exact PES (all expert pairs) on this many eval tokens at the end
 
   cfg.ckpt = c = ml_collections.ConfigDict()
   c.enabled = True  # write checkpoints into <workdir>/checkpoints
@@ -162,70 +165,59 @@ def paper_config(*, d_model, num_layers, num_heads, rope_theta, peak_lr, global_
   cfg.train.global_batch_size = global_batch_size
   cfg.train.token_budget = token_budget
   cfg.train.num_steps = 0  # derived from token_budget at start, after any overrides
-  cfg.train.eval_batches = 64
+  cfg.train.eval_tokens = 64 * global_batch_size * 2048
+  cfg.train.num_evals = 40
+  cfg.train.pes_tokens = 4096
   cfg.ckpt.every = 1000
   cfg.log.every = 50
   return cfg
 
 
 def set_method(cfg, method):
-  """Sets cfg.balance.method, checking it against METHODS."""
-  if method not in METHODS:
-    raise ValueError(f"unknown balancing method {method!r}; valid: {', '.join(METHODS)}")
-  cfg.balance.method = method
+  """Sets the `balance.*` fields of a named method (simbal_jax.balance.METHODS)."""
+  from simbal_jax import balance  # pylint: disable=g-import-not-at-top  (jax: not for data/)
+  cfg.balance.update(balance.method_settings(method))
 
 
 def apply_variant(cfg, arg):
   """Applies a variant string: comma-separated tokens, each one of
 
-  <method>                  (none, lbl, simbal, loss_free, lf_lbl, lf_simbal, simbal_lbl)
+  <method>                  a named method of simbal_jax.balance.METHODS (none, lbl, simbal,
+                            simbal_unit, colnorm, simbal_lbl, loss_free, lf_lbl, lf_simbal)
   <method>_sigmoid / _softmax   the method with sigmoid (DeepSeek-V3) or softmax gating
-  simbal_coef<x>            SimBal with coefficient x (simbal_coef1, simbal_coef0.01)
+  simbal_coef<x>            SimBal alone with coefficient x (simbal_coef1, simbal_coef0.01)
   dense                     no experts (dense FFN of 4 * d_model)
-  key=value                 any field, e.g. moe.num_experts=16
+
+  Any other field: `--config.<field>=<value>` on the command line (or `cfg.<field> = ...`).
   """
+  from simbal_jax import balance  # pylint: disable=g-import-not-at-top  (jax: not for data/)
   for token in [s.strip() for s in str(arg).split(",") if s.strip()]:
     if "=" in token:
-      key, value = token.split("=", 1)
-      node = cfg
-      *parents, leaf = key.split(".")
-      for p in parents:
-        node = node[p]
-      try:
-        old = node[leaf]
-        if isinstance(old, bool):
-          node[leaf] = value.lower() in ("1", "true", "yes")
-        elif isinstance(old, int):
-          number = float(value)  # accepts 1e3 for an int field when it is a whole number
-          if number != int(number):
-            raise ValueError(f"{value!r} is not a whole number")
-          node[leaf] = int(number)
-        else:
-          node[leaf] = type(old)(value)
-      except (KeyError, AttributeError, ValueError, TypeError) as e:
-        raise ValueError(f"config variant {token!r}: cannot set {key}: {e}") from None
-    elif token == "dense":
+      key = token.split("=", 1)[0]
+      raise ValueError(f"config variant {token!r}: set fields with --config.{key}=... on the "
+                       "command line, not in the config string")
+    if token == "dense":
       cfg.moe.num_experts = 0
-      cfg.balance.method = "none"
+      set_method(cfg, "none")
     elif token.startswith("simbal_coef"):
       try:
         coef = float(token[len("simbal_coef"):])
       except ValueError:
         raise ValueError(f"config variant {token!r}: expected simbal_coef<number>, e.g. "
                          "simbal_coef0.1 (combine with other variants by commas: "
-                         "simbal_coef1,moe.gating=sigmoid)") from None
-      cfg.balance.method = "simbal"
-      cfg.balance.simbal_coef = coef
-    elif token.endswith("_sigmoid"):
+                         "simbal_coef1,simbal_sigmoid)") from None
+      cfg.balance.update(balance.method_settings("simbal"))
+      cfg.balance.terms = balance.format_terms(balance.parse_terms(f"simbal:{coef}"))
+    elif token.endswith("_sigmoid") and token[:-len("_sigmoid")] in balance.METHODS:
       set_method(cfg, token[:-len("_sigmoid")])
       cfg.moe.gating = "sigmoid"
-    elif token.endswith("_softmax"):
+    elif token.endswith("_softmax") and token[:-len("_softmax")] in balance.METHODS:
       set_method(cfg, token[:-len("_softmax")])
       cfg.moe.gating = "softmax_topk"
-    else:
-      if token not in METHODS:
-        raise ValueError(
-            f"unknown config variant {token!r}; valid: {', '.join(METHODS)}, "
-            "<method>_sigmoid, <method>_softmax, simbal_coef<x>, dense, key=value")
+    elif token in balance.METHODS:
       set_method(cfg, token)
+    else:
+      raise ValueError(
+          f"unknown config variant {token!r}; valid: {', '.join(balance.METHODS)}, "
+          "<method>_sigmoid, <method>_softmax, simbal_coef<x>, dense")
   return cfg

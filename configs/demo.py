@@ -4,11 +4,7 @@ Sized so that `make demo` trains it twice (LBL and SimBal) on 2 CPU cores in a f
 Variants as in base.py: `configs/demo.py:simbal`.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import base  # noqa: E402
+from simbal_jax.configs import base
 
 
 def get_config(arg=None):
@@ -25,12 +21,13 @@ def get_config(arg=None):
   cfg.opt.warmup_steps = 30
   cfg.data.source = "stdlib"
   cfg.data.tokenizer = "bytes"
-  cfg.data.max_docs = 400
+  cfg.data.max_docs = 0  # the whole standard library: many held-out documents
   cfg.train.seq_len = 64
   cfg.train.global_batch_size = 16
   cfg.train.num_steps = 1000
-  cfg.train.eval_every = 0
-  cfg.train.eval_batches = 4
+  cfg.train.eval_tokens = 65536  # 1024 sequences spread over the held-out files
+  cfg.train.num_evals = 12
+  cfg.train.pes_tokens = 512
   cfg.ckpt.every = 150
   cfg.log.every = 10
   base.apply_variant(cfg, arg or "lbl")

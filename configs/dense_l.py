@@ -1,10 +1,6 @@
 """Dense-L: MoE-L with one SwiGLU FFN of 4 * d_model per block and no balancing."""
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import moe_l  # noqa: E402
+from simbal_jax.configs import moe_l
 
 
 def get_config(arg=None):

@@ -4,11 +4,7 @@ Variants as in moe_m.py (`configs/moe_l.py:simbal`, `:dense` for Dense-L, ...). 
 2048 tokens, 1024 per step (2,097,152 tokens), so the 78.6B-token budget is 37,480 steps.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import base  # noqa: E402
+from simbal_jax.configs import base
 
 
 def get_config(arg=None):
@@ -16,7 +12,6 @@ def get_config(arg=None):
   cfg = base.paper_config(d_model=1536, num_layers=12, num_heads=12, rope_theta=1e5,
                           peak_lr=3e-4, global_batch_size=1024, token_budget=int(78.6e9))
   cfg.model.remat = True
-  cfg.train.eval_every = 2000
   cfg.mesh.expert = 1  # raise on multi-chip slices, e.g. --config.mesh.expert=8
   base.apply_variant(cfg, arg or "lbl")
   return cfg

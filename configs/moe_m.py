@@ -6,17 +6,12 @@ Batch and sequence length are not given in the paper: we use 2048-token sequence
 sequences per step (1,048,576 tokens), so the 19.9B-token budget is 18,979 steps.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import base  # noqa: E402
+from simbal_jax.configs import base
 
 
 def get_config(arg=None):
   """MoE-M; `arg` is a variant string (default: lbl)."""
   cfg = base.paper_config(d_model=768, num_layers=8, num_heads=8, rope_theta=1e4, peak_lr=5e-4,
                           global_batch_size=512, token_budget=int(19.9e9))
-  cfg.train.eval_every = 1000
   base.apply_variant(cfg, arg or "lbl")
   return cfg

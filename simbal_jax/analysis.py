@@ -1,16 +1,19 @@
 """Eval-time analysis: aggregate routing metrics over eval batches, and PES.
 
 `eval_metrics` turns the additive per-batch sums of `step.eval_step` into the flat eval dict:
-eval/loss, eval/ppl and per-MoE-layer routing metrics (`moe/layer_<i>/maxvio`, i = block index)
-plus their means over layers (`moe/maxvio`). Load metrics use the expert counts of all eval
-batches together; so does domain specialisation (`moe/domain_mi_norm`, I(expert; domain) /
-H(domain), when the eval batches carry domain labels: the synthetic source).
+eval/loss (mean over tokens), eval/loss_se (its standard error over the evaluation sequences),
+eval/ppl, and per-MoE-layer routing metrics (`eval/layer_<i>/maxvio`, i = block index) plus their
+means over layers (`eval/maxvio`). Load metrics use the expert counts of all eval batches
+together; so does domain specialisation (`eval/domain_mi_norm`, I(expert; domain) / H(domain),
+when the eval batches carry domain labels: the synthetic source). The metric names are defined
+once here (`ROUTING_METRICS`, `SUMMARY_COLUMNS`) for the writer, the summaries and the
+experiments.
 
 `layer_pes` computes the paper's PES on a sample of tokens: the inputs of every MoE block are
 captured with `flax.linen.intercept_methods` (on a copy of the model without `remat`: the
 parameter tree is the same, and a value captured inside `nn.remat` would be a leaked tracer),
 then every expert's SwiGLU is run from the stacked parameters on the sampled tokens and
-`metrics.pes` averages the pairwise cosines.
+`specialization.pes` averages the pairwise cosines.
 """
 
 import dataclasses
@@ -23,6 +26,19 @@ import numpy as np
 from simbal_jax import metrics as metrics_lib
 from simbal_jax import model as model_lib
 from simbal_jax import moe
+from simbal_jax import specialization
+
+
+# Per-layer routing metrics of an evaluation: eval/<name> (mean over MoE layers) and
+# eval/layer_<i>/<name>.
+ROUTING_METRICS = ("maxvio", "load_cv", "dead", "seu", "entropy", "ortho_l1", "ortho_mse",
+                   "domain_mi", "domain_mi_norm")
+# (header, key) of the final-metrics tables (trainer summary, demo, convergence).
+SUMMARY_COLUMNS = (("val loss", "eval/loss"), ("± se", "eval/loss_se"), ("val ppl", "eval/ppl"),
+                   ("MaxVio", "eval/maxvio"), ("load CV", "eval/load_cv"), ("SEU", "eval/seu"),
+                   ("entropy", "eval/entropy"), ("dead", "eval/dead"),
+                   ("ortho L1", "eval/ortho_l1"), ("ortho MSE", "eval/ortho_mse"),
+                   ("domain MI", "eval/domain_mi_norm"), ("PES min", "eval/pes_min"))
 
 
 def eval_load(sums):
@@ -56,6 +72,12 @@ def eval_metrics(sums, router_kernels=None, layer_ids=None):
   tokens = tot("tokens")
   loss = tot("ce_sum") / max(tokens, 1.0)
   out = {"eval/loss": loss, "eval/ppl": float(np.exp(min(loss, 80.0))), "eval/tokens": tokens}
+  if "ce_seq" in sums[0]:
+    # Every sequence has the same length, so the token mean is the mean of sequence means and
+    # its standard error is that of the sequence means (tokens within one are correlated).
+    seq = np.concatenate([np.asarray(s["ce_seq"], np.float64).reshape(-1) for s in sums])
+    out["eval/sequences"] = float(seq.size)
+    out["eval/loss_se"] = float(seq.std(ddof=1) / np.sqrt(seq.size)) if seq.size > 1 else 0.0
   load = eval_load(sums)
   if load is None:
     return out
@@ -75,14 +97,14 @@ def eval_metrics(sums, router_kernels=None, layer_ids=None):
     per["ortho_l1"], per["ortho_mse"] = np.asarray(gap.l1), np.asarray(gap.mse)
   domain_counts = eval_domain_counts(sums)
   if domain_counts is not None:
-    spec = metrics_lib.specialization_from_counts(domain_counts)
+    spec = specialization.specialization_from_counts(domain_counts)
     per["domain_mi"], per["domain_mi_norm"] = np.asarray(spec.mutual_info), np.asarray(
         spec.normalized)
   for name, values in per.items():
     values = np.asarray(values, np.float64).reshape(n_moe)
     for i, v in zip(layer_ids, values):
-      out[f"moe/layer_{i}/{name}"] = float(v)
-    out[f"moe/{name}"] = float(values.mean())
+      out[f"eval/layer_{i}/{name}"] = float(v)
+    out[f"eval/{name}"] = float(values.mean())
   return out
 
 
@@ -155,7 +177,7 @@ def layer_pes(key, model, params, tokens_BxL, *, num_tokens=256, expert_bias=Non
     for name in path:
       block = block[name]
     x_TxD = x_BxLxD.reshape(total, -1)[idx]
-    values.append(float(metrics_lib.pes(all_expert_outputs(block, x_TxD))))
+    values.append(float(specialization.pes(all_expert_outputs(block, x_TxD))))
   values = np.asarray(values, np.float64)
   return {"pes": values, "min": float(values.min()), "mean": float(values.mean()),
           "num_tokens": n}

@@ -343,33 +343,19 @@ def simbal(kernel, *, norm="l1", normalize=False, reduction="sum"):
   return total / (num_experts * num_experts) if reduction == "mean" else total
 
 
-def orthogonal_init(scale=1.0):
-  """Initializer `init(key, shape, dtype=float32)` for router kernels of shape [..., D, E].
+def column_norm_loss(kernel):
+  """`sum_e |(R^T R)_ee - 1|`: the diagonal part of SimBal's L1 (column squared norms held at 1).
 
-  Draws a Gaussian [..., max(D, E), min(D, E)] matrix per leading index, takes its reduced QR
-  factor Q with the sign convention diag(R) > 0 (Haar-distributed), and returns `scale * Q`:
-  orthonormal columns (`R^T R = scale^2 I_E`, SimBal 0 for scale 1) when D >= E; when D < E the
-  transpose, i.e. orthonormal rows (`R R^T = scale^2 I_D`), the closest to orthogonal possible.
-  Same signature as `jax.nn.initializers` / Flax initializers; usable as `kernel_init`.
+  The "scale without direction" control of SimBal: it constrains each router column's norm
+  (hence the logit scale) exactly as SimBal's diagonal does, with no angular (off-diagonal)
+  term. `simbal(R) = column_norm_loss(R) + sum_{i != j} |G_ij|` for the L1 norm.
 
   Args:
-    scale: float multiplier.
+    kernel: float[..., D, E] router kernel(s) (float32 inside); leading dims give one value each.
 
   Returns:
-    Callable (key, shape, dtype=jnp.float32) -> Array of `shape` and `dtype`.
+    float32[...] (scalar for a single [D, E] kernel).
   """
-
-  def init(key, shape, dtype=jnp.float32):
-    shape = tuple(shape)
-    if len(shape) < 2:
-      raise ValueError(f"orthogonal_init needs a shape [..., D, E] of rank >= 2, got {shape}.")
-    d, e = shape[-2:]
-    a = jax.random.normal(key, shape[:-2] + (max(d, e), min(d, e)), jnp.float32)
-    q, r = jnp.linalg.qr(a)
-    sign = jnp.where(jnp.diagonal(r, axis1=-2, axis2=-1) < 0, -1.0, 1.0)
-    q = q * sign[..., None, :]
-    if d < e:
-      q = jnp.swapaxes(q, -1, -2)
-    return (scale * q).astype(dtype)
-
-  return init
+  _checks.check_min_rank("kernel", kernel, 2, "[..., D, E]")
+  r = _upcast(kernel)
+  return jnp.sum(jnp.abs(jnp.sum(r * r, axis=-2) - 1.0), axis=-1)

@@ -10,8 +10,7 @@ Load metrics take a per-expert load vector (fractions or counts: CV, MaxVio and 
 scale invariant) and reduce over its last axis, so a stacked `[Lm, E]` gives one value per layer.
 
 The expert-diversity metrics (PES exact and sampled, routing consistency, domain
-specialisation) live in `simbal_jax.specialization` and are re-exported here, so
-`metrics.pes(expert_outputs)` works.
+specialisation) live in `simbal_jax.specialization`.
 """
 
 import functools
@@ -22,17 +21,6 @@ import jax.numpy as jnp
 
 from simbal_jax import _checks
 from simbal_jax import losses
-# Re-exported expert-diversity metrics (see simbal_jax/specialization.py).
-from simbal_jax.specialization import DomainSpecialization  # noqa: F401
-from simbal_jax.specialization import domain_expert_counts  # noqa: F401
-from simbal_jax.specialization import domain_specialization  # noqa: F401
-from simbal_jax.specialization import pes  # noqa: F401
-from simbal_jax.specialization import pes_sample_indices  # noqa: F401
-from simbal_jax.specialization import pes_sampled  # noqa: F401
-from simbal_jax.specialization import PESEstimate  # noqa: F401
-from simbal_jax.specialization import routing_consistency  # noqa: F401
-from simbal_jax.specialization import spearman  # noqa: F401
-from simbal_jax.specialization import specialization_from_counts  # noqa: F401
 
 
 class OrthoGap(NamedTuple):

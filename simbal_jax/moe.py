@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from simbal_jax import init as init_lib
 from simbal_jax import losses
 from simbal_jax import routing
 
@@ -115,7 +116,7 @@ def kernel_init(in_axis=-2, out_axis=-1, batch_axis=()):
 def router_initializer(kind, scale=1.0):
   """Initializer for a router kernel [D, E]: "orthogonal" or "normal" (see MoEConfig)."""
   if kind == "orthogonal":
-    return losses.orthogonal_init(scale)
+    return init_lib.orthogonal_init(scale)
   if kind == "normal":
     def init(key, shape, dtype=jnp.float32):
       std = scale / jnp.sqrt(shape[-2]).astype(jnp.float32)

@@ -1,16 +1,17 @@
 """TrainState and the pure train / eval steps.
 
-Loss = cross-entropy + z_loss * logit z-loss + the configured balancing terms:
-  lbl:    lbl_coef * mean over MoE layers of E * sum_i f_i P_i (uniform router -> 1.0)
-  simbal: simbal_coef * mean over MoE layers of ||R^T R - I||_1 (paper: entry-wise L1)
-  router z-loss (optional): router_z_coef * mean over layers of mean logsumexp(router logits)^2
-Coefficients are applied once, after the mean over layers. Loss-Free methods update the
-per-layer selection bias (TrainState.expert_bias, state not parameter) after the optimizer step
-from the expert counts of the whole global batch (all micro-batches).
+Loss = cross-entropy + z_loss * logit z-loss + sum over the configured balancing terms of
+coef * (mean over MoE layers of the term), the terms coming from the registry in
+`simbal_jax.balance` (`balance.terms`, e.g. "lbl:0.01", "simbal:0.1"); each term's layer mean is
+logged as `train/<name>`. Loss-Free balancing (`balance.loss_free`) updates the per-layer
+selection bias (TrainState.expert_bias, state not parameter) after the optimizer step from the
+expert counts of the whole global batch (all micro-batches).
 
-Gradient accumulation (`grad_accum` > 1) scans over micro-batches; the LBL of each micro-batch
-uses that micro-batch's f and P (the mean over micro-batches is reported and differentiated).
-lbl_scope "global" (f and P of the whole global batch) is therefore rejected with grad_accum > 1.
+Gradient accumulation (`grad_accum` > 1) scans over micro-batches. Every term sees one
+micro-batch, except the LBL with lbl_scope "global": then a forward-only pass over all
+micro-batches first computes f of the whole global batch, and each micro-batch's LBL uses that f
+with its own P, so the mean over equal-sized micro-batches is exactly the global-batch LBL in
+value and gradient (losses.lbl_from_stats explains why). That costs one extra forward pass.
 """
 
 import dataclasses
@@ -22,12 +23,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from simbal_jax import balance
 from simbal_jax import losses
 from simbal_jax import metrics as metrics_lib
 from simbal_jax import model as model_lib
 from simbal_jax import routing
-
-BALANCE_METHODS = ("none", "lbl", "simbal", "loss_free", "lf_lbl", "lf_simbal", "simbal_lbl")
+from simbal_jax import specialization
 
 
 @flax.struct.dataclass
@@ -51,61 +52,45 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-  """Static settings of the steps (hashable; bound by closure)."""
-  method: str = "lbl"
-  lbl_coef: float = 0.01
-  lbl_scope: str = "batch"
-  simbal_coef: float = 0.1
-  simbal_norm: str = "l1"
-  simbal_normalize: bool = False
-  simbal_reduction: str = "sum"
+  """Static settings of the steps (hashable; bound by closure).
+
+  Attributes:
+    terms: ((name, coef), ...) balancing terms (balance.parse_terms of `balance.terms`).
+    loss_free: update the Loss-Free selection bias after each step.
+    lf_rate: Loss-Free update rate u.
+    options: balance.Options of the built-in terms.
+    z_loss: output-logit z-loss coefficient.
+    grad_accum: micro-batches per step.
+  """
+  terms: tuple = (("lbl", 0.01),)
+  loss_free: bool = False
   lf_rate: float = 1e-3
-  router_z_coef: float = 0.0
+  options: balance.Options = balance.Options()
   z_loss: float = 1e-5
   grad_accum: int = 1
-  debug_nan_step: int = -1
 
   def __post_init__(self):
-    if self.method not in BALANCE_METHODS:
-      raise ValueError(f"unknown balance.method {self.method!r}; valid: "
-                       f"{', '.join(BALANCE_METHODS)}")
-    if self.lbl_scope not in losses.SCOPES:
-      raise ValueError(f"balance.lbl_scope={self.lbl_scope!r}; valid: {losses.SCOPES}")
-    if self.simbal_norm not in losses.SIMBAL_NORMS:
-      raise ValueError(f"balance.simbal_norm={self.simbal_norm!r}; valid: {losses.SIMBAL_NORMS}")
-    if self.simbal_reduction not in losses.SIMBAL_REDUCTIONS:
-      raise ValueError(f"balance.simbal_reduction={self.simbal_reduction!r}; valid: "
-                       f"{losses.SIMBAL_REDUCTIONS}")
+    for name, coef in self.terms:
+      if name not in balance.TERMS or not coef >= 0:
+        raise ValueError(f"balance.terms: bad term {(name, coef)!r}; registered: "
+                         f"{', '.join(sorted(balance.TERMS))}")
     if self.grad_accum < 1:
       raise ValueError(f"train.grad_accum must be >= 1, got {self.grad_accum}")
-    if self.use_lbl and self.lbl_scope == "global" and self.grad_accum > 1:
-      raise ValueError(
-          f"balance.lbl_scope='global' with train.grad_accum={self.grad_accum}: the global scope "
-          "over gradient-accumulation steps is not implemented in the trainer (each micro-batch "
-          "would silently use its own f and P). Use lbl_scope='batch' (per micro-batch) or "
-          "train.grad_accum=1.")
 
   @property
-  def use_lbl(self):
-    return self.method in ("lbl", "lf_lbl", "simbal_lbl")
-
-  @property
-  def use_simbal(self):
-    return self.method in ("simbal", "lf_simbal", "simbal_lbl")
-
-  @property
-  def use_loss_free(self):
-    return self.method in ("loss_free", "lf_lbl", "lf_simbal")
+  def global_lbl_accum(self):
+    """Whether the LBL needs the global batch's f computed before the micro-batches."""
+    return (self.grad_accum > 1 and self.options.lbl_scope == "global"
+            and any(n == "lbl" for n, _ in self.terms))
 
   @classmethod
   def from_config(cls, cfg):
     b, t = cfg.balance, cfg.train
-    return cls(method=b.method, lbl_coef=float(b.lbl_coef), lbl_scope=b.lbl_scope,
-               simbal_coef=float(b.simbal_coef), simbal_norm=b.simbal_norm,
-               simbal_normalize=bool(b.simbal_normalize), simbal_reduction=b.simbal_reduction,
-               lf_rate=float(b.lf_rate), router_z_coef=float(b.router_z_coef),
-               z_loss=float(t.z_loss), grad_accum=int(t.grad_accum),
-               debug_nan_step=int(t.get("debug_nan_step", -1)))
+    return cls(terms=balance.parse_terms(b.terms), loss_free=bool(b.loss_free),
+               lf_rate=float(b.lf_rate),
+               options=balance.Options(lbl_scope=b.lbl_scope, simbal_norm=b.simbal_norm,
+                                       simbal_reduction=b.simbal_reduction),
+               z_loss=float(t.z_loss), grad_accum=int(t.grad_accum))
 
 
 def init_state(key, model, tx):
@@ -132,15 +117,16 @@ def _bias_arg(model, expert_bias):
   return expert_bias if model.config.moe is not None else None
 
 
-def loss_fn(params, batch, expert_bias, step, *, model, sc):
+def loss_fn(params, batch, expert_bias, *, model, sc, expert_fraction=None):
   """Total loss of one (micro-)batch.
 
   Args:
     params: model parameters.
     batch: dict(inputs=int32[B, L], targets=int32[B, L], optional mask=[B, L]).
     expert_bias: float32[Lm, E].
-    step: int32[] the step being computed (1-based), for the NaN debug hook.
     model: model.Transformer. sc: StepConfig.
+    expert_fraction: float32[Lm, E] f of the whole global batch (lbl_scope "global" under
+      gradient accumulation), or None.
   Returns:
     (loss float32[], (aux dict of float32[] scalars, counts float32[Lm, E] or None)).
   """
@@ -148,41 +134,46 @@ def loss_fn(params, batch, expert_bias, step, *, model, sc):
   logits, aux = model.apply({"params": params}, batch["inputs"],
                             expert_bias=_bias_arg(model, expert_bias))
   ce, z = losses.cross_entropy(logits, batch["targets"], batch.get("mask"))
-  if sc.debug_nan_step > 0:
-    ce = ce + jnp.where(step == sc.debug_nan_step, jnp.nan, 0.0)
   loss = ce + sc.z_loss * z
   out = {"ce": ce, "z_loss": z}
   counts = None
   if mcfg.moe is not None:
-    r = aux.router
-    n_moe, e = r.probs.shape[0], r.probs.shape[-1]
     mask = batch.get("mask")  # padding tokens (none in packed batches) leave the statistics
-    mask_T = None if mask is None else mask.reshape(-1)
-    if sc.use_lbl:
-      probs, index, lbl_mask = r.probs, r.expert_index, mask_T
-      if sc.lbl_scope == "sequence":
-        b, l = batch["inputs"].shape
-        probs = probs.reshape(n_moe, b, l, e)
-        index = index.reshape(n_moe, b, l, -1)
-        lbl_mask = mask
-      lbl = jnp.mean(jax.vmap(lambda p, i: losses.load_balancing(
-          p, i, scope=sc.lbl_scope, mask=lbl_mask))(probs, index))
-      loss = loss + sc.lbl_coef * lbl
-      out["lbl"] = lbl
-    if sc.use_simbal:
-      kern = model_lib.router_kernels(params, mcfg)
-      sim = jnp.mean(losses.simbal(kern, norm=sc.simbal_norm, normalize=sc.simbal_normalize,
-                                   reduction=sc.simbal_reduction))
-      loss = loss + sc.simbal_coef * sim
-      out["simbal"] = sim
-    if sc.router_z_coef > 0:
-      rz = jnp.mean(jax.vmap(lambda x: losses.router_z_loss(x, mask_T))(r.logits))
-      loss = loss + sc.router_z_coef * rz
-      out["router_z"] = rz
+    mask_T = None if mask is None else mask.reshape(-1).astype(jnp.float32)
+    options = dataclasses.replace(sc.options, batch_shape=tuple(batch["inputs"].shape))
+    values = balance.layer_values(sc.terms, aux.router, model_lib.router_kernels(params, mcfg),
+                                  mask_T, options, expert_fraction)
+    for name, coef in sc.terms:
+      out[name] = jnp.mean(values[name])  # mean over MoE layers, coefficient applied once
+      loss = loss + coef * out[name]
     counts = aux.counts.astype(jnp.float32)
     out["dropped"] = jnp.mean(aux.dropped)
   out["loss"] = loss
   return loss, (out, counts)
+
+
+def global_expert_fraction(params, micro, expert_bias, *, model):
+  """f float32[Lm, E] of all micro-batches together (forward only, stop-gradient).
+
+  Args:
+    micro: dict of int32[A, b, L] micro-batches.
+  """
+  k = model.config.moe.top_k
+
+  def body(total, mb):
+    _, aux = model.apply({"params": params}, mb["inputs"],
+                         expert_bias=_bias_arg(model, expert_bias))
+    mask = mb.get("mask")
+    mask_T = None if mask is None else mask.reshape(-1)
+    assigned = jax.vmap(lambda i: routing.expert_counts(i, aux.router.probs.shape[-1], mask_T))(
+        aux.router.expert_index)
+    tokens = jnp.float32(mb["inputs"].size) if mask is None else jnp.sum(mask, dtype=jnp.float32)
+    return (total[0] + assigned.astype(jnp.float32), total[1] + tokens), None
+
+  n_moe, e = model.config.num_moe_layers, model.config.moe.num_experts
+  zeros = (jnp.zeros((n_moe, e), jnp.float32), jnp.zeros((), jnp.float32))
+  (assigned, tokens), _ = jax.lax.scan(body, zeros, micro)
+  return jax.lax.stop_gradient(assigned / jnp.maximum(k * tokens, 1.0))
 
 
 def train_step(state, batch, *, model, tx, sc, schedule=None):
@@ -192,24 +183,28 @@ def train_step(state, batch, *, model, tx, sc, schedule=None):
     state: TrainState.
     batch: dict of int32[B, L] (B = global batch, split into sc.grad_accum micro-batches).
   Returns:
-    (new TrainState, flat dict of float32[] metrics with 'train/' and 'moe/' namespaces).
+    (new TrainState, flat dict of float32[] metrics, all under 'train/': loss, ce, z_loss,
+    one per balancing term, grad_norm, param_norm, lr, and for MoE maxvio, dropped and with
+    Loss-Free bias_absmax).
   """
-  step = state.step + 1
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   kw = dict(model=model, sc=sc)
   if sc.grad_accum == 1:
-    (_, (out, counts)), grads = grad_fn(state.params, batch, state.expert_bias, step, **kw)
+    (_, (out, counts)), grads = grad_fn(state.params, batch, state.expert_bias, **kw)
   else:
     a = sc.grad_accum
     micro = jax.tree.map(lambda x: x.reshape(a, x.shape[0] // a, *x.shape[1:]), batch)
+    if sc.global_lbl_accum:
+      kw["expert_fraction"] = global_expert_fraction(state.params, micro, state.expert_bias,
+                                                     model=model)
 
     def body(carry, mb):
-      (_, (o, c)), g = grad_fn(state.params, mb, state.expert_bias, step, **kw)
+      (_, (o, c)), g = grad_fn(state.params, mb, state.expert_bias, **kw)
       return jax.tree.map(jnp.add, carry, (g, o, c)), None
 
     (_, (o0, c0)), g0 = jax.eval_shape(
         lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), state.expert_bias,
-                        step, **kw))
+                        **kw))
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (g0, o0, c0))
     (grads, out, counts), _ = jax.lax.scan(body, zeros, micro)
     grads = jax.tree.map(lambda g: g / a, grads)
@@ -217,20 +212,20 @@ def train_step(state, batch, *, model, tx, sc, schedule=None):
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   bias = state.expert_bias
-  if sc.use_loss_free and counts is not None:
+  if sc.loss_free and counts is not None:
     bias = routing.loss_free_update(bias, counts, sc.lf_rate)
-  metrics = {f"train/{k}": v for k, v in out.items() if k != "dropped"}
+  metrics = {f"train/{k}": v for k, v in out.items()}
   metrics["train/grad_norm"] = optax.tree.norm(grads)
   metrics["train/param_norm"] = optax.tree.norm(params)
   if schedule is not None:
     metrics["train/lr"] = schedule(state.step)
   if counts is not None:
     load = counts / jnp.maximum(jnp.sum(counts, axis=-1, keepdims=True), 1.0)
-    metrics["moe/maxvio"] = jnp.mean(jax.vmap(metrics_lib.max_vio)(load))
-    metrics["moe/dropped"] = out["dropped"]
-    if sc.use_loss_free:
-      metrics["moe/bias_absmax"] = jnp.max(jnp.abs(bias))
-  new_state = state.replace(step=step, params=params, opt_state=opt_state, expert_bias=bias)
+    metrics["train/maxvio"] = jnp.mean(jax.vmap(metrics_lib.max_vio)(load))
+    if sc.loss_free:
+      metrics["train/bias_absmax"] = jnp.max(jnp.abs(bias))
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            expert_bias=bias)
   return new_state, metrics
 
 
@@ -244,16 +239,19 @@ def eval_step(params, expert_bias, batch, *, model, num_domains=0):
     num_domains: static int D; when > 0 and the batch carries `domain`, the (domain, expert)
       count table is added (every token has its sequence's domain).
   Returns:
-    dict: ce_sum float32[], tokens float32[], and for MoE models counts float32[Lm, E],
+    dict: ce_sum float32[], tokens float32[], ce_seq float32[B] (each sequence's mean
+    cross-entropy: the host's standard errors and paired comparisons), and for MoE models
+    counts float32[Lm, E],
     entropy_sum float32[Lm] (token-summed routing entropy), seu_sum float32[Lm]
     (sequence-summed SEU), seqs float32[], and with domains domain_counts float32[Lm, D, E]
-    (routed assignments per domain and expert, see metrics.domain_expert_counts).
+    (routed assignments per domain and expert, see specialization.domain_expert_counts).
   """
   logits, aux = model.apply({"params": params}, batch["inputs"],
                             expert_bias=_bias_arg(model, expert_bias))
   b, l = batch["inputs"].shape
-  ce, _ = losses.cross_entropy(logits, batch["targets"])
-  out = {"ce_sum": ce * (b * l), "tokens": jnp.float32(b * l), "seqs": jnp.float32(b)}
+  ce_seq, _ = jax.vmap(losses.cross_entropy)(logits, batch["targets"])
+  out = {"ce_sum": jnp.sum(ce_seq) * l, "tokens": jnp.float32(b * l), "seqs": jnp.float32(b),
+         "ce_seq": ce_seq}
   if aux is not None:
     r = aux.router
     e, k = r.probs.shape[-1], r.expert_index.shape[-1]
@@ -264,7 +262,7 @@ def eval_step(params, expert_bias, batch, *, model, num_domains=0):
     if num_domains > 0 and "domain" in batch:
       domain_T = jnp.repeat(batch["domain"].astype(jnp.int32), l)  # tokens are sequence-major
       out["domain_counts"] = jax.vmap(
-          lambda i: metrics_lib.domain_expert_counts(i, domain_T, e, num_domains))(
+          lambda i: specialization.domain_expert_counts(i, domain_T, e, num_domains))(
               r.expert_index)
   return out
 

@@ -7,11 +7,13 @@ initialise (workdir > ckpt.resume_from > ckpt.init_from > scratch), then loop.
 """
 
 import copy
+import dataclasses
 import functools
+import json
 import math
 import os
 import time
-import types
+from typing import Any
 
 from absl import logging
 import jax
@@ -19,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from simbal_jax import analysis
+from simbal_jax import balance
 from simbal_jax import checkpoint
 from simbal_jax import data as data_lib
 from simbal_jax import model as model_lib
@@ -45,24 +48,77 @@ def prepare_config(config):
     if t.token_budget <= 0:
       raise ValueError("set train.num_steps > 0 or train.token_budget > 0")
     t.num_steps = int(math.ceil(t.token_budget / (t.global_batch_size * t.seq_len)))
-  for name in ("seq_len", "global_batch_size", "grad_accum"):
+  for name in ("seq_len", "global_batch_size", "grad_accum", "eval_tokens"):
     if int(t[name]) < 1:
       raise ValueError(f"train.{name} must be >= 1, got {t[name]}")
+  for name in ("num_evals", "eval_every", "pes_tokens"):
+    if int(t[name]) < 0:
+      raise ValueError(f"train.{name} must be >= 0, got {t[name]}")
+  if t.eval_spacing not in EVAL_SPACINGS:
+    raise ValueError(f"train.eval_spacing={t.eval_spacing!r}; valid: {', '.join(EVAL_SPACINGS)}")
   if t.global_batch_size % t.grad_accum:
     raise ValueError(f"train.global_batch_size={t.global_batch_size} not divisible by "
                      f"train.grad_accum={t.grad_accum}")
-  step_lib.StepConfig.from_config(cfg)  # validates balance.* (lists valid methods)
-  if cfg.moe.num_experts <= 0 and cfg.balance.method != "none":
-    raise ValueError(f"balance.method={cfg.balance.method!r} needs an MoE model "
-                     "(moe.num_experts > 0); use balance.method='none' for a dense model")
+  sc = step_lib.StepConfig.from_config(cfg)  # validates balance.* (lists valid terms)
+  if cfg.moe.num_experts <= 0 and (sc.terms or sc.loss_free):
+    raise ValueError(f"balance.terms={cfg.balance.terms!r} / balance.loss_free="
+                     f"{cfg.balance.loss_free} need an MoE model (moe.num_experts > 0); use "
+                     "balance.terms='' and loss_free=False (variant 'none') for a dense model")
   return cfg
 
 
-def build(config, workdir, devices=None):
-  """Builds everything the loop needs; raises config / data / mesh errors before compiling.
+EVAL_SPACINGS = ("linear", "log")
 
+
+def eval_steps(t):
+  """The steps (sorted, the last one = num_steps) at which `train` evaluates.
+
+  Args:
+    t: cfg.train. `eval_every > 0`: every that many steps. Else `num_evals` evaluations,
+      evenly spaced in steps ("linear") or in log(step) from step ~num_steps/100 ("log").
+  """
+  n = int(t.num_steps)
+  if int(t.eval_every) > 0:
+    return sorted(set(range(int(t.eval_every), n + 1, int(t.eval_every))) | {n})
+  k = int(t.num_evals)
+  if k <= 1:
+    return [n]
+  if t.eval_spacing == "log":
+    points = np.geomspace(max(n / 100.0, 1.0), n, k)
+  else:
+    points = np.linspace(n / k, n, k)
+  return sorted({min(max(int(round(p)), 1), n) for p in points} | {n})
+
+
+@dataclasses.dataclass(frozen=True)
+class Env:
+  """Everything the loop needs, built once by `build` (immutable)."""
+  cfg: ml_collections.ConfigDict  # prepared config (derived fields resolved)
+  sc: step_lib.StepConfig
+  model: model_lib.Transformer
+  mcfg: model_lib.ModelConfig
+  tx: Any  # optax transformation
+  schedule: Any  # learning-rate schedule
+  mesh: jax.sharding.Mesh
+  rules: tuple  # logical axis rules
+  init: Any  # key -> boxed TrainState
+  abstract: Any  # unboxed abstract TrainState with shardings
+  shardings: Any  # TrainState of NamedShardings
+  batch_sharding: jax.sharding.NamedSharding
+  datasets: Any = None  # data.Datasets, or None when built without data
+
+
+def build(config, workdir=None, devices=None, *, data=True):
+  """Builds the run's Env; raises config / data / mesh errors before anything compiles.
+
+  Args:
+    config: ConfigDict (configs/base.py).
+    workdir: run directory (the data cache defaults to <workdir>/data); needed with data.
+    devices: devices for the mesh (default: all).
+    data: prepare the data (train iterator, eval set); without it `model.vocab_size` must be
+      set (benchmarks).
   Returns:
-    types.SimpleNamespace `env`: `build_model`'s fields plus `datasets`.
+    Env.
   """
   cfg = prepare_config(config)
   t = cfg.train
@@ -72,17 +128,34 @@ def build(config, workdir, devices=None):
   probe = model_lib.ModelConfig.from_config(cfg, vocab_size=max(cfg.model.vocab_size, 1))
   sharding.validate(cfg.mesh, probe, int(t.global_batch_size), len(devices),
                     seq_len=int(t.seq_len))
-  datasets = data_lib.make_datasets(
-      cfg.data, seq_len=int(t.seq_len), batch_size=int(t.global_batch_size), workdir=workdir,
-      seed=int(cfg.seed), process_index=jax.process_index(), process_count=jax.process_count())
-  vocab = int(cfg.model.vocab_size) or int(datasets.vocab_size)
-  if vocab < datasets.vocab_size:
-    raise ValueError(f"model.vocab_size={vocab} is smaller than the tokenizer's "
-                     f"{datasets.vocab_size}")
-  cfg.model.vocab_size = vocab
-  env = build_model(cfg, devices)
-  env.datasets = datasets
-  return env
+  datasets = None
+  if data:
+    datasets = data_lib.make_datasets(
+        cfg.data, seq_len=int(t.seq_len), batch_size=int(t.global_batch_size), workdir=workdir,
+        seed=int(cfg.seed), process_index=jax.process_index(),
+        process_count=jax.process_count())
+    vocab = int(cfg.model.vocab_size) or int(datasets.vocab_size)
+    if vocab < datasets.vocab_size:
+      raise ValueError(f"model.vocab_size={vocab} is smaller than the tokenizer's "
+                       f"{datasets.vocab_size}")
+    cfg.model.vocab_size = vocab
+  if int(cfg.model.vocab_size) < 1:
+    raise ValueError("build(data=False) needs model.vocab_size > 0")
+  mcfg = model_lib.ModelConfig.from_config(cfg)
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  model = model_lib.Transformer(mcfg)
+  tx, schedule = optim.make_optimizer(cfg.opt, int(t.num_steps))
+  rules = sharding.LOGICAL_RULES
+  init = functools.partial(step_lib.init_state, model=model, tx=tx)
+  boxed = jax.eval_shape(init, jax.random.key(0))
+  shardings = sharding.state_shardings(boxed, mesh, rules)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          step_lib.unbox(boxed), shardings)
+  batch_sharding = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(("data", "expert")))
+  return Env(cfg=cfg, sc=step_lib.StepConfig.from_config(cfg), model=model, mcfg=mcfg, tx=tx,
+             schedule=schedule, mesh=mesh, rules=rules, init=init, abstract=abstract,
+             shardings=shardings, batch_sharding=batch_sharding, datasets=datasets)
 
 
 def resolve_num_groups(cfg, num_devices):
@@ -95,41 +168,6 @@ def resolve_num_groups(cfg, num_devices):
   if int(cfg.moe.num_experts) > 0 and int(cfg.moe.num_groups) == 0:
     data, expert, _ = sharding.mesh_shape(cfg.mesh, num_devices)
     cfg.moe.num_groups = 1 if cfg.moe.dispatch == "ragged" else data * expert
-
-
-def build_model(cfg, devices=None):
-  """Model, optimizer, mesh and state shardings of a prepared config (no data).
-
-  Args:
-    cfg: ConfigDict from `prepare_config`, with `model.vocab_size` > 0.
-    devices: devices for the mesh (default: all).
-  Returns:
-    types.SimpleNamespace with cfg, sc, model, mcfg, tx, schedule, mesh, rules, init,
-    abstract (unboxed abstract TrainState with shardings), shardings, batch_sharding.
-  """
-  if int(cfg.model.vocab_size) < 1:
-    raise ValueError("build_model needs cfg.model.vocab_size > 0")
-  t = cfg.train
-  devices = list(jax.devices() if devices is None else devices)
-  resolve_num_groups(cfg, len(devices))
-  mcfg = model_lib.ModelConfig.from_config(cfg)
-  sharding.validate(cfg.mesh, mcfg, int(t.global_batch_size), len(devices),
-                    seq_len=int(t.seq_len))
-  mesh = sharding.make_mesh(cfg.mesh, devices)
-  model = model_lib.Transformer(mcfg)
-  tx, schedule = optim.make_optimizer(cfg.opt, int(t.num_steps))
-  rules = sharding.LOGICAL_RULES
-  init = functools.partial(step_lib.init_state, model=model, tx=tx)
-  boxed = jax.eval_shape(init, jax.random.key(0))
-  shardings = sharding.state_shardings(boxed, mesh, rules)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          step_lib.unbox(boxed), shardings)
-  batch_sharding = jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec(("data", "expert")))
-  return types.SimpleNamespace(
-      cfg=cfg, sc=step_lib.StepConfig.from_config(cfg), model=model, mcfg=mcfg, tx=tx,
-      schedule=schedule, mesh=mesh, rules=rules, init=init, abstract=abstract,
-      shardings=shardings, batch_sharding=batch_sharding)
 
 
 TRAIN_KEYS = ("inputs", "targets", "mask")
@@ -181,27 +219,29 @@ def make_train_step(env):
       donate_argnums=(0,))
 
 
-def make_steps(env):
-  """Jitted train step (state donated) and eval step."""
+def make_eval_step(env):
+  """The jitted eval step: (params, expert_bias, batch) -> additive statistics."""
   num_domains = int(env.cfg.data.synthetic.num_domains) if env.datasets.has_domain else 0
-  evaluate = jax.jit(
+  return jax.jit(
       functools.partial(step_lib.eval_step, model=env.model, num_domains=num_domains),
       in_shardings=(env.shardings.params, env.shardings.expert_bias, env.batch_sharding))
-  return make_train_step(env), evaluate
 
 
-def eval_batches_of(env, host_batches=None):
-  """The global eval batches (with domain labels when the source has them).
-
-  `host_batches`: the host-local numpy batches when already loaded (default: load them).
-  """
-  if host_batches is None:
-    host_batches = env.datasets.eval_batches(int(env.cfg.train.eval_batches))
-  return [to_global(b, env.batch_sharding, EVAL_KEYS) for b in host_batches]
+def eval_set(env):
+  """The host-local evaluation batches: ceil(eval_tokens / (B * L)) global batches of
+  sequences spread over the whole held-out split (data.Datasets.eval_indices), identical for
+  every run with the same data settings."""
+  t = env.cfg.train
+  n = max(1, math.ceil(int(t.eval_tokens) / (int(t.global_batch_size) * int(t.seq_len))))
+  return env.datasets.eval_batches(n)
 
 
 def evaluate(env, eval_step, state, eval_batches):
-  """Eval metrics of `state` (analysis.eval_metrics) and the per-batch sums behind them."""
+  """Eval metrics of `state` (analysis.eval_metrics) and the per-batch sums behind them.
+
+  Args:
+    eval_batches: global batches (`to_global(b, env.batch_sharding, EVAL_KEYS)`).
+  """
   sums = [jax.device_get(eval_step(state.params, state.expert_bias, b)) for b in eval_batches]
   kernels = None
   if env.mcfg.moe is not None:
@@ -210,21 +250,136 @@ def evaluate(env, eval_step, state, eval_batches):
   return analysis.eval_metrics(sums, kernels, layer_ids), sums
 
 
+def final_pes(env, state, host_eval):
+  """Exact PES per MoE layer on `train.pes_tokens` tokens sampled from the eval set.
+
+  Returns:
+    dict eval/pes_min, eval/pes_mean, eval/layer_<i>/pes (empty for dense models or when
+    pes_tokens is 0).
+  """
+  n = int(env.cfg.train.pes_tokens)
+  if env.mcfg.moe is None or n <= 0 or not host_eval:
+    return {}
+  tokens = np.concatenate([b["inputs"] for b in host_eval])
+  tokens = tokens[:max(1, math.ceil(n / tokens.shape[1]))]
+  pes = analysis.layer_pes(jax.random.key(int(env.cfg.seed)), env.model, state.params,
+                           jax.numpy.asarray(tokens), num_tokens=n,
+                           expert_bias=state.expert_bias)
+  layer_ids = [i for i in range(env.mcfg.num_layers) if env.mcfg.is_moe_layer(i)]
+  out = {"eval/pes_min": pes["min"], "eval/pes_mean": pes["mean"]}
+  out.update({f"eval/layer_{i}/pes": float(v) for i, v in zip(layer_ids, pes["pes"])})
+  return out
+
+
 def _host(metrics):
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
-  """Trains and evaluates; returns a summary dict (final eval metrics, timings, status).
+def write_config(workdir, cfg):
+  """Writes the resolved config as <workdir>/config.json (atomically)."""
+  path = os.path.join(workdir, "config.json")
+  tmp = path + f".tmp{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(cfg.to_dict(), f, indent=1, sort_keys=True, default=str)
+  os.replace(tmp, path)
 
-  Timings: `wall_seconds` is the whole call; `first_step_seconds` the first step of this run
-  (compilation); `train_seconds` the loop after the first step less `eval_ckpt_seconds` (the
-  evals and checkpoint saves inside the loop), so `tokens_per_second` is the training
-  throughput of the compiled step (a one-step run can only time its compiling step).
+
+class _Timer:
+  """Training throughput of the compiled step: time after the first (compiling) step less the
+  evaluations and checkpoint saves inside the loop."""
+
+  def __init__(self, start_step):
+    self.start_step = start_step
+    self.t_loop = self.t_first = time.time()
+    self.paused = 0.0
+
+  def first_step_done(self):
+    self.t_first = time.time()
+
+  def result(self, step, tokens_per_step):
+    timed_steps = step - self.start_step - 1  # steps after the compiling one
+    train_seconds = time.time() - self.t_first - self.paused
+    if timed_steps < 1:  # a one-step run: only the compiling step to measure
+      timed_steps, train_seconds = step - self.start_step, self.t_first - self.t_loop
+    return dict(first_step_seconds=self.t_first - self.t_loop, train_seconds=train_seconds,
+                eval_ckpt_seconds=self.paused,
+                tokens_per_second=timed_steps * tokens_per_step / max(train_seconds, 1e-9))
+
+
+def run_loop(env, state, it, *, ckpt, writer, on_eval, hooks=()):
+  """Trains from `state` to train.num_steps (or a preemption).
+
+  Args:
+    state: TrainState (its step is where the loop starts).
+    it: the train data iterator (checkpointed with the state).
+    ckpt: checkpoint.Checkpointer or None.
+    writer: writers.MetricWriter.
+    on_eval: callable(state, step) run at every evaluation step before the last.
+    hooks: callables hook(step, state) after each dispatched step.
+  Returns:
+    (state, step, status "done" | "preempted", timing dict of `_Timer.result`).
+  """
+  cfg, t = env.cfg, env.cfg.train
+  num_steps, start = int(t.num_steps), int(jax.device_get(state.step))
+  tokens_per_step = int(t.global_batch_size) * int(t.seq_len)
+  train_step = make_train_step(env)
+  due_evals = set(eval_steps(t))
+  progress = writers.Progress(start, num_steps, tokens_per_step,
+                              enabled=cfg.log.progress and jax.process_index() == 0)
+  timer = _Timer(start)
+  pending, step, status = None, start, "done"
+
+  def save(st, step, force=False):
+    return ckpt is not None and ckpt.save(step, st, it.get_state(), config=cfg.to_dict(),
+                                          force=force)
+
+  with checkpoint.PreemptionHandler() as preempt:
+    while step < num_steps:
+      state, metrics = train_step(state, to_global(next(it), env.batch_sharding))
+      step += 1
+      if step == start + 1:
+        jax.block_until_ready(metrics)
+        timer.first_step_done()
+      for hook in hooks:
+        hook(step, state)
+      if pending is not None:  # fetch step t-1 after dispatching step t
+        _check_and_log(pending, writer, progress, cfg)
+      pending = (step, metrics)
+      due_save = ckpt is not None and ckpt.should_save(step)
+      due_eval = step in due_evals and step < num_steps
+      if due_save or due_eval or preempt.requested or step == num_steps:
+        _check_and_log(pending, writer, progress, cfg)  # never save a NaN state
+        pending = None
+      t_pause = time.time()
+      if due_eval:
+        on_eval(state, step)
+      if due_save:
+        save(state, step)
+      if preempt.requested:
+        save(state, step, force=True)
+      timer.paused += time.time() - t_pause
+      if preempt.requested:
+        status = "preempted"
+        logging.warning("preempted at step %d: checkpoint saved, exiting", step)
+        break
+  progress.close()
+  if status == "done":
+    save(state, step, force=True)
+  return state, step, status, timer.result(step, tokens_per_step)
+
+
+def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
+  """Trains and evaluates; returns (summary dict, final TrainState).
+
+  The summary holds the final eval metrics (`eval/...`, with PES when train.pes_tokens > 0),
+  `status` ("done" | "preempted"), `step`, `start_step`, `resumed_from`, the timings of
+  `_Timer.result` (`tokens_per_second` is the throughput of the compiled step, evaluations and
+  saves excluded) and `wall_seconds`; `expert_load` float64[Lm, E] and `domain_expert_counts`
+  of the final evaluation; `model_config`.
 
   Args:
     config: ConfigDict (see configs/base.py).
-    workdir: str, run directory (checkpoints/, metrics.jsonl, tb/, data cache).
+    workdir: str, run directory (config.json, checkpoints/, metrics.jsonl, tb/, data cache).
     hooks: callables hook(step, state) run on the host after each dispatched step (testing,
       profiling); they must not block on the state unless they mean to.
     devices: devices for the mesh (default: all).
@@ -233,11 +388,13 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
     NonFiniteLossError: NaN or Inf training loss (names the step).
   """
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
   t0 = time.time()
-  env = build(config, workdir, devices)
+  env = build(config, workdir, devices)  # validates before anything is written
   cfg, t = env.cfg, env.cfg.train
   is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    write_config(workdir, cfg)
   logging.info("devices: %d (%d processes), mesh %s", jax.device_count(), jax.process_count(),
                dict(env.mesh.shape))
   ckpt = None
@@ -247,7 +404,7 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
                                    async_save=cfg.ckpt.async_save)
   writer = writers.MetricWriter(workdir, tensorboard=cfg.log.tensorboard, enabled=is_main)
   tokens_per_step = int(t.global_batch_size) * int(t.seq_len)
-  summary = {"status": "running"}
+  summary = {}
   try:
     with sharding.mesh_rules(env.mesh, env.rules):
       state, data_state, source = initial_state(env, ckpt)
@@ -257,83 +414,32 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
       it = env.datasets.train_iter()
       if data_state:
         it.set_state(data_state)
-      train_step, eval_step = make_steps(env)
-      host_eval = env.datasets.eval_batches(int(t.eval_batches))
-      eval_batches = eval_batches_of(env, host_eval)
+      eval_step = make_eval_step(env)
+      host_eval = eval_set(env)
+      eval_batches = [to_global(b, env.batch_sharding, EVAL_KEYS) for b in host_eval]
 
-      def run_eval(st, step):
+      def run_eval(st, step, extra=None):
         m, sums = evaluate(env, eval_step, st, eval_batches)
-        writer.write(step, m)
+        m.update(extra or {})
+        writer.write(step, {**m, "train/tokens": step * tokens_per_step})
         summary["expert_load"] = analysis.eval_load(sums)
         summary["domain_expert_counts"] = analysis.eval_domain_counts(sums)
+        logging.info("eval step %d: %s", step, _brief(m))
         return m
 
-      def save(st, step, force=False):
-        if ckpt is None:
-          return False
-        return ckpt.save(step, st, it.get_state(), config=cfg.to_dict(), force=force)
-
-      progress = writers.Progress(start, int(t.num_steps), tokens_per_step,
-                                  enabled=cfg.log.progress and is_main)
-      pending = None  # (step, metrics on device) of the previous step
-      last_eval, step = {}, start
-      t_loop = t_first = time.time()  # t_first: end of the first (compiling) step
-      paused = 0.0  # seconds of evals and checkpoint saves inside the loop
-      with checkpoint.PreemptionHandler() as preempt:
-        while step < int(t.num_steps):
-          batch = to_global(next(it), env.batch_sharding)
-          state, metrics = train_step(state, batch)
-          step += 1
-          if step == start + 1:
-            jax.block_until_ready(metrics)
-            t_first = time.time()
-          for hook in hooks:
-            hook(step, state)
-          if pending is not None:  # fetch step t-1 after dispatching step t
-            _check_and_log(pending, writer, progress, cfg)
-          pending = (step, metrics)
-          due_save = ckpt is not None and ckpt.should_save(step)
-          due_eval = t.eval_every > 0 and step % int(t.eval_every) == 0
-          if due_save or due_eval or preempt.requested or step == int(t.num_steps):
-            _check_and_log(pending, writer, progress, cfg)  # never save a NaN state
-            pending = None
-          t_pause = time.time()
-          if due_eval and step < int(t.num_steps):
-            last_eval = run_eval(state, step)
-            logging.info("eval step %d: %s", step, _brief(last_eval))
-          if due_save:
-            save(state, step)
-          if preempt.requested:
-            save(state, step, force=True)
-          paused += time.time() - t_pause
-          if preempt.requested:
-            summary["status"] = "preempted"
-            logging.warning("preempted at step %d: checkpoint saved, exiting", step)
-            break
-      progress.close()
-      timed_steps = step - start - 1  # steps after the compiling one
-      train_seconds = time.time() - t_first - paused
-      if timed_steps < 1:  # a one-step run: only the compiling step to measure
-        timed_steps, train_seconds = step - start, t_first - t_loop
-      if summary["status"] != "preempted":
-        save(state, step, force=True)
-        last_eval = run_eval(state, step)
-        summary["status"] = "done"
-      summary.update(last_eval)
-      summary.update(step=step, start_step=start, resumed_from=source,
-                     first_step_seconds=t_first - t_loop, train_seconds=train_seconds,
-                     eval_ckpt_seconds=paused,
-                     tokens_per_second=timed_steps * tokens_per_step / max(train_seconds, 1e-9),
-                     wall_seconds=time.time() - t0)
-      summary.update(final_state=state, model_config=env.mcfg, config=cfg,
-                     eval_batch=host_eval[0] if host_eval else None)
+      state, step, status, timing = run_loop(env, state, it, ckpt=ckpt, writer=writer,
+                                             on_eval=run_eval, hooks=hooks)
+      if status == "done":
+        summary.update(run_eval(state, step, final_pes(env, state, host_eval)))
   finally:
     if ckpt is not None:
       ckpt.close()
     writer.close()
+  summary.update(status=status, step=step, start_step=start, resumed_from=source,
+                 wall_seconds=time.time() - t0, model_config=env.mcfg, **timing)
   if is_main:
     print(summary_table(summary))
-  return summary
+  return summary, state
 
 
 def _check_and_log(pending, writer, progress, cfg):
@@ -344,21 +450,18 @@ def _check_and_log(pending, writer, progress, cfg):
     raise NonFiniteLossError(step, loss)
   progress.update(step, loss)
   if step % max(int(cfg.log.every), 1) == 0 or step == int(cfg.train.num_steps):
+    m["train/tokens"] = step * int(cfg.train.global_batch_size) * int(cfg.train.seq_len)
     writer.write(step, m)
 
 
 def _brief(m):
-  keys = ("eval/loss", "eval/ppl", "moe/maxvio", "moe/load_cv", "moe/dead", "moe/seu",
-          "moe/domain_mi_norm")
-  return ", ".join(f"{k}={m[k]:.4g}" for k in keys if k in m)
+  return ", ".join(f"{k}={m[k]:.4g}" for _, k in analysis.SUMMARY_COLUMNS if k in m)
 
 
 def summary_table(summary):
-  """A small table of the final metrics."""
-  keys = ("eval/loss", "eval/ppl", "moe/maxvio", "moe/load_cv", "moe/dead", "moe/seu",
-          "moe/entropy", "moe/ortho_l1", "moe/ortho_mse", "moe/domain_mi_norm",
-          "tokens_per_second", "wall_seconds")
-  rows = [(k, summary[k]) for k in keys if k in summary]
+  """A small table of the final metrics (analysis.SUMMARY_COLUMNS and throughput)."""
+  rows = [(k, summary[k]) for _, k in analysis.SUMMARY_COLUMNS if k in summary]
+  rows += [(k, summary[k]) for k in ("tokens_per_second", "wall_seconds") if k in summary]
   width = max([len(k) for k, _ in rows] + [6])
   lines = [f"{'metric'.ljust(width)}  value", "-" * (width + 14)]
   lines += [f"{k.ljust(width)}  {v:.6g}" for k, v in rows]

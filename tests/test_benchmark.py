@@ -9,7 +9,7 @@ import sys
 import jax
 import pytest
 
-from configs import demo
+from simbal_jax.configs import demo
 from experiments import benchmark
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")

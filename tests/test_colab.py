@@ -43,4 +43,4 @@ def test_training_cells_run(tmp_path, monkeypatch, steps):
   for method in ("lbl", "simbal"):
     summary = ns["summaries"][method]
     assert summary["status"] == "done" and summary["step"] == steps
-    assert all(k in summary for k in ("eval/loss", "moe/maxvio", "moe/seu", "moe/ortho_l1"))
+    assert all(k in summary for k in ("eval/loss", "eval/maxvio", "eval/seu", "eval/ortho_l1"))

@@ -5,23 +5,31 @@ from absl import flags
 from ml_collections import config_flags
 import pytest
 
-from configs import base, demo, dense_l, dense_m, moe_l, moe_m
+from simbal_jax.configs import base, demo, dense_l, dense_m, moe_l, moe_m
 from simbal_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("mod", [moe_m, moe_l])
-@pytest.mark.parametrize("variant,method,gating", [
-    ("lbl", "lbl", "softmax_topk"), ("simbal", "simbal", "softmax_topk"),
-    ("none", "none", "softmax_topk"), ("loss_free", "loss_free", "softmax_topk"),
-    ("lf_lbl", "lf_lbl", "softmax_topk"), ("lf_simbal", "lf_simbal", "softmax_topk"),
-    ("loss_free_sigmoid", "loss_free", "sigmoid"), ("lf_lbl_sigmoid", "lf_lbl", "sigmoid"),
-    ("lf_simbal_sigmoid", "lf_simbal", "sigmoid"), ("simbal_lbl", "simbal_lbl", "softmax_topk"),
+@pytest.mark.parametrize("variant,terms,loss_free,gating", [
+    # Every variant that existed before the term registry, with the terms and coefficients it
+    # meant then (lbl_coef 0.01, simbal_coef 0.1), plus the ablation aliases.
+    ("lbl", "lbl:0.01", False, "softmax_topk"), ("simbal", "simbal:0.1", False, "softmax_topk"),
+    ("none", "", False, "softmax_topk"), ("loss_free", "", True, "softmax_topk"),
+    ("lf_lbl", "lbl:0.01", True, "softmax_topk"), ("lf_simbal", "simbal:0.1", True,
+                                                   "softmax_topk"),
+    ("loss_free_sigmoid", "", True, "sigmoid"), ("lf_lbl_sigmoid", "lbl:0.01", True, "sigmoid"),
+    ("lf_simbal_sigmoid", "simbal:0.1", True, "sigmoid"),
+    ("simbal_lbl", "simbal:0.1+lbl:0.01", False, "softmax_topk"),
+    ("simbal_coef1", "simbal:1", False, "softmax_topk"),
+    ("simbal_coef0.01,lbl_sigmoid", "lbl:0.01", False, "sigmoid"),
+    ("simbal_unit", "simbal_unit:0.1", False, "softmax_topk"),
+    ("colnorm", "colnorm:0.1", False, "softmax_topk"),
 ])
-def test_variants(mod, variant, method, gating):
+def test_variants(mod, variant, terms, loss_free, gating):
   cfg = mod.get_config(variant)
-  assert cfg.balance.method == method
+  assert cfg.balance.terms == terms and cfg.balance.loss_free is loss_free
   assert cfg.moe.gating == gating
   assert cfg.moe.num_experts == 32 and cfg.moe.top_k == 4
   assert cfg.model.vocab_size == 100277 and cfg.data.tokenizer == "cl100k"
@@ -37,8 +45,8 @@ def test_paper_values():
   for c in (m, l):
     assert c.opt.weight_decay == 0.01 and c.opt.warmup_steps == 2000
     assert c.opt.warmup_init_frac == 0.1 and c.opt.final_frac == 0.1
-    assert c.train.z_loss == 1e-5 and c.balance.lbl_coef == 0.01
-    assert c.balance.simbal_coef == 0.1 and c.moe.router_init == "orthogonal"
+    assert c.train.z_loss == 1e-5 and c.balance.terms == "lbl:0.01"
+    assert c.moe.router_init == "orthogonal"
     assert c.moe.capacity_factor <= 0  # dropless
     # steps cover the token budget and no more than one extra step
     assert c.train.num_steps == 0  # derived from the budget after command-line overrides
@@ -52,10 +60,10 @@ def test_paper_values():
 def test_sweep_and_dense():
   for x in ("1", "0.1", "0.01"):
     c = moe_m.get_config("simbal_coef" + x)
-    assert c.balance.method == "simbal" and c.balance.simbal_coef == float(x)
+    assert c.balance.terms == f"simbal:{x}" and not c.balance.loss_free
   for d, ref in ((dense_m, 768), (dense_l, 1536)):
     c = d.get_config()
-    assert c.moe.num_experts == 0 and c.model.d_ff == 4 * ref and c.balance.method == "none"
+    assert c.moe.num_experts == 0 and c.model.d_ff == 4 * ref and c.balance.terms == ""
 
 
 def test_unknown_method_lists_valid():
@@ -65,16 +73,10 @@ def test_unknown_method_lists_valid():
     base.apply_variant(base.get_config(), "bogus_sigmoid")
 
 
-def test_key_value_variant():
-  c = demo.get_config("simbal,moe.num_experts=4,ckpt.async_save=false,train.num_steps=1e3")
-  assert c.moe.num_experts == 4 and c.ckpt.async_save is False and c.balance.method == "simbal"
-  assert c.train.num_steps == 1000 and isinstance(c.train.num_steps, int)
-
-
 @pytest.mark.parametrize("variant,match", [
-    ("train.num_steps=2.5", "train.num_steps"), ("moe.no_such_field=1", "moe.no_such_field"),
-    ("simbal_coef1_sigmoid", "simbal_coef<number>"), ("opt.peak_lr=fast", "opt.peak_lr")])
-def test_bad_variant_names_the_key(variant, match):
+    ("moe.num_experts=4", "--config.moe.num_experts"),
+    ("simbal_coef1_sigmoid", "simbal_coef<number>"), ("bogus_softmax", "lf_simbal")])
+def test_bad_variant_names_the_problem(variant, match):
   with pytest.raises(ValueError, match=match):
     demo.get_config(variant)
 
@@ -95,7 +97,8 @@ def test_config_flags_override():
   fv(argv)
   cfg = fv.config
   assert cfg.moe.num_experts == 16 and cfg.train.num_steps == 7
-  assert cfg.balance.method == "lf_simbal" and cfg.moe.gating == "sigmoid"
+  assert cfg.balance.terms == "simbal:0.1" and cfg.balance.loss_free
+  assert cfg.moe.gating == "sigmoid"
   argv2 = ["prog", f"--config={ROOT}/configs/demo.py", "--config.moe.not_a_field=1"]
   fv2 = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, flag_values=fv2, lock_config=True,
@@ -104,6 +107,17 @@ def test_config_flags_override():
     fv2(argv2)
 
 
-def test_config_methods_match_the_trainer():
-  from simbal_jax import step  # pylint: disable=g-import-not-at-top
-  assert base.METHODS == step.BALANCE_METHODS
+def test_configs_import_from_outside_the_checkout(tmp_path):
+  """configs/ is installed as simbal_jax.configs: no sys.path edits, any working directory."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  out = subprocess.run(
+      [sys.executable, "-c", "from simbal_jax.configs import demo; "
+       "print(demo.get_config('simbal').balance.terms)"],
+      cwd=tmp_path, capture_output=True, text=True, check=True,
+      env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+  assert out.stdout.strip() == "simbal:0.1"
+  for name in os.listdir(os.path.join(ROOT, "configs")):
+    if name.endswith(".py"):
+      text = open(os.path.join(ROOT, "configs", name), encoding="utf-8").read()
+      assert "sys.path" not in text, name

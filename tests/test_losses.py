@@ -7,6 +7,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from jax.test_util import check_grads
 
+from simbal_jax import init as init_lib
 from simbal_jax import losses
 
 E, K = 8, 2
@@ -211,15 +212,15 @@ def test_simbal_zero_for_orthogonal_kernels():
   rng = np.random.default_rng(7)
   q, _ = np.linalg.qr(rng.normal(size=(32, 8)))
   assert float(losses.simbal(jnp.asarray(q, jnp.float32))) < 1e-5
-  stacked = losses.orthogonal_init()(jax.random.key(0), (3, 32, 8))
+  stacked = init_lib.orthogonal_init()(jax.random.key(0), (3, 32, 8))
   assert stacked.shape == (3, 32, 8) and stacked.dtype == jnp.float32
   np.testing.assert_array_less(np.asarray(losses.simbal(stacked)), 1e-5)
   assert not np.allclose(stacked[0], stacked[1])
-  scaled = losses.orthogonal_init(scale=2.0)(jax.random.key(1), (16, 4), jnp.bfloat16)
+  scaled = init_lib.orthogonal_init(scale=2.0)(jax.random.key(1), (16, 4), jnp.bfloat16)
   assert scaled.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(scaled, np.float64).T @ np.asarray(scaled, np.float64),
                              4 * np.eye(4), atol=0.1)
-  wide = np.asarray(losses.orthogonal_init()(jax.random.key(2), (4, 16)), np.float64)
+  wide = np.asarray(init_lib.orthogonal_init()(jax.random.key(2), (4, 16)), np.float64)
   np.testing.assert_allclose(wide @ wide.T, np.eye(4), atol=1e-5)  # D < E: orthonormal rows
   assert float(losses.simbal(wide)) > 1.0
 
@@ -268,7 +269,7 @@ def test_simbal_variants_vs_numpy_and_grads(norm, normalize, reduction):
     (lambda: losses.simbal(jnp.ones((4, 2)), norm="l2"), "valid: 'l1', 'fro2'"),
     (lambda: losses.simbal(jnp.ones((4, 2)), reduction="max"), "valid: 'sum', 'mean'"),
     (lambda: losses.simbal(jnp.ones(4)), "rank >= 2"),
-    (lambda: losses.orthogonal_init()(jax.random.key(0), (4,)), "rank >= 2"),
+    (lambda: init_lib.orthogonal_init()(jax.random.key(0), (4,)), "rank >= 2"),
 ])
 def test_bad_input_raises(call, match):
   with pytest.raises(ValueError, match=match):

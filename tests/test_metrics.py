@@ -10,6 +10,7 @@ import pytest
 import scipy.stats
 
 from simbal_jax import metrics
+from simbal_jax import specialization
 
 E, K = 8, 2
 
@@ -154,7 +155,7 @@ def _correlated_outputs(seed, tokens=24, experts=E, dim=16):
 def test_pes_identical_experts_is_one():
   rng = _rng(5)
   outputs = np.repeat(rng.normal(size=(10, 1, 16)), E, axis=1) * rng.uniform(0.5, 2, (10, E, 1))
-  assert float(metrics.pes(outputs.astype(np.float32))) == pytest.approx(1.0, abs=1e-5)
+  assert float(specialization.pes(outputs.astype(np.float32))) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_pes_orthogonal_experts_is_zero():
@@ -163,7 +164,7 @@ def test_pes_orthogonal_experts_is_zero():
   for _ in range(10):  # per token: expert i outputs a scaled i-th column of a random rotation
     q, _ = np.linalg.qr(rng.normal(size=(16, 16)))
     outputs.append(q[:, :E].T * rng.uniform(0.1, 10, (E, 1)))
-  assert float(metrics.pes(np.array(outputs, np.float32))) == pytest.approx(0.0, abs=1e-5)
+  assert float(specialization.pes(np.array(outputs, np.float32))) == pytest.approx(0.0, abs=1e-5)
 
 
 def test_pes_random_vs_numpy_loop_with_mask_and_zero_output():
@@ -173,14 +174,14 @@ def test_pes_random_vs_numpy_loop_with_mask_and_zero_output():
   mask[2] = True
   expected = _pes_numpy(outputs)
   assert 0.2 < expected < 0.8  # the case is not trivially 0 or 1
-  assert float(metrics.pes(outputs)) == pytest.approx(expected, abs=2e-6)
-  assert float(metrics.pes(outputs, mask)) == pytest.approx(_pes_numpy(outputs, mask), abs=2e-6)
+  assert float(specialization.pes(outputs)) == pytest.approx(expected, abs=2e-6)
+  assert float(specialization.pes(outputs, mask)) == pytest.approx(_pes_numpy(outputs, mask), abs=2e-6)
 
 
 def test_pes_sampled_within_three_stderr():
   outputs = _correlated_outputs(9, tokens=200, dim=8) * _rng(10).uniform(0.2, 3, (200, 1, 1))
-  exact = float(metrics.pes(outputs))
-  est = metrics.pes_sampled(jax.random.key(0), outputs, num_tokens=64, num_pairs=5)
+  exact = float(specialization.pes(outputs))
+  est = specialization.pes_sampled(jax.random.key(0), outputs, num_tokens=64, num_pairs=5)
   assert (est.num_tokens, est.num_pairs) == (64, 5) and isinstance(est.num_tokens, int)
   assert float(est.stderr) > 0
   assert abs(float(est.mean) - exact) < 3 * float(est.stderr)
@@ -188,18 +189,18 @@ def test_pes_sampled_within_three_stderr():
 
 def test_pes_sampled_all_tokens_all_pairs_is_exact():
   outputs = _correlated_outputs(11, tokens=12)
-  est = metrics.pes_sampled(jax.random.key(1), outputs, 12, E * (E - 1) // 2)
+  est = specialization.pes_sampled(jax.random.key(1), outputs, 12, E * (E - 1) // 2)
   assert float(est.mean) == pytest.approx(_pes_numpy(outputs), abs=2e-6)
 
 
 def test_pes_sample_indices_are_distinct_pairs():
-  tokens, first, second = metrics.pes_sample_indices(jax.random.key(2), 30, E, 20, 10)
+  tokens, first, second = specialization.pes_sample_indices(jax.random.key(2), 30, E, 20, 10)
   tokens, first, second = map(np.asarray, (tokens, first, second))
   assert len(set(tokens.tolist())) == 20 and tokens.max() < 30
   assert np.all(first < second) and second.max() < E
   for row_i, row_j in zip(first, second):
     assert len(set(zip(row_i.tolist(), row_j.tolist()))) == 10
-  more = metrics.pes_sample_indices(jax.random.key(2), 5, E, 9, 1)[0]  # N > T: replacement
+  more = specialization.pes_sample_indices(jax.random.key(2), 5, E, 9, 1)[0]  # N > T: replacement
   assert np.asarray(more).shape == (9,) and np.asarray(more).max() < 5
 
 
@@ -212,9 +213,9 @@ def test_spearman_with_ties_vs_scipy():
   b = np.round(a + rng.normal(size=300), 0) / 3  # many ties
   b[:40] = 0.0
   expected = scipy.stats.spearmanr(a, b).statistic
-  got = metrics.spearman(a.astype(np.float32), b.astype(np.float32))
+  got = specialization.spearman(a.astype(np.float32), b.astype(np.float32))
   assert float(got) == pytest.approx(expected, abs=1e-5)
-  assert float(metrics.spearman(a, np.ones(300))) == 0.0
+  assert float(specialization.spearman(a, np.ones(300))) == 0.0
 
 
 def test_routing_consistency_direction_determines_experts():
@@ -230,7 +231,7 @@ def test_routing_consistency_direction_determines_experts():
   phi = 2 * np.pi * np.arange(num_experts) / num_experts
   w[0], w[1] = np.cos(phi), np.sin(phi)
   index = np.argsort(-(x @ w), axis=-1)[:, :top_k].astype(np.int32)
-  rho = metrics.routing_consistency(jax.random.key(3), x.astype(np.float32), index, 2000)
+  rho = specialization.routing_consistency(jax.random.key(3), x.astype(np.float32), index, 2000)
   assert float(rho) > 0.9
 
 
@@ -238,7 +239,7 @@ def test_routing_consistency_random_choices_near_zero():
   rng = _rng(14)
   x = rng.normal(size=(256, 32)).astype(np.float32)
   index = _random_topk(rng, (256,), num_experts=16, top_k=4)
-  rho = metrics.routing_consistency(jax.random.key(4), x, index, 4000)
+  rho = specialization.routing_consistency(jax.random.key(4), x, index, 4000)
   assert abs(float(rho)) < 0.1
 
 
@@ -277,9 +278,9 @@ def test_jit_matches_eager():
       (lambda i, m: metrics.seu(i, E, m), (index, mask)),
       (metrics.routing_entropy, (probs, mask.reshape(24))),
       (metrics.orthogonality_gap, (rng.normal(size=(2, 8, E)).astype(np.float32),)),
-      (metrics.pes, (outputs,)),
-      (functools.partial(metrics.pes_sampled, num_tokens=8, num_pairs=3), (key, outputs)),
-      (functools.partial(metrics.routing_consistency, num_pairs=50),
+      (specialization.pes, (outputs,)),
+      (functools.partial(specialization.pes_sampled, num_tokens=8, num_pairs=3), (key, outputs)),
+      (functools.partial(specialization.routing_consistency, num_pairs=50),
        (key, x, index.reshape(24, K))),
   ]
   for fn, args in cases:
@@ -296,11 +297,11 @@ def test_jit_matches_eager():
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda: metrics.pes(np.ones((4, E), np.float32)), "rank 3"),
-    (lambda: metrics.pes(np.ones((4, 1, 3), np.float32)), "at least 2 experts"),
-    (lambda: metrics.pes(np.ones((4, E, 3)), np.ones(5, bool)), "mask_T"),
-    (lambda: metrics.pes_sampled(jax.random.key(0), np.ones((4, 4, 3)), 2, 7), "num_pairs"),
-    (lambda: metrics.pes_sampled(jax.random.key(0), np.ones((4, 4, 3)), 1, 2), "num_tokens"),
+    (lambda: specialization.pes(np.ones((4, E), np.float32)), "rank 3"),
+    (lambda: specialization.pes(np.ones((4, 1, 3), np.float32)), "at least 2 experts"),
+    (lambda: specialization.pes(np.ones((4, E, 3)), np.ones(5, bool)), "mask_T"),
+    (lambda: specialization.pes_sampled(jax.random.key(0), np.ones((4, 4, 3)), 2, 7), "num_pairs"),
+    (lambda: specialization.pes_sampled(jax.random.key(0), np.ones((4, 4, 3)), 1, 2), "num_tokens"),
     (lambda: metrics.expert_load(np.zeros((4, 2), np.float32), E), "integer dtype"),
     (lambda: metrics.expert_load(np.zeros((4,), np.int32), E), "rank 2"),
     (lambda: metrics.expert_load(np.zeros((4, 2), np.int32), 2.5), "static Python int"),
@@ -309,11 +310,11 @@ def test_jit_matches_eager():
     (lambda: metrics.seu(np.zeros((4, 2), np.int32), E), "rank 3"),
     (lambda: metrics.routing_entropy(np.ones((2, 3, E))), "rank 2"),
     (lambda: metrics.orthogonality_gap(np.ones(E)), "rank >= 2"),
-    (lambda: metrics.routing_consistency(jax.random.key(0), np.ones((5, 3)),
+    (lambda: specialization.routing_consistency(jax.random.key(0), np.ones((5, 3)),
                                          np.zeros((4, 2), np.int32), 10), "disagree on T"),
-    (lambda: metrics.routing_consistency(jax.random.key(0), np.ones((5, 3)),
+    (lambda: specialization.routing_consistency(jax.random.key(0), np.ones((5, 3)),
                                          np.zeros((5, 2), np.int32), 1), "num_pairs"),
-    (lambda: metrics.spearman(np.ones(3), np.ones(4)), "equal size"),
+    (lambda: specialization.spearman(np.ones(3), np.ones(4)), "equal size"),
 ])
 def test_bad_arguments_raise(call, match):
   with pytest.raises(ValueError, match=match):

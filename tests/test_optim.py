@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import moe_m
+from simbal_jax.configs import moe_m
 from simbal_jax import optim
 from simbal_jax import train
 

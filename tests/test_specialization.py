@@ -191,25 +191,26 @@ def test_trained_router_specialises_on_synthetic_domains(tmp_path):
   cfg.opt.peak_lr = 2e-2
   cfg.data.synthetic.num_docs, cfg.data.synthetic.vocab_size = 1024, 16
   cfg.data.eval_fraction = 0.25
-  cfg.train.seq_len, cfg.train.eval_batches = 32, 8
+  cfg.train.seq_len, cfg.train.eval_tokens = 32, 8 * 8 * 32
   devices = jax.devices()[:1]
-  key = "moe/domain_mi_norm"
+  key = "eval/domain_mi_norm"
 
   env = train.build(cfg, str(tmp_path), devices)
-  raw = env.datasets.eval_batches(int(cfg.train.eval_batches))
+  raw = train.eval_set(env)
   labels = np.random.default_rng(0).permutation(np.concatenate([b["domain"] for b in raw]))
   shuffled = [dict(b, domain=part) for b, part in zip(raw, np.split(labels, len(raw)))]
   with sharding.mesh_rules(env.mesh, env.rules):
     state, _, _ = train.initial_state(env, None)
-    _, eval_step = train.make_steps(env)
+    eval_step = train.make_eval_step(env)
     shuffled = [train.to_global(b, env.batch_sharding, train.EVAL_KEYS) for b in shuffled]
-    initial = train.evaluate(env, eval_step, state, train.eval_batches_of(env))[0]
-  summary = train.train_and_evaluate(cfg, str(tmp_path), devices=devices)
+    initial = train.evaluate(env, eval_step, state, [
+        train.to_global(b, env.batch_sharding, train.EVAL_KEYS) for b in raw])[0]
+  summary, final_state = train.train_and_evaluate(cfg, str(tmp_path), devices=devices)
   with sharding.mesh_rules(env.mesh, env.rules):
-    baseline = train.evaluate(env, eval_step, summary["final_state"], shuffled)[0][key]
+    baseline = train.evaluate(env, eval_step, final_state, shuffled)[0][key]
 
   assert summary["eval/tokens"] == 8 * 8 * 32
-  for name in (key, "moe/layer_0/domain_mi_norm", "moe/layer_1/domain_mi_norm"):
+  for name in (key, "eval/layer_0/domain_mi_norm", "eval/layer_1/domain_mi_norm"):
     assert 0.0 <= summary[name] <= 1.0, (name, summary[name])
   assert summary["domain_expert_counts"].shape == (2, 4, 4)
   assert summary[key] > 1.5 * initial[key], (summary[key], initial[key])

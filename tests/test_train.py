@@ -1,14 +1,16 @@
 """End-to-end training tests on tiny configs derived from configs/demo.py (synthetic data)."""
 import glob
+import json
 import os
 import signal
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import demo
+from simbal_jax.configs import demo
 from simbal_jax import train
 from simbal_jax import writers
 
@@ -25,7 +27,7 @@ def tiny_config(method="lbl", steps=8, **train_kw):
   cfg.data.synthetic.vocab_size = 64
   cfg.data.synthetic.num_docs = 256
   cfg.train.seq_len, cfg.train.global_batch_size = 16, 8
-  cfg.train.num_steps, cfg.train.eval_every, cfg.train.eval_batches = steps, 0, 1
+  cfg.train.num_steps, cfg.train.num_evals, cfg.train.eval_tokens = steps, 0, 128
   cfg.opt.warmup_steps = 2
   cfg.ckpt.every, cfg.ckpt.async_save = 4, True
   cfg.log.every, cfg.log.progress, cfg.log.tensorboard = 1, False, False
@@ -39,14 +41,14 @@ def losses_of(workdir):
       os.path.join(workdir, "metrics.jsonl")) if "train/loss" in r}
 
 
-def _params(summary):
-  return jax.tree.map(np.asarray, jax.device_get(summary["final_state"]))
+def _params(state):
+  return jax.tree.map(np.asarray, jax.device_get(state))
 
 
 def test_sigterm_then_resume_is_bit_exact(tmp_path):
   k = 4
   cfg = tiny_config("lf_lbl", steps=2 * k)  # LBL + Loss-Free bias state
-  straight = train.train_and_evaluate(cfg, str(tmp_path / "a"))
+  straight, straight_state = train.train_and_evaluate(cfg, str(tmp_path / "a"))
   assert straight["status"] == "done" and straight["step"] == 2 * k
 
   def sigterm_at_k(step, state):
@@ -54,16 +56,16 @@ def test_sigterm_then_resume_is_bit_exact(tmp_path):
     if step == k - 1:  # delivered during step k-1's bookkeeping: saves at that boundary
       os.kill(os.getpid(), signal.SIGTERM)
 
-  first = train.train_and_evaluate(cfg, str(tmp_path / "b"), hooks=[sigterm_at_k])
+  first, _ = train.train_and_evaluate(cfg, str(tmp_path / "b"), hooks=[sigterm_at_k])
   assert first["status"] == "preempted" and first["step"] == k - 1
   assert os.path.isdir(tmp_path / "b" / "checkpoints" / str(k - 1))
   assert signal.getsignal(signal.SIGTERM) is not None  # handler restored, process alive
-  resumed = train.train_and_evaluate(cfg, str(tmp_path / "b"))
+  resumed, resumed_state = train.train_and_evaluate(cfg, str(tmp_path / "b"))
   assert resumed["start_step"] == k - 1 and resumed["step"] == 2 * k
   la, lb = losses_of(tmp_path / "a"), losses_of(tmp_path / "b")
   assert sorted(la) == sorted(lb) == list(range(1, 2 * k + 1))
   assert [la[s] for s in sorted(la)] == [lb[s] for s in sorted(lb)]  # bit-exact
-  a, b = _params(straight), _params(resumed)
+  a, b = _params(straight_state), _params(resumed_state)
   jax.tree.map(np.testing.assert_array_equal, a, b)
   assert np.abs(a.expert_bias).max() > 0  # the Loss-Free bias moved and was checkpointed
 
@@ -79,16 +81,30 @@ def test_corrupt_latest_checkpoint_is_skipped(tmp_path):
       with open(f, "r+b") as fh:
         fh.truncate(os.path.getsize(f) // 2)
   cfg.train.num_steps = 10
-  out = train.train_and_evaluate(cfg, str(tmp_path))
+  out, _ = train.train_and_evaluate(cfg, str(tmp_path))
   assert out["start_step"] == 4 and out["step"] == 10 and out["status"] == "done"
 
 
 def test_nan_stops_then_resume_keeps_metrics_monotonic_and_times_training(tmp_path,
                                                                           monkeypatch):
-  cfg = tiny_config("lbl", steps=8, debug_nan_step=6)
+  cfg = tiny_config("lbl", steps=8)
   cfg.ckpt.every = 4
+  real_make_train_step = train.make_train_step
+
+  def poisoned_make_train_step(env):  # the fault is injected here, not in production code
+    step_fn = real_make_train_step(env)
+
+    def poisoned(state, batch):
+      state, metrics = step_fn(state, batch)
+      if int(state.step) == 6:
+        metrics = dict(metrics, **{"train/loss": jnp.float32(jnp.nan)})
+      return state, metrics
+    return poisoned
+
+  monkeypatch.setattr(train, "make_train_step", poisoned_make_train_step)
   with pytest.raises(train.NonFiniteLossError, match="at step 6") as err:
     train.train_and_evaluate(cfg, str(tmp_path))
+  monkeypatch.setattr(train, "make_train_step", real_make_train_step)
   assert err.value.step == 6
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]  # last good one kept
   assert max(losses_of(tmp_path)) == 5
@@ -105,8 +121,8 @@ def test_nan_stops_then_resume_keeps_metrics_monotonic_and_times_training(tmp_pa
     return original(*args, **kwargs)
 
   monkeypatch.setattr(train, "evaluate", slow_evaluate)
-  cfg.train.debug_nan_step, cfg.train.eval_every = -1, 2
-  out = train.train_and_evaluate(cfg, str(tmp_path))
+  cfg.train.eval_every = 2
+  out, _ = train.train_and_evaluate(cfg, str(tmp_path))
   assert out["start_step"] == 4 and out["status"] == "done"
   train_steps = [r["step"] for r in writers.read_jsonl(tmp_path / "metrics.jsonl")
                  if "train/loss" in r]
@@ -119,8 +135,9 @@ def test_nan_stops_then_resume_keeps_metrics_monotonic_and_times_training(tmp_pa
   tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
   np.testing.assert_allclose(out["tokens_per_second"],
                              3 * tokens_per_step / out["train_seconds"], rtol=1e-9)
-  assert isinstance(out["eval_batch"]["inputs"], np.ndarray)  # the loaded host batch
-  assert out["eval_batch"]["inputs"].shape == (8, 16)
+  recs = writers.read_jsonl(tmp_path / "metrics.jsonl")
+  assert all(r["train/tokens"] == r["step"] * tokens_per_step for r in recs)
+  assert [r["step"] for r in recs if "eval/loss" in r] == [6, 8]  # 2, 4 before the crash: gone
 
 
 def test_metric_writer_drop_after(tmp_path):
@@ -145,7 +162,9 @@ def test_metric_writer_drop_after(tmp_path):
 
 
 @pytest.mark.parametrize("change,match", [
-    (lambda c: c.balance.update(method="bogus"), "simbal_lbl"),
+    (lambda c: c.balance.update(terms="bogus:0.1"), "simbal_unit"),
+    (lambda c: c.balance.update(terms="lbl:-1"), "balance.terms"),
+    (lambda c: c.train.update(eval_spacing="cubic"), "eval_spacing"),
     (lambda c: c.data.update(source="text_files", globs="/nonexistent/dir/*.txt"),
      "nonexistent"),
     (lambda c: c.mesh.update(data=3), "mesh"),
@@ -201,10 +220,9 @@ def test_sharded_step_matches_single_device(tmp_path):
   assert jax.device_count() == 8
   cfg = tiny_config("lbl", steps=2)
   cfg.ckpt.enabled = False
-  single = train.train_and_evaluate(cfg, str(tmp_path / "one"), devices=jax.devices()[:1])
+  single, _ = train.train_and_evaluate(cfg, str(tmp_path / "one"), devices=jax.devices()[:1])
   cfg.mesh.data, cfg.mesh.expert = 2, 4
-  sharded = train.train_and_evaluate(cfg, str(tmp_path / "many"))
-  st = sharded["final_state"]
+  sharded, st = train.train_and_evaluate(cfg, str(tmp_path / "many"))
   assert len(st.params["embedding"].sharding.device_set) == 8
   l1, l8 = losses_of(tmp_path / "one"), losses_of(tmp_path / "many")
   np.testing.assert_allclose([l8[1], l8[2]], [l1[1], l1[2]], rtol=2e-5)
@@ -231,30 +249,66 @@ def test_loss_falls_and_balancing_matters(tmp_path):
     cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.gating = 8, 1, "topk_softmax"
     cfg.moe.router_init = "normal"
     cfg.opt.peak_lr = 3e-2
-    cfg.balance.lbl_coef = 0.1
+    if method == "lbl":
+      cfg.balance.terms = "lbl:0.1"
     cfg.data.synthetic.num_docs, cfg.data.eval_fraction = 512, 0.5
-    cfg.train.eval_batches = 16
+    cfg.train.eval_tokens = 16 * 8 * 16
     workdir = tmp_path / method
-    out[method] = train.train_and_evaluate(cfg, str(workdir), devices=jax.devices()[:1])
+    out[method], _ = train.train_and_evaluate(cfg, str(workdir), devices=jax.devices()[:1])
     ce[method] = [r["train/ce"] for r in writers.read_jsonl(workdir / "metrics.jsonl")
                   if "train/ce" in r]
     assert out[method]["eval/tokens"] == 16 * 8 * 16
   for method in ("lbl", "simbal"):
     first, last = ce[method][0], np.mean(ce[method][-3:])
     assert last < first - 0.7, (method, first, last)  # from ln(65) ~ 4.2 to ~3
-  maxvio = {m: out[m]["moe/maxvio"] for m in out}
+  maxvio = {m: out[m]["eval/maxvio"] for m in out}
   assert maxvio["none"] > 2.0 * maxvio["lbl"], maxvio
-  assert out["simbal"]["moe/ortho_l1"] < out["none"]["moe/ortho_l1"]
+  assert out["simbal"]["eval/ortho_l1"] < out["none"]["eval/ortho_l1"]
 
 
 def test_grad_accumulation_matches_full_batch(tmp_path):
   """SimBal + CE + z-loss are means over tokens: 2 micro-batches == the full batch."""
   cfg = tiny_config("simbal", steps=3)
   cfg.ckpt.enabled = False
-  full = train.train_and_evaluate(cfg, str(tmp_path / "full"))
+  _, full = train.train_and_evaluate(cfg, str(tmp_path / "full"))
   cfg.train.grad_accum = 2
-  accum = train.train_and_evaluate(cfg, str(tmp_path / "accum"))
+  _, accum = train.train_and_evaluate(cfg, str(tmp_path / "accum"))
   lf, la = losses_of(tmp_path / "full"), losses_of(tmp_path / "accum")
   np.testing.assert_allclose([la[s] for s in (1, 2, 3)], [lf[s] for s in (1, 2, 3)], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                _params(full).params, _params(accum).params)
+
+
+def test_eval_schedule_and_config_json(tmp_path):
+  """num_evals evaluations (linear or log spaced, the last at the end), every record carries
+  train/tokens, the resolved config is written at start, and the evaluation set is spread
+  over the held-out split and identical across seeds and methods."""
+  t = tiny_config(steps=100).train
+  t.num_evals = 8
+  # linspace(12.5, 100, 8) rounded half to even
+  assert train.eval_steps(t) == [12, 25, 38, 50, 62, 75, 88, 100]
+  t.num_evals, t.eval_spacing = 5, "log"
+  assert train.eval_steps(t) == [1, 3, 10, 32, 100]
+  t.num_evals = 0
+  assert train.eval_steps(t) == [100]
+  t.eval_every = 30
+  assert train.eval_steps(t) == [30, 60, 90, 100]
+
+  cfg = tiny_config("simbal", steps=6)
+  cfg.train.num_evals, cfg.ckpt.enabled = 3, False
+  summary, _ = train.train_and_evaluate(cfg, str(tmp_path / "a"))
+  recs = writers.read_jsonl(tmp_path / "a" / "metrics.jsonl")
+  assert [r["step"] for r in recs if "eval/loss" in r] == [2, 4, 6]
+  assert all(r["train/tokens"] == r["step"] * 8 * 16 for r in recs)
+  assert summary["eval/loss_se"] > 0 and summary["eval/sequences"] == 8
+  saved = json.loads((tmp_path / "a" / "config.json").read_text())
+  assert saved["balance"]["terms"] == "simbal:0.1" and saved["train"]["num_steps"] == 6
+  env_a = train.build(cfg, str(tmp_path / "a"))
+  cfg_b = tiny_config("lbl", steps=6)
+  cfg_b.seed = 3
+  env_b = train.build(cfg_b, str(tmp_path / "b"))
+  ea, eb = train.eval_set(env_a), train.eval_set(env_b)
+  np.testing.assert_array_equal(np.concatenate([b["inputs"] for b in ea]),
+                                np.concatenate([b["inputs"] for b in eb]))
+  idx = env_a.datasets.eval_indices(8)
+  assert idx[0] == 0 and idx[-1] == len(env_a.datasets.eval) - 1  # spans the whole split

@@ -4,7 +4,7 @@
   ds = data.make_datasets(cfg.data, seq_len=256, batch_size=32, workdir=workdir, seed=0)
   it = ds.train_iter()            # infinite; it.get_state() / it.set_state(state)
   batch = next(it)                # inputs/targets int32[b, L] (+ domain int32[b], synthetic)
-  evals = ds.eval_batches(4)      # fixed list
+  evals = ds.eval_batches(4)      # fixed list, spread over the held-out split
 
 Sources: "stdlib" (this interpreter's standard library .py files), "text_files" (globs),
 "tfds" (any dataset prepared with `tfds build NAME --file_format=array_record`), "synthetic"
@@ -15,7 +15,7 @@ Heavy packages (grain, tensorflow_datasets, sentencepiece, bpe_openai) load on f
 import importlib
 
 _EXPORTS = {
-    "make_datasets": "pipeline", "Datasets": "pipeline", "DEFAULTS": "pipeline",
+    "make_datasets": "pipeline", "Datasets": "pipeline",
     "resolve_config": "pipeline", "SOURCES": "sources", "TOKENIZERS": "tokenizers",
 }
 __all__ = sorted(_EXPORTS)

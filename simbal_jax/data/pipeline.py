@@ -6,7 +6,8 @@ batch (b = global_batch // process_count), so the hosts' batches are disjoint an
 in host order, is the global batch. The pipeline is random-access, so the iterator state is
 one integer, the number of global batches already returned (`get_state()` -> JSON-able dict,
 the same on every host), and a restored iterator continues exactly.
-Eval: the first `num_batches * global_batch` validation sequences, in a fixed order.
+Eval: `num_batches * global_batch` validation sequences evenly spaced over the whole held-out
+split (`Datasets.eval_indices`), in a fixed order independent of the training seed.
 """
 from __future__ import annotations
 
@@ -22,52 +23,26 @@ from simbal_jax.data import packing
 from simbal_jax.data import sources
 from simbal_jax.data import tokenizers
 
-# cfg.data fields and their defaults (a ConfigDict, dict or any attribute object works; missing
-# fields take these values). The nested `synthetic` group may be a ConfigDict or a dict.
-DEFAULTS = {
-    "source": "stdlib",          # one of sources.SOURCES
-    "tokenizer": "bytes",        # one of tokenizers.TOKENIZERS (ignored by 'synthetic')
-    "sp_vocab_size": 4096,       # SentencePiece vocabulary (incl. <unk>, EOS, 256 byte pieces)
-    "sp_train_chars": 2_000_000,  # SentencePiece training sample (characters of train split)
-    "globs": "",                 # text_files: comma-separated globs, `**` allowed
-    "tfds_name": "",             # tfds: dataset name ("c4/en:3.1.0") or a prepared builder dir
-    "tfds_data_dir": "",         # tfds: data_dir ("" = TFDS default)
-    "tfds_text_key": "text",     # tfds: feature holding the text
-    "tfds_train_split": "train",
-    "tfds_eval_split": "validation",  # "" = hold out eval_fraction of train documents
-    "eval_fraction": 0.05,       # share of documents held out (by document-id hash)
-    "max_docs": 0,               # 0 = all documents; else a fixed subset (local: by doc-id hash)
-    "max_bytes": 0,              # stdlib/text_files: 0 = no limit; else a byte budget on disk
-    "cache_dir": "",             # "" = <workdir>/data
-    "worker_count": 0,           # grain worker processes for the train iterator (0 = threads)
-    "synthetic": {
-        "num_domains": 4,        # latent domains (one random Markov chain each)
-        "vocab_size": 256,       # chain states; EOS = vocab_size
-        "doc_len": 0,            # 0 = seq_len + 1: one document per sequence
-        "num_docs": 4096,
-        "seed": 0,               # corpus seed (independent of the training seed)
-    },
-}
 _STATE_VERSION = 1
 
 
-def _field(cfg, name, default):
-  if cfg is None:
-    return default
-  if isinstance(cfg, dict):
-    return cfg.get(name, default)
-  try:
-    value = getattr(cfg, name)
-  except (AttributeError, KeyError):
-    return default
-  return default if value is None else value
-
-
 def resolve_config(data_cfg) -> dict:
-  """Reads `data_cfg` into a plain dict with every field of DEFAULTS (validated names)."""
-  out = {k: _field(data_cfg, k, v) for k, v in DEFAULTS.items() if k != "synthetic"}
-  syn = _field(data_cfg, "synthetic", None)
-  out["synthetic"] = {k: _field(syn, k, v) for k, v in DEFAULTS["synthetic"].items()}
+  """`data_cfg` as a plain dict, every field present and the names validated.
+
+  Args:
+    data_cfg: cfg.data of an experiment config, or a dict / ConfigDict holding some of its
+      fields: the others take their defaults from `simbal_jax.configs.base` (the one place
+      defaults are defined).
+  """
+  from simbal_jax.configs import base  # pylint: disable=g-import-not-at-top
+  out = base.get_config().data.to_dict()
+  given = data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else dict(data_cfg or {})
+  unknown = sorted(set(given) - set(out))
+  if unknown:
+    raise ValueError(f"unknown data field(s) {', '.join('data.' + u for u in unknown)}; valid: "
+                     f"{', '.join(sorted(out))}")
+  out["synthetic"].update(dict(given.pop("synthetic", None) or {}))
+  out.update(given)
   if out["source"] not in sources.SOURCES:
     raise ValueError(f"unknown data.source {out['source']!r}; valid: {', '.join(sources.SOURCES)}")
   if out["source"] != "synthetic":
@@ -188,22 +163,40 @@ class Datasets:
                    "batch_size": self.batch_size, "seed": self.seed}
     return _iterator_class()(make_inner, fingerprint)
 
+  def eval_indices(self, num_sequences: int) -> np.ndarray:
+    """Validation sequence indices int64[N]: N evenly spaced over the WHOLE held-out split.
+
+    The evaluation set depends only on the data (corpus, tokenizer, split, seq_len) and N,
+    never on the training seed or method, so every run of a comparison sees the same tokens;
+    spreading it over the split draws from many documents instead of the first one or two.
+    N is capped by the split's size (a log line says so).
+    """
+    if num_sequences < 1:
+      raise ValueError(f"num_sequences must be >= 1, got {num_sequences}")
+    available = len(self.eval)
+    if available < num_sequences:
+      logging.warning("validation split has %d sequences; evaluating on all of them instead of "
+                      "%d", available, num_sequences)
+      num_sequences = available
+    return np.unique(np.linspace(0, available - 1, num_sequences).round().astype(np.int64))
+
   def eval_batches(self, num_batches: int) -> list[dict[str, np.ndarray]]:
     """Deterministic host-local validation batches (the same list on every call).
 
     Args:
-      num_batches: int >= 1; fewer are returned (with a log line) when the validation split
-        holds fewer than num_batches * batch_size sequences.
+      num_batches: int >= 1 global batches of evenly spaced validation sequences
+        (`eval_indices`); fewer when the split holds fewer sequences (whole batches only).
     """
     if num_batches < 1:
       raise ValueError(f"num_batches must be >= 1, got {num_batches}")
-    available = len(self.eval) // self.batch_size
-    if available < num_batches:
-      logging.warning("validation split has %d sequences: %d eval batches instead of %d",
-                      len(self.eval), available, num_batches)
-    b, p, g = self.local_batch_size, self.process_index, self.batch_size
-    return [packing.make_batch(self.eval, np.arange(i * g + p * b, i * g + (p + 1) * b))
-            for i in range(min(num_batches, available))]
+    g, b, p = self.batch_size, self.local_batch_size, self.process_index
+    idx = self.eval_indices(num_batches * g)
+    n = (len(idx) // g) * g
+    if n < len(idx):
+      logging.warning("validation split: %d eval batches of %d instead of %d", n // g, g,
+                      num_batches)
+    return [packing.make_batch(self.eval, idx[i * g + p * b:i * g + (p + 1) * b])
+            for i in range(n // g)]
 
 
 def _check_sizes(train, eval_, batch_size, seq_len, what):
@@ -220,7 +213,7 @@ def make_datasets(data_cfg, *, seq_len: int, batch_size: int, workdir: str, seed
   """Prepares (or reuses) the data and returns train/eval access for this host.
 
   Args:
-    data_cfg: cfg.data (ConfigDict, dict or attribute object; fields and defaults in DEFAULTS).
+    data_cfg: cfg.data (ConfigDict or dict; missing fields take the defaults of configs/base.py).
     seq_len: int, model sequence length L.
     batch_size: int, GLOBAL batch size (divisible by process_count).
     workdir: str, run directory; the cache defaults to <workdir>/data.

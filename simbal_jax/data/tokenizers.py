@@ -43,9 +43,6 @@ CL100K_VOCAB_SIZE = 100277
 # split at newlines (and halved again on a token-limit error).
 _CL100K_MAX_CHARS = 100_000
 
-# Incremented every time a SentencePiece model is trained (tests check the cache with it).
-SP_TRAIN_COUNT = 0
-
 
 class BytesTokenizer:
   """UTF-8 bytes as tokens: ids 0..255, EOS 256, vocab 257."""
@@ -254,7 +251,6 @@ def train_sentencepiece(texts: Iterable[str], model_path: str, *, vocab_size: in
   Returns:
     `model_path`.
   """
-  global SP_TRAIN_COUNT
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
   if vocab_size < 300:
     raise ValueError(f"sp_vocab_size must be >= 300 (256 byte pieces + specials), got {vocab_size}")
@@ -273,7 +269,6 @@ def train_sentencepiece(texts: Iterable[str], model_path: str, *, vocab_size: in
   except RuntimeError as e:
     raise ValueError(f"SentencePiece training failed (sp_vocab_size={vocab_size} may be too "
                      f"large for a {sum(map(len, sentences))}-character sample): {e}") from e
-  SP_TRAIN_COUNT += 1
   os.makedirs(os.path.dirname(model_path) or ".", exist_ok=True)
   tmp = f"{model_path}.tmp{socket.gethostname()}.{os.getpid()}"
   with open(tmp, "wb") as f:

@@ -275,13 +275,17 @@ def _host(metrics):
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def write_config(workdir, cfg):
-  """Writes the resolved config as <workdir>/config.json (atomically)."""
-  path = os.path.join(workdir, "config.json")
+def write_json(path, obj):
+  """Writes `obj` as JSON to `path` atomically (temporary file + os.replace)."""
   tmp = path + f".tmp{os.getpid()}"
   with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(cfg.to_dict(), f, indent=1, sort_keys=True, default=str)
+    json.dump(obj, f, indent=1, sort_keys=True, default=str)
   os.replace(tmp, path)
+
+
+def write_config(workdir, cfg):
+  """Writes the resolved config as <workdir>/config.json."""
+  write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
 
 
 class _Timer:
@@ -418,9 +422,12 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
       host_eval = eval_set(env)
       eval_batches = [to_global(b, env.batch_sharding, EVAL_KEYS) for b in host_eval]
 
-      def run_eval(st, step, extra=None):
+      def run_eval(st, step, extra=None, final=False):
         m, sums = evaluate(env, eval_step, st, eval_batches)
         m.update(extra or {})
+        if final and is_main:  # per-sequence losses: paired errors of differences between runs
+          write_json(os.path.join(workdir, "eval_seq_loss.json"), {"step": step, "ce_seq": [
+              float(x) for s in sums for x in np.asarray(s["ce_seq"]).reshape(-1)]})
         writer.write(step, {**m, "train/tokens": step * tokens_per_step})
         summary["expert_load"] = analysis.eval_load(sums)
         summary["domain_expert_counts"] = analysis.eval_domain_counts(sums)
@@ -430,7 +437,7 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
       state, step, status, timing = run_loop(env, state, it, ckpt=ckpt, writer=writer,
                                              on_eval=run_eval, hooks=hooks)
       if status == "done":
-        summary.update(run_eval(state, step, final_pes(env, state, host_eval)))
+        summary.update(run_eval(state, step, final_pes(env, state, host_eval), final=True))
   finally:
     if ckpt is not None:
       ckpt.close()

@@ -53,9 +53,10 @@ _SHAPES = flags.DEFINE_list("shapes", ["bench_s", "moe_m", "olmoe"],
                             "uses the first one for its loss timings.")
 _TOKENS = flags.DEFINE_integer("tokens", 16384, "Tokens T per MoE layer call (moe_layer, routing).")
 _CF = flags.DEFINE_float("capacity_factor", 1.25, "moe_layer: capacity factor (<= 0: dropless).")
-_DISPATCH = flags.DEFINE_enum("dispatch", "capacity", ["capacity", "ragged"],
-                               "moe_layer: MoEConfig.dispatch (ragged: dropless ragged_dot, "
-                               "TPU only in practice; capacity_factor ignored).")
+_DISPATCH = flags.DEFINE_enum("dispatch", "capacity", ["capacity", "buckets", "ragged"],
+                               "moe_layer: MoEConfig.dispatch (buckets: dropless at the smallest "
+                               "fitting capacity bucket; ragged: dropless ragged_dot, TPU only in "
+                               "practice; both ignore capacity_factor).")
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "moe_layer: compute dtype.")
 _PARAM_DTYPE = flags.DEFINE_string("param_dtype", "float32", "moe_layer: parameter dtype.")
 _MOE_LAYERS = flags.DEFINE_integer("moe_layers", 8, "routing: MoE layers per step (MoE-M: 8).")
@@ -203,6 +204,10 @@ def bench_moe_layer(shape, tokens, *, capacity_factor=1.25, dispatch="capacity",
     row[f"{label}_first_call_s"] = t["first_call_s"]
     row[f"{label}_tflops"] = flops / (t["median_ms"] * 1e-3) / 1e12
   row["dropped"] = float(np.mean([float(a.dropped) for a in outs[-input_sets:]]))
+  if dispatch == "buckets":  # the bucket each input set ran at (one routing group)
+    caps = routing.capacity_buckets(tokens, e, k, mcfg.capacity_buckets)
+    row["capacity"] = "/".join(str(caps[int(routing.bucket_index(int(np.max(a.counts)), caps))])
+                               for a in outs[-input_sets:])
   row["ratio"] = row["moe_ms"] / row["dense_ms"]
   row["iters"] = iters
   if peak_tflops:

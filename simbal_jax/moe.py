@@ -6,6 +6,10 @@ assignments in one of two ways (`MoEConfig.dispatch`):
 * "capacity" (default): per-expert buffers `[E, C, D]` of static capacity C
   (`routing.dispatch_plan`), all experts run as batched einsums (`'ecd,edf->ecf'`). Dropless
   (`capacity_factor <= 0`) means C = T, i.e. E / K times the useful expert FLOPs.
+* "buckets": dropless capacity dispatch at a per-call capacity picked from a few static buckets
+  (`MoEConfig.capacity_buckets` x the mean load T*K/E, then T) by `jax.lax.switch`: the smallest
+  bucket that holds the largest expert load. Same values and gradients as C = T, at the cost of
+  that bucket's padding. The dropless choice where no grouped-matmul kernel exists (CPU).
 * "ragged": the T * K assignments sorted by expert into exactly T * K rows
   (`routing.sorted_plan`), experts run as grouped matmuls `jax.lax.ragged_dot`; never drops.
   Efficient on TPU only: on GPU ragged_dot lowers to a dense E-times-larger computation
@@ -21,6 +25,7 @@ float32[D, E] is the parameter `router` of the block (see `model.router_kernels`
 """
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -31,7 +36,7 @@ from simbal_jax import losses
 from simbal_jax import routing
 
 ROUTER_INITS = ("orthogonal", "normal")
-DISPATCHES = ("capacity", "ragged")
+DISPATCHES = ("capacity", "buckets", "ragged")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +50,9 @@ class MoEConfig:
     gating: one of `routing.GATINGS`.
     renormalize: renormalise the K gates to sum 1 (softmax_topk only).
     capacity_factor: C = ceil(T*K/E * factor) slots per expert per group; <= 0 means no drops
-      (C = T, every expert can take every token of its group). Ignored by dispatch="ragged".
+      (C = T, every expert can take every token of its group). Used by dispatch="capacity" only.
+    capacity_buckets: capacity factors of the static buckets of dispatch="buckets" (each gives
+      C = ceil(T*K/E * factor) per group, capped at T; T itself is always the last bucket).
     shared_expert_d_ff: hidden width of an always-on dense SwiGLU beside the experts (0: none).
     router_init: "orthogonal" (orthonormal columns, as the paper) or "normal"
       (N(0, scale^2 / D): expected column norm `router_init_scale`, like the orthogonal init).
@@ -55,9 +62,13 @@ class MoEConfig:
       multiple of the number of batch shards (mesh data * expert) so dispatch stays local.
       Must be 1 with dispatch="ragged" (ragged_dot cannot be batched over groups without a
       copy of the expert weights per group; without drops groups would not change the output).
-    dispatch: "capacity" (buffers [E, C, D], batched einsums) or "ragged" (dropless: T * K rows
-      sorted by expert, `jax.lax.ragged_dot`; `capacity_factor` is ignored). Use "ragged" on
-      TPU only: on GPU and CPU ragged_dot lowers to a dense E-times-larger computation.
+    dispatch: "capacity" (buffers [E, C, D], batched einsums, drops beyond C), "buckets"
+      (dropless: the same buffers at the smallest of the static `capacity_buckets` that holds the
+      call's largest per-expert load over all groups, chosen by `jax.lax.switch`; values and
+      gradients equal capacity_factor <= 0, the cost is the bucket's padding instead of E / K;
+      every bucket is compiled; use it on CPU) or "ragged" (dropless: T * K rows sorted by
+      expert, `jax.lax.ragged_dot`). "buckets" and "ragged" ignore `capacity_factor`. Use
+      "ragged" on TPU only: on GPU and CPU ragged_dot lowers to a dense E-times-larger one.
   """
   num_experts: int
   top_k: int
@@ -65,6 +76,7 @@ class MoEConfig:
   gating: str = "softmax_topk"
   renormalize: bool = False
   capacity_factor: float = 1.25
+  capacity_buckets: tuple = (1.25, 1.5, 2.0, 3.0)
   shared_expert_d_ff: int = 0
   router_init: str = "orthogonal"
   router_init_scale: float = 1.0
@@ -88,6 +100,10 @@ class MoEConfig:
       raise ValueError(f"MoEConfig.dispatch='ragged' needs num_groups=1, got "
                        f"{self.num_groups} (ragged_dot has no batching over groups without "
                        f"copying the expert weights; use dispatch='capacity' for groups)")
+    buckets = tuple(float(f) for f in self.capacity_buckets)
+    if any(not f > 0 for f in buckets):
+      raise ValueError(f"MoEConfig.capacity_buckets must be factors > 0, got {buckets!r}")
+    object.__setattr__(self, "capacity_buckets", buckets)  # hashable even from a list
     if not isinstance(self.shared_expert_d_ff, int) or self.shared_expert_d_ff < 0:
       raise ValueError(f"MoEConfig.shared_expert_d_ff must be an int >= 0, "
                        f"got {self.shared_expert_d_ff!r}")
@@ -216,6 +232,82 @@ combine.defvjp(_combine_fwd, _combine_bwd)
 
 
 # ----------------------------------------------------------------------------------------------
+# Expert computation over capacity buffers (plain functions of arrays; used by MoEBlock).
+
+
+def capacity_experts(x_TxD, gates_TxK, index_TxK, wg, wu, wo, *, num_groups, capacity):
+  """Capacity dispatch per routing group: buffers [G, E, C, D], batched SwiGLU einsums.
+
+  Tokens are split into G contiguous groups of T / G; each group fills its own `[E, C]` slots
+  in token order (`routing.dispatch_plan`) and drops what does not fit.
+
+  Args:
+    x_TxD: float[T, D] tokens in the compute dtype.
+    gates_TxK: float32[T, K] combine weights.
+    index_TxK: int32[T, K] chosen experts.
+    wg, wu: float[E, D, F] and wo: float[E, F, D] expert kernels in the compute dtype.
+    num_groups: static int G dividing T.
+    capacity: static int C >= 1, slots per expert per group.
+
+  Returns:
+    (float[T, D] combined outputs, bool[T, K] kept assignments).
+  """
+  n_exp = wg.shape[0]
+  tokens, d_model = x_TxD.shape
+  top_k = index_TxK.shape[1]
+  groups, cap = num_groups, capacity
+  group_tokens = tokens // groups
+  index_GxTxK = index_TxK.reshape(groups, group_tokens, top_k)
+  plan = jax.vmap(lambda idx: routing.dispatch_plan(idx, n_exp, cap))(index_GxTxK)
+  x_GxTxD = x_TxD.reshape(groups, group_tokens, d_model)
+  group_axis = "expert_group" if groups > 1 else None
+  buf_GxSxD = jax.vmap(dispatch)(x_GxTxD, plan.slot_token, plan.slot)
+  buf_GxExCxD = nn.with_logical_constraint(buf_GxSxD.reshape(groups, n_exp, cap, d_model),
+                                           (group_axis, "expert", None, "embed"))
+  h_gate = jnp.einsum("gecd,edf->gecf", buf_GxExCxD, wg)
+  h_up = jnp.einsum("gecd,edf->gecf", buf_GxExCxD, wu)
+  h_GxExCxF = nn.with_logical_constraint(jax.nn.silu(h_gate) * h_up,
+                                         (group_axis, "expert", None, "mlp"))
+  y_GxExCxD = jnp.einsum("gecf,efd->gecd", h_GxExCxF, wo)
+  y_GxExCxD = nn.with_logical_constraint(y_GxExCxD, (group_axis, "expert", None, "embed"))
+  gates_GxTxK = gates_TxK.reshape(groups, group_tokens, top_k)
+  y_GxTxD = jax.vmap(combine)(y_GxExCxD.reshape(groups, n_exp * cap, d_model), gates_GxTxK,
+                              plan.slot, plan.slot_assignment)
+  return y_GxTxD.reshape(tokens, d_model), plan.kept.reshape(tokens, top_k)
+
+
+def bucket_experts(x_TxD, gates_TxK, index_TxK, wg, wu, wo, *, num_groups, factors):
+  """Dropless capacity dispatch at the smallest static capacity bucket that fits this call.
+
+  The buckets are `routing.capacity_buckets(T / G, E, K, factors)` (ascending, the last one
+  T / G, which always fits). `jax.lax.switch` picks, from the largest per-expert load over all
+  groups, the smallest bucket holding it; its branch is `capacity_experts` at that static C.
+  Nothing is dropped, so values, `kept` (all True) and gradients equal `capacity_experts` at
+  C = T / G; the cost is the chosen bucket's padding instead of E / K times the useful FLOPs.
+  Every branch is compiled, and each is rematerialised (`jax.checkpoint`): the backward pass
+  recomputes the chosen branch's forward (+1/3 of its FLOPs) instead of storing residuals.
+
+  Args:
+    x_TxD, gates_TxK, index_TxK, wg, wu, wo, num_groups: as `capacity_experts`.
+    factors: static tuple of floats > 0, capacity factors of the buckets below T / G.
+
+  Returns:
+    (float[T, D] combined outputs, bool[T, K] kept assignments, all True).
+  """
+  n_exp = wg.shape[0]
+  tokens, top_k = index_TxK.shape
+  caps = routing.capacity_buckets(tokens // num_groups, n_exp, top_k, factors)
+  index_GxTxK = index_TxK.reshape(num_groups, tokens // num_groups, top_k)
+  branch = routing.bucket_index(routing.max_group_load(index_GxTxK, n_exp), caps)
+  # Rematerialised branches: the switch's residuals are then its operands, common to all
+  # branches. Without it, the backward keeps zero-filled copies of every other branch's
+  # residuals (the C = T branch's among them), which cost more than recomputing the forward.
+  branches = [jax.checkpoint(functools.partial(capacity_experts, num_groups=num_groups,
+                                               capacity=c)) for c in caps]
+  return jax.lax.switch(branch, branches, x_TxD, gates_TxK, index_TxK, wg, wu, wo)
+
+
+# ----------------------------------------------------------------------------------------------
 # Modules.
 
 
@@ -309,8 +401,12 @@ class MoEBlock(nn.Module):
     wg, wu, wo = (w.astype(self.dtype) for w in (wg, wu, wo))
     if cfg.dispatch == "ragged":
       y_TxD, kept_TxK = self._ragged_experts(x_TxD, router_out, wg, wu, wo)
+    elif cfg.dispatch == "buckets":
+      y_TxD, kept_TxK = bucket_experts(x_TxD, router_out.gates, router_out.expert_index, wg, wu,
+                                       wo, num_groups=groups, factors=cfg.capacity_buckets)
     else:
-      y_TxD, kept_TxK = self._capacity_experts(x_TxD, router_out, wg, wu, wo, cap)
+      y_TxD, kept_TxK = capacity_experts(x_TxD, router_out.gates, router_out.expert_index, wg,
+                                         wu, wo, num_groups=groups, capacity=cap)
     y_BxLxD = y_TxD.reshape(batch, length, d_model)
     if cfg.shared_expert_d_ff:
       y_BxLxD = y_BxLxD + MLP(cfg.shared_expert_d_ff, self.dtype, self.param_dtype,
@@ -322,39 +418,10 @@ class MoEBlock(nn.Module):
                  dropped=1.0 - jnp.mean(kept_TxK.astype(jnp.float32)))
     return y_BxLxD, aux
 
-  def _capacity_experts(self, x_TxD, router_out, wg, wu, wo, cap):
-    """Capacity dispatch per routing group: buffers [G, E, C, D], batched einsums.
-
-    Args: x_TxD: float[T, D] in `dtype`; router_out: RouterOutput; wg, wu: [E, D, F] and
-    wo: [E, F, D] in `dtype`; cap: static capacity C per group. Returns (float[T, D] combined
-    outputs, bool[T, K] kept assignments).
-    """
-    cfg = self.config
-    n_exp, top_k, groups = cfg.num_experts, cfg.top_k, cfg.num_groups
-    tokens, d_model = x_TxD.shape
-    group_tokens = tokens // groups
-    index_GxTxK = router_out.expert_index.reshape(groups, group_tokens, top_k)
-    plan = jax.vmap(lambda idx: routing.dispatch_plan(idx, n_exp, cap))(index_GxTxK)
-    x_GxTxD = x_TxD.reshape(groups, group_tokens, d_model)
-    group_axis = "expert_group" if groups > 1 else None
-    buf_GxSxD = jax.vmap(dispatch)(x_GxTxD, plan.slot_token, plan.slot)
-    buf_GxExCxD = nn.with_logical_constraint(buf_GxSxD.reshape(groups, n_exp, cap, d_model),
-                                             (group_axis, "expert", None, "embed"))
-    h_gate = jnp.einsum("gecd,edf->gecf", buf_GxExCxD, wg)
-    h_up = jnp.einsum("gecd,edf->gecf", buf_GxExCxD, wu)
-    h_GxExCxF = nn.with_logical_constraint(jax.nn.silu(h_gate) * h_up,
-                                           (group_axis, "expert", None, "mlp"))
-    y_GxExCxD = jnp.einsum("gecf,efd->gecd", h_GxExCxF, wo)
-    y_GxExCxD = nn.with_logical_constraint(y_GxExCxD, (group_axis, "expert", None, "embed"))
-    gates_GxTxK = router_out.gates.reshape(groups, group_tokens, top_k)
-    y_GxTxD = jax.vmap(combine)(y_GxExCxD.reshape(groups, n_exp * cap, d_model), gates_GxTxK,
-                                plan.slot, plan.slot_assignment)
-    return y_GxTxD.reshape(tokens, d_model), plan.kept.reshape(tokens, top_k)
-
   def _ragged_experts(self, x_TxD, router_out, wg, wu, wo):
     """Dropless dispatch: S = T * K rows sorted by expert, grouped matmuls (`ragged_dot`).
 
-    Same arguments and results as `_capacity_experts` (no capacity; every assignment kept).
+    Same results as `capacity_experts` (no capacity; every assignment kept).
     """
     plan, group_sizes_E = routing.sorted_plan(router_out.expert_index, self.config.num_experts)
     buf_SxD = dispatch(x_TxD, plan.slot_token, plan.slot)

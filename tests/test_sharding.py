@@ -19,11 +19,11 @@ def _mesh_cfg(data=-1, expert=1, model_axis=1):
   return dict(data=data, expert=expert, model=model_axis, multihost=False)
 
 
-def _cfg(num_groups=1, capacity_factor=0.0):
+def _cfg(num_groups=1, capacity_factor=0.0, dispatch="capacity"):
   return model.ModelConfig(
       vocab_size=64, d_model=32, num_layers=2, num_heads=4, d_ff=48, dtype="float32",
       moe=MoEConfig(num_experts=8, top_k=2, d_ff=16, capacity_factor=capacity_factor,
-                    router_init="orthogonal", num_groups=num_groups))
+                    router_init="orthogonal", num_groups=num_groups, dispatch=dispatch))
 
 
 def test_make_mesh_shapes_and_axis_types():
@@ -85,9 +85,10 @@ def _loss_and_grads(cfg, params, tokens, bias):
   return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
 
-@pytest.mark.parametrize("num_groups,capacity_factor", [(1, 0.0), (4, 1.0)])
-def test_sharded_matches_unsharded(num_groups, capacity_factor):
-  cfg = _cfg(num_groups=num_groups, capacity_factor=capacity_factor)
+@pytest.mark.parametrize("num_groups,capacity_factor,dispatch",
+                         [(1, 0.0, "capacity"), (4, 1.0, "capacity"), (8, 0.0, "buckets")])
+def test_sharded_matches_unsharded(num_groups, capacity_factor, dispatch):
+  cfg = _cfg(num_groups=num_groups, capacity_factor=capacity_factor, dispatch=dispatch)
   batch, length = 8, 8
   tokens = jax.random.randint(jax.random.PRNGKey(1), (batch, length), 0, cfg.vocab_size)
   bias = jax.random.normal(jax.random.PRNGKey(2), (cfg.num_moe_layers, 8)) * 0.01

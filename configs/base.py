@@ -46,11 +46,13 @@ def get_config(arg=None):
   # capacity_buckets (x mean load T*K/E per group, then T) holding the step's largest expert
   # load (jax.lax.switch; same values and grads as capacity_factor 0, cost = that bucket's
   # padding; capacity_factor ignored) - the dropless choice on CPU. "ragged": dropless grouped
-  # matmul via jax.lax.ragged_dot (T*K rows, no E/K padding; capacity_factor ignored; needs
-  # num_groups=1) - efficient on TPU; on GPU it lowers to a dense E-times-larger computation
-  # (DESIGN §4), and on CPU to a masked dense one.
+  # matmuls via tokamax.ragged_dot (T*K rows, no E/K padding; capacity_factor ignored; needs
+  # num_groups=1): Pallas kernels on GPU/TPU; on CPU a masked dense computation (use buckets).
   e.dispatch = "capacity"
   e.capacity_buckets = (1.25, 1.5, 2.0, 3.0)  # dispatch=buckets: factors below the last bucket T
+  # dispatch=ragged: auto (CPU: xla; GPU/TPU: tokamax's choice) | tokamax | xla | triton |
+  # mosaic | lax (jax.lax.ragged_dot, no tokamax; dense E-times-larger on GPU)
+  e.ragged_impl = "auto"
 
   cfg.balance = b = ml_collections.ConfigDict()
   b.method = "lbl"  # one of METHODS

@@ -55,8 +55,8 @@ _TOKENS = flags.DEFINE_integer("tokens", 16384, "Tokens T per MoE layer call (mo
 _CF = flags.DEFINE_float("capacity_factor", 1.25, "moe_layer: capacity factor (<= 0: dropless).")
 _DISPATCH = flags.DEFINE_enum("dispatch", "capacity", ["capacity", "buckets", "ragged"],
                                "moe_layer: MoEConfig.dispatch (buckets: dropless at the smallest "
-                               "fitting capacity bucket; ragged: dropless ragged_dot, TPU only in "
-                               "practice; both ignore capacity_factor).")
+                               "fitting capacity bucket; ragged: dropless tokamax.ragged_dot, "
+                               "Pallas kernels on GPU/TPU; both ignore capacity_factor).")
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "moe_layer: compute dtype.")
 _PARAM_DTYPE = flags.DEFINE_string("param_dtype", "float32", "moe_layer: parameter dtype.")
 _MOE_LAYERS = flags.DEFINE_integer("moe_layers", 8, "routing: MoE layers per step (MoE-M: 8).")

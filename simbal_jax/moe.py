@@ -1,7 +1,7 @@
 """Feed-forward blocks: dense SwiGLU and the sparse Mixture-of-Experts block (Flax linen).
 
 The MoE block routes each token to K of E SwiGLU experts (`routing.route`) and dispatches the
-assignments in one of two ways (`MoEConfig.dispatch`):
+assignments in one of three ways (`MoEConfig.dispatch`):
 
 * "capacity" (default): per-expert buffers `[E, C, D]` of static capacity C
   (`routing.dispatch_plan`), all experts run as batched einsums (`'ecd,edf->ecf'`). Dropless
@@ -11,13 +11,13 @@ assignments in one of two ways (`MoEConfig.dispatch`):
   bucket that holds the largest expert load. Same values and gradients as C = T, at the cost of
   that bucket's padding. The dropless choice where no grouped-matmul kernel exists (CPU).
 * "ragged": the T * K assignments sorted by expert into exactly T * K rows
-  (`routing.sorted_plan`), experts run as grouped matmuls `jax.lax.ragged_dot`; never drops.
-  Efficient on TPU only: on GPU ragged_dot lowers to a dense E-times-larger computation
-  (DESIGN.md section 4) and on CPU to a masked dense one.
+  (`routing.sorted_plan`), experts run as grouped matmuls `tokamax.ragged_dot` (Pallas kernels
+  on GPU and TPU with their own backward passes; on CPU its XLA fallback, a masked dense
+  computation equal to `jax.lax.ragged_dot`); never drops. `MoEConfig.ragged_impl` picks the
+  implementation.
 
-Both combine the expert outputs weighted by the gates. Dispatch and combine are gathers whose
-backward passes are gathers too (`jax.custom_vjp`): every token has K slots and every slot one
-token, so no scatter and no one-hot `[T, E, C]` tensor appears anywhere (DESIGN.md section 4).
+All combine the expert outputs weighted by the gates; the expert paths and the gather-only
+dispatch / combine (custom VJPs, no scatter, no one-hot) live in `experts.py`.
 
 Everything the balancing losses and metrics need is returned per call as one `MoEAux`
 (router logits/probs/gates/indices, per-expert counts, dropped fraction); the router kernel
@@ -25,15 +25,17 @@ float32[D, E] is the parameter `router` of the block (see `model.router_kernels`
 """
 
 import dataclasses
-import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from simbal_jax import experts
 from simbal_jax import losses
 from simbal_jax import routing
+# Re-exported: the gather-only dispatch / combine live in experts.py.
+from simbal_jax.experts import combine, dispatch  # noqa: F401  pylint: disable=unused-import
 
 ROUTER_INITS = ("orthogonal", "normal")
 DISPATCHES = ("capacity", "buckets", "ragged")
@@ -67,8 +69,13 @@ class MoEConfig:
       call's largest per-expert load over all groups, chosen by `jax.lax.switch`; values and
       gradients equal capacity_factor <= 0, the cost is the bucket's padding instead of E / K;
       every bucket is compiled; use it on CPU) or "ragged" (dropless: T * K rows sorted by
-      expert, `jax.lax.ragged_dot`). "buckets" and "ragged" ignore `capacity_factor`. Use
-      "ragged" on TPU only: on GPU and CPU ragged_dot lowers to a dense E-times-larger one.
+      expert, grouped matmuls `tokamax.ragged_dot`, see `ragged_impl`). "buckets" and
+      "ragged" ignore `capacity_factor`.
+    ragged_impl: grouped matmuls of dispatch="ragged", one of `experts.RAGGED_IMPLS`: "auto"
+      (CPU: tokamax "xla", a masked dense computation; GPU / TPU: tokamax's own choice of its
+      Pallas kernels), "tokamax" (its choice anywhere), "xla" | "triton" | "mosaic" (that
+      tokamax implementation), "lax" (`jax.lax.ragged_dot`: on GPU a dense E-times-larger
+      computation, DESIGN.md section 4).
   """
   num_experts: int
   top_k: int
@@ -82,6 +89,7 @@ class MoEConfig:
   router_init_scale: float = 1.0
   num_groups: int = 1
   dispatch: str = "capacity"
+  ragged_impl: str = "auto"
 
   def __post_init__(self):
     for name in ("num_experts", "top_k", "d_ff", "num_groups"):
@@ -96,6 +104,9 @@ class MoEConfig:
       raise ValueError(f"MoEConfig.router_init={self.router_init!r}; valid: {ROUTER_INITS}")
     if self.dispatch not in DISPATCHES:
       raise ValueError(f"MoEConfig.dispatch={self.dispatch!r}; valid: {DISPATCHES}")
+    if self.ragged_impl not in experts.RAGGED_IMPLS:
+      raise ValueError(f"MoEConfig.ragged_impl={self.ragged_impl!r}; valid: "
+                       f"{experts.RAGGED_IMPLS}")
     if self.dispatch == "ragged" and self.num_groups != 1:
       raise ValueError(f"MoEConfig.dispatch='ragged' needs num_groups=1, got "
                        f"{self.num_groups} (ragged_dot has no batching over groups without "
@@ -143,168 +154,6 @@ def router_initializer(kind, scale=1.0):
 def boxed_param(module, name, init, shape, names, dtype):
   """`module.param` with logical axis names attached (nn.with_logical_partitioning)."""
   return module.param(name, nn.with_logical_partitioning(init, names), shape, dtype)
-
-
-# ----------------------------------------------------------------------------------------------
-# Gather-only dispatch / combine (custom VJPs whose backward passes are gathers as well).
-
-
-def _take_rows(x_NxD, index):
-  """x[index] along axis 0; indices == N (sentinels) read a zero row."""
-  return jnp.take(x_NxD, index, axis=0, mode="fill", fill_value=0)
-
-
-@jax.custom_vjp
-def dispatch(x_TxD, slot_token_S, slot_TxK):
-  """Gathers tokens into buffer slots: `buf[s] = x[slot_token[s]]`, zero for empty slots.
-
-  Args:
-    x_TxD: float[T, D] token features.
-    slot_token_S: int32[S] token feeding each slot; T marks an empty slot.
-    slot_TxK: int32[T, K] slot of each assignment; S marks a dropped one (used by the backward:
-      `dx[t] = sum_k dbuf[slot[t, k]]`).
-
-  Returns:
-    float[S, D] buffer rows, dtype of x.
-  """
-  del slot_TxK
-  return _take_rows(x_TxD, slot_token_S)
-
-
-def _dispatch_fwd(x_TxD, slot_token_S, slot_TxK):
-  return _take_rows(x_TxD, slot_token_S), (None, slot_TxK)
-
-
-def _dispatch_bwd(res, dbuf_SxD):
-  _, slot_TxK = res
-  rows_TxKxD = _take_rows(dbuf_SxD, slot_TxK).astype(jnp.float32)
-  return rows_TxKxD.sum(axis=1).astype(dbuf_SxD.dtype), None, None
-
-
-dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
-
-
-def _combine_fwd_value(y_SxD, gates_TxK, slot_TxK):
-  rows_TxKxD = _take_rows(y_SxD, slot_TxK)
-  out = jnp.einsum("tkd,tk->td", rows_TxKxD, gates_TxK.astype(y_SxD.dtype),
-                   preferred_element_type=jnp.float32)
-  return out.astype(y_SxD.dtype)
-
-
-@jax.custom_vjp
-def combine(y_SxD, gates_TxK, slot_TxK, slot_assignment_S):
-  """Gathers expert outputs back to tokens: `out[t] = sum_k gates[t, k] * y[slot[t, k]]`.
-
-  Dropped assignments (slot == S) contribute zero and get zero gate gradient.
-
-  Args:
-    y_SxD: float[S, D] expert outputs per buffer slot.
-    gates_TxK: float32[T, K] combine weights.
-    slot_TxK: int32[T, K] slot of each assignment (S = dropped).
-    slot_assignment_S: int32[S] flat assignment `t * K + k` filling each slot (T * K = empty);
-      used by the backward: `dy[s] = gate[a] * dout[a // K]` for `a = slot_assignment[s]`.
-
-  Returns:
-    float[T, D] combined outputs, dtype of y.
-  """
-  del slot_assignment_S
-  return _combine_fwd_value(y_SxD, gates_TxK, slot_TxK)
-
-
-def _combine_fwd(y_SxD, gates_TxK, slot_TxK, slot_assignment_S):
-  out = _combine_fwd_value(y_SxD, gates_TxK, slot_TxK)
-  return out, (y_SxD, gates_TxK, slot_TxK, slot_assignment_S)
-
-
-def _combine_bwd(res, dout_TxD):
-  y_SxD, gates_TxK, slot_TxK, slot_assignment_S = res
-  top_k = slot_TxK.shape[1]
-  gate_S = _take_rows(gates_TxK.reshape(-1), slot_assignment_S)  # 0 for empty slots
-  token_S = slot_assignment_S // top_k  # sentinel T * K -> T (reads zero)
-  dy_SxD = _take_rows(dout_TxD, token_S) * gate_S[:, None].astype(dout_TxD.dtype)
-  rows_TxKxD = _take_rows(y_SxD, slot_TxK)
-  dgates_TxK = jnp.einsum("tkd,td->tk", rows_TxKxD, dout_TxD.astype(y_SxD.dtype),
-                          preferred_element_type=jnp.float32)
-  return dy_SxD.astype(y_SxD.dtype), dgates_TxK.astype(gates_TxK.dtype), None, None
-
-
-combine.defvjp(_combine_fwd, _combine_bwd)
-
-
-# ----------------------------------------------------------------------------------------------
-# Expert computation over capacity buffers (plain functions of arrays; used by MoEBlock).
-
-
-def capacity_experts(x_TxD, gates_TxK, index_TxK, wg, wu, wo, *, num_groups, capacity):
-  """Capacity dispatch per routing group: buffers [G, E, C, D], batched SwiGLU einsums.
-
-  Tokens are split into G contiguous groups of T / G; each group fills its own `[E, C]` slots
-  in token order (`routing.dispatch_plan`) and drops what does not fit.
-
-  Args:
-    x_TxD: float[T, D] tokens in the compute dtype.
-    gates_TxK: float32[T, K] combine weights.
-    index_TxK: int32[T, K] chosen experts.
-    wg, wu: float[E, D, F] and wo: float[E, F, D] expert kernels in the compute dtype.
-    num_groups: static int G dividing T.
-    capacity: static int C >= 1, slots per expert per group.
-
-  Returns:
-    (float[T, D] combined outputs, bool[T, K] kept assignments).
-  """
-  n_exp = wg.shape[0]
-  tokens, d_model = x_TxD.shape
-  top_k = index_TxK.shape[1]
-  groups, cap = num_groups, capacity
-  group_tokens = tokens // groups
-  index_GxTxK = index_TxK.reshape(groups, group_tokens, top_k)
-  plan = jax.vmap(lambda idx: routing.dispatch_plan(idx, n_exp, cap))(index_GxTxK)
-  x_GxTxD = x_TxD.reshape(groups, group_tokens, d_model)
-  group_axis = "expert_group" if groups > 1 else None
-  buf_GxSxD = jax.vmap(dispatch)(x_GxTxD, plan.slot_token, plan.slot)
-  buf_GxExCxD = nn.with_logical_constraint(buf_GxSxD.reshape(groups, n_exp, cap, d_model),
-                                           (group_axis, "expert", None, "embed"))
-  h_gate = jnp.einsum("gecd,edf->gecf", buf_GxExCxD, wg)
-  h_up = jnp.einsum("gecd,edf->gecf", buf_GxExCxD, wu)
-  h_GxExCxF = nn.with_logical_constraint(jax.nn.silu(h_gate) * h_up,
-                                         (group_axis, "expert", None, "mlp"))
-  y_GxExCxD = jnp.einsum("gecf,efd->gecd", h_GxExCxF, wo)
-  y_GxExCxD = nn.with_logical_constraint(y_GxExCxD, (group_axis, "expert", None, "embed"))
-  gates_GxTxK = gates_TxK.reshape(groups, group_tokens, top_k)
-  y_GxTxD = jax.vmap(combine)(y_GxExCxD.reshape(groups, n_exp * cap, d_model), gates_GxTxK,
-                              plan.slot, plan.slot_assignment)
-  return y_GxTxD.reshape(tokens, d_model), plan.kept.reshape(tokens, top_k)
-
-
-def bucket_experts(x_TxD, gates_TxK, index_TxK, wg, wu, wo, *, num_groups, factors):
-  """Dropless capacity dispatch at the smallest static capacity bucket that fits this call.
-
-  The buckets are `routing.capacity_buckets(T / G, E, K, factors)` (ascending, the last one
-  T / G, which always fits). `jax.lax.switch` picks, from the largest per-expert load over all
-  groups, the smallest bucket holding it; its branch is `capacity_experts` at that static C.
-  Nothing is dropped, so values, `kept` (all True) and gradients equal `capacity_experts` at
-  C = T / G; the cost is the chosen bucket's padding instead of E / K times the useful FLOPs.
-  Every branch is compiled, and each is rematerialised (`jax.checkpoint`): the backward pass
-  recomputes the chosen branch's forward (+1/3 of its FLOPs) instead of storing residuals.
-
-  Args:
-    x_TxD, gates_TxK, index_TxK, wg, wu, wo, num_groups: as `capacity_experts`.
-    factors: static tuple of floats > 0, capacity factors of the buckets below T / G.
-
-  Returns:
-    (float[T, D] combined outputs, bool[T, K] kept assignments, all True).
-  """
-  n_exp = wg.shape[0]
-  tokens, top_k = index_TxK.shape
-  caps = routing.capacity_buckets(tokens // num_groups, n_exp, top_k, factors)
-  index_GxTxK = index_TxK.reshape(num_groups, tokens // num_groups, top_k)
-  branch = routing.bucket_index(routing.max_group_load(index_GxTxK, n_exp), caps)
-  # Rematerialised branches: the switch's residuals are then its operands, common to all
-  # branches. Without it, the backward keeps zero-filled copies of every other branch's
-  # residuals (the C = T branch's among them), which cost more than recomputing the forward.
-  branches = [jax.checkpoint(functools.partial(capacity_experts, num_groups=num_groups,
-                                               capacity=c)) for c in caps]
-  return jax.lax.switch(branch, branches, x_TxD, gates_TxK, index_TxK, wg, wu, wo)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,14 +248,14 @@ class MoEBlock(nn.Module):
 
     x_TxD = x_TxD.astype(self.dtype)
     wg, wu, wo = (w.astype(self.dtype) for w in (wg, wu, wo))
+    args = (x_TxD, router_out.gates, router_out.expert_index, wg, wu, wo)
     if cfg.dispatch == "ragged":
-      y_TxD, kept_TxK = self._ragged_experts(x_TxD, router_out, wg, wu, wo)
+      y_TxD, kept_TxK = experts.ragged_experts(*args, impl=cfg.ragged_impl)
     elif cfg.dispatch == "buckets":
-      y_TxD, kept_TxK = bucket_experts(x_TxD, router_out.gates, router_out.expert_index, wg, wu,
-                                       wo, num_groups=groups, factors=cfg.capacity_buckets)
+      y_TxD, kept_TxK = experts.bucket_experts(*args, num_groups=groups,
+                                               factors=cfg.capacity_buckets)
     else:
-      y_TxD, kept_TxK = capacity_experts(x_TxD, router_out.gates, router_out.expert_index, wg,
-                                         wu, wo, num_groups=groups, capacity=cap)
+      y_TxD, kept_TxK = experts.capacity_experts(*args, num_groups=groups, capacity=cap)
     y_BxLxD = y_TxD.reshape(batch, length, d_model)
     if cfg.shared_expert_d_ff:
       y_BxLxD = y_BxLxD + MLP(cfg.shared_expert_d_ff, self.dtype, self.param_dtype,
@@ -417,15 +266,3 @@ class MoEBlock(nn.Module):
                  counts=routing.expert_counts(router_out.expert_index, n_exp),
                  dropped=1.0 - jnp.mean(kept_TxK.astype(jnp.float32)))
     return y_BxLxD, aux
-
-  def _ragged_experts(self, x_TxD, router_out, wg, wu, wo):
-    """Dropless dispatch: S = T * K rows sorted by expert, grouped matmuls (`ragged_dot`).
-
-    Same results as `capacity_experts` (no capacity; every assignment kept).
-    """
-    plan, group_sizes_E = routing.sorted_plan(router_out.expert_index, self.config.num_experts)
-    buf_SxD = dispatch(x_TxD, plan.slot_token, plan.slot)
-    h_gate = jax.lax.ragged_dot(buf_SxD, wg, group_sizes_E)
-    h_up = jax.lax.ragged_dot(buf_SxD, wu, group_sizes_E)
-    y_SxD = jax.lax.ragged_dot(jax.nn.silu(h_gate) * h_up, wo, group_sizes_E)
-    return combine(y_SxD, router_out.gates, plan.slot, plan.slot_assignment), plan.kept

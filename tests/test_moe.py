@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from simbal_jax import experts
 from simbal_jax import moe
 from simbal_jax import routing
 
@@ -206,16 +207,22 @@ def test_ragged_matches_per_token_loop(shared):
   np.testing.assert_array_equal(np.asarray(aux.counts), np.bincount(idx.ravel(), minlength=E))
 
 
-@pytest.mark.parametrize("shared,bias", [(0, None), (6, None), (0, (100.0, 50.0, 0.0, 0.0))])
-def test_ragged_equals_dropless_capacity_values_and_grads(shared, bias):
+@pytest.mark.parametrize("shared,bias,impl", [
+    (0, None, "auto"), (6, None, "auto"), (0, (100.0, 50.0, 0.0, 0.0), "auto"),
+    (0, (1.0, 0.5, 0.0, 0.0), "auto"), (0, (100.0, 50.0, 0.0, 0.0), "tokamax"),
+    (0, (1.0, 0.5, 0.0, 0.0), "lax")])
+def test_ragged_equals_dropless_capacity_values_and_grads(shared, bias, impl):
   """dispatch="ragged" == "capacity" at capacity_factor 0 (same params): output, aux, grads.
 
-  The bias case routes every token to experts 0 and 1, so experts 2 and 3 get empty groups.
+  "auto" and "tokamax" run tokamax.ragged_dot (its XLA implementation on CPU), "lax"
+  jax.lax.ragged_dot. Bias (100, 50, 0, 0) routes every token to experts 0 and 1, so experts 2
+  and 3 get empty groups; (1, 0.5, 0, 0) gives uneven loads.
   """
   kw = dict(num_experts=E, top_k=K, d_ff=F, capacity_factor=0.0, router_init="normal",
             shared_expert_d_ff=shared)
   cap_block, params, x = _setup(moe.MoEConfig(**kw), seed=13)
-  rag_block = moe.MoEBlock(moe.MoEConfig(**kw, dispatch="ragged"), dtype=jnp.float32)
+  rag_block = moe.MoEBlock(moe.MoEConfig(**kw, dispatch="ragged", ragged_impl=impl),
+                           dtype=jnp.float32)
   bias = None if bias is None else jnp.asarray(bias, jnp.float32)
   proj = jax.random.normal(jax.random.PRNGKey(14), x.shape)
 
@@ -234,9 +241,12 @@ def test_ragged_equals_dropless_capacity_values_and_grads(shared, bias):
   for a, b in zip(jax.tree.leaves(g_rag), jax.tree.leaves(g_cap)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
   assert float(jnp.abs(g_rag[0]["params"]["router"]).max()) > 0  # gates carry gradient
-  if bias is not None:
+  if bias is not None and bias[0] == 100.0:
     assert set(np.unique(np.asarray(aux_rag.router.expert_index)).tolist()) == {0, 1}
     np.testing.assert_array_equal(np.asarray(g_rag[0]["params"]["wo"][2:]), 0.0)
+  elif bias is not None:
+    counts = np.asarray(aux_rag.counts)
+    assert counts.max() >= 2 * counts.min() and counts.min() > 0  # uneven, none empty
 
 
 @pytest.mark.parametrize("num_groups,bias,bucket", [
@@ -295,6 +305,28 @@ def test_bucket_helpers():
     moe.MoEConfig(num_experts=2, top_k=1, d_ff=4, capacity_buckets=(1.5, 0.0))
   assert moe.MoEConfig(num_experts=2, top_k=1, d_ff=4, capacity_buckets=[2, 1.5]
                        ).capacity_buckets == (2.0, 1.5)
+
+
+def test_ragged_impl_resolution_and_tokamax_use(monkeypatch):
+  assert experts.resolve_ragged_impl("auto", "cpu") == "xla"
+  assert experts.resolve_ragged_impl("auto", "gpu") == "tokamax"
+  assert experts.resolve_ragged_impl("auto", "tpu") == "tokamax"
+  assert experts.resolve_ragged_impl("lax", "gpu") == "lax"
+  with pytest.raises(ValueError, match="ragged_impl"):
+    moe.MoEConfig(num_experts=2, top_k=1, d_ff=4, ragged_impl="cuda")
+  tokamax = pytest.importorskip("tokamax")
+  seen = []
+  real = tokamax.ragged_dot
+  monkeypatch.setattr(tokamax, "ragged_dot", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+  lhs = jax.random.normal(jax.random.PRNGKey(0), (6, 3))
+  rhs = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 5))
+  sizes = jnp.array([4, 2], jnp.int32)
+  out = experts.ragged_dot(lhs, rhs, sizes, "auto")
+  assert seen == [{"implementation": "xla"}]  # CPU: tokamax's XLA implementation
+  np.testing.assert_allclose(out, jnp.concatenate([lhs[:4] @ rhs[0], lhs[4:] @ rhs[1]]),
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(NotImplementedError):  # the Pallas kernels do not run on CPU
+    experts.ragged_dot(lhs, rhs, sizes, "triton")
 
 
 def test_validation_errors():

@@ -127,6 +127,7 @@ def get_config(arg=None):
 
   cfg.mesh = h = ml_collections.ConfigDict()
   h.data = -1  # data-parallel axis (-1: all remaining devices)
+  h.fsdp = 1  # fully sharded data parallel: params + optimizer state split over d_model, batch too
   h.expert = 1  # expert-parallel axis
   h.model = 1  # tensor-parallel axis
   h.multihost = False  # call jax.distributed.initialize()

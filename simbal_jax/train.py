@@ -93,8 +93,8 @@ def resolve_num_groups(cfg, num_devices):
   needs a single group, so auto gives 1 there.
   """
   if int(cfg.moe.num_experts) > 0 and int(cfg.moe.num_groups) == 0:
-    data, expert, _ = sharding.mesh_shape(cfg.mesh, num_devices)
-    cfg.moe.num_groups = 1 if cfg.moe.dispatch == "ragged" else data * expert
+    shards = sharding.batch_shards(cfg.mesh, num_devices)
+    cfg.moe.num_groups = 1 if cfg.moe.dispatch == "ragged" else shards
 
 
 def build_model(cfg, devices=None):
@@ -125,7 +125,7 @@ def build_model(cfg, devices=None):
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           step_lib.unbox(boxed), shardings)
   batch_sharding = jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec(("data", "expert")))
+      mesh, jax.sharding.PartitionSpec(sharding.BATCH_AXES))
   return types.SimpleNamespace(
       cfg=cfg, sc=step_lib.StepConfig.from_config(cfg), model=model, mcfg=mcfg, tx=tx,
       schedule=schedule, mesh=mesh, rules=rules, init=init, abstract=abstract,

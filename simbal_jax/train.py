@@ -21,6 +21,7 @@ import numpy as np
 from simbal_jax import analysis
 from simbal_jax import checkpoint
 from simbal_jax import data as data_lib
+from simbal_jax import memory
 from simbal_jax import model as model_lib
 from simbal_jax import optim
 from simbal_jax import sharding
@@ -240,6 +241,9 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
   is_main = jax.process_index() == 0
   logging.info("devices: %d (%d processes), mesh %s", jax.device_count(), jax.process_count(),
                dict(env.mesh.shape))
+  logging.info("memory estimate: %s", memory.summary(memory.memory_estimate(
+      env.mcfg, dict(env.mesh.shape), global_batch_size=int(t.global_batch_size),
+      seq_len=int(t.seq_len), grad_accum=int(t.grad_accum)), memory.device_memory_bytes()))
   ckpt = None
   if cfg.ckpt.enabled:
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every=cfg.ckpt.every,

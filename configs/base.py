@@ -39,11 +39,17 @@ def get_config(arg=None):
   e.router_init = "orthogonal"  # orthogonal | normal
   e.router_init_scale = 1.0  # column norm of the initial router
   e.num_groups = 1  # routing groups (own capacity/dispatch); 0: one per batch shard (auto)
-  # capacity | ragged. "ragged": dropless grouped matmul via jax.lax.ragged_dot (T*K rows, no
-  # E/K padding; capacity_factor ignored; needs num_groups=1) - efficient on TPU; on GPU it
-  # lowers to a dense E-times-larger computation (DESIGN §4), and on CPU to a masked dense one:
-  # use "capacity" there.
+  # capacity | buckets | ragged. "buckets": dropless capacity path at the smallest of the static
+  # capacity_buckets (x mean load T*K/E per group, then T) holding the step's largest expert
+  # load (jax.lax.switch; same values and grads as capacity_factor 0, cost = that bucket's
+  # padding; capacity_factor ignored) - the dropless choice on CPU. "ragged": dropless grouped
+  # matmuls via tokamax.ragged_dot (T*K rows, no E/K padding; capacity_factor ignored; needs
+  # num_groups=1): Pallas kernels on GPU/TPU; on CPU a masked dense computation (use buckets).
   e.dispatch = "capacity"
+  e.capacity_buckets = (1.25, 1.5, 2.0, 3.0)  # dispatch=buckets: factors below the last bucket T
+  # dispatch=ragged: auto (CPU: xla; GPU/TPU: tokamax's choice) | tokamax | xla | triton |
+  # mosaic | lax (jax.lax.ragged_dot, no tokamax; dense E-times-larger on GPU)
+  e.ragged_impl = "auto"
 
   cfg.balance = b = ml_collections.ConfigDict()
   # Balancing terms "name:coef+name:coef" from the registry simbal_jax.balance.TERMS (lbl,
@@ -124,6 +130,7 @@ def get_config(arg=None):
 
   cfg.mesh = h = ml_collections.ConfigDict()
   h.data = -1  # data-parallel axis (-1: all remaining devices)
+  h.fsdp = 1  # fully sharded data parallel: params + optimizer state split over d_model, batch too
   h.expert = 1  # expert-parallel axis
   h.model = 1  # tensor-parallel axis
   h.multihost = False  # call jax.distributed.initialize()

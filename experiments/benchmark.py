@@ -4,6 +4,7 @@
   python -m experiments.benchmark --what=train_step --config=configs/moe_m.py:simbal \
       --config.train.global_batch_size=16
   python -m experiments.benchmark --what=routing --config=configs/demo.py --tokens=16384
+  python -m experiments.benchmark --what=train_step --preset=bench_s --set=moe.dispatch=ragged
 
 Modes:
   moe_layer   `moe.MoEBlock` forward+backward against a dense SwiGLU `moe.MLP` with
@@ -12,7 +13,7 @@ Modes:
   train_step  the jitted train step of `train.make_steps` on synthetic random tokens (no data
               pipeline): step ms, tokens/s, MFU from `model.flops_per_token`.
   routing     the balancing machinery alone at MoE-M scale (route + dispatch plan, LBL, SimBal,
-              all MoE layers of a step), then the train step of --config with balance.method
+              all MoE layers of a step), then the train step of --config under each named method (configs/base.py)
               none / lbl / simbal: the losses' share of a training step.
 
 Timing (see the device METHOD notes): one untimed first call (compile), `--warmup` untimed calls,
@@ -22,13 +23,10 @@ Prints a table; `--out` also writes JSON with the device kind, jax version and e
 """
 
 import copy
-import datetime
 import json
 import math
 import os
-import platform
 import sys
-import time
 import types
 
 from absl import app
@@ -38,13 +36,11 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from experiments.bench_lib import (  # noqa: F401  pylint: disable=unused-import
+    KNOWN_PEAKS, SHAPES, environment, parse_shape, peaks, preset_config, table, timed)
+
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# name -> (top_k K, experts E, d_model D, expert d_ff F)
-SHAPES = {"bench_s": (8, 64, 1024, 512), "moe_m": (4, 32, 768, 768),
-          "olmoe": (8, 64, 2048, 1024)}
-# Datasheet dense bf16 peaks (TFLOP/s) and HBM bandwidth (GB/s) by device kind substring.
-KNOWN_PEAKS = {"H100": (989.0, 3350.0), "H200": (989.0, 4800.0)}
 
 _WHAT = flags.DEFINE_enum("what", "moe_layer", ["moe_layer", "train_step", "routing"],
                           "Which benchmark to run.")
@@ -53,14 +49,15 @@ _SHAPES = flags.DEFINE_list("shapes", ["bench_s", "moe_m", "olmoe"],
                             "uses the first one for its loss timings.")
 _TOKENS = flags.DEFINE_integer("tokens", 16384, "Tokens T per MoE layer call (moe_layer, routing).")
 _CF = flags.DEFINE_float("capacity_factor", 1.25, "moe_layer: capacity factor (<= 0: dropless).")
-_DISPATCH = flags.DEFINE_enum("dispatch", "capacity", ["capacity", "ragged"],
-                               "moe_layer: MoEConfig.dispatch (ragged: dropless ragged_dot, "
-                               "TPU only in practice; capacity_factor ignored).")
+_DISPATCH = flags.DEFINE_enum("dispatch", "capacity", ["capacity", "buckets", "ragged"],
+                               "moe_layer: MoEConfig.dispatch (buckets: dropless at the smallest "
+                               "fitting capacity bucket; ragged: dropless tokamax.ragged_dot, "
+                               "Pallas kernels on GPU/TPU; both ignore capacity_factor).")
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "moe_layer: compute dtype.")
 _PARAM_DTYPE = flags.DEFINE_string("param_dtype", "float32", "moe_layer: parameter dtype.")
 _MOE_LAYERS = flags.DEFINE_integer("moe_layers", 8, "routing: MoE layers per step (MoE-M: 8).")
 _METHODS = flags.DEFINE_list("methods", ["none", "lbl", "simbal"],
-                             "routing: balance.method values to compare in the train step.")
+                             "routing: named balancing methods (lbl, simbal, ...) compared in the train step.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed calls after the compiling call.")
 _ITERS = flags.DEFINE_integer("iters", 20, "Timed calls (median reported).")
 _INPUT_SETS = flags.DEFINE_integer("input_sets", 2, "Random input sets rotated over the calls.")
@@ -71,76 +68,14 @@ _PEAK_GBPS = flags.DEFINE_float("peak_gbps", 0.0, "Per-device memory GB/s for th
                                 "(0: datasheet for H100/H200, else n/a).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for parameters and inputs.")
 _OUT = flags.DEFINE_string("out", "", "Write the JSON report here ('' = do not write).")
+_PRESET = flags.DEFINE_string("preset", "", "train_step/routing: a named config instead of "
+                              "--config: bench_s (the peer's OLMoE run), moe_m, tiny_s, tiny_m.")
+_SET = flags.DEFINE_string("set", "", "Comma-separated key=value overrides of --preset, e.g. "
+                           "moe.dispatch=ragged,moe.num_groups=1.")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(_REPO, "configs", "demo.py"),
     "train_step/routing: config file[:variant]; fields overridable (--config.train.seq_len=...).",
     lock_config=False)
-
-
-# ----------------------------------------------------------------------------------------------
-# Timing and environment.
-
-
-def timed(calls, *, warmup, iters):
-  """Times several variants round-robin, so that background load hits them alike.
-
-  Args:
-    calls: dict name -> `call(i)` returning arrays to wait for (i counts that variant's calls).
-    warmup: untimed calls per variant after its first (compiling) call.
-    iters: timed calls per variant; iteration j times every variant once, in order.
-
-  Returns:
-    dict name -> dict(median_ms, p10_ms, p90_ms, min_ms, first_call_s, iters).
-  """
-  if iters < 1:
-    raise ValueError(f"iters must be >= 1, got {iters}")
-  first, ms = {}, {name: [] for name in calls}
-  for name, call in calls.items():
-    t0 = time.perf_counter()
-    jax.block_until_ready(call(0))
-    first[name] = time.perf_counter() - t0
-    for i in range(warmup):
-      jax.block_until_ready(call(1 + i))
-  for j in range(iters):
-    for name, call in calls.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(call(1 + warmup + j))
-      ms[name].append((time.perf_counter() - t0) * 1e3)
-  out = {}
-  for name, m in ms.items():
-    m = np.asarray(m)
-    out[name] = dict(median_ms=float(np.median(m)), p10_ms=float(np.percentile(m, 10)),
-                     p90_ms=float(np.percentile(m, 90)), min_ms=float(m.min()),
-                     first_call_s=round(first[name], 3), iters=int(iters),
-                     times_ms=[round(x, 4) for x in m.tolist()])
-  return out
-
-
-def peaks(peak_tflops=0.0, peak_gbps=0.0):
-  """(TFLOP/s, GB/s) per device: flags if > 0, else datasheet by device kind, 989 on any GPU."""
-  dev = jax.devices()[0]
-  known = next((v for k, v in KNOWN_PEAKS.items() if k in dev.device_kind), (None, None))
-  tf = peak_tflops if peak_tflops > 0 else (known[0] or (989.0 if dev.platform == "gpu" else None))
-  gb = peak_gbps if peak_gbps > 0 else known[1]
-  return tf, gb
-
-
-def environment():
-  dev = jax.devices()[0]
-  return dict(platform=dev.platform, device_kind=dev.device_kind, device_count=jax.device_count(),
-              jax_version=jax.__version__, python=platform.python_version(),
-              cpu_count=os.cpu_count(), date=datetime.date.today().isoformat(),
-              load_avg_1m=os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
-
-
-def parse_shape(name):
-  """'moe_m' or 'K:E:D:F' -> (name, (K, E, D, F))."""
-  if name in SHAPES:
-    return name, SHAPES[name]
-  parts = name.split(":")
-  if len(parts) != 4 or not all(p.isdigit() for p in parts):
-    raise ValueError(f"unknown shape {name!r}: use one of {sorted(SHAPES)} or 'K:E:D:F'")
-  return name, tuple(int(p) for p in parts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,6 +138,10 @@ def bench_moe_layer(shape, tokens, *, capacity_factor=1.25, dispatch="capacity",
     row[f"{label}_first_call_s"] = t["first_call_s"]
     row[f"{label}_tflops"] = flops / (t["median_ms"] * 1e-3) / 1e12
   row["dropped"] = float(np.mean([float(a.dropped) for a in outs[-input_sets:]]))
+  if dispatch == "buckets":  # the bucket each input set ran at (one routing group)
+    caps = routing.capacity_buckets(tokens, e, k, mcfg.capacity_buckets)
+    row["capacity"] = "/".join(str(caps[int(routing.bucket_index(int(np.max(a.counts)), caps))])
+                               for a in outs[-input_sets:])
   row["ratio"] = row["moe_ms"] / row["dense_ms"]
   row["iters"] = iters
   if peak_tflops:
@@ -232,11 +171,11 @@ def vocab_size(cfg):
 
 
 def build_env(config, devices=None):
-  """`train.build_model` for a config whose vocabulary is derived without loading data."""
+  """`train.build(data=False)` for a config whose vocabulary is derived without loading data."""
   from simbal_jax import train  # pylint: disable=g-import-not-at-top
   cfg = train.prepare_config(config)
   cfg.model.vocab_size = vocab_size(cfg)
-  return train.build_model(cfg, devices)
+  return train.build(cfg, devices=devices, data=False)
 
 
 def train_step_runner(config, *, input_sets=2, devices=None, seed=0):
@@ -259,14 +198,14 @@ def train_step_runner(config, *, input_sets=2, devices=None, seed=0):
   box = {"state": state}
 
   def call(i):
-    box["state"], metrics = train_step(box["state"], batches[i % input_sets])
-    env.last_metrics = metrics
-    return box["state"], metrics
+    box["state"], box["metrics"] = train_step(box["state"], batches[i % input_sets])
+    return box["state"], box["metrics"]
+  call.last_metrics = lambda: box["metrics"]
   return call, env
 
 
-def train_step_row(env, tm, peak_tflops=None):
-  """Result row of one timed train step (tm from `timed`)."""
+def train_step_row(env, tm, last_metrics, peak_tflops=None):
+  """Result row of one timed train step (tm from `timed`, last_metrics its last metrics)."""
   from simbal_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   t = env.cfg.train
   b, l = int(t.global_batch_size), int(t.seq_len)
@@ -274,13 +213,17 @@ def train_step_row(env, tm, peak_tflops=None):
   fpt = model_lib.flops_per_token(env.mcfg, l)
   tok_s = tokens / (tm["median_ms"] * 1e-3)
   counts = model_lib.count_params(env.mcfg)
-  row = dict(method=env.cfg.balance.method, step_ms=tm["median_ms"], p10_ms=tm["p10_ms"],
+  method = env.cfg.get("bench_method", env.cfg.balance.terms)
+  row = dict(method=method, step_ms=tm["median_ms"], p10_ms=tm["p10_ms"],
              p90_ms=tm["p90_ms"], first_call_s=tm["first_call_s"], tokens_per_step=tokens,
              tokens_per_s=tok_s, flops_per_token=fpt, devices=n_dev, mesh=dict(env.mesh.shape),
              batch=b, seq_len=l, dtype=env.cfg.model.dtype, active_params=counts["active"],
              total_params=counts["total"], iters=tm["iters"], times_ms=tm["times_ms"],
-             last_loss=float(jax.device_get(env.last_metrics["train/loss"])))
+             last_loss=float(jax.device_get(last_metrics["train/loss"])))
   row["mfu"] = (fpt * tok_s / (n_dev * peak_tflops * 1e12)) if peak_tflops else None
+  stats = jax.devices()[0].memory_stats() or {}  # None on CPU
+  row["peak_mem_gib"] = stats.get("peak_bytes_in_use", 0) / 2**30 or None
+  row["dispatch"] = env.cfg.moe.dispatch if env.mcfg.moe else "dense"
   return row
 
 
@@ -296,7 +239,8 @@ def bench_train_steps(configs, *, warmup=3, iters=20, input_sets=2, devices=None
   env0 = runners[0][1]
   with sharding.mesh_rules(env0.mesh, env0.rules):
     tms = timed({i: call for i, (call, _) in enumerate(runners)}, warmup=warmup, iters=iters)
-  return [train_step_row(env, tms[i], peak_tflops) for i, (_, env) in enumerate(runners)]
+  return [train_step_row(env, tms[i], call.last_metrics(), peak_tflops)
+          for i, (call, env) in enumerate(runners)]
 
 
 def bench_train_step(config, **kw):
@@ -360,9 +304,11 @@ def bench_routing(config, methods, shape, tokens, num_layers, *, warmup=3, iters
   parts = bench_routing_losses(shape, tokens, num_layers, warmup=warmup, iters=iters,
                                input_sets=input_sets, seed=seed)
   configs = []
+  from simbal_jax.configs import base  # pylint: disable=g-import-not-at-top
   for method in methods:
     cfg = copy.deepcopy(config)
-    cfg.balance.method = method
+    base.set_method(cfg, method)
+    cfg.bench_method = method  # the name the rows report
     configs.append(cfg)
   steps = bench_train_steps(configs, warmup=warmup, iters=iters, input_sets=input_sets,
                             devices=devices, seed=seed, peak_tflops=peak_tflops)
@@ -373,35 +319,14 @@ def bench_routing(config, methods, shape, tokens, num_layers, *, warmup=3, iters
   return dict(losses=parts, train_steps=steps)
 
 
-# ----------------------------------------------------------------------------------------------
-# Report.
-
-
-def _fmt(v, digits=4):
-  if v is None:
-    return "n/a"
-  if isinstance(v, float):
-    return f"{v:.{digits}g}"
-  return str(v)
-
-
-def table(rows, cols):
-  """Plain-text table of `rows` (dicts) with (header, key[, digits]) columns."""
-  cells = [[_fmt(r.get(c[1]), *(c[2:])) for c in cols] for r in rows]
-  widths = [max(len(c[0]), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
-  lines = ["  ".join(c[0].rjust(w) for c, w in zip(cols, widths)),
-           "  ".join("-" * w for w in widths)]
-  lines += ["  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in cells]
-  return "\n".join(lines)
-
-
 MOE_COLS = (("shape", "shape"), ("T", "tokens"), ("C", "capacity"), ("moe ms", "moe_ms"),
             ("dense ms", "dense_ms"), ("ratio", "ratio", 3), ("moe TF/s", "moe_tflops", 3),
             ("dense TF/s", "dense_tflops", 3), ("dropped", "dropped", 3),
             ("moe p10-p90 ms", "moe_spread"))
 STEP_COLS = (("method", "method"), ("step ms", "step_ms"), ("p10", "p10_ms"), ("p90", "p90_ms"),
              ("tokens/s", "tokens_per_s"), ("MFU", "mfu", 3), ("vs none", "overhead_vs_none", 3),
-             ("compile s", "first_call_s"))
+             ("compile s", "first_call_s"), ("peak GiB", "peak_mem_gib", 3),
+             ("dispatch", "dispatch"))
 LOSS_COLS = (("part", "part"), ("shape", "shape"), ("T", "tokens"), ("layers", "moe_layers"),
              ("ms", "ms"), ("p10", "p10_ms"), ("p90", "p90_ms"))
 
@@ -428,7 +353,7 @@ def run(what, flags_values, config=None):
     row = bench_train_step(config, devices=devices, peak_tflops=tf, **common)
     report["results"] = [row]
     report["config"] = config.to_dict()
-    report["text"] = table([row], STEP_COLS[:6] + STEP_COLS[7:])
+    report["text"] = table([row], STEP_COLS[:6] + STEP_COLS[7:])  # no "vs none" column
   elif what == "routing":
     res = bench_routing(config, fv.methods, fv.shapes[0], fv.tokens, fv.moe_layers,
                         devices=devices, peak_tflops=tf, **common)
@@ -452,7 +377,12 @@ def main(argv):
   print(f"jax {env['jax_version']} on {env['device_count']} x {env['device_kind']} "
         f"({env['platform']}), {env['cpu_count']} host CPUs (load {env['load_avg_1m']:.2f}), "
         f"{env['date']}", flush=True)
-  report = run(_WHAT.value, values, _CONFIG.value)
+  config = _CONFIG.value
+  if _PRESET.value:
+    from configs import base  # pylint: disable=g-import-not-at-top
+    config = base.apply_variant(preset_config(_PRESET.value), _SET.value) if _SET.value else (
+        preset_config(_PRESET.value))
+  report = run(_WHAT.value, values, config)
   print(report["text"])
   if report["peak_tflops"] is None:
     print("MFU: n/a (no --peak_tflops for this platform)")

@@ -18,7 +18,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from simbal_jax.moe import MLP, MoEAux, MoEBlock, MoEConfig, boxed_param, kernel_init
+from simbal_jax import init as init_lib
+from simbal_jax.moe import MLP, MoEAux, MoEBlock, MoEConfig
+from simbal_jax.sharding import boxed_param
 
 __all__ = ["ModelConfig", "MoEConfig", "MoEAux", "Transformer", "router_kernels",
            "count_params", "flops_per_token", "ATTENTION_IMPLS", "DTYPES"]
@@ -164,7 +166,7 @@ class Attention(nn.Module):
     cfg = self.config
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     heads, head_dim, d_model = cfg.num_heads, cfg.head_dim, cfg.d_model
-    qkv_init = kernel_init(in_axis=0, out_axis=(1, 2))
+    qkv_init = init_lib.kernel_init(in_axis=0, out_axis=(1, 2))
     proj = {}
     for name in ("wq", "wk", "wv"):
       w = boxed_param(self, name, qkv_init, (d_model, heads, head_dim), ("embed", "heads", "kv"),
@@ -176,7 +178,7 @@ class Attention(nn.Module):
     impl = resolve_attention_impl(cfg.attention_impl, dtype, head_dim)
     out = jax.nn.dot_product_attention(q, k, proj["wv"], is_causal=True, implementation=impl)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
-    wo = boxed_param(self, "wo", kernel_init(in_axis=(0, 1), out_axis=2),
+    wo = boxed_param(self, "wo", init_lib.kernel_init(in_axis=(0, 1), out_axis=2),
                      (heads, head_dim, d_model), ("heads", "kv", "embed"), pdtype)
     return jnp.einsum("blhk,hkd->bld", out, wo.astype(dtype))
 
@@ -245,7 +247,7 @@ class Transformer(nn.Module):
       if is_moe:
         auxes.append(aux)
     x = RMSNorm(cfg.norm_eps, dtype, pdtype, name="final_norm")(x)
-    head = boxed_param(self, "lm_head", kernel_init(), (cfg.d_model, cfg.vocab_size),
+    head = boxed_param(self, "lm_head", init_lib.kernel_init(), (cfg.d_model, cfg.vocab_size),
                        ("embed", "vocab"), pdtype)
     logits = jnp.einsum("bld,dv->blv", x, head.astype(dtype), preferred_element_type=jnp.float32)
     logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))

@@ -1,19 +1,23 @@
 """Feed-forward blocks: dense SwiGLU and the sparse Mixture-of-Experts block (Flax linen).
 
 The MoE block routes each token to K of E SwiGLU experts (`routing.route`) and dispatches the
-assignments in one of two ways (`MoEConfig.dispatch`):
+assignments in one of three ways (`MoEConfig.dispatch`):
 
 * "capacity" (default): per-expert buffers `[E, C, D]` of static capacity C
   (`routing.dispatch_plan`), all experts run as batched einsums (`'ecd,edf->ecf'`). Dropless
   (`capacity_factor <= 0`) means C = T, i.e. E / K times the useful expert FLOPs.
+* "buckets": dropless capacity dispatch at a per-call capacity picked from a few static buckets
+  (`MoEConfig.capacity_buckets` x the mean load T*K/E, then T) by `jax.lax.switch`: the smallest
+  bucket that holds the largest expert load. Same values and gradients as C = T, at the cost of
+  that bucket's padding. The dropless choice where no grouped-matmul kernel exists (CPU).
 * "ragged": the T * K assignments sorted by expert into exactly T * K rows
-  (`routing.sorted_plan`), experts run as grouped matmuls `jax.lax.ragged_dot`; never drops.
-  Efficient on TPU only: on GPU ragged_dot lowers to a dense E-times-larger computation
-  (DESIGN.md section 4) and on CPU to a masked dense one.
+  (`routing.sorted_plan`), experts run as grouped matmuls `tokamax.ragged_dot` (Pallas kernels
+  on GPU and TPU with their own backward passes; on CPU its XLA fallback, a masked dense
+  computation equal to `jax.lax.ragged_dot`); never drops. `MoEConfig.ragged_impl` picks the
+  implementation.
 
-Both combine the expert outputs weighted by the gates. Dispatch and combine are gathers whose
-backward passes are gathers too (`jax.custom_vjp`): every token has K slots and every slot one
-token, so no scatter and no one-hot `[T, E, C]` tensor appears anywhere (DESIGN.md section 4).
+All combine the expert outputs weighted by the gates; the expert paths and the gather-only
+dispatch / combine (custom VJPs, no scatter, no one-hot) live in `experts.py`.
 
 Everything the balancing losses and metrics need is returned per call as one `MoEAux`
 (router logits/probs/gates/indices, per-expert counts, dropped fraction); the router kernel
@@ -27,12 +31,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from simbal_jax import experts
 from simbal_jax import init as init_lib
-from simbal_jax import losses
 from simbal_jax import routing
+from simbal_jax import sharding
 
-ROUTER_INITS = ("orthogonal", "normal")
-DISPATCHES = ("capacity", "ragged")
+DISPATCHES = ("capacity", "buckets", "ragged")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +50,9 @@ class MoEConfig:
     gating: one of `routing.GATINGS`.
     renormalize: renormalise the K gates to sum 1 (softmax_topk only).
     capacity_factor: C = ceil(T*K/E * factor) slots per expert per group; <= 0 means no drops
-      (C = T, every expert can take every token of its group). Ignored by dispatch="ragged".
+      (C = T, every expert can take every token of its group). Used by dispatch="capacity" only.
+    capacity_buckets: capacity factors of the static buckets of dispatch="buckets" (each gives
+      C = ceil(T*K/E * factor) per group, capped at T; T itself is always the last bucket).
     shared_expert_d_ff: hidden width of an always-on dense SwiGLU beside the experts (0: none).
     router_init: "orthogonal" (orthonormal columns, as the paper) or "normal"
       (N(0, scale^2 / D): expected column norm `router_init_scale`, like the orthogonal init).
@@ -56,9 +62,18 @@ class MoEConfig:
       multiple of the number of batch shards (mesh data * expert) so dispatch stays local.
       Must be 1 with dispatch="ragged" (ragged_dot cannot be batched over groups without a
       copy of the expert weights per group; without drops groups would not change the output).
-    dispatch: "capacity" (buffers [E, C, D], batched einsums) or "ragged" (dropless: T * K rows
-      sorted by expert, `jax.lax.ragged_dot`; `capacity_factor` is ignored). Use "ragged" on
-      TPU only: on GPU and CPU ragged_dot lowers to a dense E-times-larger computation.
+    dispatch: "capacity" (buffers [E, C, D], batched einsums, drops beyond C), "buckets"
+      (dropless: the same buffers at the smallest of the static `capacity_buckets` that holds the
+      call's largest per-expert load over all groups, chosen by `jax.lax.switch`; values and
+      gradients equal capacity_factor <= 0, the cost is the bucket's padding instead of E / K;
+      every bucket is compiled; use it on CPU) or "ragged" (dropless: T * K rows sorted by
+      expert, grouped matmuls `tokamax.ragged_dot`, see `ragged_impl`). "buckets" and
+      "ragged" ignore `capacity_factor`.
+    ragged_impl: grouped matmuls of dispatch="ragged", one of `experts.RAGGED_IMPLS`: "auto"
+      (CPU: tokamax "xla", a masked dense computation; GPU / TPU: tokamax's own choice of its
+      Pallas kernels), "tokamax" (its choice anywhere), "xla" | "triton" | "mosaic" (that
+      tokamax implementation), "lax" (`jax.lax.ragged_dot`: on GPU a dense E-times-larger
+      computation, DESIGN.md section 4).
   """
   num_experts: int
   top_k: int
@@ -66,11 +81,13 @@ class MoEConfig:
   gating: str = "softmax_topk"
   renormalize: bool = False
   capacity_factor: float = 1.25
+  capacity_buckets: tuple = (1.25, 1.5, 2.0, 3.0)
   shared_expert_d_ff: int = 0
   router_init: str = "orthogonal"
   router_init_scale: float = 1.0
   num_groups: int = 1
   dispatch: str = "capacity"
+  ragged_impl: str = "auto"
 
   def __post_init__(self):
     for name in ("num_experts", "top_k", "d_ff", "num_groups"):
@@ -81,14 +98,21 @@ class MoEConfig:
       raise ValueError(f"MoEConfig.top_k={self.top_k} exceeds num_experts={self.num_experts}")
     if self.gating not in routing.GATINGS:
       raise ValueError(f"MoEConfig.gating={self.gating!r}; valid: {routing.GATINGS}")
-    if self.router_init not in ROUTER_INITS:
-      raise ValueError(f"MoEConfig.router_init={self.router_init!r}; valid: {ROUTER_INITS}")
+    if self.router_init not in init_lib.ROUTER_INITS:
+      raise ValueError(f"MoEConfig.router_init={self.router_init!r}; valid: {init_lib.ROUTER_INITS}")
     if self.dispatch not in DISPATCHES:
       raise ValueError(f"MoEConfig.dispatch={self.dispatch!r}; valid: {DISPATCHES}")
+    if self.ragged_impl not in experts.RAGGED_IMPLS:
+      raise ValueError(f"MoEConfig.ragged_impl={self.ragged_impl!r}; valid: "
+                       f"{experts.RAGGED_IMPLS}")
     if self.dispatch == "ragged" and self.num_groups != 1:
       raise ValueError(f"MoEConfig.dispatch='ragged' needs num_groups=1, got "
                        f"{self.num_groups} (ragged_dot has no batching over groups without "
                        f"copying the expert weights; use dispatch='capacity' for groups)")
+    buckets = tuple(float(f) for f in self.capacity_buckets)
+    if any(not f > 0 for f in buckets):
+      raise ValueError(f"MoEConfig.capacity_buckets must be factors > 0, got {buckets!r}")
+    object.__setattr__(self, "capacity_buckets", buckets)  # hashable even from a list
     if not isinstance(self.shared_expert_d_ff, int) or self.shared_expert_d_ff < 0:
       raise ValueError(f"MoEConfig.shared_expert_d_ff must be an int >= 0, "
                        f"got {self.shared_expert_d_ff!r}")
@@ -105,115 +129,6 @@ class MoEAux(NamedTuple):
   router: routing.RouterOutput
   counts: jax.Array
   dropped: jax.Array
-
-
-def kernel_init(in_axis=-2, out_axis=-1, batch_axis=()):
-  """Truncated-normal fan-in initializer (std 1 / sqrt(fan_in)) for matmul kernels."""
-  return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=in_axis,
-                                          out_axis=out_axis, batch_axis=batch_axis)
-
-
-def router_initializer(kind, scale=1.0):
-  """Initializer for a router kernel [D, E]: "orthogonal" or "normal" (see MoEConfig)."""
-  if kind == "orthogonal":
-    return init_lib.orthogonal_init(scale)
-  if kind == "normal":
-    def init(key, shape, dtype=jnp.float32):
-      std = scale / jnp.sqrt(shape[-2]).astype(jnp.float32)
-      return (jax.random.normal(key, shape, jnp.float32) * std).astype(dtype)
-    return init
-  raise ValueError(f"router_init={kind!r}; valid: {ROUTER_INITS}")
-
-
-def boxed_param(module, name, init, shape, names, dtype):
-  """`module.param` with logical axis names attached (nn.with_logical_partitioning)."""
-  return module.param(name, nn.with_logical_partitioning(init, names), shape, dtype)
-
-
-# ----------------------------------------------------------------------------------------------
-# Gather-only dispatch / combine (custom VJPs whose backward passes are gathers as well).
-
-
-def _take_rows(x_NxD, index):
-  """x[index] along axis 0; indices == N (sentinels) read a zero row."""
-  return jnp.take(x_NxD, index, axis=0, mode="fill", fill_value=0)
-
-
-@jax.custom_vjp
-def dispatch(x_TxD, slot_token_S, slot_TxK):
-  """Gathers tokens into buffer slots: `buf[s] = x[slot_token[s]]`, zero for empty slots.
-
-  Args:
-    x_TxD: float[T, D] token features.
-    slot_token_S: int32[S] token feeding each slot; T marks an empty slot.
-    slot_TxK: int32[T, K] slot of each assignment; S marks a dropped one (used by the backward:
-      `dx[t] = sum_k dbuf[slot[t, k]]`).
-
-  Returns:
-    float[S, D] buffer rows, dtype of x.
-  """
-  del slot_TxK
-  return _take_rows(x_TxD, slot_token_S)
-
-
-def _dispatch_fwd(x_TxD, slot_token_S, slot_TxK):
-  return _take_rows(x_TxD, slot_token_S), (None, slot_TxK)
-
-
-def _dispatch_bwd(res, dbuf_SxD):
-  _, slot_TxK = res
-  rows_TxKxD = _take_rows(dbuf_SxD, slot_TxK).astype(jnp.float32)
-  return rows_TxKxD.sum(axis=1).astype(dbuf_SxD.dtype), None, None
-
-
-dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
-
-
-def _combine_fwd_value(y_SxD, gates_TxK, slot_TxK):
-  rows_TxKxD = _take_rows(y_SxD, slot_TxK)
-  out = jnp.einsum("tkd,tk->td", rows_TxKxD, gates_TxK.astype(y_SxD.dtype),
-                   preferred_element_type=jnp.float32)
-  return out.astype(y_SxD.dtype)
-
-
-@jax.custom_vjp
-def combine(y_SxD, gates_TxK, slot_TxK, slot_assignment_S):
-  """Gathers expert outputs back to tokens: `out[t] = sum_k gates[t, k] * y[slot[t, k]]`.
-
-  Dropped assignments (slot == S) contribute zero and get zero gate gradient.
-
-  Args:
-    y_SxD: float[S, D] expert outputs per buffer slot.
-    gates_TxK: float32[T, K] combine weights.
-    slot_TxK: int32[T, K] slot of each assignment (S = dropped).
-    slot_assignment_S: int32[S] flat assignment `t * K + k` filling each slot (T * K = empty);
-      used by the backward: `dy[s] = gate[a] * dout[a // K]` for `a = slot_assignment[s]`.
-
-  Returns:
-    float[T, D] combined outputs, dtype of y.
-  """
-  del slot_assignment_S
-  return _combine_fwd_value(y_SxD, gates_TxK, slot_TxK)
-
-
-def _combine_fwd(y_SxD, gates_TxK, slot_TxK, slot_assignment_S):
-  out = _combine_fwd_value(y_SxD, gates_TxK, slot_TxK)
-  return out, (y_SxD, gates_TxK, slot_TxK, slot_assignment_S)
-
-
-def _combine_bwd(res, dout_TxD):
-  y_SxD, gates_TxK, slot_TxK, slot_assignment_S = res
-  top_k = slot_TxK.shape[1]
-  gate_S = _take_rows(gates_TxK.reshape(-1), slot_assignment_S)  # 0 for empty slots
-  token_S = slot_assignment_S // top_k  # sentinel T * K -> T (reads zero)
-  dy_SxD = _take_rows(dout_TxD, token_S) * gate_S[:, None].astype(dout_TxD.dtype)
-  rows_TxKxD = _take_rows(y_SxD, slot_TxK)
-  dgates_TxK = jnp.einsum("tkd,td->tk", rows_TxKxD, dout_TxD.astype(y_SxD.dtype),
-                          preferred_element_type=jnp.float32)
-  return dy_SxD.astype(y_SxD.dtype), dgates_TxK.astype(gates_TxK.dtype), None, None
-
-
-combine.defvjp(_combine_fwd, _combine_bwd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,12 +150,12 @@ class MLP(nn.Module):
   def __call__(self, x_BxLxD):
     """Args: x_BxLxD: float[B, L, D]. Returns float[B, L, D] in `dtype`."""
     d_model = x_BxLxD.shape[-1]
-    init = kernel_init()
-    wg = boxed_param(self, "wi_gate", init, (d_model, self.d_ff), ("embed", "mlp"),
+    init = init_lib.kernel_init()
+    wg = sharding.boxed_param(self, "wi_gate", init, (d_model, self.d_ff), ("embed", "mlp"),
                      self.param_dtype)
-    wu = boxed_param(self, "wi_up", init, (d_model, self.d_ff), ("embed", "mlp"),
+    wu = sharding.boxed_param(self, "wi_up", init, (d_model, self.d_ff), ("embed", "mlp"),
                      self.param_dtype)
-    wo = boxed_param(self, "wo", init, (self.d_ff, d_model), ("mlp", "embed"), self.param_dtype)
+    wo = sharding.boxed_param(self, "wo", init, (self.d_ff, d_model), ("mlp", "embed"), self.param_dtype)
     x = x_BxLxD.astype(self.dtype)
     h = jax.nn.silu(x @ wg.astype(self.dtype)) * (x @ wu.astype(self.dtype))
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
@@ -288,15 +203,15 @@ class MoEBlock(nn.Module):
         raise ValueError(f"expert_bias_E must have shape ({n_exp},), got {expert_bias_E.shape}")
       expert_bias_E = jax.lax.stop_gradient(expert_bias_E.astype(jnp.float32))
 
-    router = boxed_param(self, "router", router_initializer(cfg.router_init,
+    router = sharding.boxed_param(self, "router", init_lib.router_init(cfg.router_init,
                                                             cfg.router_init_scale),
                          (d_model, n_exp), ("embed", None), self.param_dtype)
-    e_init = kernel_init(batch_axis=(0,))
-    wg = boxed_param(self, "wi_gate", e_init, (n_exp, d_model, d_ff), ("expert", "embed", "mlp"),
+    e_init = init_lib.kernel_init(batch_axis=(0,))
+    wg = sharding.boxed_param(self, "wi_gate", e_init, (n_exp, d_model, d_ff), ("expert", "embed", "mlp"),
                      self.param_dtype)
-    wu = boxed_param(self, "wi_up", e_init, (n_exp, d_model, d_ff), ("expert", "embed", "mlp"),
+    wu = sharding.boxed_param(self, "wi_up", e_init, (n_exp, d_model, d_ff), ("expert", "embed", "mlp"),
                      self.param_dtype)
-    wo = boxed_param(self, "wo", e_init, (n_exp, d_ff, d_model), ("expert", "mlp", "embed"),
+    wo = sharding.boxed_param(self, "wo", e_init, (n_exp, d_ff, d_model), ("expert", "mlp", "embed"),
                      self.param_dtype)
 
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
@@ -308,10 +223,14 @@ class MoEBlock(nn.Module):
 
     x_TxD = x_TxD.astype(self.dtype)
     wg, wu, wo = (w.astype(self.dtype) for w in (wg, wu, wo))
+    args = (x_TxD, router_out.gates, router_out.expert_index, wg, wu, wo)
     if cfg.dispatch == "ragged":
-      y_TxD, kept_TxK = self._ragged_experts(x_TxD, router_out, wg, wu, wo)
+      y_TxD, kept_TxK = experts.ragged_experts(*args, impl=cfg.ragged_impl)
+    elif cfg.dispatch == "buckets":
+      y_TxD, kept_TxK = experts.bucket_experts(*args, num_groups=groups,
+                                               factors=cfg.capacity_buckets)
     else:
-      y_TxD, kept_TxK = self._capacity_experts(x_TxD, router_out, wg, wu, wo, cap)
+      y_TxD, kept_TxK = experts.capacity_experts(*args, num_groups=groups, capacity=cap)
     y_BxLxD = y_TxD.reshape(batch, length, d_model)
     if cfg.shared_expert_d_ff:
       y_BxLxD = y_BxLxD + MLP(cfg.shared_expert_d_ff, self.dtype, self.param_dtype,
@@ -322,44 +241,3 @@ class MoEBlock(nn.Module):
                  counts=routing.expert_counts(router_out.expert_index, n_exp),
                  dropped=1.0 - jnp.mean(kept_TxK.astype(jnp.float32)))
     return y_BxLxD, aux
-
-  def _capacity_experts(self, x_TxD, router_out, wg, wu, wo, cap):
-    """Capacity dispatch per routing group: buffers [G, E, C, D], batched einsums.
-
-    Args: x_TxD: float[T, D] in `dtype`; router_out: RouterOutput; wg, wu: [E, D, F] and
-    wo: [E, F, D] in `dtype`; cap: static capacity C per group. Returns (float[T, D] combined
-    outputs, bool[T, K] kept assignments).
-    """
-    cfg = self.config
-    n_exp, top_k, groups = cfg.num_experts, cfg.top_k, cfg.num_groups
-    tokens, d_model = x_TxD.shape
-    group_tokens = tokens // groups
-    index_GxTxK = router_out.expert_index.reshape(groups, group_tokens, top_k)
-    plan = jax.vmap(lambda idx: routing.dispatch_plan(idx, n_exp, cap))(index_GxTxK)
-    x_GxTxD = x_TxD.reshape(groups, group_tokens, d_model)
-    group_axis = "expert_group" if groups > 1 else None
-    buf_GxSxD = jax.vmap(dispatch)(x_GxTxD, plan.slot_token, plan.slot)
-    buf_GxExCxD = nn.with_logical_constraint(buf_GxSxD.reshape(groups, n_exp, cap, d_model),
-                                             (group_axis, "expert", None, "embed"))
-    h_gate = jnp.einsum("gecd,edf->gecf", buf_GxExCxD, wg)
-    h_up = jnp.einsum("gecd,edf->gecf", buf_GxExCxD, wu)
-    h_GxExCxF = nn.with_logical_constraint(jax.nn.silu(h_gate) * h_up,
-                                           (group_axis, "expert", None, "mlp"))
-    y_GxExCxD = jnp.einsum("gecf,efd->gecd", h_GxExCxF, wo)
-    y_GxExCxD = nn.with_logical_constraint(y_GxExCxD, (group_axis, "expert", None, "embed"))
-    gates_GxTxK = router_out.gates.reshape(groups, group_tokens, top_k)
-    y_GxTxD = jax.vmap(combine)(y_GxExCxD.reshape(groups, n_exp * cap, d_model), gates_GxTxK,
-                                plan.slot, plan.slot_assignment)
-    return y_GxTxD.reshape(tokens, d_model), plan.kept.reshape(tokens, top_k)
-
-  def _ragged_experts(self, x_TxD, router_out, wg, wu, wo):
-    """Dropless dispatch: S = T * K rows sorted by expert, grouped matmuls (`ragged_dot`).
-
-    Same arguments and results as `_capacity_experts` (no capacity; every assignment kept).
-    """
-    plan, group_sizes_E = routing.sorted_plan(router_out.expert_index, self.config.num_experts)
-    buf_SxD = dispatch(x_TxD, plan.slot_token, plan.slot)
-    h_gate = jax.lax.ragged_dot(buf_SxD, wg, group_sizes_E)
-    h_up = jax.lax.ragged_dot(buf_SxD, wu, group_sizes_E)
-    y_SxD = jax.lax.ragged_dot(jax.nn.silu(h_gate) * h_up, wo, group_sizes_E)
-    return combine(y_SxD, router_out.gates, plan.slot, plan.slot_assignment), plan.kept

@@ -316,3 +316,56 @@ def sorted_plan(expert_index_TxK, num_experts):
                       kept=jnp.ones((num_tokens, top_k), bool),
                       slot_assignment=order_A, slot_token=order_A // top_k)
   return plan, group_sizes_E
+
+
+def capacity_buckets(num_tokens, num_experts, top_k, factors):
+  """Static capacities for bucketed dropless dispatch: ascending, distinct, the last one T.
+
+  Bucket i is `capacity(T, E, K, factors[i])` (<= T); T is appended, so every per-expert load
+  fits the last bucket (a token sends at most one assignment to an expert).
+
+  Args:
+    num_tokens: static int T >= 1 (tokens of one routing group).
+    num_experts: static int E >= 1.
+    top_k: static int K, 1 <= K <= E.
+    factors: iterable of floats > 0 (capacity factors of the buckets below T).
+
+  Returns:
+    tuple of Python ints, strictly ascending, ending with T.
+  """
+  caps = {capacity(num_tokens, num_experts, top_k, f) for f in factors if f > 0}
+  return tuple(sorted(caps | {_checks.static_int("num_tokens", num_tokens, 1)}))
+
+
+def max_group_load(expert_index_GxTxK, num_experts):
+  """Largest number of assignments any expert receives in any routing group.
+
+  Args:
+    expert_index_GxTxK: int[G, T, K] chosen experts in [0, E) per group.
+    num_experts: static int E >= 1.
+
+  Returns:
+    int32[] `max_{g, e} #{(t, k): expert_index[g, t, k] == e}` (a global reduction: under
+    sharding of G every device gets the same value).
+  """
+  _checks.check_rank("expert_index_GxTxK", expert_index_GxTxK, 3, "[G, T, K]")
+  num_experts = _checks.static_int("num_experts", num_experts, 1)
+  expert_GxA = jnp.asarray(expert_index_GxTxK, jnp.int32).reshape(
+      expert_index_GxTxK.shape[0], -1)
+  counts_GxE = jax.vmap(lambda e: jnp.zeros((num_experts,), jnp.int32).at[e].add(
+      1, mode="drop"))(expert_GxA)
+  return jnp.max(counts_GxE)
+
+
+def bucket_index(load, capacities):
+  """Index of the smallest capacity that holds `load` (the last one if none does).
+
+  Args:
+    load: int[] largest per-expert load (`max_group_load`).
+    capacities: static ascending tuple of ints (`capacity_buckets`).
+
+  Returns:
+    int32[] in [0, len(capacities)): `#{i < n - 1: capacities[i] < load}`.
+  """
+  below_N = jnp.asarray(capacities[:-1], jnp.int32)
+  return jnp.sum(jnp.asarray(load, jnp.int32) > below_N).astype(jnp.int32)

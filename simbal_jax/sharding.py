@@ -1,8 +1,11 @@
 """Device mesh, logical-axis rules and multi-host setup.
 
-One mesh with axes ("data", "expert", "model") and Auto axis types (GSPMD propagation). The
-batch is split over data * expert devices, experts' leading axis over "expert" (expert
-parallelism), wide matmul dimensions (mlp, heads, vocab) over "model". Typical use:
+One mesh with axes ("data", "fsdp", "expert", "model") and Auto axis types (GSPMD
+propagation). The batch is split over data * fsdp * expert devices (`BATCH_AXES`), experts'
+leading axis over "expert" (expert parallelism), the model width ("embed") of every parameter and
+of its optimizer state over "fsdp" (fully sharded data parallelism: GSPMD all-gathers a weight
+where it is used and reduce-scatters its gradient), wide matmul dimensions (mlp, heads, vocab)
+over "model". Expert kernels [E, D, F] thus shard over expert x fsdp x model. Typical use:
 
   initialize_distributed(cfg.mesh.multihost)        # before any other jax call
   validate(cfg.mesh, model_cfg, global_batch, jax.device_count())
@@ -19,7 +22,9 @@ import math
 import flax.linen as nn
 import jax
 
-MESH_AXES = ("data", "expert", "model")
+MESH_AXES = ("data", "fsdp", "expert", "model")
+# Mesh axes the batch (and the MoE routing groups) are split over.
+BATCH_AXES = ("data", "fsdp", "expert")
 
 _DISTRIBUTED = {"initialized": False}
 
@@ -33,19 +38,20 @@ def _get(cfg, name, default=None):
 
 
 def mesh_shape(mesh_cfg, num_devices):
-  """Resolves (data, expert, model) sizes; at most one may be -1 (= all remaining devices).
+  """Resolves (data, fsdp, expert, model) sizes; at most one may be -1 (= all remaining devices).
 
   Args:
-    mesh_cfg: object/dict with int fields data, expert, model (missing: data -1, others 1).
+    mesh_cfg: object/dict with int fields data, fsdp, expert, model (missing: data -1, others 1).
     num_devices: total number of devices (all hosts).
 
   Returns:
-    tuple of 3 ints whose product is num_devices.
+    tuple of 4 ints (in MESH_AXES order) whose product is num_devices.
 
   Raises:
     ValueError: sizes not ints >= 1 (or -1), more than one -1, or not dividing num_devices.
   """
-  sizes = [_get(mesh_cfg, "data", -1), _get(mesh_cfg, "expert", 1), _get(mesh_cfg, "model", 1)]
+  sizes = [_get(mesh_cfg, "data", -1), _get(mesh_cfg, "fsdp", 1), _get(mesh_cfg, "expert", 1),
+           _get(mesh_cfg, "model", 1)]
   for axis, size in zip(MESH_AXES, sizes):
     if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
       raise ValueError(f"mesh.{axis} must be an int >= 1 or -1, got {size!r}")
@@ -63,8 +69,14 @@ def mesh_shape(mesh_cfg, num_devices):
   return tuple(sizes)
 
 
+def batch_shards(mesh_cfg, num_devices):
+  """Number of batch shards, data * fsdp * expert (one MoE routing group each in auto mode)."""
+  data, fsdp, expert, _ = mesh_shape(mesh_cfg, num_devices)
+  return data * fsdp * expert
+
+
 def make_mesh(mesh_cfg, devices=None):
-  """Builds the ("data", "expert", "model") mesh with Auto axis types.
+  """Builds the ("data", "fsdp", "expert", "model") mesh with Auto axis types.
 
   Args:
     mesh_cfg: see `mesh_shape`.
@@ -75,17 +87,25 @@ def make_mesh(mesh_cfg, devices=None):
   """
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(mesh_cfg, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4,
                        devices=devices)
 
 
 # Logical-to-mesh axis rules (first matching free mesh axis wins, flax semantics); they do not
-# depend on the mesh sizes (size-1 axes are simply free). batch -> ("data", "expert"); expert ->
-# "expert"; expert_group (routing groups in the MoE buffers) -> "data"; vocab, heads, mlp ->
-# "model"; embed, length, kv -> replicated. Use with `mesh_rules(mesh, LOGICAL_RULES)`.
-LOGICAL_RULES = (("batch", ("data", "expert")), ("expert", "expert"), ("expert_group", "data"),
+# depend on the mesh sizes (size-1 axes are simply free). batch -> ("data", "fsdp", "expert");
+# expert -> "expert"; expert_group (routing groups in the MoE buffers) -> ("data", "fsdp");
+# vocab, heads, mlp -> "model"; embed -> "fsdp" (parameters; in activations "fsdp" is already
+# taken by batch, so their embed stays replicated); length, kv -> replicated. Use with
+# `mesh_rules(mesh, LOGICAL_RULES)`.
+LOGICAL_RULES = (("batch", BATCH_AXES), ("expert", "expert"), ("expert_group", ("data", "fsdp")),
                  ("vocab", "model"), ("heads", "model"), ("mlp", "model"),
-                 ("embed", None), ("length", None), ("kv", None))
+                 ("embed", "fsdp"), ("length", None), ("kv", None))
+
+
+def boxed_param(module, name, init, shape, names, dtype):
+  """`module.param` with logical axis names attached (nn.with_logical_partitioning): the one
+  place parameters get the names `LOGICAL_RULES` maps onto the mesh."""
+  return module.param(name, nn.with_logical_partitioning(init, names), shape, dtype)
 
 
 @contextlib.contextmanager
@@ -106,10 +126,12 @@ def validate(mesh_cfg, model_config, global_batch_size, num_devices, *, seq_len=
     seq_len: optional int; checks that each MoE routing group gets whole tokens.
 
   Returns:
-    (data, expert, model) sizes.
+    (data, fsdp, expert, model) sizes.
   """
-  data, expert, model = mesh_shape(mesh_cfg, num_devices)
+  data, fsdp, expert, model = mesh_shape(mesh_cfg, num_devices)
   cfg = model_config
+  if cfg.d_model % fsdp:
+    raise ValueError(f"mesh.fsdp={fsdp} does not divide d_model={cfg.d_model}")
   if cfg.d_model % cfg.num_heads:
     raise ValueError(f"num_heads={cfg.num_heads} does not divide d_model={cfg.d_model}")
   if cfg.num_heads % model:
@@ -118,9 +140,9 @@ def validate(mesh_cfg, model_config, global_batch_size, num_devices, *, seq_len=
     raise ValueError(f"mesh.model={model} does not divide d_ff={cfg.d_ff}")
   if not isinstance(global_batch_size, int) or global_batch_size < 1:
     raise ValueError(f"global_batch_size must be an int >= 1, got {global_batch_size!r}")
-  if global_batch_size % (data * expert):
-    raise ValueError(f"global batch {global_batch_size} not divisible by mesh data * expert = "
-                     f"{data} * {expert}")
+  if global_batch_size % (data * fsdp * expert):
+    raise ValueError(f"global batch {global_batch_size} not divisible by mesh data * fsdp * "
+                     f"expert = {data} * {fsdp} * {expert}")
   if cfg.moe is None:
     if expert > 1:
       raise ValueError(f"mesh.expert={expert} > 1 needs an MoE model (moe is None)")
@@ -131,12 +153,13 @@ def validate(mesh_cfg, model_config, global_batch_size, num_devices, *, seq_len=
     if m.d_ff % model or m.shared_expert_d_ff % model:
       raise ValueError(f"mesh.model={model} does not divide the expert d_ff={m.d_ff} / "
                        f"shared_expert_d_ff={m.shared_expert_d_ff}")
-    if m.num_groups > 1 and m.num_groups % data:
-      raise ValueError(f"moe.num_groups={m.num_groups} not divisible by mesh.data={data}")
+    if m.num_groups > 1 and m.num_groups % (data * fsdp):
+      raise ValueError(f"moe.num_groups={m.num_groups} not divisible by mesh data * fsdp = "
+                       f"{data} * {fsdp}")
     if seq_len is not None and (global_batch_size * seq_len) % m.num_groups:
       raise ValueError(f"{global_batch_size} x {seq_len} tokens not divisible by "
                        f"moe.num_groups={m.num_groups}")
-  return data, expert, model
+  return data, fsdp, expert, model
 
 
 def initialize_distributed(enabled, **kwargs):

@@ -24,6 +24,7 @@ from simbal_jax import analysis
 from simbal_jax import balance
 from simbal_jax import checkpoint
 from simbal_jax import data as data_lib
+from simbal_jax import memory
 from simbal_jax import model as model_lib
 from simbal_jax import optim
 from simbal_jax import sharding
@@ -152,7 +153,7 @@ def build(config, workdir=None, devices=None, *, data=True):
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           step_lib.unbox(boxed), shardings)
   batch_sharding = jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec(("data", "expert")))
+      mesh, jax.sharding.PartitionSpec(sharding.BATCH_AXES))
   return Env(cfg=cfg, sc=step_lib.StepConfig.from_config(cfg), model=model, mcfg=mcfg, tx=tx,
              schedule=schedule, mesh=mesh, rules=rules, init=init, abstract=abstract,
              shardings=shardings, batch_sharding=batch_sharding, datasets=datasets)
@@ -166,8 +167,8 @@ def resolve_num_groups(cfg, num_devices):
   needs a single group, so auto gives 1 there.
   """
   if int(cfg.moe.num_experts) > 0 and int(cfg.moe.num_groups) == 0:
-    data, expert, _ = sharding.mesh_shape(cfg.mesh, num_devices)
-    cfg.moe.num_groups = 1 if cfg.moe.dispatch == "ragged" else data * expert
+    shards = sharding.batch_shards(cfg.mesh, num_devices)
+    cfg.moe.num_groups = 1 if cfg.moe.dispatch == "ragged" else shards
 
 
 TRAIN_KEYS = ("inputs", "targets", "mask")
@@ -401,6 +402,9 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
     write_config(workdir, cfg)
   logging.info("devices: %d (%d processes), mesh %s", jax.device_count(), jax.process_count(),
                dict(env.mesh.shape))
+  logging.info("memory estimate: %s", memory.summary(memory.memory_estimate(
+      env.mcfg, dict(env.mesh.shape), global_batch_size=int(t.global_batch_size),
+      seq_len=int(t.seq_len), grad_accum=int(t.grad_accum)), memory.device_memory_bytes()))
   ckpt = None
   if cfg.ckpt.enabled:
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every=cfg.ckpt.every,

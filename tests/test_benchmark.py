@@ -63,7 +63,7 @@ def test_train_step_mfu():
   report = benchmark.run("train_step", settings(peak_tflops=1.0), tiny_config("simbal"))
   _check_env(report)
   (row,) = report["results"]
-  assert row["method"] == "simbal" and row["devices"] == 1
+  assert row["method"] == "simbal:0.1" and row["devices"] == 1  # the terms, unnamed
   assert row["tokens_per_step"] == 4 * 16
   _positive(row, "step_ms", "tokens_per_s", "flops_per_token", "mfu", "first_call_s")
   assert abs(row["tokens_per_s"] - 64 / (row["step_ms"] * 1e-3)) < 1e-6 * row["tokens_per_s"]
@@ -101,3 +101,22 @@ def test_cli_writes_json(tmp_path):
   report = json.loads(out.read_text())
   assert report["what"] == "moe_layer" and report["results"][0]["moe_ms"] > 0
   assert report["command"].startswith("python -m experiments.benchmark")
+
+
+def test_presets_match_the_peer_run():
+  from simbal_jax import model  # pylint: disable=g-import-not-at-top
+  cfg = benchmark.preset_config("bench_s")
+  m, e = cfg.model, cfg.moe
+  assert (m.num_layers, m.d_model, m.num_heads, m.vocab_size) == (8, 1024, 16, 50304)
+  assert (e.num_experts, e.top_k, e.d_ff) == (64, 8, 512)
+  assert (cfg.train.seq_len, cfg.train.global_batch_size) == (2048, 8)
+  assert m.dtype == m.param_dtype == "bfloat16" and cfg.data.source == "synthetic"
+  mm = benchmark.preset_config("moe_m")
+  assert (mm.model.d_model, mm.moe.num_experts, mm.moe.top_k, mm.train.global_batch_size) == (
+      768, 32, 4, 8)
+  for name in ("tiny_s", "tiny_m"):
+    tiny = benchmark.preset_config(name)
+    tiny.moe.num_groups = 1
+    assert model.count_params(model.ModelConfig.from_config(tiny))["total"] < 2_000_000
+  with pytest.raises(ValueError, match="bench_s"):
+    benchmark.preset_config("huge")

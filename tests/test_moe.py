@@ -1,4 +1,4 @@
-"""MoE block: NumPy float64 reference loops, capacity drops, custom-VJP gradients, ragged."""
+"""MoE block: float64 reference loops, capacity drops, custom-VJP gradients, buckets, ragged."""
 import math
 
 import flax.linen as nn
@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from simbal_jax import experts
 from simbal_jax import moe
 from simbal_jax import routing
 
@@ -152,8 +153,8 @@ def test_dispatch_combine_vjp_against_autodiff():
   w = jax.random.normal(jax.random.PRNGKey(3), (n_exp * cap, 4))
 
   def ours(x, gates):
-    buf = moe.dispatch(x, plan.slot_token, plan.slot)
-    return moe.combine(jnp.tanh(buf) * w, gates, plan.slot, plan.slot_assignment)
+    buf = experts.dispatch(x, plan.slot_token, plan.slot)
+    return experts.combine(jnp.tanh(buf) * w, gates, plan.slot, plan.slot_assignment)
 
   def ref(x, gates):
     buf = _dispatch_autodiff(x, plan, n_exp * cap)
@@ -206,16 +207,22 @@ def test_ragged_matches_per_token_loop(shared):
   np.testing.assert_array_equal(np.asarray(aux.counts), np.bincount(idx.ravel(), minlength=E))
 
 
-@pytest.mark.parametrize("shared,bias", [(0, None), (6, None), (0, (100.0, 50.0, 0.0, 0.0))])
-def test_ragged_equals_dropless_capacity_values_and_grads(shared, bias):
+@pytest.mark.parametrize("shared,bias,impl", [
+    (0, None, "auto"), (6, None, "auto"), (0, (100.0, 50.0, 0.0, 0.0), "auto"),
+    (0, (1.0, 0.5, 0.0, 0.0), "auto"), (0, (100.0, 50.0, 0.0, 0.0), "tokamax"),
+    (0, (1.0, 0.5, 0.0, 0.0), "lax")])
+def test_ragged_equals_dropless_capacity_values_and_grads(shared, bias, impl):
   """dispatch="ragged" == "capacity" at capacity_factor 0 (same params): output, aux, grads.
 
-  The bias case routes every token to experts 0 and 1, so experts 2 and 3 get empty groups.
+  "auto" and "tokamax" run tokamax.ragged_dot (its XLA implementation on CPU), "lax"
+  jax.lax.ragged_dot. Bias (100, 50, 0, 0) routes every token to experts 0 and 1, so experts 2
+  and 3 get empty groups; (1, 0.5, 0, 0) gives uneven loads.
   """
   kw = dict(num_experts=E, top_k=K, d_ff=F, capacity_factor=0.0, router_init="normal",
             shared_expert_d_ff=shared)
   cap_block, params, x = _setup(moe.MoEConfig(**kw), seed=13)
-  rag_block = moe.MoEBlock(moe.MoEConfig(**kw, dispatch="ragged"), dtype=jnp.float32)
+  rag_block = moe.MoEBlock(moe.MoEConfig(**kw, dispatch="ragged", ragged_impl=impl),
+                           dtype=jnp.float32)
   bias = None if bias is None else jnp.asarray(bias, jnp.float32)
   proj = jax.random.normal(jax.random.PRNGKey(14), x.shape)
 
@@ -234,9 +241,92 @@ def test_ragged_equals_dropless_capacity_values_and_grads(shared, bias):
   for a, b in zip(jax.tree.leaves(g_rag), jax.tree.leaves(g_cap)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
   assert float(jnp.abs(g_rag[0]["params"]["router"]).max()) > 0  # gates carry gradient
-  if bias is not None:
+  if bias is not None and bias[0] == 100.0:
     assert set(np.unique(np.asarray(aux_rag.router.expert_index)).tolist()) == {0, 1}
     np.testing.assert_array_equal(np.asarray(g_rag[0]["params"]["wo"][2:]), 0.0)
+  elif bias is not None:
+    counts = np.asarray(aux_rag.counts)
+    assert counts.max() >= 2 * counts.min() and counts.min() > 0  # uneven, none empty
+
+
+@pytest.mark.parametrize("num_groups,bias,bucket", [
+    (1, None, 0), (1, (0.1, 0.0, 0.0, 0.0), 1), (1, (100.0, 50.0, 0.0, 0.0), 2),
+    (2, None, 0), (2, (0.05, 0.0, 0.0, 0.0), 1), (2, (0.2, 0.0, 0.0, 0.0), 2)])
+def test_buckets_equal_dropless_capacity_values_and_grads(num_groups, bias, bucket):
+  """dispatch="buckets" == "capacity" at C = T (and the float64 loop): output, aux, grads.
+
+  128 tokens, E 4, K 2: buckets (80, 96, 128) for one group of 128 and (40, 48, 64) for two
+  groups of 64. The biases push the largest expert load into each bucket in turn; (100, 50, 0,
+  0) sends every token to experts 0 and 1 (loads T, T, 0, 0: experts 2 and 3 empty).
+  """
+  kw = dict(num_experts=E, top_k=K, d_ff=F, capacity_factor=0.0, router_init="normal",
+            num_groups=num_groups)
+  cap_block, params, x = _setup(moe.MoEConfig(**kw), batch=2, length=64, seed=20)
+  bkt_cfg = moe.MoEConfig(**kw, dispatch="buckets")
+  bkt_block = moe.MoEBlock(bkt_cfg, dtype=jnp.float32)
+  bias = None if bias is None else jnp.asarray(bias, jnp.float32)
+  proj = jax.random.normal(jax.random.PRNGKey(22), x.shape)
+
+  def value_and_grads(block):
+    def loss(p, x):
+      y, aux = block.apply(p, x, bias)
+      return jnp.sum(y * proj), (y, aux)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+
+  (_, (y_cap, aux_cap)), g_cap = value_and_grads(cap_block)
+  (_, (y_bkt, aux_bkt)), g_bkt = value_and_grads(bkt_block)
+  caps = routing.capacity_buckets(128 // num_groups, E, K, bkt_cfg.capacity_buckets)
+  assert caps == ((80, 96, 128) if num_groups == 1 else (40, 48, 64))
+  index = aux_bkt.router.expert_index.reshape(num_groups, -1, K)
+  assert int(routing.bucket_index(routing.max_group_load(index, E), caps)) == bucket
+  np.testing.assert_allclose(np.asarray(y_bkt), np.asarray(y_cap), rtol=1e-6, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(aux_bkt), jax.tree.leaves(aux_cap)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert float(aux_bkt.dropped) == 0.0
+  for a, b in zip(jax.tree.leaves(g_bkt), jax.tree.leaves(g_cap)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  if bias is None:  # the float64 per-token loop (it has no bias)
+    ref, _ = _ref_moe(params, x, K, capacity=10**9)
+    np.testing.assert_allclose(np.asarray(y_bkt), ref, rtol=1e-5, atol=1e-5)
+  if bucket == 2 and num_groups == 1:
+    np.testing.assert_array_equal(np.asarray(aux_bkt.counts), [128, 128, 0, 0])
+    np.testing.assert_array_equal(np.asarray(g_bkt[0]["params"]["wo"][2:]), 0.0)
+
+
+def test_bucket_helpers():
+  assert routing.capacity_buckets(100, 10, 2, (1.25, 1.5, 2.0, 3.0)) == (25, 30, 40, 60, 100)
+  assert routing.capacity_buckets(8, 4, 2, (1.25, 3.0, 100.0)) == (5, 8)  # capped and deduped
+  caps = (25, 30, 40, 100)
+  got = [int(routing.bucket_index(load, caps)) for load in (0, 25, 26, 30, 31, 40, 41, 100)]
+  assert got == [0, 0, 1, 1, 2, 2, 3, 3]
+  idx = jnp.array([[[0, 1], [0, 2], [0, 1]], [[2, 3], [3, 1], [3, 0]]])
+  assert int(jax.jit(routing.max_group_load, static_argnums=1)(idx, 4)) == 3
+  with pytest.raises(ValueError, match="capacity_buckets"):
+    moe.MoEConfig(num_experts=2, top_k=1, d_ff=4, capacity_buckets=(1.5, 0.0))
+  assert moe.MoEConfig(num_experts=2, top_k=1, d_ff=4, capacity_buckets=[2, 1.5]
+                       ).capacity_buckets == (2.0, 1.5)
+
+
+def test_ragged_impl_resolution_and_tokamax_use(monkeypatch):
+  assert experts.resolve_ragged_impl("auto", "cpu") == "xla"
+  assert experts.resolve_ragged_impl("auto", "gpu") == "tokamax"
+  assert experts.resolve_ragged_impl("auto", "tpu") == "tokamax"
+  assert experts.resolve_ragged_impl("lax", "gpu") == "lax"
+  with pytest.raises(ValueError, match="ragged_impl"):
+    moe.MoEConfig(num_experts=2, top_k=1, d_ff=4, ragged_impl="cuda")
+  tokamax = pytest.importorskip("tokamax")
+  seen = []
+  real = tokamax.ragged_dot
+  monkeypatch.setattr(tokamax, "ragged_dot", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+  lhs = jax.random.normal(jax.random.PRNGKey(0), (6, 3))
+  rhs = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 5))
+  sizes = jnp.array([4, 2], jnp.int32)
+  out = experts.ragged_dot(lhs, rhs, sizes, "auto")
+  assert seen == [{"implementation": "xla"}]  # CPU: tokamax's XLA implementation
+  np.testing.assert_allclose(out, jnp.concatenate([lhs[:4] @ rhs[0], lhs[4:] @ rhs[1]]),
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(NotImplementedError):  # the Pallas kernels do not run on CPU
+    experts.ragged_dot(lhs, rhs, sizes, "triton")
 
 
 def test_validation_errors():
@@ -246,7 +336,8 @@ def test_validation_errors():
     moe.MoEConfig(num_experts=2, top_k=1, d_ff=4, gating="argmax")
   with pytest.raises(ValueError, match="router_init"):
     moe.MoEConfig(num_experts=2, top_k=1, d_ff=4, router_init="zeros")
-  with pytest.raises(ValueError, match=r"dispatch='sorted'; valid: \('capacity', 'ragged'\)"):
+  with pytest.raises(ValueError,
+                     match=r"dispatch='sorted'; valid: \('capacity', 'buckets', 'ragged'\)"):
     moe.MoEConfig(num_experts=2, top_k=1, d_ff=4, dispatch="sorted")
   with pytest.raises(ValueError, match="ragged' needs num_groups=1"):
     moe.MoEConfig(num_experts=2, top_k=1, d_ff=4, dispatch="ragged", num_groups=2)

@@ -1,0 +1,258 @@
+"""Expert computation of the MoE block: gather-only dispatch / combine and the three paths.
+
+Plain functions of arrays (jax, and tokamax imported lazily for "ragged"); `moe.MoEBlock` calls
+them after routing. Every path takes the tokens `x_TxD`, the router's `gates_TxK` and
+`index_TxK` and the stacked SwiGLU kernels `wg`, `wu` [E, D, F] and `wo` [E, F, D], and returns
+`(y_TxD, kept_TxK)`:
+
+* `capacity_experts`: per-group buffers [G, E, C, D] of static C (`routing.dispatch_plan`),
+  batched einsums; assignments beyond C are dropped.
+* `bucket_experts`: `capacity_experts` at the smallest static bucket C that holds the call's
+  largest expert load (`jax.lax.switch`): dropless at that bucket's padding.
+* `ragged_experts`: the T * K assignments sorted by expert (`routing.sorted_plan`), grouped
+  matmuls through `tokamax.ragged_dot` (or `jax.lax.ragged_dot`); dropless, no padding.
+
+Dispatch and combine are gathers whose backward passes are gathers too (`jax.custom_vjp`): every
+token has K slots and every slot one token, so no scatter and no one-hot `[T, E, C]` tensor
+appears anywhere (DESIGN.md section 4).
+"""
+
+import functools
+
+from absl import flags
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from simbal_jax import routing
+
+# ----------------------------------------------------------------------------------------------
+# Gather-only dispatch / combine (custom VJPs whose backward passes are gathers as well).
+
+
+def _take_rows(x_NxD, index):
+  """x[index] along axis 0; indices == N (sentinels) read a zero row."""
+  return jnp.take(x_NxD, index, axis=0, mode="fill", fill_value=0)
+
+
+@jax.custom_vjp
+def dispatch(x_TxD, slot_token_S, slot_TxK):
+  """Gathers tokens into buffer slots: `buf[s] = x[slot_token[s]]`, zero for empty slots.
+
+  Args:
+    x_TxD: float[T, D] token features.
+    slot_token_S: int32[S] token feeding each slot; T marks an empty slot.
+    slot_TxK: int32[T, K] slot of each assignment; S marks a dropped one (used by the backward:
+      `dx[t] = sum_k dbuf[slot[t, k]]`).
+
+  Returns:
+    float[S, D] buffer rows, dtype of x.
+  """
+  del slot_TxK
+  return _take_rows(x_TxD, slot_token_S)
+
+
+def _dispatch_fwd(x_TxD, slot_token_S, slot_TxK):
+  return _take_rows(x_TxD, slot_token_S), (None, slot_TxK)
+
+
+def _dispatch_bwd(res, dbuf_SxD):
+  _, slot_TxK = res
+  rows_TxKxD = _take_rows(dbuf_SxD, slot_TxK).astype(jnp.float32)
+  return rows_TxKxD.sum(axis=1).astype(dbuf_SxD.dtype), None, None
+
+
+dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
+
+
+def _combine_fwd_value(y_SxD, gates_TxK, slot_TxK):
+  rows_TxKxD = _take_rows(y_SxD, slot_TxK)
+  out = jnp.einsum("tkd,tk->td", rows_TxKxD, gates_TxK.astype(y_SxD.dtype),
+                   preferred_element_type=jnp.float32)
+  return out.astype(y_SxD.dtype)
+
+
+@jax.custom_vjp
+def combine(y_SxD, gates_TxK, slot_TxK, slot_assignment_S):
+  """Gathers expert outputs back to tokens: `out[t] = sum_k gates[t, k] * y[slot[t, k]]`.
+
+  Dropped assignments (slot == S) contribute zero and get zero gate gradient.
+
+  Args:
+    y_SxD: float[S, D] expert outputs per buffer slot.
+    gates_TxK: float32[T, K] combine weights.
+    slot_TxK: int32[T, K] slot of each assignment (S = dropped).
+    slot_assignment_S: int32[S] flat assignment `t * K + k` filling each slot (T * K = empty);
+      used by the backward: `dy[s] = gate[a] * dout[a // K]` for `a = slot_assignment[s]`.
+
+  Returns:
+    float[T, D] combined outputs, dtype of y.
+  """
+  del slot_assignment_S
+  return _combine_fwd_value(y_SxD, gates_TxK, slot_TxK)
+
+
+def _combine_fwd(y_SxD, gates_TxK, slot_TxK, slot_assignment_S):
+  out = _combine_fwd_value(y_SxD, gates_TxK, slot_TxK)
+  return out, (y_SxD, gates_TxK, slot_TxK, slot_assignment_S)
+
+
+def _combine_bwd(res, dout_TxD):
+  y_SxD, gates_TxK, slot_TxK, slot_assignment_S = res
+  top_k = slot_TxK.shape[1]
+  gate_S = _take_rows(gates_TxK.reshape(-1), slot_assignment_S)  # 0 for empty slots
+  token_S = slot_assignment_S // top_k  # sentinel T * K -> T (reads zero)
+  dy_SxD = _take_rows(dout_TxD, token_S) * gate_S[:, None].astype(dout_TxD.dtype)
+  rows_TxKxD = _take_rows(y_SxD, slot_TxK)
+  dgates_TxK = jnp.einsum("tkd,td->tk", rows_TxKxD, dout_TxD.astype(y_SxD.dtype),
+                          preferred_element_type=jnp.float32)
+  return dy_SxD.astype(y_SxD.dtype), dgates_TxK.astype(gates_TxK.dtype), None, None
+
+
+combine.defvjp(_combine_fwd, _combine_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Expert computation over capacity buffers (plain functions of arrays; used by MoEBlock).
+
+
+def capacity_experts(x_TxD, gates_TxK, index_TxK, wg, wu, wo, *, num_groups, capacity):
+  """Capacity dispatch per routing group: buffers [G, E, C, D], batched SwiGLU einsums.
+
+  Tokens are split into G contiguous groups of T / G; each group fills its own `[E, C]` slots
+  in token order (`routing.dispatch_plan`) and drops what does not fit.
+
+  Args:
+    x_TxD: float[T, D] tokens in the compute dtype.
+    gates_TxK: float32[T, K] combine weights.
+    index_TxK: int32[T, K] chosen experts.
+    wg, wu: float[E, D, F] and wo: float[E, F, D] expert kernels in the compute dtype.
+    num_groups: static int G dividing T.
+    capacity: static int C >= 1, slots per expert per group.
+
+  Returns:
+    (float[T, D] combined outputs, bool[T, K] kept assignments).
+  """
+  n_exp = wg.shape[0]
+  tokens, d_model = x_TxD.shape
+  top_k = index_TxK.shape[1]
+  groups, cap = num_groups, capacity
+  group_tokens = tokens // groups
+  index_GxTxK = index_TxK.reshape(groups, group_tokens, top_k)
+  plan = jax.vmap(lambda idx: routing.dispatch_plan(idx, n_exp, cap))(index_GxTxK)
+  x_GxTxD = x_TxD.reshape(groups, group_tokens, d_model)
+  group_axis = "expert_group" if groups > 1 else None
+  buf_GxSxD = jax.vmap(dispatch)(x_GxTxD, plan.slot_token, plan.slot)
+  buf_GxExCxD = nn.with_logical_constraint(buf_GxSxD.reshape(groups, n_exp, cap, d_model),
+                                           (group_axis, "expert", None, "embed"))
+  h_gate = jnp.einsum("gecd,edf->gecf", buf_GxExCxD, wg)
+  h_up = jnp.einsum("gecd,edf->gecf", buf_GxExCxD, wu)
+  h_GxExCxF = nn.with_logical_constraint(jax.nn.silu(h_gate) * h_up,
+                                         (group_axis, "expert", None, "mlp"))
+  y_GxExCxD = jnp.einsum("gecf,efd->gecd", h_GxExCxF, wo)
+  y_GxExCxD = nn.with_logical_constraint(y_GxExCxD, (group_axis, "expert", None, "embed"))
+  gates_GxTxK = gates_TxK.reshape(groups, group_tokens, top_k)
+  y_GxTxD = jax.vmap(combine)(y_GxExCxD.reshape(groups, n_exp * cap, d_model), gates_GxTxK,
+                              plan.slot, plan.slot_assignment)
+  return y_GxTxD.reshape(tokens, d_model), plan.kept.reshape(tokens, top_k)
+
+
+def bucket_experts(x_TxD, gates_TxK, index_TxK, wg, wu, wo, *, num_groups, factors):
+  """Dropless capacity dispatch at the smallest static capacity bucket that fits this call.
+
+  The buckets are `routing.capacity_buckets(T / G, E, K, factors)` (ascending, the last one
+  T / G, which always fits). `jax.lax.switch` picks, from the largest per-expert load over all
+  groups, the smallest bucket holding it; its branch is `capacity_experts` at that static C.
+  Nothing is dropped, so values, `kept` (all True) and gradients equal `capacity_experts` at
+  C = T / G; the cost is the chosen bucket's padding instead of E / K times the useful FLOPs.
+  Every branch is compiled, and each is rematerialised (`jax.checkpoint`): the backward pass
+  recomputes the chosen branch's forward (+1/3 of its FLOPs) instead of storing residuals.
+
+  Args:
+    x_TxD, gates_TxK, index_TxK, wg, wu, wo, num_groups: as `capacity_experts`.
+    factors: static tuple of floats > 0, capacity factors of the buckets below T / G.
+
+  Returns:
+    (float[T, D] combined outputs, bool[T, K] kept assignments, all True).
+  """
+  n_exp = wg.shape[0]
+  tokens, top_k = index_TxK.shape
+  caps = routing.capacity_buckets(tokens // num_groups, n_exp, top_k, factors)
+  index_GxTxK = index_TxK.reshape(num_groups, tokens // num_groups, top_k)
+  branch = routing.bucket_index(routing.max_group_load(index_GxTxK, n_exp), caps)
+  # Rematerialised branches: the switch's residuals are then its operands, common to all
+  # branches. Without it, the backward keeps zero-filled copies of every other branch's
+  # residuals (the C = T branch's among them), which cost more than recomputing the forward.
+  branches = [jax.checkpoint(functools.partial(capacity_experts, num_groups=num_groups,
+                                               capacity=c)) for c in caps]
+  return jax.lax.switch(branch, branches, x_TxD, gates_TxK, index_TxK, wg, wu, wo)
+
+
+# ----------------------------------------------------------------------------------------------
+# Grouped matmuls (dropless, no padding).
+
+# "auto": by backend (CPU: "xla"; GPU / TPU: None, tokamax's own choice of its Pallas kernels:
+# Mosaic GPU on Hopper and later, Triton, Mosaic TPU). "tokamax" = implementation None anywhere.
+# "xla" / "triton" / "mosaic": that tokamax implementation (the kernels raise
+# NotImplementedError where they do not run, e.g. on CPU). "lax": jax.lax.ragged_dot, no tokamax.
+RAGGED_IMPLS = ("auto", "tokamax", "xla", "triton", "mosaic", "lax")
+
+
+def resolve_ragged_impl(impl, backend=None):
+  """Maps `MoEConfig.ragged_impl` to the concrete choice: one of RAGGED_IMPLS minus "auto".
+
+  Args:
+    impl: one of RAGGED_IMPLS.
+    backend: "cpu" | "gpu" | "tpu", or None for `jax.default_backend()`.
+  """
+  if impl not in RAGGED_IMPLS:
+    raise ValueError(f"ragged_impl={impl!r}; valid: {RAGGED_IMPLS}")
+  if impl != "auto":
+    return impl
+  return "xla" if (backend or jax.default_backend()) == "cpu" else "tokamax"
+
+
+def ragged_dot(lhs_SxD, rhs_ExDxF, group_sizes_E, impl="auto"):
+  """Grouped matmul: rows of expert e (contiguous, in expert order) times `rhs[e]`.
+
+  Args:
+    lhs_SxD: float[S, D] rows sorted by group.
+    rhs_ExDxF: float[E, D, F] one matrix per group (same dtype as lhs).
+    group_sizes_E: int32[E] rows per group (sum <= S; rows beyond give zeros).
+    impl: one of RAGGED_IMPLS (`resolve_ragged_impl`).
+
+  Returns:
+    float[S, F] in the dtype of lhs.
+  """
+  impl = resolve_ragged_impl(impl)
+  if impl == "lax":
+    return jax.lax.ragged_dot(lhs_SxD, rhs_ExDxF, group_sizes_E)
+  try:
+    import tokamax  # pylint: disable=g-import-not-at-top  (lazy: ~1 s to import)
+  except ImportError as e:
+    raise ImportError("moe.dispatch='ragged' runs through tokamax (pip install tokamax; "
+                      "Python >= 3.11); set moe.ragged_impl='lax' for jax.lax.ragged_dot") from e
+  if not flags.FLAGS.is_parsed():
+    # tokamax reads its absl flags at call time and would parse sys.argv itself, which fails
+    # under pytest or Jupyter (foreign arguments); use the defaults, as app.run would.
+    flags.FLAGS.mark_as_parsed()
+  return tokamax.ragged_dot(lhs_SxD, rhs_ExDxF, group_sizes_E,
+                            implementation=None if impl == "tokamax" else impl)
+
+
+def ragged_experts(x_TxD, gates_TxK, index_TxK, wg, wu, wo, *, impl="auto"):
+  """Dropless dispatch: S = T * K rows sorted by expert, grouped SwiGLU matmuls (`ragged_dot`).
+
+  Args:
+    x_TxD, gates_TxK, index_TxK, wg, wu, wo: as `capacity_experts`.
+    impl: grouped-matmul implementation, one of RAGGED_IMPLS.
+
+  Returns:
+    (float[T, D] combined outputs, bool[T, K] kept assignments, all True).
+  """
+  plan, group_sizes_E = routing.sorted_plan(index_TxK, wg.shape[0])
+  buf_SxD = dispatch(x_TxD, plan.slot_token, plan.slot)
+  h_gate = ragged_dot(buf_SxD, wg, group_sizes_E, impl)
+  h_up = ragged_dot(buf_SxD, wu, group_sizes_E, impl)
+  y_SxD = ragged_dot(jax.nn.silu(h_gate) * h_up, wo, group_sizes_E, impl)
+  return combine(y_SxD, gates_TxK, plan.slot, plan.slot_assignment), plan.kept

@@ -1,0 +1,41 @@
+"""memory.memory_estimate against the bytes of real sharded train states on 8 fake devices."""
+import jax
+import pytest
+
+from configs import demo
+from simbal_jax import memory
+from simbal_jax import sharding
+from simbal_jax import step as step_lib
+from simbal_jax import train
+
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
+
+def _device0_bytes(tree):
+  dev = jax.devices()[0]
+  return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards
+             if s.device == dev)
+
+
+@pytest.mark.parametrize("mesh", [(8, 1, 1, 1), (2, 2, 2, 1), (1, 8, 1, 1), (1, 2, 2, 2)])
+def test_estimate_matches_sharded_state_bytes(mesh):
+  cfg = demo.get_config("lbl")
+  cfg.model.vocab_size, cfg.model.d_model, cfg.model.num_heads, cfg.model.d_ff = 64, 32, 4, 48
+  cfg.moe.num_experts, cfg.moe.d_ff, cfg.moe.num_groups = 8, 16, 0
+  cfg.train.seq_len, cfg.train.global_batch_size = 8, 8
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.expert, cfg.mesh.model = mesh
+  env = train.build_model(train.prepare_config(cfg), jax.devices()[:8])
+  with sharding.mesh_rules(env.mesh, env.rules):
+    state = jax.jit(lambda k: step_lib.unbox(env.init(k)),
+                    out_shardings=env.shardings)(jax.random.key(0))
+  est = memory.memory_estimate(env.mcfg, dict(env.mesh.shape), global_batch_size=8, seq_len=8)
+  assert est["params"] == _device0_bytes(state.params)
+  assert est["params_total"] == sum(x.nbytes for x in jax.tree.leaves(state.params))
+  opt = _device0_bytes(state.opt_state)
+  assert est["opt_state"] <= opt <= est["opt_state"] + 64  # + AdamW's int32 step counts
+  if mesh[1] * mesh[2] * mesh[3] > 1:  # something shards the parameters
+    assert est["params"] < 0.6 * est["params_total"]
+  assert est["tokens_per_device"] == 64 / (mesh[0] * mesh[1] * mesh[2])
+  assert 0 < est["activations_remat"] < est["activations"]
+  assert est["total"] == est["params"] * 4 + est["activations"]
+  assert "GiB per device: params" in memory.summary(est, 16 * 2**30)

@@ -23,6 +23,7 @@ from simbal_jax import checkpoint
 from simbal_jax import data as data_lib
 from simbal_jax import model as model_lib
 from simbal_jax import optim
+from simbal_jax import rundir
 from simbal_jax import sharding
 from simbal_jax import step as step_lib
 from simbal_jax import writers
@@ -31,15 +32,20 @@ from simbal_jax import writers
 class NonFiniteLossError(FloatingPointError):
   """Raised when the training loss is NaN or Inf; `.step` is the offending step."""
 
-  def __init__(self, step, value):
-    super().__init__(f"non-finite training loss {value} at step {step}; stopping (the last good "
-                     "checkpoint is kept)")
-    self.step = step
+  def __init__(self, step, value, resumed_from=None):
+    msg = (f"non-finite training loss {value} at step {step}; stopping (no checkpoint is written "
+           "for this step; earlier ones are kept)")
+    if resumed_from:  # the run loaded a checkpoint: name it, without vouching for it
+      msg += (f". This run started from {resumed_from}, which matched its save-time digests (the "
+              "state is as saved, not necessarily sound)")
+    super().__init__(msg)
+    self.step, self.value = step, value
 
 
 def prepare_config(config):
   """Validated, unlocked copy with derived fields (num_steps from token_budget)."""
   cfg = ml_collections.ConfigDict(copy.deepcopy(config.to_dict()))
+  rundir.check_finite(cfg)
   t = cfg.train
   if t.num_steps <= 0:
     if t.token_budget <= 0:
@@ -151,13 +157,14 @@ def initial_state(env, ckpt):
   """
   c = env.cfg.ckpt
   if ckpt is not None:
-    got = ckpt.restore(env.abstract)
+    got = ckpt.restore(env.abstract, config=env.cfg.to_dict(), allow=c.allow_config_change,
+                       start_over=c.start_over)
     if got is not None:
-      return got[1], got[2], f"workdir step {got[0]}"
+      return got[1], got[2], f"checkpoint step {got[0]} in {ckpt.directory}"
   if c.resume_from:
     other = checkpoint.Checkpointer(c.resume_from, every=0, async_save=False)
     try:
-      got = other.restore(env.abstract)
+      got = other.restore(env.abstract, config=env.cfg.to_dict(), allow=c.allow_config_change)
     finally:
       other.close()
     if got is None:
@@ -233,7 +240,7 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
     NonFiniteLossError: NaN or Inf training loss (names the step).
   """
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  rundir.WorkdirLock.check(workdir, enabled=jax.process_index() == 0)  # in use: fail now
   t0 = time.time()
   env = build(config, workdir, devices)
   cfg, t = env.cfg, env.cfg.train
@@ -248,7 +255,9 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
   writer = writers.MetricWriter(workdir, tensorboard=cfg.log.tensorboard, enabled=is_main)
   tokens_per_step = int(t.global_batch_size) * int(t.seq_len)
   summary = {"status": "running"}
+  lock = None
   try:
+    lock = rundir.WorkdirLock(workdir, enabled=is_main)  # held until the run ends
     with sharding.mesh_rules(env.mesh, env.rules):
       state, data_state, source = initial_state(env, ckpt)
       start = int(jax.device_get(state.step))
@@ -327,10 +336,16 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
                      wall_seconds=time.time() - t0)
       summary.update(final_state=state, model_config=env.mcfg, config=cfg,
                      eval_batch=host_eval[0] if host_eval else None)
+  except NonFiniteLossError as e:
+    if start > 0:
+      raise NonFiniteLossError(e.step, e.value, resumed_from=source) from None
+    raise
   finally:
     if ckpt is not None:
       ckpt.close()
     writer.close()
+    if lock is not None:
+      lock.release()
   if is_main:
     print(summary_table(summary))
   return summary

@@ -79,6 +79,7 @@ def test_corrupt_latest_checkpoint_is_skipped(tmp_path):
       with open(f, "r+b") as fh:
         fh.truncate(os.path.getsize(f) // 2)
   cfg.train.num_steps = 10
+  cfg.ckpt.allow_config_change = "train.num_steps"  # a longer schedule than the saved one
   out = train.train_and_evaluate(cfg, str(tmp_path))
   assert out["start_step"] == 4 and out["step"] == 10 and out["status"] == "done"
 

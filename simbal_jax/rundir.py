@@ -180,6 +180,11 @@ def _try_flock(fd):
     raise
 
 
+def read_lock(workdir):
+  """The lock record of `workdir` ({} when there is none): host, pid, start, since."""
+  return _read_record(os.path.join(os.path.abspath(os.fspath(workdir)), LOCK_NAME))
+
+
 def _read_record(path):
   try:
     with open(path, encoding="utf-8") as f:

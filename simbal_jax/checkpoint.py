@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from simbal_jax import integrity
@@ -217,30 +218,44 @@ class Checkpointer:
                       name, old, new)
     return Restored(s, out["state"], dict(out["data"] or {}))
 
+  def _on_primary(self, fn, tag):
+    """Runs the file moves `fn` on process 0 only, then syncs hosts and reloads the step list."""
+    if jax.process_index() == 0:
+      fn()
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"simbal_checkpoint_{tag}")
+    self.manager.reload()
+
   def _set_aside(self, step, why):
     """Renames a damaged step dir to <step>.damaged.<time> so the step can be saved again."""
     src = self._step_dir(step)
     dst = f"{src}.damaged.{int(time.time())}"
-    try:
-      os.rename(src, dst)
-      self.manager.reload()
-      logging.warning("moved damaged checkpoint %s to %s (%s)", src, dst, why)
-    except OSError as e:
-      logging.warning("could not move damaged checkpoint %s aside: %s", src, e)
+
+    def move():
+      try:
+        os.rename(src, dst)
+        logging.warning("moved damaged checkpoint %s to %s (%s)", src, dst, why)
+      except OSError as e:
+        logging.warning("could not move damaged checkpoint %s aside: %s", src, e)
+
+    self._on_primary(move, f"set_aside_{step}")
 
   def _start_over(self, err):
     """Moves every step dir and a copy of ../metrics.jsonl into replaced.<time>/; returns None."""
     dst = os.path.join(self.directory, f"replaced.{int(time.time())}")
-    os.makedirs(dst, exist_ok=True)
-    for s in self.all_steps():
-      os.rename(self._step_dir(s), os.path.join(dst, str(s)))
-    metrics = os.path.join(os.path.dirname(self.directory), "metrics.jsonl")
-    if os.path.exists(metrics):
-      shutil.copy2(metrics, os.path.join(dst, "metrics.jsonl"))
-    self.manager.reload()
-    logging.warning("ckpt.start_over: starting from scratch; the checkpoints that could not be "
-                    "resumed (%s) and a copy of metrics.jsonl are in %s",
-                    str(err).splitlines()[0], dst)
+
+    def move():
+      os.makedirs(dst, exist_ok=True)
+      for s in self.all_steps():
+        os.rename(self._step_dir(s), os.path.join(dst, str(s)))
+      metrics = os.path.join(os.path.dirname(self.directory), "metrics.jsonl")
+      if os.path.exists(metrics):
+        shutil.copy2(metrics, os.path.join(dst, "metrics.jsonl"))
+      logging.warning("ckpt.start_over: starting from scratch; the checkpoints that could not "
+                      "be resumed (%s) and a copy of metrics.jsonl are in %s",
+                      str(err).splitlines()[0], dst)
+
+    self._on_primary(move, "start_over")
     return None
 
   def wait(self):
@@ -283,17 +298,23 @@ def restore_params_only(directory, abstract_params):
 
 
 class PreemptionHandler:
-  """Turns SIGTERM / SIGINT into a flag the train loop checks at each step boundary.
+  """Turns a stop request into a step boundary at which every process stops and checkpoints.
 
-  Use as a context manager; the previous handlers are restored on exit. Only installs handlers
-  from the main thread (signal.signal requires it); elsewhere it is a no-op flag.
+  One process: SIGTERM / SIGINT set `requested`, which the train loop checks at each step
+  boundary. Several processes (jax.distributed, whose preemption service is on by default): JAX's
+  own notifier catches SIGTERM on any host, and `stop_now(step)`, called once per step by every
+  process from the same start step, turns True on all of them at the same agreed step
+  (`multihost_utils.reached_preemption_sync_point`); no Python handlers are installed then, as they
+  would replace JAX's. Use as a context manager; the previous handlers are restored on exit.
+  Handlers are only installed from the main thread (signal.signal requires it).
   """
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-  def __init__(self):
+  def __init__(self, *, multihost=None):
     self.requested = False
     self.signum = None
+    self.multihost = jax.process_count() > 1 if multihost is None else bool(multihost)
     self._old = {}
 
   def _handler(self, signum, frame):
@@ -305,8 +326,17 @@ class PreemptionHandler:
     self.requested = True
     self.signum = signum
 
+  def stop_now(self, step):
+    """Call once per step on every process; True (and `requested`) from the stop step on."""
+    if self.multihost and not self.requested:
+      if multihost_utils.reached_preemption_sync_point(int(step)):
+        self.requested = True
+        logging.warning("preemption: all %d processes agreed to stop at step %d",
+                        jax.process_count(), step)
+    return self.requested
+
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    if not self.multihost and threading.current_thread() is threading.main_thread():
       for s in self.SIGNALS:
         self._old[s] = signal.signal(s, self._handler)
     return self

@@ -293,6 +293,7 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
           batch = to_global(next(it), env.batch_sharding)
           state, metrics = train_step(state, batch)
           step += 1
+          preempt.stop_now(step)  # several processes: all agree on the step they stop at
           if step == start + 1:
             jax.block_until_ready(metrics)
             t_first = time.time()

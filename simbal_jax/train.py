@@ -36,8 +36,8 @@ class NonFiniteLossError(FloatingPointError):
     msg = (f"non-finite training loss {value} at step {step}; stopping (no checkpoint is written "
            "for this step; earlier ones are kept)")
     if resumed_from:  # the run loaded a checkpoint: name it, without vouching for it
-      msg += (f". This run started from {resumed_from}, which matched its save-time digests (the "
-              "state is as saved, not necessarily sound)")
+      msg += (f". This run started from {resumed_from}; if the loss diverged soon after, that "
+              "checkpoint's state may be the cause")
     super().__init__(msg)
     self.step, self.value = step, value
 

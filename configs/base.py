@@ -122,6 +122,13 @@ def get_config(arg=None):
   c.async_save = True  # write in a background thread
   c.resume_from = ""  # checkpoint dir to resume from when the workdir has none
   c.init_from = ""  # checkpoint dir to take parameters only from (fresh optimizer)
+  # Resume although these fields differ from the checkpoint's config (logged): "" (none), "all",
+  # or comma-separated fields / groups ("opt.peak_lr,train.num_steps", "balance"). Fields that
+  # change state shapes or the data order (simbal_jax/rundir.py STRUCTURAL) can never change.
+  c.allow_config_change = ""
+  # When the workdir's checkpoints cannot be resumed (all damaged, another config): move them
+  # and a copy of metrics.jsonl to checkpoints/replaced.<time>/ and start at step 0 (else: error).
+  c.start_over = False
 
   cfg.log = g = ml_collections.ConfigDict()
   g.every = 10  # log train metrics every N steps

@@ -1,7 +1,15 @@
 """Command line: `python -m simbal_jax.main --config=configs/moe_m.py:simbal --workdir=runs/x`.
 
 Any config field can be overridden: `--config.moe.num_experts=16`. Installed as `simbal-train`.
+A command-line mistake (unknown field, missing config file, bad value or variant) and a config,
+data or checkpoint error found before training end in one message on stderr, no traceback
+(`--verbosity=1` logs it).
 """
+
+import difflib
+import os
+import re
+import sys
 
 from absl import app
 from absl import flags
@@ -15,21 +23,89 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _last_line(text):
+  lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+  return lines[-1] if lines else ""
+
+
+def _fields(argv):
+  """Dotted field names of the config named by --config= in `argv` ([] if it does not load)."""
+  arg = next((a for a in argv[1:] if a.startswith("--config=")), None)
+  if arg is None:
+    return []
+  fv = flags.FlagValues()
+  holder = config_flags.DEFINE_config_file("config", None, "", flag_values=fv)
+  saved, sys.argv = sys.argv, [argv[0], arg]  # config_flags reads overrides from sys.argv
+  try:
+    fv([argv[0], arg])
+    names, todo = [], [("", holder.value.to_dict())]
+    while todo:
+      prefix, d = todo.pop()
+      for k, v in d.items():
+        (todo.append((f"{prefix}{k}.", v)) if isinstance(v, dict) else names.append(prefix + k))
+    return names
+  except Exception:  # pylint: disable=broad-except
+    return []
+  finally:
+    sys.argv = saved
+
+
+def explain_flag_error(e, argv):
+  """One line for an exception raised while parsing flags or loading the config file."""
+  text = str(e)
+  if isinstance(e, (AttributeError, KeyError)):  # an unknown --config.<field>
+    fields = _fields(argv)
+    for arg in argv[1:]:
+      path = arg[len("--config."):].split("=", 1)[0] if arg.startswith("--config.") else ""
+      if path and fields and path not in fields:
+        close = difflib.get_close_matches(path, fields, n=1, cutoff=0.6)
+        return (f"--config.{path}: the config has no such field" +
+                (f"; did you mean --config.{close[0]}?" if close else ""))
+    return f"unknown config field: {_last_line(text)}"
+  if "Error whilst parsing config file" in text or "Failed loading config file" in text:
+    arg = next((a for a in argv[1:] if a.startswith("--config=")), "--config")
+    return f"{arg}: {re.sub(r'^[A-Za-z]*Error: ', '', _last_line(text))}"
+  return text.splitlines()[0] if text else type(e).__name__
+
+
+def _fail(argv0, msg, status):
+  sys.stderr.write(f"{os.path.basename(argv0)}: error: {msg}\n")
+  sys.exit(status)
+
+
+def _parse_flags(argv):
+  """absl flag parsing that turns mistakes into one line on stderr (exit status 2)."""
+  try:
+    rest = flags.FLAGS(argv)
+    _ = _CONFIG.value.mesh  # a config file that failed to load raises here, not above
+    return rest
+  except Exception as e:  # pylint: disable=broad-except
+    _fail(argv[0], explain_flag_error(e, argv), 2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
+  from simbal_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from simbal_jax import rundir  # pylint: disable=g-import-not-at-top
   from simbal_jax import sharding  # pylint: disable=g-import-not-at-top
   from simbal_jax import train  # pylint: disable=g-import-not-at-top
-  sharding.initialize_distributed(bool(_CONFIG.value.mesh.multihost))
-  logging.info("process %d of %d; %d local / %d global devices (%s)", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count(),
-               jax.devices()[0].platform)
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    train.prepare_config(_CONFIG.value)  # config mistakes before any device is touched
+    sharding.initialize_distributed(bool(_CONFIG.value.mesh.multihost))
+    logging.info("process %d of %d; %d local / %d global devices (%s)", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count(),
+                 jax.devices()[0].platform)
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (ValueError, FileNotFoundError, rundir.WorkdirLockedError, checkpoint.CheckpointError,
+          train.NonFiniteLossError) as e:
+    logging.vlog(1, "traceback", exc_info=True)
+    _fail(sys.argv[0], e, 1)
 
 
 def run():
   """Console-script entry point (`simbal-train`)."""
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from simbal_jax import data as data_lib
 from simbal_jax import memory
 from simbal_jax import model as model_lib
 from simbal_jax import optim
+from simbal_jax import rundir
 from simbal_jax import sharding
 from simbal_jax import step as step_lib
 from simbal_jax import writers
@@ -35,15 +36,20 @@ from simbal_jax import writers
 class NonFiniteLossError(FloatingPointError):
   """Raised when the training loss is NaN or Inf; `.step` is the offending step."""
 
-  def __init__(self, step, value):
-    super().__init__(f"non-finite training loss {value} at step {step}; stopping (the last good "
-                     "checkpoint is kept)")
-    self.step = step
+  def __init__(self, step, value, resumed_from=None):
+    msg = (f"non-finite training loss {value} at step {step}; stopping (no checkpoint is written "
+           "for this step; earlier ones are kept)")
+    if resumed_from:  # the run loaded a checkpoint: name it, without vouching for it
+      msg += (f". This run started from {resumed_from}; if the loss diverged soon after, that "
+              "checkpoint's state may be the cause")
+    super().__init__(msg)
+    self.step, self.value = step, value
 
 
 def prepare_config(config):
   """Validated, unlocked copy with derived fields (num_steps from token_budget)."""
   cfg = ml_collections.ConfigDict(copy.deepcopy(config.to_dict()))
+  rundir.check_finite(cfg)
   t = cfg.train
   if t.num_steps <= 0:
     if t.token_budget <= 0:
@@ -190,13 +196,14 @@ def initial_state(env, ckpt):
   """
   c = env.cfg.ckpt
   if ckpt is not None:
-    got = ckpt.restore(env.abstract)
+    got = ckpt.restore(env.abstract, config=env.cfg.to_dict(), allow=c.allow_config_change,
+                       start_over=c.start_over)
     if got is not None:
-      return got[1], got[2], f"workdir step {got[0]}"
+      return got[1], got[2], f"checkpoint step {got[0]} in {ckpt.directory}"
   if c.resume_from:
     other = checkpoint.Checkpointer(c.resume_from, every=0, async_save=False)
     try:
-      got = other.restore(env.abstract)
+      got = other.restore(env.abstract, config=env.cfg.to_dict(), allow=c.allow_config_change)
     finally:
       other.close()
     if got is None:
@@ -342,6 +349,7 @@ def run_loop(env, state, it, *, ckpt, writer, on_eval, hooks=()):
     while step < num_steps:
       state, metrics = train_step(state, to_global(next(it), env.batch_sharding))
       step += 1
+      preempt.stop_now(step)  # several processes: all agree on the step they stop at
       if step == start + 1:
         jax.block_until_ready(metrics)
         timer.first_step_done()
@@ -393,13 +401,12 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
     NonFiniteLossError: NaN or Inf training loss (names the step).
   """
   workdir = os.path.abspath(workdir)
+  rundir.WorkdirLock.check(workdir, enabled=jax.process_index() == 0)  # in use: fail now
   t0 = time.time()
   env = build(config, workdir, devices)  # validates before anything is written
   cfg, t = env.cfg, env.cfg.train
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  if is_main:
-    write_config(workdir, cfg)
   logging.info("devices: %d (%d processes), mesh %s", jax.device_count(), jax.process_count(),
                dict(env.mesh.shape))
   logging.info("memory estimate: %s", memory.summary(memory.memory_estimate(
@@ -413,9 +420,13 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
   writer = writers.MetricWriter(workdir, tensorboard=cfg.log.tensorboard, enabled=is_main)
   tokens_per_step = int(t.global_batch_size) * int(t.seq_len)
   summary = {}
+  lock = None
   try:
+    lock = rundir.WorkdirLock(workdir, enabled=is_main)  # held until the run ends
     with sharding.mesh_rules(env.mesh, env.rules):
       state, data_state, source = initial_state(env, ckpt)
+      if is_main:  # after a restore succeeded: a refused resume leaves the workdir as it was
+        write_config(workdir, cfg)
       start = int(jax.device_get(state.step))
       logging.info("starting at step %d from %s", start, source)
       writer.drop_after(start)  # records of steps after the checkpoint (crash) are redone
@@ -442,10 +453,16 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
                                              on_eval=run_eval, hooks=hooks)
       if status == "done":
         summary.update(run_eval(state, step, final_pes(env, state, host_eval), final=True))
+  except NonFiniteLossError as e:
+    if start > 0:
+      raise NonFiniteLossError(e.step, e.value, resumed_from=source) from None
+    raise
   finally:
     if ckpt is not None:
       ckpt.close()
     writer.close()
+    if lock is not None:
+      lock.release()
   summary.update(status=status, step=step, start_step=start, resumed_from=source,
                  wall_seconds=time.time() - t0, model_config=env.mcfg, **timing)
   if is_main:

@@ -2,6 +2,9 @@
 import glob
 import os
 import signal
+import socket
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +12,8 @@ import numpy as np
 import pytest
 
 from simbal_jax import checkpoint
+from simbal_jax import integrity
+from simbal_jax import rundir
 
 
 def _state(v, step):
@@ -76,3 +81,181 @@ def test_preemption_handler_flags_signal():
     os.kill(os.getpid(), signal.SIGTERM)
     assert h.requested and h.signum == signal.SIGTERM
   assert signal.getsignal(signal.SIGTERM) is before
+
+
+def _big_state(v, step):
+  """A state whose largest array is incompressible (random), so a flipped byte is data."""
+  return {"params": {"w": jax.random.normal(jax.random.key(v), (128, 128)),
+                     "b": jnp.arange(4.0) * v}, "step": jnp.int32(step)}
+
+
+def _largest_file(step_dir):
+  files = [f for f in glob.glob(os.path.join(step_dir, "state", "**"), recursive=True)
+           if os.path.isfile(f)]
+  return max(files, key=os.path.getsize)
+
+
+def _listing(d):
+  return sorted(os.path.relpath(os.path.join(r, f), d) for r, _, fs in os.walk(d) for f in fs)
+
+
+def _save_two(tmp_path, make=_big_state, config=None):
+  ck = checkpoint.Checkpointer(tmp_path / "ck", every=1, max_to_keep=3, async_save=False)
+  for s in (1, 2):
+    ck.save(s, make(s, s), {"pos": s}, config=config)
+  ck.close()
+  return jax.eval_shape(lambda: make(0, 0))
+
+
+def test_bit_flip_restores_silently_in_orbax_but_digest_falls_back(tmp_path):
+  abstract = _save_two(tmp_path)
+  path = _largest_file(str(tmp_path / "ck" / "2"))
+  data = bytearray(open(path, "rb").read())
+  mid = len(data) // 2
+  data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
+  open(path, "wb").write(bytes(data))
+  ck = checkpoint.Checkpointer(tmp_path / "ck", every=1)
+  raw = ck.manager.restore(2, args=checkpoint.ocp.args.Composite(
+      state=checkpoint.ocp.args.StandardRestore(abstract)))  # Orbax alone: no error, garbage
+  assert not np.array_equal(np.asarray(raw["state"]["params"]["w"]),
+                            np.asarray(_big_state(2, 2)["params"]["w"]))
+  got = ck.restore(abstract)
+  assert got.step == 1 and got.data == {"pos": 1}
+  np.testing.assert_array_equal(np.asarray(got.state["params"]["w"]),
+                                np.asarray(_big_state(1, 1)["params"]["w"]))
+  assert ck.all_steps() == [1] and glob.glob(str(tmp_path / "ck" / "2.damaged.*"))
+  ck.close()
+
+
+def test_all_damaged_raises_and_moves_nothing(tmp_path):
+  abstract = _save_two(tmp_path)
+  for s in ("1", "2"):
+    os.remove(_largest_file(str(tmp_path / "ck" / s)))
+  before = _listing(tmp_path / "ck")
+  ck = checkpoint.Checkpointer(tmp_path / "ck", every=1)
+  with pytest.raises(checkpoint.DamagedCheckpoints, match=r"(?s)step 2: .*step 1: ") as err:
+    ck.restore(abstract)
+  assert [s for s, _ in err.value.reasons] == [2, 1]
+  assert _listing(tmp_path / "ck") == before
+  assert ck.restore(abstract, start_over=True) is None  # explicit: moved aside, not deleted
+  assert ck.all_steps() == []
+  assert len(glob.glob(str(tmp_path / "ck" / "replaced.*" / "*"))) == 2
+  assert ck.save(1, _big_state(5, 1), {"pos": 5})
+  ck.close()
+
+
+@pytest.mark.parametrize("exc", [
+    PermissionError(13, "Permission denied", "/ck/2/state/_METADATA"),
+    ValueError('PERMISSION_DENIED: Error opening file "/ck/2/state/d/x"'),
+    OSError(5, "Input/output error"),
+])
+def test_access_errors_stop_and_move_nothing(tmp_path, monkeypatch, exc):
+  abstract = _save_two(tmp_path)
+  before = _listing(tmp_path / "ck")
+  ck = checkpoint.Checkpointer(tmp_path / "ck", every=1)
+
+  def fail(*args, **kwargs):
+    raise exc
+
+  monkeypatch.setattr(ck.manager, "restore", fail)
+  with pytest.raises(checkpoint.CheckpointAccessError, match="step 2.*Nothing was changed"):
+    ck.restore(abstract)
+  assert _listing(tmp_path / "ck") == before and ck.all_steps() == [1, 2]
+  ck.close()
+
+
+def test_unknown_error_is_not_called_damage(tmp_path, monkeypatch):
+  abstract = _save_two(tmp_path)
+  ck = checkpoint.Checkpointer(tmp_path / "ck", every=1)
+  monkeypatch.setattr(ck.manager, "restore", lambda *a, **k: 1 / 0)
+  with pytest.raises(checkpoint.CheckpointError, match="does not show damage"):
+    ck.restore(abstract)
+  assert ck.all_steps() == [1, 2]
+  ck.close()
+
+
+def test_config_and_shape_mismatch_name_the_fields(tmp_path):
+  saved = {"model": {"d_model": 32}, "opt": {"peak_lr": 1e-3}, "log": {"every": 1}}
+  abstract = _save_two(tmp_path, config=saved)
+  ck = checkpoint.Checkpointer(tmp_path / "ck", every=1)
+  new = {"model": {"d_model": 64}, "opt": {"peak_lr": 2e-3}, "log": {"every": 5}}
+  with pytest.raises(rundir.ConfigChange, match=r"(?s)model.d_model: 32 -> 64 \(changes state"
+                     r".*opt.peak_lr: 0.001 -> 0.002\n.*allow_config_change=opt.peak_lr"):
+    ck.restore(abstract, config=new)
+  with pytest.raises(rundir.ConfigChange, match=r"d_model.*\n.*peak_lr: 0.001 -> 0.002 \(allowed"):
+    ck.restore(abstract, config=new, allow="all")  # a shape field cannot be allowed
+  new["model"]["d_model"] = 32
+  with pytest.raises(rundir.ConfigChange, match="opt.peak_lr"):
+    ck.restore(abstract, config=new)
+  assert ck.restore(abstract, config=new, allow="opt.peak_lr").step == 2
+  assert ck.restore(abstract, config=new, allow="opt").step == 2
+  wrong = jax.eval_shape(lambda: {"params": {"w": jnp.zeros((64, 128)), "b": jnp.zeros(4)},
+                                  "step": jnp.int32(0)})
+  with pytest.raises(checkpoint.CheckpointMismatch, match=r"params/w: saved float32\[128, 128\], "
+                     r"model float32\[64, 128\]"):
+    ck.restore(wrong)
+  assert ck.all_steps() == [1, 2]
+  ck.close()
+
+
+def test_digests_do_not_depend_on_sharding():
+  state = _big_state(3, 3)
+  mesh = jax.make_mesh((8,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+  sharded = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  sharded["params"]["w"] = jax.device_put(
+      state["params"]["w"], jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d")))
+  assert integrity.state_digests(state) == integrity.state_digests(sharded)
+  other = dict(state, params=dict(state["params"], w=state["params"]["w"].at[5, 7].add(1e-6)))
+  assert integrity.verify_digests(other, {"format": integrity.DIGEST_FORMAT,
+                                           "leaves": integrity.state_digests(state)}) == [
+                                               "['params']['w']"]
+
+
+def test_preemption_handler_without_signal_handlers_when_multihost():
+  before = signal.getsignal(signal.SIGTERM)
+  with checkpoint.PreemptionHandler(multihost=False) as h:
+    assert not h.stop_now(1)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert h.stop_now(2) and h.requested
+  with checkpoint.PreemptionHandler(multihost=True):  # JAX's notifier keeps SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+_WORKER = """
+import os, sys, time
+import jax
+jax.distributed.initialize(f"localhost:{sys.argv[2]}", num_processes=2,
+                           process_id=int(sys.argv[1]))
+from simbal_jax import checkpoint
+with checkpoint.PreemptionHandler() as h:
+  print("ready", flush=True)
+  for step in range(1, 6000):
+    if h.stop_now(step):
+      print("stop", step, flush=True)
+      break
+    time.sleep(0.005)
+jax.distributed.shutdown()
+"""
+
+
+def test_two_processes_agree_on_the_preemption_step():
+  """Localhost jax.distributed on CPU: SIGTERM to one process, both stop at the same step."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(i), str(port)], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  try:
+    for p in procs:
+      assert p.stdout.readline().strip() == "ready"
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=120) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  stops = [out.split() for out, _ in outs]
+  assert stops[0][0] == "stop" and stops[0] == stops[1], outs
+  assert all("all 2 processes agreed to stop at step" in err for _, err in outs)

@@ -36,6 +36,24 @@ def tiny_config(method="lbl", steps=8, **train_kw):
   return cfg
 
 
+def nan_loss_at_step(monkeypatch, bad_step):
+  """Makes the trainer's step report a NaN loss at `bad_step` (the fault is injected here, not
+  by a hook in production code)."""
+  real_make_train_step = train.make_train_step
+
+  def poisoned_make_train_step(env):
+    step_fn = real_make_train_step(env)
+
+    def poisoned(state, batch):
+      state, metrics = step_fn(state, batch)
+      if int(state.step) == bad_step:
+        metrics = dict(metrics, **{"train/loss": jnp.float32(jnp.nan)})
+      return state, metrics
+    return poisoned
+
+  monkeypatch.setattr(train, "make_train_step", poisoned_make_train_step)
+
+
 def losses_of(workdir):
   return {r["step"]: r["train/loss"] for r in writers.read_jsonl(
       os.path.join(workdir, "metrics.jsonl")) if "train/loss" in r}
@@ -81,6 +99,7 @@ def test_corrupt_latest_checkpoint_is_skipped(tmp_path):
       with open(f, "r+b") as fh:
         fh.truncate(os.path.getsize(f) // 2)
   cfg.train.num_steps = 10
+  cfg.ckpt.allow_config_change = "train.num_steps"  # a longer schedule than the saved one
   out, _ = train.train_and_evaluate(cfg, str(tmp_path))
   assert out["start_step"] == 4 and out["step"] == 10 and out["status"] == "done"
 
@@ -90,18 +109,7 @@ def test_nan_stops_then_resume_keeps_metrics_monotonic_and_times_training(tmp_pa
   cfg = tiny_config("lbl", steps=8)
   cfg.ckpt.every = 4
   real_make_train_step = train.make_train_step
-
-  def poisoned_make_train_step(env):  # the fault is injected here, not in production code
-    step_fn = real_make_train_step(env)
-
-    def poisoned(state, batch):
-      state, metrics = step_fn(state, batch)
-      if int(state.step) == 6:
-        metrics = dict(metrics, **{"train/loss": jnp.float32(jnp.nan)})
-      return state, metrics
-    return poisoned
-
-  monkeypatch.setattr(train, "make_train_step", poisoned_make_train_step)
+  nan_loss_at_step(monkeypatch, 6)
   with pytest.raises(train.NonFiniteLossError, match="at step 6") as err:
     train.train_and_evaluate(cfg, str(tmp_path))
   monkeypatch.setattr(train, "make_train_step", real_make_train_step)

@@ -4,11 +4,16 @@ Cache layout under `cache_dir`:
   tfds/<source>_<key>/simbal_text_corpus/1.0.0/   array_record splits of local text
   spm/<key>.model                                  SentencePiece models
   tokens/<key>/{train,validation}.bin, meta.json   packed token streams
-Every key hashes the parameters that determine the content, so a second run reuses the files
-and a changed parameter prepares afresh.
+Every key hashes the parameters that determine the content, never where the cache lies, so a
+second run reuses the files, a changed parameter prepares afresh, and a moved or copied workdir
+(with its cache) still hits. The key the data iterator's checkpointed state is checked against
+(`info["corpus_key"]`) is a digest of the token streams themselves (`content.json` beside them,
+computed once): a resumed run is accepted exactly when it reads the same tokens.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import time
@@ -55,7 +60,8 @@ def _local_corpus(cfg, cache_dir) -> _Corpus:
   builder_dir = tfds_builder.prepare_text_corpus(
       files, eval_fraction=float(cfg["eval_fraction"]), cache_dir=cache_dir, strict=strict,
       tag=cfg["source"], root=root)
-  key = tfds_builder.cache_key({"builder_dir": os.path.abspath(builder_dir)})
+  # The builder dir's name below the cache holds the key of the files and split settings.
+  key = tfds_builder.cache_key({"builder": os.path.relpath(builder_dir, cache_dir)})
   return _Corpus(key, lambda split: (t for _, t in tfds_builder.read_split(builder_dir, split)),
                  f"{cfg['source']} ({len(files)} files) at {builder_dir}")
 
@@ -146,6 +152,31 @@ def _synthetic(cfg, seq_len):
   return tok, train, eval_, info
 
 
+def content_digest(out_dir: str, splits=SPLITS) -> str:
+  """BLAKE2b digest of the token streams in `out_dir` (cached in content.json once computed)."""
+  path = os.path.join(out_dir, "content.json")
+  try:
+    with open(path) as f:
+      return json.load(f)["blake2b"]
+  except (OSError, ValueError, KeyError):
+    pass
+  h = hashlib.blake2b(digest_size=16)
+  for split in splits:
+    h.update(split.encode() + b"\0")
+    with open(os.path.join(out_dir, f"{split}.bin"), "rb") as f:
+      for block in iter(lambda: f.read(1 << 24), b""):
+        h.update(block)
+  digest = h.hexdigest()
+  try:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+      json.dump({"blake2b": digest, "splits": list(splits)}, f)
+    os.replace(tmp, path)
+  except OSError as e:  # a read-only shared cache: recomputed next time
+    logging.info("could not cache the token digest in %s: %s", path, e)
+  return digest
+
+
 def prepare(cfg: dict, *, seq_len: int, cache_dir: str):
   """Returns (tokenizer, train sequences, eval sequences, info dict) for a resolved config."""
   if cfg["source"] == "synthetic":
@@ -164,8 +195,10 @@ def prepare(cfg: dict, *, seq_len: int, cache_dir: str):
                                         {"corpus": corpus.desc, "tokenizer": tok.fingerprint})
   train = packing.open_split(out_dir, meta, "train", seq_len)
   eval_ = packing.open_split(out_dir, meta, "validation", seq_len)
+  content = tfds_builder.cache_key({"tokens": content_digest(out_dir),
+                                    "tokenizer": tok.fingerprint, "v": 2})
   info = {"source": cfg["source"], "tokenizer": tok.fingerprint, "corpus": corpus.desc,
-          "corpus_key": key, "corpus_seconds": round(corpus_seconds, 3),
+          "corpus_key": content, "corpus_seconds": round(corpus_seconds, 3),
           "tokenize_seconds": meta.get("seconds"), "splits": meta["splits"],
           "token_dir": out_dir}
   return tok, train, eval_, info

@@ -1,0 +1,273 @@
+"""Never lose a run (issue 9): restore failures, damaged checkpoints, concurrent runs, moved
+workdirs, config drift and bad config values, end to end on tiny configs from configs/demo.py."""
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import demo
+from simbal_jax import checkpoint
+from simbal_jax import rundir
+from simbal_jax import train
+from simbal_jax import writers
+
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny(method="lbl", steps=8):
+  """The demo config shrunk (as tests/test_train.py does): d 32, 4 experts, synthetic data."""
+  cfg = demo.get_config(method)
+  cfg.model.d_model, cfg.model.num_heads, cfg.model.d_ff = 32, 2, 64
+  cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.d_ff = 4, 2, 32
+  cfg.data.source = "synthetic"
+  cfg.data.synthetic.vocab_size = 64
+  cfg.data.synthetic.num_docs = 256
+  cfg.train.seq_len, cfg.train.global_batch_size = 16, 8
+  cfg.train.num_steps, cfg.train.num_evals, cfg.train.eval_tokens = steps, 0, 128
+  cfg.opt.warmup_steps = 2
+  cfg.ckpt.every = 4
+  cfg.log.every, cfg.log.progress, cfg.log.tensorboard = 1, False, False
+  return cfg
+
+
+def losses(workdir):
+  return {r["step"]: r["train/loss"] for r in writers.read_jsonl(
+      os.path.join(workdir, "metrics.jsonl")) if "train/loss" in r}
+
+
+def state_of(state):
+  return jax.tree.map(np.asarray, jax.device_get(state))
+
+
+def listing(d):
+  """Every file under `d` with its size (what a refused resume must leave alone)."""
+  return sorted((os.path.relpath(os.path.join(r, f), d), os.path.getsize(os.path.join(r, f)))
+                for r, _, fs in os.walk(d) for f in fs)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, fast_compiles):
+  """One 8-step run with checkpoints at 4 and 8: (workdir, summary, losses)."""
+  del fast_compiles
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  _, state = train.train_and_evaluate(tiny(), workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]
+  return workdir, state, losses(workdir)
+
+
+def copy_of(straight, tmp_path):
+  dst = str(tmp_path / "run")
+  shutil.copytree(straight[0], dst)
+  return dst
+
+
+def _refused(cfg, workdir, exc, match):
+  """train_and_evaluate raises `exc` before any step and leaves the workdir as it was."""
+  before = listing(workdir)
+  metrics = open(os.path.join(workdir, "metrics.jsonl"), "rb").read()
+  steps = []
+  with pytest.raises(exc, match=match) as err:
+    train.train_and_evaluate(cfg, workdir, hooks=[lambda step, _: steps.append(step)])
+  assert not steps
+  assert listing(workdir) == before  # nothing renamed, nothing deleted
+  assert open(os.path.join(workdir, "metrics.jsonl"), "rb").read() == metrics  # nothing dropped
+  return err.value
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("moe.num_experts", 8, r"moe.num_experts: 4 -> 8 \(changes state shapes"),
+    ("model.d_model", 64, r"model.d_model: 32 -> 64 \(changes state shapes"),
+])
+def test_incompatible_config_stops_and_keeps_everything(straight, tmp_path, field, value, match):
+  workdir = copy_of(straight, tmp_path)
+  cfg = tiny()
+  group, name = field.split(".")
+  cfg[group][name] = value
+  cfg.ckpt.allow_config_change = "all"  # shape fields cannot be allowed
+  _refused(cfg, workdir, rundir.ConfigChange, match)
+
+
+def test_permission_error_stops_and_keeps_everything(straight, tmp_path, monkeypatch):
+  # Running as root makes chmod ineffective, so Orbax's read raises as it would without access.
+  workdir = copy_of(straight, tmp_path)
+
+  def denied(self, step, *args, **kwargs):
+    raise PermissionError(13, "Permission denied", os.path.join(workdir, "checkpoints", str(step)))
+
+  monkeypatch.setattr(checkpoint.ocp.CheckpointManager, "restore", denied)
+  _refused(tiny(), workdir, checkpoint.CheckpointAccessError, "step 8.*Permission denied")
+
+
+def _flip(path, n=64):
+  """Inverts n bytes at 10, 30, 50, 70 and 90 % of the file (some ranges hold no array data)."""
+  data = bytearray(open(path, "rb").read())
+  for frac in (0.1, 0.3, 0.5, 0.7, 0.9):
+    at = int(len(data) * frac)
+    data[at:at + n] = bytes(b ^ 0xFF for b in data[at:at + n])
+  open(path, "wb").write(bytes(data))
+
+
+def _state_files(step_dir):
+  return [f for f in glob.glob(os.path.join(step_dir, "state", "**"), recursive=True)
+          if os.path.isfile(f)]
+
+
+def test_bit_flip_falls_back_and_matches_the_straight_run(straight, tmp_path):
+  workdir = copy_of(straight, tmp_path)
+  _flip(max(_state_files(os.path.join(workdir, "checkpoints", "8")), key=os.path.getsize))
+  out, state = train.train_and_evaluate(tiny(), workdir)
+  assert out["start_step"] == 4 and out["step"] == 8 and out["status"] == "done"
+  assert glob.glob(os.path.join(workdir, "checkpoints", "8.damaged.*"))
+  assert losses(workdir) == straight[2]  # steps 5..8 redone bit-exactly
+  jax.tree.map(np.testing.assert_array_equal, state_of(state), state_of(straight[1]))
+
+
+def test_all_damaged_stops_then_start_over_on_request(straight, tmp_path):
+  workdir = copy_of(straight, tmp_path)
+  for s in ("4", "8"):
+    for f in _state_files(os.path.join(workdir, "checkpoints", s)):
+      with open(f, "r+b") as fh:
+        fh.truncate(os.path.getsize(f) // 2)
+  err = _refused(tiny(), workdir, checkpoint.DamagedCheckpoints, r"(?s)step 8: .*step 4: ")
+  assert [s for s, _ in err.reasons] == [8, 4]
+  cfg = tiny(steps=2)
+  cfg.ckpt.start_over = True  # the explicit choice: moved aside, not deleted
+  out, _ = train.train_and_evaluate(cfg, workdir)
+  assert out["start_step"] == 0 and out["status"] == "done"
+  kept = glob.glob(os.path.join(workdir, "checkpoints", "replaced.*"))
+  assert len(kept) == 1 and sorted(os.listdir(kept[0])) == ["4", "8", "metrics.jsonl"]
+  assert sorted(losses(kept[0])) == list(range(1, 9)) and sorted(losses(workdir)) == [1, 2]
+
+
+_HOLD = """
+import sys
+from simbal_jax import rundir
+lock = rundir.WorkdirLock(sys.argv[1])
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_second_run_on_a_workdir_is_refused(tmp_path):
+  workdir = str(tmp_path / "run")
+  holder = subprocess.Popen([sys.executable, "-c", _HOLD, workdir], cwd=ROOT,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(rundir.WorkdirLockedError,
+                       match=f"host {socket.gethostname()}, PID {holder.pid}"):
+      train.train_and_evaluate(tiny(), workdir)
+    assert sorted(os.listdir(workdir)) == ["run.lock"]  # refused before anything was written
+  finally:
+    holder.kill()  # dies holding it: the kernel drops the flock, the record stays
+    holder.wait()
+  assert rundir.read_lock(workdir)["pid"] == holder.pid
+  with rundir.WorkdirLock(workdir):  # stale (dead PID): taken over
+    with pytest.raises(rundir.WorkdirLockedError, match=f"PID {os.getpid()}"):
+      rundir.WorkdirLock(workdir)  # a second run in this process is refused too
+    assert rundir.read_lock(workdir)["pid"] == os.getpid()
+  assert not os.path.exists(os.path.join(workdir, "run.lock"))
+
+
+def test_lock_of_another_host_counts_until_its_heartbeat_is_stale(tmp_path):
+  path = tmp_path / "run.lock"
+  path.write_text('{"host": "elsewhere", "pid": 1, "since": 0}')
+  with pytest.raises(rundir.WorkdirLockedError, match="host elsewhere, PID 1.*heartbeat"):
+    rundir.WorkdirLock.check(tmp_path)
+  old = time.time() - rundir.WorkdirLock.STALE_AFTER - 60
+  os.utime(path, (old, old))
+  rundir.WorkdirLock.check(tmp_path)
+  rundir.WorkdirLock(tmp_path).release()
+
+
+def test_moved_workdir_resumes_exactly(tmp_path):
+  docs = tmp_path / "docs"
+  docs.mkdir()
+  for i in range(40):
+    (docs / f"doc{i}.txt").write_text(f"document {i}: " + "lorem ipsum dolor " * (10 + i))
+  cfg = tiny()
+  cfg.data.update(source="text_files", globs=str(docs / "*.txt"), tokenizer="bytes",
+                  eval_fraction=0.2)
+  first = str(tmp_path / "first")
+  _, straight = train.train_and_evaluate(cfg, first)
+  moved = str(tmp_path / "elsewhere" / "moved")
+  shutil.copytree(first, str(tmp_path / "copy"))
+  shutil.rmtree(str(tmp_path / "copy" / "checkpoints" / "8"))  # as if stopped after step 4
+  os.makedirs(os.path.dirname(moved))
+  shutil.move(str(tmp_path / "copy"), moved)
+  out, state = train.train_and_evaluate(cfg, moved)
+  assert out["start_step"] == 4 and out["status"] == "done"
+  assert losses(moved) == losses(first)
+  jax.tree.map(np.testing.assert_array_equal, state_of(state), state_of(straight))
+  assert len(os.listdir(os.path.join(moved, "data", "tokens"))) == 1  # the cache was reused
+
+
+def test_config_drift_is_refused_until_allowed(straight, tmp_path, caplog):
+  workdir = copy_of(straight, tmp_path)
+  for change, match in [
+      (lambda c: c.balance.update(terms="simbal:0.1"),
+       "balance.terms: 'lbl:0.01' -> 'simbal:0.1'"),
+      (lambda c: c.opt.update(peak_lr=1e-3), "opt.peak_lr: 0.003 -> 0.001"),
+      (lambda c: c.moe.update(top_k=1), "moe.top_k: 2 -> 1"),
+      (lambda c: c.train.update(num_steps=10), "train.num_steps: 8 -> 10"),
+  ]:
+    cfg = tiny()
+    change(cfg)
+    _refused(cfg, workdir, rundir.ConfigChange, match + ".*\n.*allow_config_change=")
+  cfg = tiny(steps=10)
+  cfg.opt.peak_lr = 1e-3
+  cfg.ckpt.allow_config_change = "opt.peak_lr, train.num_steps"
+  out, _ = train.train_and_evaluate(cfg, workdir)
+  assert out["start_step"] == 8 and out["step"] == 10 and out["status"] == "done"
+  assert "opt.peak_lr: 0.003 -> 0.001" in caplog.text
+  assert sorted(losses(workdir)) == list(range(1, 11))
+
+
+def test_non_finite_loss_after_resume_names_the_checkpoint(straight, tmp_path, monkeypatch):
+  from test_train import nan_loss_at_step  # pylint: disable=g-import-not-at-top
+  workdir = copy_of(straight, tmp_path)
+  cfg = tiny(steps=10)
+  nan_loss_at_step(monkeypatch, 9)
+  cfg.ckpt.allow_config_change = "train.num_steps"
+  with pytest.raises(train.NonFiniteLossError, match="at step 9") as err:
+    train.train_and_evaluate(cfg, workdir)
+  msg = str(err.value)
+  assert "started from checkpoint step 8 in " in msg and "good" not in msg
+
+
+@pytest.mark.parametrize("field,value", [("opt.peak_lr", float("nan")),
+                                         ("balance.lf_rate", float("inf"))])
+def test_non_finite_config_is_rejected_before_anything(tmp_path, field, value):
+  cfg = tiny()
+  group, name = field.split(".")
+  cfg[group][name] = value
+  steps = []
+  with pytest.raises(ValueError, match=f"{field}={value}"):
+    train.train_and_evaluate(cfg, str(tmp_path / "run"), hooks=[lambda s, _: steps.append(s)])
+  assert not steps and not os.path.exists(tmp_path / "run")  # nothing created on disk
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config=configs/demo.py", "--config.moe.num_expert=3"],
+     "error: --config.moe.num_expert: the config has no such field; did you mean "
+     "--config.moe.num_experts?"),
+    (["--config=configs/nope.py"], "error: --config=configs/nope.py: [Errno 2] No such file"),
+    (["--config=configs/demo.py:simbl"], "error: --config=configs/demo.py:simbl: unknown config "
+     "variant 'simbl'"),
+])
+def test_command_line_mistakes_end_in_one_line(tmp_path, args, message):
+  workdir = str(tmp_path / "run")
+  got = subprocess.run([sys.executable, "-m", "simbal_jax.main", *args, f"--workdir={workdir}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+  assert got.returncode == 2
+  lines = [line for line in got.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1 and message in lines[0], got.stderr
+  assert not os.path.exists(workdir)

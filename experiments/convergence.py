@@ -43,7 +43,8 @@ table.json schema:
   final_ppl {mean, std}, eval_loss_se, diff_vs_reference {mean, ci95, per_seed, eval_se}
   (not for the reference), tokens_to_target {per_seed, reached, mean}, fewer_tokens_pct
   {per_seed, mean, ci95}, metrics.<maxvio|load_cv|seu|entropy|dead|ortho_l1|ortho_mse|pes_min>
-  {mean, std}, per_layer.<metric>.<layer_i> {mean, std}, other_lrs.<lr>.final_loss {mean, std}}.
+  {mean, std}, per_layer.<metric>.<layer_i> {mean, std}, other_lrs.<lr>.final_loss {mean, std}}
+  (std is null for a single seed; ci95 null for fewer than two).
 """
 
 import json
@@ -84,7 +85,7 @@ def mean_std(values):
   v = np.asarray([x for x in values if x is not None], np.float64)
   if v.size == 0:
     return {"mean": None, "std": None}
-  return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0}
+  return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else None}
 
 
 def tokens_to_target(curve, target):
@@ -265,7 +266,9 @@ def _fmt(x, spec=".4f"):
 
 
 def _pm(d, spec=".4f"):
-  return "-" if d["mean"] is None else f"{d['mean']:{spec}} ± {d['std']:{spec}}"
+  if d["mean"] is None:
+    return "-"
+  return f"{d['mean']:{spec}}" + ("" if d["std"] is None else f" ± {d['std']:{spec}}")
 
 
 def _ci(m, ci, spec="+.4f"):
@@ -326,7 +329,7 @@ def plot(table, runs, path):
     n = min(len(c) for c in curves)
     tok = curves[0][:n, 0]
     loss = np.stack([c[:n, 1] for c in curves])
-    ax.plot(tok, loss.mean(0), color=color, label=f"{name} ({len(curves)} seeds)")
+    ax.plot(tok, loss.mean(0), color=color, label=f"{name} (n={len(curves)} seeds)")
     ax.fill_between(tok, loss.min(0), loss.max(0), color=color, alpha=0.2)
     if name != ref:
       for s in e["seeds"]:

@@ -92,23 +92,31 @@ class ModelConfig:
 
   @classmethod
   def from_config(cls, cfg, **overrides):
-    """Builds a ModelConfig from `cfg.model` and `cfg.moe` (ConfigDict or dict-like).
+    """Builds a ModelConfig from an experiment config's `model` and `moe` groups.
 
-    Fields missing from the config keep their defaults; `cfg.moe.num_experts == 0` (or no
-    `cfg.moe`) gives a dense model; keyword `overrides` (e.g. `vocab_size=` from the tokenizer)
-    win over the config.
+    Args:
+      cfg: the experiment ConfigDict (configs/base.py). `moe.num_experts == 0` gives a dense
+        model. `moe.num_groups == 0` (auto: one routing group per batch shard, resolved by the
+        trainer for its mesh) counts as 1 here. `model.vocab_size == 0` (take the tokenizer's)
+        needs a `vocab_size=` override.
+      **overrides: ModelConfig fields that win over the config (e.g. vocab_size).
     """
     def pick(group, klass, skip=()):
-      names = [f.name for f in dataclasses.fields(klass) if f.name not in skip]
-      return {n: group[n] for n in names if group is not None and n in group}
+      return {f.name: group[f.name] for f in dataclasses.fields(klass)
+              if f.name not in skip and f.name in group}
 
-    model_kw = pick(cfg.get("model") if hasattr(cfg, "get") else cfg.model, cls, skip=("moe",))
-    moe_group = cfg.get("moe") if hasattr(cfg, "get") else getattr(cfg, "moe", None)
+    model_kw = pick(cfg.model, cls, skip=("moe",))
     moe_cfg = None
-    if moe_group is not None and int(moe_group.get("num_experts", 0) or 0) > 0:
-      moe_cfg = MoEConfig(**pick(moe_group, MoEConfig))
+    if int(cfg.moe.num_experts) > 0:
+      moe_kw = pick(cfg.moe, MoEConfig)
+      moe_kw["num_groups"] = int(moe_kw.get("num_groups", 1)) or 1
+      moe_kw["capacity_buckets"] = tuple(moe_kw.get("capacity_buckets", (1.25, 1.5, 2.0, 3.0)))
+      moe_cfg = MoEConfig(**moe_kw)
     model_kw.update(overrides)
     model_kw.setdefault("moe", moe_cfg)
+    if int(model_kw.get("vocab_size", 0)) < 1:
+      raise ValueError("model.vocab_size is 0 (taken from the tokenizer when training): pass "
+                       "vocab_size= or set model.vocab_size")
     return cls(**model_kw)
 
 
@@ -275,8 +283,14 @@ def router_kernels(params, config):
   return jnp.stack(kernels).astype(jnp.float32)
 
 
+def as_model_config(config):
+  """`config` as a ModelConfig: a ModelConfig as it is, an experiment ConfigDict through
+  `ModelConfig.from_config`."""
+  return config if isinstance(config, ModelConfig) else ModelConfig.from_config(config)
+
+
 def count_params(config):
-  """Analytic parameter counts (nothing is materialised).
+  """Analytic parameter counts (nothing is materialised) of a ModelConfig or experiment config.
 
   Counting follows the paper: embeddings (input and untied output) are included; routers and
   norms count as active; routed experts count K of E per token as active.
@@ -285,6 +299,7 @@ def count_params(config):
     dict of ints: total, active, embedding (input + output), attention, dense_ffn, experts
     (all routed experts), active_experts, shared_expert, router, norm, non_embedding_active.
   """
+  config = as_model_config(config)
   d, n_layers = config.d_model, config.num_layers
   n_moe = config.num_moe_layers
   n_dense = n_layers - n_moe
@@ -318,6 +333,7 @@ def flops_per_token(config, seq_len):
   """
   if not isinstance(seq_len, int) or seq_len < 1:
     raise ValueError(f"seq_len must be an int >= 1, got {seq_len!r}")
+  config = as_model_config(config)
   counts = count_params(config)
   matmul = counts["active"] - config.vocab_size * config.d_model - counts["norm"]
   return 6 * matmul + 12 * config.num_layers * config.d_model * seq_len

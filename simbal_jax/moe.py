@@ -74,6 +74,9 @@ class MoEConfig:
       Pallas kernels), "tokamax" (its choice anywhere), "xla" | "triton" | "mosaic" (that
       tokamax implementation), "lax" (`jax.lax.ragged_dot`: on GPU a dense E-times-larger
       computation, DESIGN.md section 4).
+    min_gate: inference-time dynamic-K pruning (the paper's Table 6): chosen experts whose gate
+      is below this value are left out of the token's output (their gate is set to 0); 0 keeps
+      all K. `MoEAux.router` still reports the unpruned gates.
   """
   num_experts: int
   top_k: int
@@ -88,6 +91,7 @@ class MoEConfig:
   num_groups: int = 1
   dispatch: str = "capacity"
   ragged_impl: str = "auto"
+  min_gate: float = 0.0
 
   def __post_init__(self):
     for name in ("num_experts", "top_k", "d_ff", "num_groups"):
@@ -100,6 +104,8 @@ class MoEConfig:
       raise ValueError(f"MoEConfig.gating={self.gating!r}; valid: {routing.GATINGS}")
     if self.router_init not in init_lib.ROUTER_INITS:
       raise ValueError(f"MoEConfig.router_init={self.router_init!r}; valid: {init_lib.ROUTER_INITS}")
+    if not 0.0 <= self.min_gate < 1.0:
+      raise ValueError(f"MoEConfig.min_gate must be in [0, 1), got {self.min_gate}")
     if self.dispatch not in DISPATCHES:
       raise ValueError(f"MoEConfig.dispatch={self.dispatch!r}; valid: {DISPATCHES}")
     if self.ragged_impl not in experts.RAGGED_IMPLS:
@@ -223,7 +229,10 @@ class MoEBlock(nn.Module):
 
     x_TxD = x_TxD.astype(self.dtype)
     wg, wu, wo = (w.astype(self.dtype) for w in (wg, wu, wo))
-    args = (x_TxD, router_out.gates, router_out.expert_index, wg, wu, wo)
+    gates_TxK = router_out.gates
+    if cfg.min_gate > 0:  # dynamic-K pruning at inference
+      gates_TxK = jnp.where(gates_TxK >= cfg.min_gate, gates_TxK, 0.0)
+    args = (x_TxD, gates_TxK, router_out.expert_index, wg, wu, wo)
     if cfg.dispatch == "ragged":
       y_TxD, kept_TxK = experts.ragged_experts(*args, impl=cfg.ragged_impl)
     elif cfg.dispatch == "buckets":

@@ -218,6 +218,35 @@ def initial_state(env, ckpt):
   return state, None, "scratch"
 
 
+def restore_run(run_dir, devices=None):
+  """The Env and final TrainState of a finished run directory (analysis tools: PES, pruning).
+
+  Reads `<run_dir>/config.json`, prepares the data as the run did (its cache), and restores the
+  newest verified checkpoint of `<run_dir>/checkpoints`.
+
+  Returns:
+    (Env, TrainState).
+  Raises:
+    FileNotFoundError: no config.json or no checkpoint.
+  """
+  path = os.path.join(run_dir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{run_dir}: no config.json (not a run directory)")
+  with open(path, encoding="utf-8") as f:
+    cfg = ml_collections.ConfigDict(json.load(f))
+  env = build(cfg, run_dir, devices)
+  ckpt = checkpoint.Checkpointer(os.path.join(run_dir, "checkpoints"), every=0,
+                                 async_save=False)
+  try:
+    with sharding.mesh_rules(env.mesh, env.rules):
+      got = ckpt.restore(env.abstract, config=env.cfg.to_dict())
+  finally:
+    ckpt.close()
+  if got is None:
+    raise FileNotFoundError(f"{run_dir}: no checkpoint to restore")
+  return env, got[1]
+
+
 def make_train_step(env):
   """The jitted train step (state donated): (state, batch) -> (state, metrics)."""
   return jax.jit(

@@ -16,8 +16,13 @@ pytestmark = pytest.mark.usefixtures("fast_compiles")
 def trained(tmp_path_factory, fast_compiles):
   del fast_compiles
   from test_train import tiny_config  # pylint: disable=g-import-not-at-top
+  docs = tmp_path_factory.mktemp("docs")
+  for i in range(40):  # a byte-level text corpus, so lm-eval's text tasks can be tokenized
+    (docs / f"doc{i}.txt").write_text(f"q{i}: a b x y zz a b a " * (5 + i % 7))
   cfg = tiny_config("simbal", steps=6)
   cfg.moe.num_experts, cfg.moe.top_k = 4, 2
+  cfg.data.update(source="text_files", globs=str(docs / "*.txt"), tokenizer="bytes",
+                  eval_fraction=0.2)
   workdir = str(tmp_path_factory.mktemp("run"))
   summary, _ = train.train_and_evaluate(cfg, workdir, devices=jax.devices()[:1])
   env, state = train.restore_run(workdir, devices=jax.devices()[:1])
@@ -65,3 +70,61 @@ def test_count_params_takes_the_experiment_config():
   cfg.model.vocab_size = 0
   with pytest.raises(ValueError, match="model.vocab_size"):
     model_lib.count_params(cfg)
+
+
+_TASK_YAML = """task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{label}}}}"
+doc_to_choice: "{{{{choices}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+def test_lm_eval_scores_a_local_multiple_choice_task(trained, tmp_path, monkeypatch):
+  """lm-eval runs a task defined here on a local file through experiments.downstream.SimbalLM;
+  its accuracy equals an independent float64 scoring of every choice."""
+  pytest.importorskip("lm_eval")
+  import json  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import lm_eval  # pylint: disable=g-import-not-at-top
+  from lm_eval.tasks import TaskManager  # pylint: disable=g-import-not-at-top
+  from experiments import downstream  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+  monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+  _, env, state = trained
+  docs = [{"question": f"q{i}: a b", "choices": ["x y", "zz", "a b a"], "label": i % 3}
+          for i in range(6)]
+  data = tmp_path / "tiny_mc.jsonl"
+  data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+  (tmp_path / "tasks").mkdir()
+  (tmp_path / "tasks" / "tiny_mc.yaml").write_text(_TASK_YAML.format(data=data))
+  lm = downstream.SimbalLM(env, state, batch_size=4)
+  res = lm_eval.simple_evaluate(model=lm, tasks=["tiny_mc"], log_samples=False,
+                                task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+                                bootstrap_iters=0)
+  got = res["results"]["tiny_mc"]["acc,none"]
+
+  tok = env.datasets.tokenizer
+  correct = []
+  for d in docs:
+    scores = []
+    for choice in d["choices"]:
+      ctx, cont = tok.encode(d["question"]), tok.encode(" " + choice)
+      ids = np.asarray(ctx + cont, np.int32)
+      logits, _ = env.model.apply({"params": state.params}, jnp.asarray(ids[None, :-1]),
+                                  expert_bias=state.expert_bias)
+      lg = np.asarray(logits[0], np.float64)
+      lp = lg - np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1, keepdims=True)) - lg.max(
+          -1, keepdims=True)
+      scores.append(sum(lp[len(ctx) - 1 + j, t] for j, t in enumerate(cont)))
+    correct.append(int(np.argmax(scores)) == d["label"])
+  assert got == pytest.approx(np.mean(correct))
+  ll = lm.score([(docs[0]["question"], " x y")])[0][0]
+  assert ll < 0

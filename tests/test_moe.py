@@ -1,4 +1,5 @@
 """MoE block: float64 reference loops, capacity drops, custom-VJP gradients, buckets, ragged."""
+import functools
 import math
 
 import flax.linen as nn
@@ -15,6 +16,14 @@ D, E, K, F = 16, 4, 2, 8
 
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
+
+
+def _value_and_grads(block, *, params, x, bias, proj):
+  """(sum(y * proj), (y, aux)) and its gradients w.r.t. params and x, jitted."""
+  def loss(p, x):
+    y, aux = block.apply(p, x, bias)
+    return jnp.sum(y * proj), (y, aux)
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
 
 
 def _setup(cfg, batch=2, length=8, seed=0, dtype=jnp.float32):
@@ -226,11 +235,8 @@ def test_ragged_equals_dropless_capacity_values_and_grads(shared, bias, impl):
   bias = None if bias is None else jnp.asarray(bias, jnp.float32)
   proj = jax.random.normal(jax.random.PRNGKey(14), x.shape)
 
-  def value_and_grads(block):
-    def loss(p, x):
-      y, aux = block.apply(p, x, bias)
-      return jnp.sum(y * proj), (y, aux)
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+  value_and_grads = functools.partial(_value_and_grads, params=params, x=x, bias=bias,
+                                      proj=proj)
 
   (_, (y_cap, aux_cap)), g_cap = value_and_grads(cap_block)
   (_, (y_rag, aux_rag)), g_rag = value_and_grads(rag_block)
@@ -267,11 +273,8 @@ def test_buckets_equal_dropless_capacity_values_and_grads(num_groups, bias, buck
   bias = None if bias is None else jnp.asarray(bias, jnp.float32)
   proj = jax.random.normal(jax.random.PRNGKey(22), x.shape)
 
-  def value_and_grads(block):
-    def loss(p, x):
-      y, aux = block.apply(p, x, bias)
-      return jnp.sum(y * proj), (y, aux)
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+  value_and_grads = functools.partial(_value_and_grads, params=params, x=x, bias=bias,
+                                      proj=proj)
 
   (_, (y_cap, aux_cap)), g_cap = value_and_grads(cap_block)
   (_, (y_bkt, aux_bkt)), g_bkt = value_and_grads(bkt_block)

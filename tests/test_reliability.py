@@ -12,11 +12,12 @@ import jax
 import numpy as np
 import pytest
 
-from configs import demo
+from simbal_jax.configs import demo
 from simbal_jax import checkpoint
 from simbal_jax import rundir
 from simbal_jax import train
-from simbal_jax import writers
+from test_train import _params as state_of
+from test_train import losses_of as losses
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,13 +39,6 @@ def tiny(method="lbl", steps=8):
   return cfg
 
 
-def losses(workdir):
-  return {r["step"]: r["train/loss"] for r in writers.read_jsonl(
-      os.path.join(workdir, "metrics.jsonl")) if "train/loss" in r}
-
-
-def state_of(state):
-  return jax.tree.map(np.asarray, jax.device_get(state))
 
 
 def listing(d):

@@ -30,8 +30,8 @@ def preset_config(name):
   tiny_s / tiny_m: the same settings shrunk for CPU smoke runs (2 layers, d 64, seq 64).
   Dispatch is left at the config's ("capacity"); pass --config.moe.dispatch=ragged etc.
   """
-  from configs import base  # pylint: disable=g-import-not-at-top
-  from configs import moe_m  # pylint: disable=g-import-not-at-top
+  from simbal_jax.configs import base  # pylint: disable=g-import-not-at-top
+  from simbal_jax.configs import moe_m  # pylint: disable=g-import-not-at-top
   tiny = name.startswith("tiny_")
   if name in ("bench_s", "tiny_s"):
     cfg = base.get_config("lbl")

@@ -379,7 +379,7 @@ def main(argv):
         f"{env['date']}", flush=True)
   config = _CONFIG.value
   if _PRESET.value:
-    from configs import base  # pylint: disable=g-import-not-at-top
+    from simbal_jax.configs import base  # pylint: disable=g-import-not-at-top
     config = base.apply_variant(preset_config(_PRESET.value), _SET.value) if _SET.value else (
         preset_config(_PRESET.value))
   report = run(_WHAT.value, values, config)

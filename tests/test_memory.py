@@ -2,7 +2,7 @@
 import jax
 import pytest
 
-from configs import demo
+from simbal_jax.configs import demo
 from simbal_jax import memory
 from simbal_jax import sharding
 from simbal_jax import step as step_lib

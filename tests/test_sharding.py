@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import demo
+from simbal_jax.configs import demo
 from simbal_jax import model
 from simbal_jax import sharding
 from simbal_jax import step as step_lib

@@ -167,10 +167,12 @@ def paper_config(*, d_model, num_layers, num_heads, rope_theta, peak_lr, global_
   cfg.moe.num_experts = 32
   cfg.moe.top_k = 4
   cfg.moe.d_ff = d_model
-  # Dropless as in the paper. At this batch that is a huge buffer: on GPU pass
-  # --config.moe.capacity_factor=1.25, on TPU --config.moe.dispatch=ragged (README, Training).
+  # Dropless as in the paper, through grouped matmuls (tokamax's kernels on GPU / TPU; on CPU
+  # its XLA fallback is a masked dense computation: use moe.dispatch=buckets there).
+  # --config.moe.dispatch=capacity --config.moe.capacity_factor=1.25 for capacity experiments.
+  cfg.moe.dispatch = "ragged"
   cfg.moe.capacity_factor = 0.0
-  cfg.moe.num_groups = 0  # auto: one routing group per batch shard (mesh data x expert)
+  cfg.moe.num_groups = 0  # auto: one group for ragged; one per batch shard for capacity
   cfg.opt.peak_lr = peak_lr
   cfg.opt.warmup_steps = 2000
   cfg.data.source = "tfds"  # DCLM prepared as TFDS array_record (one shard held out)

@@ -218,6 +218,37 @@ def initial_state(env, ckpt):
   return state, None, "scratch"
 
 
+def check_memory(env):
+  """Logs the per-device memory estimate; raises before compiling when it cannot fit.
+
+  The parameter, gradient and optimizer-state bytes are exact (memory.memory_estimate): more
+  than the device holds is an error. Activations are an analytic estimate: a total above the
+  device's memory is a warning.
+  """
+  t = env.cfg.train
+  est = memory.memory_estimate(env.mcfg, dict(env.mesh.shape),
+                               global_batch_size=int(t.global_batch_size),
+                               seq_len=int(t.seq_len), grad_accum=int(t.grad_accum))
+  limit = memory.device_memory_bytes()
+  logging.info("memory estimate: %s", memory.summary(est, limit))
+  if not limit:
+    return est
+  state = est["params"] + est["grads"] + est["opt_state"]
+  gib = lambda b: f"{b / 2**30:.3g} GiB"
+  if state > limit:
+    raise ValueError(
+        f"parameters, gradients and optimizer state need {gib(state)} per device, more than "
+        f"the device's {gib(limit)}: shard them with --config.mesh.fsdp=N (and/or "
+        "mesh.expert), or use a smaller model")
+  total = est["total_remat"] if env.mcfg.remat else est["total"]
+  if total > limit:
+    logging.warning("estimated %s per device (activations %s) exceed the device's %s: expect "
+                    "an out-of-memory error; consider --config.model.remat=True, a smaller "
+                    "batch per device or train.grad_accum", gib(total),
+                    gib(total - state), gib(limit))
+  return est
+
+
 def restore_run(run_dir, devices=None):
   """The Env and final TrainState of a finished run directory (analysis tools: PES, pruning).
 
@@ -438,9 +469,7 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
   os.makedirs(workdir, exist_ok=True)
   logging.info("devices: %d (%d processes), mesh %s", jax.device_count(), jax.process_count(),
                dict(env.mesh.shape))
-  logging.info("memory estimate: %s", memory.summary(memory.memory_estimate(
-      env.mcfg, dict(env.mesh.shape), global_batch_size=int(t.global_batch_size),
-      seq_len=int(t.seq_len), grad_accum=int(t.grad_accum)), memory.device_memory_bytes()))
+  check_memory(env)
   ckpt = None
   if cfg.ckpt.enabled:
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every=cfg.ckpt.every,

@@ -47,7 +47,7 @@ def test_paper_values():
     assert c.opt.warmup_init_frac == 0.1 and c.opt.final_frac == 0.1
     assert c.train.z_loss == 1e-5 and c.balance.terms == "lbl:0.01"
     assert c.moe.router_init == "orthogonal"
-    assert c.moe.capacity_factor <= 0  # dropless
+    assert c.moe.capacity_factor <= 0 and c.moe.dispatch == "ragged"  # dropless, grouped
     # steps cover the token budget and no more than one extra step
     assert c.train.num_steps == 0  # derived from the budget after command-line overrides
     steps = train.prepare_config(c).train.num_steps

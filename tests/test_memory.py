@@ -24,7 +24,7 @@ def test_estimate_matches_sharded_state_bytes(mesh):
   cfg.moe.num_experts, cfg.moe.d_ff, cfg.moe.num_groups = 8, 16, 0
   cfg.train.seq_len, cfg.train.global_batch_size = 8, 8
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.expert, cfg.mesh.model = mesh
-  env = train.build_model(train.prepare_config(cfg), jax.devices()[:8])
+  env = train.build(cfg, devices=jax.devices()[:8], data=False)
   with sharding.mesh_rules(env.mesh, env.rules):
     state = jax.jit(lambda k: step_lib.unbox(env.init(k)),
                     out_shardings=env.shardings)(jax.random.key(0))
@@ -39,3 +39,23 @@ def test_estimate_matches_sharded_state_bytes(mesh):
   assert 0 < est["activations_remat"] < est["activations"]
   assert est["total"] == est["params"] * 4 + est["activations"]
   assert "GiB per device: params" in memory.summary(est, 16 * 2**30)
+
+
+def test_trainer_refuses_a_state_that_cannot_fit(tmp_path, monkeypatch):
+  """Parameters + gradients + AdamW moments above the device's memory: a clear error before
+  anything compiles; the activation estimate alone only warns."""
+  from simbal_jax import memory, train  # pylint: disable=g-import-not-at-top
+  from test_train import tiny_config  # pylint: disable=g-import-not-at-top
+  cfg = tiny_config("lbl", steps=2)
+  env = train.build(cfg, str(tmp_path), devices=jax.devices()[:1])
+  est = train.check_memory(env)  # CPU: no device limit, nothing raised
+  state = est["params"] + est["grads"] + est["opt_state"]
+  monkeypatch.setattr(memory, "device_memory_bytes", lambda device=None: int(state * 0.9))
+  compiled = []
+  with pytest.raises(ValueError, match="mesh.fsdp"):
+    train.train_and_evaluate(cfg, str(tmp_path / "run"), devices=jax.devices()[:1],
+                             hooks=[lambda s, _: compiled.append(s)])
+  assert not compiled
+  monkeypatch.setattr(memory, "device_memory_bytes",
+                      lambda device=None: int(state + 0.5 * (est["total"] - state)))
+  train.check_memory(env)  # activations over the limit: a warning, not an error

@@ -7,6 +7,7 @@ with that name, and runs before anything is traced (shapes and dtypes are static
 
 import operator
 
+import jax
 import jax.numpy as jnp
 
 
@@ -95,7 +96,24 @@ def check_load(load_E):
   return check_min_rank("load_E", jnp.asarray(load_E, jnp.float32), 1, "[..., E]")
 
 
-def masked_mean(values, mask):
-  """Mean of `values` over True entries of `mask` (0 when there are none)."""
-  weights = mask.astype(jnp.float32)
-  return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+def safe_div(num, den):
+  """num / den where den > 0, else 0 (e.g. an all-padding batch)."""
+  ok = den > 0
+  return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
+
+
+def masked_mean(values, mask, axis_name=None):
+  """The one weighted mean of the pure modules: sum(values * w) / sum(w), 0 when sum(w) is 0.
+
+  Args:
+    values: float[...] values.
+    mask: bool/float[...] weights of the same shape, or None (all 1).
+    axis_name: named axis (str or tuple) to psum numerator and denominator over (an exact
+      cross-shard mean inside shard_map / pmap), or None.
+  """
+  weights = (jnp.ones(jnp.shape(values), jnp.float32) if mask is None
+             else jnp.asarray(mask).astype(jnp.float32))
+  num, den = jnp.sum(values * weights), jnp.sum(weights)
+  if axis_name is not None:
+    num, den = jax.lax.psum(num, axis_name), jax.lax.psum(den, axis_name)
+  return safe_div(num, den)

@@ -35,12 +35,6 @@ SIMBAL_NORMS = ("l1", "fro2")
 SIMBAL_REDUCTIONS = ("sum", "mean")
 
 
-def _safe_div(num, den):
-  """num / den where den > 0, else 0 (e.g. an all-padding batch)."""
-  ok = den > 0
-  return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
-
-
 def _upcast(x):
   """x as float32, or float64 if it already is (for float64 gradient checks under x64)."""
   x = jnp.asarray(x)
@@ -115,7 +109,7 @@ def expert_fraction_from_stats(stats, top_k):
   `lbl_from_stats(..., expert_fraction=f)` to get exact accumulated gradients.
   """
   den = top_k * jnp.asarray(stats.tokens, jnp.float32)[..., None]
-  return jax.lax.stop_gradient(_safe_div(jnp.asarray(stats.assigned, jnp.float32), den))
+  return jax.lax.stop_gradient(_checks.safe_div(jnp.asarray(stats.assigned, jnp.float32), den))
 
 
 def lbl_from_stats(stats, top_k, *, expert_fraction=None, total_tokens=None):
@@ -154,7 +148,7 @@ def lbl_from_stats(stats, top_k, *, expert_fraction=None, total_tokens=None):
                        f"{jnp.shape(expert_fraction)}.")
     f_E = jax.lax.stop_gradient(_upcast(expert_fraction))
   tokens = jnp.asarray(stats.tokens if total_tokens is None else total_tokens, jnp.float32)
-  p_E = _safe_div(_upcast(stats.prob_sum), tokens[..., None])
+  p_E = _checks.safe_div(_upcast(stats.prob_sum), tokens[..., None])
   return num_experts * jnp.sum(f_E * p_E, axis=-1)
 
 
@@ -214,7 +208,7 @@ def load_balancing(probs, expert_index, *, scope="batch", axis_name=None, mask=N
     stats = jax.vmap(lbl_stats)(probs, expert_index, mask)
     per_seq_B = lbl_from_stats(stats, top_k)
     has_tokens_B = (stats.tokens > 0).astype(jnp.float32)
-    loss = _safe_div(jnp.sum(per_seq_B * has_tokens_B), jnp.sum(has_tokens_B))
+    loss = _checks.safe_div(jnp.sum(per_seq_B * has_tokens_B), jnp.sum(has_tokens_B))
   else:
     stats = lbl_stats(jnp.reshape(probs, (-1, shape[-1])), jnp.reshape(expert_index, (-1, top_k)),
                       None if mask is None else jnp.reshape(mask, (-1,)))
@@ -228,18 +222,11 @@ def load_balancing(probs, expert_index, *, scope="batch", axis_name=None, mask=N
 # z-losses and cross-entropy.
 
 
-def _masked_mean(values, mask, axis_name):
-  weight = (jnp.ones(jnp.shape(values), jnp.float32) if mask is None
-            else jnp.asarray(mask, jnp.float32))
-  num = _psum(jnp.sum(values * weight), axis_name)
-  return _safe_div(num, _psum(jnp.sum(weight), axis_name))
-
-
 def _z_loss(logits, mask, axis_name, name):
   _checks.check_min_rank(name, logits, 2, "[..., classes]")
   _checks.check_mask("mask", mask, jnp.shape(logits)[:-1])
   lse = jax.nn.logsumexp(_upcast(logits), axis=-1)
-  return _masked_mean(lse**2, mask, axis_name)
+  return _checks.masked_mean(lse**2, mask, axis_name)
 
 
 def router_z_loss(logits_TxE, mask=None, *, axis_name=None):
@@ -295,8 +282,8 @@ def cross_entropy(logits_BxLxV, targets_BxL, mask_BxL=None, *, axis_name=None):
   logits = _upcast(logits_BxLxV)
   lse = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, jnp.asarray(targets_BxL)[..., None], axis=-1)[..., 0]
-  return (_masked_mean(lse - target_logit, mask_BxL, axis_name),
-          _masked_mean(lse**2, mask_BxL, axis_name))
+  return (_checks.masked_mean(lse - target_logit, mask_BxL, axis_name),
+          _checks.masked_mean(lse**2, mask_BxL, axis_name))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Domain specialisation: I(expert; domain) of the routing against the synthetic source's labels.
 
-Unit tests compare `metrics.domain_specialization` with an independent float64 NumPy
+Unit tests compare `specialization.domain_specialization` with an independent float64 NumPy
 computation and pin the hand cases (one domain per expert -> 1, domain-blind routing -> 0); the
 end-to-end test trains a tiny model on the synthetic corpus and checks the eval summary.
 """
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from simbal_jax import analysis
-from simbal_jax import metrics
+from simbal_jax import specialization
 
 E, D, K = 6, 3, 2
 
@@ -45,7 +45,7 @@ def random_routing(seed, tokens=200):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_matches_float64_reference(seed):
   index, domain, mask = random_routing(seed)
-  got = metrics.domain_specialization(index, domain, E, D, mask)
+  got = specialization.domain_specialization(index, domain, E, D, mask)
   mi, norm, joint, given = reference(index, domain, mask)
   assert 0.05 < norm < 0.95  # a non-trivial case
   np.testing.assert_allclose(got.mutual_info, mi, rtol=1e-5, atol=1e-6)
@@ -57,7 +57,7 @@ def test_matches_float64_reference(seed):
 
 def test_hand_built_joint_table():
   # p(d, e) = [[3, 1], [1, 3]] / 8: I = ln 2 - H_b(3/4), H(D) = ln 2.
-  got = metrics.specialization_from_counts(np.array([[3.0, 1.0], [1.0, 3.0]]))
+  got = specialization.specialization_from_counts(np.array([[3.0, 1.0], [1.0, 3.0]]))
   h_b = -(0.75 * np.log(0.75) + 0.25 * np.log(0.25))
   np.testing.assert_allclose(got.mutual_info, np.log(2) - h_b, rtol=1e-6)
   np.testing.assert_allclose(got.normalized, 1 - h_b / np.log(2), rtol=1e-6)
@@ -69,11 +69,11 @@ def test_each_domain_on_its_own_experts_gives_one():
   # Domain d -> experts {2d, 2d + 1} (K = 2), unequal domain sizes: the expert names the domain.
   domain = np.array([0] * 5 + [1] * 9 + [2] * 2, np.int32)
   index = np.stack([2 * domain, 2 * domain + 1], axis=1)
-  got = metrics.domain_specialization(index, domain, E, D)
+  got = specialization.domain_specialization(index, domain, E, D)
   np.testing.assert_allclose(got.normalized, 1.0, atol=1e-6)
   np.testing.assert_allclose(got.mutual_info, got.domain_entropy, rtol=1e-6)
   # K = 1, one expert per domain, E > D (unused experts do not matter).
-  got1 = metrics.domain_specialization(domain[:, None] + 3, domain, E, D)
+  got1 = specialization.domain_specialization(domain[:, None] + 3, domain, E, D)
   np.testing.assert_allclose(got1.normalized, 1.0, atol=1e-6)
 
 
@@ -82,7 +82,7 @@ def test_domain_blind_routing_gives_zero():
   rows = np.array([[0, 1], [2, 3], [0, 4], [5, 1]], np.int32)
   index = np.concatenate([rows] * D + [rows] * D)  # domain sizes 8 each
   domain = np.repeat(np.arange(D, dtype=np.int32), len(rows)).tolist() * 2
-  got = metrics.domain_specialization(index, np.asarray(domain, np.int32), E, D)
+  got = specialization.domain_specialization(index, np.asarray(domain, np.int32), E, D)
   np.testing.assert_allclose(got.mutual_info, 0.0, atol=1e-6)
   np.testing.assert_allclose(got.normalized, 0.0, atol=1e-6)
   np.testing.assert_allclose(got.expert_given_domain_DxE, np.tile(got.joint_DxE.sum(0), (D, 1)),
@@ -91,61 +91,61 @@ def test_domain_blind_routing_gives_zero():
 
 def test_masked_and_out_of_range_tokens_are_ignored():
   index, domain, mask = random_routing(2)
-  clean = metrics.domain_specialization(index[mask], domain[mask], E, D)
+  clean = specialization.domain_specialization(index[mask], domain[mask], E, D)
   # Masked tokens routed somewhere absurd, plus unmasked tokens with an out-of-range domain.
   junk_index = np.where(mask[:, None], index, 0)
   junk_domain = np.where(mask, domain, 0)
   extra_index, extra_domain = np.array([[1, 2], [3, 4]], np.int32), np.array([D, -1], np.int32)
-  got = metrics.domain_specialization(
+  got = specialization.domain_specialization(
       np.concatenate([junk_index, extra_index]), np.concatenate([junk_domain, extra_domain]),
       E, D, np.concatenate([mask, [True, True]]))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, clean)
-  counts = metrics.domain_expert_counts(index, domain, E, D, mask)
+  counts = specialization.domain_expert_counts(index, domain, E, D, mask)
   assert float(counts.sum()) == K * mask.sum()  # assignments of valid tokens only
 
 
 def test_counts_are_additive_and_stack_over_layers():
   index, domain, mask = random_routing(3)
   half = len(domain) // 2
-  parts = [metrics.domain_expert_counts(index[s], domain[s], E, D, mask[s])
+  parts = [specialization.domain_expert_counts(index[s], domain[s], E, D, mask[s])
            for s in (slice(None, half), slice(half, None))]
-  whole = metrics.domain_specialization(index, domain, E, D, mask)
-  summed = metrics.specialization_from_counts(np.sum(parts, axis=0))
+  whole = specialization.domain_specialization(index, domain, E, D, mask)
+  summed = specialization.specialization_from_counts(np.sum(parts, axis=0))
   np.testing.assert_allclose(summed.mutual_info, whole.mutual_info, rtol=1e-6)
-  stacked = metrics.specialization_from_counts(np.stack(parts))  # [2, D, E]: one per "layer"
+  stacked = specialization.specialization_from_counts(np.stack(parts))  # [2, D, E]: one per "layer"
   assert stacked.normalized.shape == (2,) and stacked.joint_DxE.shape == (2, D, E)
   for i in range(2):
     np.testing.assert_allclose(stacked.normalized[i],
-                               metrics.specialization_from_counts(parts[i]).normalized, rtol=1e-6)
-  empty = metrics.specialization_from_counts(np.zeros((D, E)))
+                               specialization.specialization_from_counts(parts[i]).normalized, rtol=1e-6)
+  empty = specialization.specialization_from_counts(np.zeros((D, E)))
   assert float(empty.mutual_info) == 0.0 and float(empty.normalized) == 0.0
 
 
 def test_works_under_jit():
   index, domain, mask = random_routing(4)
-  fn = jax.jit(functools.partial(metrics.domain_specialization, num_experts=E, num_domains=D))
+  fn = jax.jit(functools.partial(specialization.domain_specialization, num_experts=E, num_domains=D))
   np.testing.assert_allclose(fn(index, domain, mask_T=mask).normalized,
                              reference(index, domain, mask)[1], rtol=1e-5)
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda: metrics.domain_expert_counts(np.zeros((4,), np.int32), np.zeros(4, np.int32), E, D),
+    (lambda: specialization.domain_expert_counts(np.zeros((4,), np.int32), np.zeros(4, np.int32), E, D),
      "rank 2"),
-    (lambda: metrics.domain_expert_counts(np.zeros((4, K), np.int32), np.zeros((4, 1), np.int32),
+    (lambda: specialization.domain_expert_counts(np.zeros((4, K), np.int32), np.zeros((4, 1), np.int32),
                                           E, D), "domain_T must have rank 1"),
-    (lambda: metrics.domain_expert_counts(np.zeros((4, K), np.int32), np.zeros(5, np.int32), E, D),
+    (lambda: specialization.domain_expert_counts(np.zeros((4, K), np.int32), np.zeros(5, np.int32), E, D),
      "disagree on T"),
-    (lambda: metrics.domain_expert_counts(np.zeros((4, K), np.int32), np.zeros(4, np.float32),
+    (lambda: specialization.domain_expert_counts(np.zeros((4, K), np.int32), np.zeros(4, np.float32),
                                           E, D), "domain_T must have an integer dtype"),
-    (lambda: metrics.domain_expert_counts(np.zeros((4, K), np.float32), np.zeros(4, np.int32),
+    (lambda: specialization.domain_expert_counts(np.zeros((4, K), np.float32), np.zeros(4, np.int32),
                                           E, D), "expert_index must have an integer dtype"),
-    (lambda: metrics.domain_expert_counts(np.zeros((4, K), np.int32), np.zeros(4, np.int32), E,
+    (lambda: specialization.domain_expert_counts(np.zeros((4, K), np.int32), np.zeros(4, np.int32), E,
                                           2.5), "num_domains must be a static"),
-    (lambda: metrics.domain_expert_counts(np.zeros((4, K), np.int32), np.zeros(4, np.int32), E, 0),
+    (lambda: specialization.domain_expert_counts(np.zeros((4, K), np.int32), np.zeros(4, np.int32), E, 0),
      "num_domains must be >= 1"),
-    (lambda: metrics.domain_specialization(np.zeros((4, K), np.int32), np.zeros(4, np.int32), E, D,
+    (lambda: specialization.domain_specialization(np.zeros((4, K), np.int32), np.zeros(4, np.int32), E, D,
                                            np.ones(3, bool)), "mask_T must have shape"),
-    (lambda: metrics.specialization_from_counts(np.zeros(E)), "rank >= 2"),
+    (lambda: specialization.specialization_from_counts(np.zeros(E)), "rank >= 2"),
 ])
 def test_bad_arguments_raise(call, match):
   with pytest.raises(ValueError, match=match):
@@ -154,16 +154,16 @@ def test_bad_arguments_raise(call, match):
 
 def test_eval_metrics_reports_domain_mi_per_layer():
   index, domain, _ = random_routing(5)
-  counts = np.stack([metrics.domain_expert_counts(index, domain, E, D),  # specialised layer
+  counts = np.stack([specialization.domain_expert_counts(index, domain, E, D),  # specialised layer
                      np.ones((D, E), np.float32)])  # domain-blind layer
   sums = [{"ce_sum": 10.0, "tokens": 200.0, "seqs": 10.0, "counts": counts.sum(1) / 2,
            "entropy_sum": np.zeros(2), "seu_sum": np.zeros(2), "domain_counts": counts / 2}] * 2
   out = analysis.eval_metrics(sums, layer_ids=[1, 3])
   expected = reference(index, domain)[1]
-  np.testing.assert_allclose(out["moe/layer_1/domain_mi_norm"], expected, rtol=1e-5)
-  np.testing.assert_allclose(out["moe/layer_3/domain_mi_norm"], 0.0, atol=1e-6)
-  np.testing.assert_allclose(out["moe/domain_mi_norm"], expected / 2, rtol=1e-5)
-  assert "moe/domain_mi" in out
+  np.testing.assert_allclose(out["eval/layer_1/domain_mi_norm"], expected, rtol=1e-5)
+  np.testing.assert_allclose(out["eval/layer_3/domain_mi_norm"], 0.0, atol=1e-6)
+  np.testing.assert_allclose(out["eval/domain_mi_norm"], expected / 2, rtol=1e-5)
+  assert "eval/domain_mi" in out
   no_domain = [{k: v for k, v in s.items() if k != "domain_counts"} for s in sums]
   assert not any("domain" in k for k in analysis.eval_metrics(no_domain))
 

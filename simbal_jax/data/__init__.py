@@ -7,10 +7,13 @@
   evals = ds.eval_batches(4)      # fixed list, spread over the held-out split
 
 Sources: "stdlib" (this interpreter's standard library .py files), "text_files" (globs),
-"tfds" (any dataset prepared with `tfds build NAME --file_format=array_record`), "synthetic"
-(Markov chains of several latent domains, batches carry the domain). Tokenizers: "bytes",
-"sentencepiece" (trained on the train split, cached), "cl100k" (offline, from bpe-openai).
-Heavy packages (grain, tensorflow_datasets, sentencepiece, bpe_openai) load on first use.
+"jsonl" (.jsonl, .jsonl.gz, .jsonl.zst: DCLM shards) and "parquet" (Hugging Face files), both
+streamed from `data.globs` reading `data.text_field`, "tfds" (any dataset prepared with
+`tfds build NAME --file_format=array_record`), "synthetic" (Markov chains of several latent
+domains, batches carry the domain). Tokenizers: "bytes", "sentencepiece" (trained on the
+train split, cached), "cl100k" (offline, from bpe-openai).
+Heavy packages (grain, tensorflow_datasets, sentencepiece, bpe_openai, pyarrow, zstandard)
+load on first use.
 """
 import importlib
 

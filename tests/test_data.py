@@ -460,3 +460,20 @@ def test_data_modules_do_not_import_jax():
   for path in glob.glob(os.path.join(pkg, "*.py")):
     with open(path, encoding="utf-8") as f:
       assert not re.search(r"^\s*(import|from)\s+(jax|flax)\b", f.read(), re.M), path
+
+
+@pytest.mark.parametrize("source", ["text_files", "jsonl"])
+def test_preparing_a_local_corpus_prints_nothing(corpus, tmp_path, capsys, source):
+  cfg = _text_cfg(corpus)
+  if source == "jsonl":
+    path = str(tmp_path / "c.jsonl")
+    with open(path, "w", encoding="utf-8") as f:
+      for name in sorted(os.listdir(corpus["root"])):
+        with open(os.path.join(corpus["root"], name), encoding="utf-8") as doc:
+          f.write(json.dumps({"text": doc.read()}) + "\n")
+    cfg = _text_cfg(corpus, source="jsonl", globs=path)
+  capsys.readouterr()
+  ds = pipeline.make_datasets(cfg, seq_len=16, batch_size=2, workdir=str(tmp_path / "w"), seed=0)
+  ds.eval_batches(1)
+  next(ds.train_iter())
+  assert capsys.readouterr().out == ""  # e.g. no TFDS "Downloading and preparing dataset"

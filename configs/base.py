@@ -94,6 +94,9 @@ def get_config(arg=None):
   d.max_bytes = 0  # byte budget in whole files, stdlib/text_files/jsonl/parquet (0: no limit)
   d.cache_dir = ""  # "": <workdir>/data
   d.worker_count = 0  # grain worker processes (0: threads in-process)
+  # Attention within documents: batches carry segment_ids (a new document at every EOS), the
+  # model masks attention across them. False: causal attention over the whole packed sequence.
+  d.document_mask = False
   d.synthetic = s = ml_collections.ConfigDict()
   s.num_domains = 4  # latent domains (one random Markov chain each)
   s.vocab_size = 256  # chain states (EOS = vocab_size)

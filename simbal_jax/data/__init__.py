@@ -3,7 +3,8 @@
   from simbal_jax import data
   ds = data.make_datasets(cfg.data, seq_len=256, batch_size=32, workdir=workdir, seed=0)
   it = ds.train_iter()            # infinite; it.get_state() / it.set_state(state)
-  batch = next(it)                # inputs/targets int32[b, L] (+ domain int32[b], synthetic)
+  batch = next(it)                # inputs/targets int32[b, L] (+ domain int32[b], synthetic;
+                                  # + segment_ids int32[b, L] with data.document_mask)
   evals = ds.eval_batches(4)      # fixed list, spread over the held-out split
 
 Sources: "stdlib" (this interpreter's standard library .py files), "text_files" (globs),

@@ -78,11 +78,12 @@ def get_config(arg=None):
   o.grad_clip = 1.0  # global-norm clipping (0: off)
 
   cfg.data = d = ml_collections.ConfigDict()
-  d.source = "stdlib"  # stdlib | text_files | tfds | synthetic
+  d.source = "stdlib"  # stdlib | text_files | tfds | synthetic | jsonl | parquet
   d.tokenizer = "bytes"  # bytes | sentencepiece | cl100k (ignored by synthetic)
   d.sp_vocab_size = 4096  # sentencepiece vocabulary when trained here
   d.sp_train_chars = 2_000_000  # sentencepiece training sample (characters)
-  d.globs = ""  # text_files: comma-separated globs, ** allowed
+  d.globs = ""  # text_files / jsonl (.jsonl[.gz|.zst]) / parquet: comma-separated globs, ** ok
+  d.text_field = "text"  # jsonl / parquet: field (column) holding each record's text
   d.tfds_name = ""  # tfds: dataset name or a prepared builder dir
   d.tfds_data_dir = ""  # tfds: data_dir ("" = TFDS default)
   d.tfds_text_key = "text"  # tfds: feature holding the text
@@ -90,9 +91,12 @@ def get_config(arg=None):
   d.tfds_eval_split = "validation"  # "" = hold out eval_fraction of train documents
   d.eval_fraction = 0.05  # held-out share of documents (by document-id hash)
   d.max_docs = 0  # 0: all documents
-  d.max_bytes = 0  # stdlib/text_files byte budget (0: no limit)
+  d.max_bytes = 0  # byte budget in whole files, stdlib/text_files/jsonl/parquet (0: no limit)
   d.cache_dir = ""  # "": <workdir>/data
   d.worker_count = 0  # grain worker processes (0: threads in-process)
+  # Attention within documents: batches carry segment_ids (a new document at every EOS), the
+  # model masks attention across them. False: causal attention over the whole packed sequence.
+  d.document_mask = False
   d.synthetic = s = ml_collections.ConfigDict()
   s.num_domains = 4  # latent domains (one random Markov chain each)
   s.vocab_size = 256  # chain states (EOS = vocab_size)

@@ -3,10 +3,12 @@
 Any config field can be overridden: `--config.moe.num_experts=16`. Installed as `simbal-train`.
 A command-line mistake (unknown field, missing config file, bad value or variant) and a config,
 data or checkpoint error found before training end in one message on stderr, no traceback
-(`--verbosity=1` logs it).
+(`--verbosity=1` logs it). Logs: this package's INFO lines and every library's warnings; the
+libraries' INFO lines (Orbax, absl, TFDS, grain) only when `--verbosity` is given.
 """
 
 import difflib
+import logging as std_logging
 import os
 import re
 import sys
@@ -21,6 +23,27 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file (configs/<x>.py[:variant]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and data.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_LIBRARY_DIRS = (f"{os.sep}site-packages{os.sep}", f"{os.sep}dist-packages{os.sep}")
+
+
+class LibraryInfoFilter(std_logging.Filter):
+  """Drops records below WARNING logged from installed libraries; keeps this package's."""
+
+  def filter(self, record):
+    if record.levelno >= std_logging.WARNING:
+      return True
+    path = os.path.abspath(record.pathname or "")
+    return path.startswith(_PACKAGE_DIR) or not any(d in path for d in _LIBRARY_DIRS)
+
+
+def quiet_library_logs():
+  """Installs `LibraryInfoFilter` on absl's handler (the one all Python loggers reach)."""
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, LibraryInfoFilter) for f in handler.filters):
+    handler.addFilter(LibraryInfoFilter())
 
 
 def _last_line(text):
@@ -86,6 +109,8 @@ def _parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    quiet_library_logs()
   from simbal_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from simbal_jax import rundir  # pylint: disable=g-import-not-at-top
   from simbal_jax import sharding  # pylint: disable=g-import-not-at-top

@@ -3,9 +3,10 @@
 Pre-norm blocks: `h = x + Attn(RMSNorm(x))`, `out = h + FFN(RMSNorm(h))` where FFN is a dense
 SwiGLU or a `moe.MoEBlock` (so the router sees the normalised residual stream after attention).
 RoPE on queries and keys, causal attention through `jax.nn.dot_product_attention` (cuDNN on GPU
-where possible), untied LM head, no biases. Compute in `config.dtype` (bf16 by default); norms,
-router, softmax and the returned logits are float32. Parameters carry logical axis names
-("vocab", "embed", "heads", "kv", "mlp", "expert") mapped to mesh axes by `sharding.py`.
+where possible), optionally kept within documents by segment ids, untied LM head, no biases.
+Compute in `config.dtype` (bf16 by default); norms, router, softmax and the returned logits are
+float32. Parameters carry logical axis names ("vocab", "embed", "heads", "kv", "mlp", "expert")
+mapped to mesh axes by `sharding.py`.
 
 Parameter tree: `embedding` [V, D], `layers_{i}` {`attn_norm`, `attn` {`wq`, `wk`, `wv`
 [D, H, Dh], `wo` [H, Dh, D]}, `ffn_norm`, `ffn` (MLP or MoEBlock)}, `final_norm`, `lm_head` [D, V].
@@ -22,7 +23,7 @@ from simbal_jax import init as init_lib
 from simbal_jax.moe import MLP, MoEAux, MoEBlock, MoEConfig
 from simbal_jax.sharding import boxed_param
 
-__all__ = ["ModelConfig", "MoEConfig", "MoEAux", "Transformer", "router_kernels",
+__all__ = ["ModelConfig", "MoEConfig", "MoEAux", "Transformer", "router_kernels", "segment_mask",
            "count_params", "flops_per_token", "ATTENTION_IMPLS", "DTYPES"]
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
@@ -165,12 +166,21 @@ class RMSNorm(nn.Module):
     return (x * scale.astype(jnp.float32)).astype(self.dtype)
 
 
+def segment_mask(segment_ids_BxL):
+  """bool[B, 1, L, L]: query i may attend to key j iff both lie in the same segment.
+
+  Args:
+    segment_ids_BxL: int[B, L] segment (document) index of each position.
+  """
+  return segment_ids_BxL[:, None, :, None] == segment_ids_BxL[:, None, None, :]
+
+
 class Attention(nn.Module):
-  """Causal multi-head self-attention with RoPE, no biases."""
+  """Causal multi-head self-attention with RoPE, no biases; within segments when given."""
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_L):
+  def __call__(self, x_BxLxD, positions_L, segment_ids_BxL=None):
     cfg = self.config
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     heads, head_dim, d_model = cfg.num_heads, cfg.head_dim, cfg.d_model
@@ -184,7 +194,10 @@ class Attention(nn.Module):
     q = apply_rope(proj["wq"], positions_L, cfg.rope_theta)
     k = apply_rope(proj["wk"], positions_L, cfg.rope_theta)
     impl = resolve_attention_impl(cfg.attention_impl, dtype, head_dim)
-    out = jax.nn.dot_product_attention(q, k, proj["wv"], is_causal=True, implementation=impl)
+    # RoPE is relative, so a document's attention does not depend on where it starts.
+    mask = None if segment_ids_BxL is None else segment_mask(segment_ids_BxL)
+    out = jax.nn.dot_product_attention(q, k, proj["wv"], mask=mask, is_causal=True,
+                                       implementation=impl)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
     wo = boxed_param(self, "wo", init_lib.kernel_init(in_axis=(0, 1), out_axis=2),
                      (heads, head_dim, d_model), ("heads", "kv", "embed"), pdtype)
@@ -197,12 +210,12 @@ class Block(nn.Module):
   is_moe: bool
 
   @nn.compact
-  def __call__(self, x_BxLxD, expert_bias_E=None):
+  def __call__(self, x_BxLxD, expert_bias_E=None, segment_ids_BxL=None):
     cfg = self.config
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     positions_L = jnp.arange(x_BxLxD.shape[1], dtype=jnp.int32)
     h = RMSNorm(cfg.norm_eps, dtype, pdtype, name="attn_norm")(x_BxLxD)
-    x_BxLxD = x_BxLxD + Attention(cfg, name="attn")(h, positions_L)
+    x_BxLxD = x_BxLxD + Attention(cfg, name="attn")(h, positions_L, segment_ids_BxL)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
     h = RMSNorm(cfg.norm_eps, dtype, pdtype, name="ffn_norm")(x_BxLxD)
     if self.is_moe:
@@ -214,17 +227,22 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-  """Decoder-only LM. `__call__(tokens, *, expert_bias=None) -> (logits float32[B, L, V], aux)`."""
+  """Decoder-only LM. `__call__(tokens, *, expert_bias=None, segment_ids=None) -> (logits
+  float32[B, L, V], aux)`."""
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxL, *, expert_bias=None):
+  def __call__(self, tokens_BxL, *, expert_bias=None, segment_ids=None):
     """Forward pass.
 
     Args:
       tokens_BxL: int32[B, L] token ids.
       expert_bias: float32[Lm, E] Loss-Free selection bias per MoE layer (state, not a
         parameter; never differentiated), or None.
+      segment_ids: int32[B, L] document index of each position (the batch's `segment_ids`,
+        given when `data.document_mask` is set), or None. Given, a position attends only to
+        earlier positions of its own segment, so no attention weight crosses a document
+        boundary; None: plain causal attention over the packed sequence.
 
     Returns:
       (logits float32[B, L, V], aux): aux is a MoEAux whose leaves have a leading [Lm] axis
@@ -241,6 +259,10 @@ class Transformer(nn.Module):
       if expert_bias.shape != (n_moe, cfg.moe.num_experts):
         raise ValueError(f"expert_bias must have shape {(n_moe, cfg.moe.num_experts)}, "
                          f"got {expert_bias.shape}")
+    if segment_ids is not None and (segment_ids.shape != tokens_BxL.shape or
+                                    not jnp.issubdtype(segment_ids.dtype, jnp.integer)):
+      raise ValueError(f"segment_ids must be int{tokens_BxL.shape}, got "
+                       f"{segment_ids.dtype}{segment_ids.shape}")
 
     embedding = boxed_param(self, "embedding", nn.initializers.normal(1.0),
                             (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pdtype)
@@ -251,7 +273,7 @@ class Transformer(nn.Module):
     for i in range(cfg.num_layers):
       is_moe = cfg.is_moe_layer(i)
       bias = expert_bias[len(auxes)] if (is_moe and expert_bias is not None) else None
-      x, aux = block_cls(cfg, is_moe, name=f"layers_{i}")(x, bias)
+      x, aux = block_cls(cfg, is_moe, name=f"layers_{i}")(x, bias, segment_ids)
       if is_moe:
         auxes.append(aux)
     x = RMSNorm(cfg.norm_eps, dtype, pdtype, name="final_norm")(x)

@@ -460,3 +460,41 @@ def test_data_modules_do_not_import_jax():
   for path in glob.glob(os.path.join(pkg, "*.py")):
     with open(path, encoding="utf-8") as f:
       assert not re.search(r"^\s*(import|from)\s+(jax|flax)\b", f.read(), re.M), path
+
+
+@pytest.mark.parametrize("source", ["text_files", "jsonl"])
+def test_preparing_a_local_corpus_prints_nothing(corpus, tmp_path, capsys, source):
+  cfg = _text_cfg(corpus)
+  if source == "jsonl":
+    path = str(tmp_path / "c.jsonl")
+    with open(path, "w", encoding="utf-8") as f:
+      for name in sorted(os.listdir(corpus["root"])):
+        with open(os.path.join(corpus["root"], name), encoding="utf-8") as doc:
+          f.write(json.dumps({"text": doc.read()}) + "\n")
+    cfg = _text_cfg(corpus, source="jsonl", globs=path)
+  capsys.readouterr()
+  ds = pipeline.make_datasets(cfg, seq_len=16, batch_size=2, workdir=str(tmp_path / "w"), seed=0)
+  ds.eval_batches(1)
+  next(ds.train_iter())
+  assert capsys.readouterr().out == ""  # e.g. no TFDS "Downloading and preparing dataset"
+
+
+def test_document_mask_batches_carry_segment_ids(tmp_path):
+  short = {"glob": _write_corpus(str(tmp_path / "short"), lines=1) + "/*.txt"}  # ~80 bytes each
+  kw = dict(seq_len=64, batch_size=4, workdir=str(tmp_path / "w"), seed=0)
+  plain = pipeline.make_datasets(_text_cfg(short), **kw)
+  masked = pipeline.make_datasets(_text_cfg(short, document_mask=True), **kw)
+  assert "segment_ids" not in next(plain.train_iter())
+  eos = masked.tokenizer.eos_id
+  batches = [next(masked.train_iter())] + masked.eval_batches(2)
+  assert any((b["inputs"] == eos).any() for b in batches)  # some sequence crosses documents
+  for batch, other in zip(batches, [next(plain.train_iter())] + plain.eval_batches(2)):
+    np.testing.assert_array_equal(batch["inputs"], other["inputs"])  # tokens unchanged
+    seg = batch["segment_ids"]
+    assert seg.shape == batch["inputs"].shape and seg.dtype == np.int32
+    for row, ids in zip(batch["inputs"], seg):  # independent: a new document at every EOS
+      expected, current = [], 0
+      for token in row:
+        current += int(token == eos)
+        expected.append(current)
+      assert ids.tolist() == expected

@@ -3,14 +3,18 @@
   from simbal_jax import data
   ds = data.make_datasets(cfg.data, seq_len=256, batch_size=32, workdir=workdir, seed=0)
   it = ds.train_iter()            # infinite; it.get_state() / it.set_state(state)
-  batch = next(it)                # inputs/targets int32[b, L] (+ domain int32[b], synthetic)
+  batch = next(it)                # inputs/targets int32[b, L] (+ domain int32[b], synthetic;
+                                  # + segment_ids int32[b, L] with data.document_mask)
   evals = ds.eval_batches(4)      # fixed list, spread over the held-out split
 
 Sources: "stdlib" (this interpreter's standard library .py files), "text_files" (globs),
-"tfds" (any dataset prepared with `tfds build NAME --file_format=array_record`), "synthetic"
-(Markov chains of several latent domains, batches carry the domain). Tokenizers: "bytes",
-"sentencepiece" (trained on the train split, cached), "cl100k" (offline, from bpe-openai).
-Heavy packages (grain, tensorflow_datasets, sentencepiece, bpe_openai) load on first use.
+"jsonl" (.jsonl, .jsonl.gz, .jsonl.zst: DCLM shards) and "parquet" (Hugging Face files), both
+streamed from `data.globs` reading `data.text_field`, "tfds" (any dataset prepared with
+`tfds build NAME --file_format=array_record`), "synthetic" (Markov chains of several latent
+domains, batches carry the domain). Tokenizers: "bytes", "sentencepiece" (trained on the
+train split, cached), "cl100k" (offline, from bpe-openai).
+Heavy packages (grain, tensorflow_datasets, sentencepiece, bpe_openai, pyarrow, zstandard)
+load on first use.
 """
 import importlib
 

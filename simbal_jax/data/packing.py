@@ -4,6 +4,8 @@ A split's documents are tokenized once into one flat stream `doc_0 EOS doc_1 EOS
 raw little-endian file (uint16 when the vocabulary fits, else uint32) and memory-mapped.
 Sequence i of length L is the window `stream[i*L : i*L + L + 1]`: inputs are its first L
 tokens, targets its last L (inputs shifted by one), so every token is a target exactly once.
+With document masking, batches also carry `segment_ids`: the document index of each input
+position within its sequence, which the model uses to keep attention within documents.
 """
 from __future__ import annotations
 
@@ -67,10 +69,23 @@ class RowSequences:
     return self.tokens_NxW[idx], dom
 
 
-def make_batch(seqs, indices_N: np.ndarray) -> dict[str, np.ndarray]:
-  """Batch dict for sequence indices: inputs/targets int32[N, L] (+ domain int32[N])."""
+def segment_ids(inputs_NxL: np.ndarray, eos_id: int) -> np.ndarray:
+  """int32[N, L] document index of each input position: 0, then +1 at every EOS.
+
+  An input EOS starts the next document (it acts as that document's BOS): the last token of a
+  document still predicts EOS from its own document, and the next document's first token is
+  predicted from the EOS alone, so no prediction sees another document's tokens.
+  """
+  return np.cumsum(np.asarray(inputs_NxL) == eos_id, axis=1, dtype=np.int32)
+
+
+def make_batch(seqs, indices_N: np.ndarray, eos_id: int | None = None) -> dict[str, np.ndarray]:
+  """Batch dict for sequence indices: inputs/targets int32[N, L] (+ domain int32[N]), and
+  segment_ids int32[N, L] (`segment_ids`) when `eos_id` is given (document masking)."""
   window_NxW, domain_N = seqs.get(indices_N)
   batch = {"inputs": window_NxW[:, :-1], "targets": window_NxW[:, 1:]}
+  if eos_id is not None:
+    batch["segment_ids"] = segment_ids(batch["inputs"], eos_id)
   if domain_N is not None:
     batch["domain"] = domain_N
   return batch

@@ -123,6 +123,7 @@ class Datasets:
   eval: Any
   worker_count: int = 0
   info: dict = dataclasses.field(default_factory=dict)
+  segment_eos: int | None = None  # EOS id when batches carry segment_ids (data.document_mask)
 
   @property
   def has_domain(self) -> bool:
@@ -130,12 +131,14 @@ class Datasets:
 
   def _host_rows(self, global_indices: np.ndarray) -> dict[str, np.ndarray]:
     b, p = self.local_batch_size, self.process_index
-    return packing.make_batch(self.train, np.asarray(global_indices)[p * b:(p + 1) * b])
+    return packing.make_batch(self.train, np.asarray(global_indices)[p * b:(p + 1) * b],
+                              self.segment_eos)
 
   def train_iter(self):
     """Infinite iterator of host-local train batches (checkpointable, see module docstring).
 
-    Yields dict(inputs=int32[b, L], targets=int32[b, L], [domain=int32[b]]).
+    Yields dict(inputs=int32[b, L], targets=int32[b, L], [domain=int32[b]],
+    [segment_ids=int32[b, L]] (data.document_mask)).
     """
     import grain  # pylint: disable=g-import-not-at-top
     ds = (grain.MapDataset.range(len(self.train))
@@ -195,7 +198,8 @@ class Datasets:
     if n < len(idx):
       logging.warning("validation split: %d eval batches of %d instead of %d", n // g, g,
                       num_batches)
-    return [packing.make_batch(self.eval, idx[i * g + p * b:i * g + (p + 1) * b])
+    return [packing.make_batch(self.eval, idx[i * g + p * b:i * g + (p + 1) * b],
+                               self.segment_eos)
             for i in range(n // g)]
 
 
@@ -248,4 +252,5 @@ def make_datasets(data_cfg, *, seq_len: int, batch_size: int, workdir: str, seed
   return Datasets(tokenizer=tok, vocab_size=int(tok.vocab_size), seq_len=seq_len,
                   batch_size=batch_size, local_batch_size=batch_size // process_count,
                   process_index=process_index, process_count=process_count, seed=int(seed),
-                  train=train, eval=eval_, worker_count=int(cfg["worker_count"]), info=info)
+                  train=train, eval=eval_, worker_count=int(cfg["worker_count"]), info=info,
+                  segment_eos=int(tok.eos_id) if cfg["document_mask"] else None)

@@ -2,6 +2,7 @@
 
 Cache layout under `cache_dir`:
   tfds/<source>_<key>/simbal_text_corpus/1.0.0/   array_record splits of local text
+                                                   (jsonl / parquet are streamed, not copied)
   spm/<key>.model                                  SentencePiece models
   tokens/<key>/{train,validation}.bin, meta.json   packed token streams
 Every key hashes the parameters that determine the content, never where the cache lies, so a
@@ -22,6 +23,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from simbal_jax.data import packing
+from simbal_jax.data import records
 from simbal_jax.data import sources
 from simbal_jax.data import tfds_builder
 from simbal_jax.data import tokenizers
@@ -64,6 +66,30 @@ def _local_corpus(cfg, cache_dir) -> _Corpus:
   key = tfds_builder.cache_key({"builder": os.path.relpath(builder_dir, cache_dir)})
   return _Corpus(key, lambda split: (t for _, t in tfds_builder.read_split(builder_dir, split)),
                  f"{cfg['source']} ({len(files)} files) at {builder_dir}")
+
+
+def _record_corpus(cfg) -> _Corpus:
+  """jsonl / parquet files streamed record by record (no intermediate copy of the corpus)."""
+  fmt, field = cfg["source"], cfg["text_field"]
+  if not field:
+    raise ValueError(f"source {fmt!r} needs data.text_field (the field holding the text)")
+  files, root = sources.glob_files(cfg["globs"]), sources.glob_root(cfg["globs"])
+  files = sources.select_files(files, 0, int(cfg["max_bytes"]), root=root)
+  max_docs, frac = int(cfg["max_docs"]), float(cfg["eval_fraction"])
+
+  def tagged():
+    for doc_id, text in records.iter_documents(fmt, files, root, field, max_docs):
+      yield ("validation" if sources.is_eval_doc(doc_id, frac) else "train"), text
+
+  def texts(split):
+    return (text for name, text in tagged() if name == split)
+
+  # Like text_files: every file's size and mtime, so a cached corpus needs no second read.
+  key = tfds_builder.cache_key({
+      "v": 1, "source": fmt, "files": sources.file_fingerprint(files),
+      "root": os.path.abspath(root), "text_field": field, "max_docs": max_docs,
+      "eval_fraction": frac})
+  return _Corpus(key, texts, f"{fmt} ({len(files)} files) under {root}", tagged=tagged)
 
 
 def _tfds_data_source(cfg, split):
@@ -182,7 +208,12 @@ def prepare(cfg: dict, *, seq_len: int, cache_dir: str):
   if cfg["source"] == "synthetic":
     return _synthetic(cfg, seq_len)
   start = time.time()
-  corpus = _tfds_corpus(cfg) if cfg["source"] == "tfds" else _local_corpus(cfg, cache_dir)
+  if cfg["source"] == "tfds":
+    corpus = _tfds_corpus(cfg)
+  elif cfg["source"] in records.FORMATS:
+    corpus = _record_corpus(cfg)
+  else:
+    corpus = _local_corpus(cfg, cache_dir)
   corpus_seconds = time.time() - start
   tok = _make_tokenizer(cfg, corpus, cache_dir)
   key = tfds_builder.cache_key({"corpus": corpus.key, "tokenizer": tok.fingerprint, "v": 1})

@@ -4,6 +4,7 @@ Documents are `(doc_id, text)` pairs. The train/validation split is a pure funct
 document id (`is_eval_doc`), so it is deterministic and disjoint by document on every machine.
 A file's id is its path relative to the corpus root (`doc_id`: the stdlib directory, or the
 non-wildcard prefix of the globs), so neither the install path nor the corpus location matters.
+Record files (jsonl, parquet: one document per record) are read by `records.py`.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-SOURCES = ("stdlib", "text_files", "tfds", "synthetic")
+SOURCES = ("stdlib", "text_files", "tfds", "synthetic", "jsonl", "parquet")
 _SKIP_DIRS = ("site-packages", "dist-packages", "__pycache__")
 _GLOB_MAGIC = re.compile(r"[*?[]")
 
@@ -102,7 +103,8 @@ def glob_root(globs: str) -> str:
 def _patterns(globs: str) -> list[str]:
   patterns = [g.strip() for g in (globs or "").split(",") if g.strip()]
   if not patterns:
-    raise ValueError("source 'text_files' needs data.globs (comma-separated file globs)")
+    raise ValueError("sources text_files, jsonl and parquet need data.globs (comma-separated "
+                     "file globs)")
   return patterns
 
 

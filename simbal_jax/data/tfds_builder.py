@@ -48,6 +48,15 @@ def _get_builder_class():
       self._strict = strict
       super().__init__(**kwargs)
 
+    # tfds prints "Downloading and preparing dataset Unknown size..." and "...downloaded and
+    # prepared" to stdout: misleading for local files (nothing is downloaded). Logged instead.
+    def _log_download_bytes(self):
+      logging.info("writing %s (%d local files) to %s", self.name, len(self._files),
+                   self.data_dir)
+
+    def _log_download_done(self):
+      pass  # prepare_text_corpus logs the result
+
     def _info(self):
       # Built directly: dataset_info_from_configs needs a registered package layout.
       return tfds.core.DatasetInfo(

@@ -122,7 +122,8 @@ def loss_fn(params, batch, expert_bias, *, model, sc, expert_fraction=None):
 
   Args:
     params: model parameters.
-    batch: dict(inputs=int32[B, L], targets=int32[B, L], optional mask=[B, L]).
+    batch: dict(inputs=int32[B, L], targets=int32[B, L], optional mask=[B, L] and
+      segment_ids=int32[B, L] (document masking: attention stays within a document)).
     expert_bias: float32[Lm, E].
     model: model.Transformer. sc: StepConfig.
     expert_fraction: float32[Lm, E] f of the whole global batch (lbl_scope "global" under
@@ -132,7 +133,8 @@ def loss_fn(params, batch, expert_bias, *, model, sc, expert_fraction=None):
   """
   mcfg = model.config
   logits, aux = model.apply({"params": params}, batch["inputs"],
-                            expert_bias=_bias_arg(model, expert_bias))
+                            expert_bias=_bias_arg(model, expert_bias),
+                            segment_ids=batch.get("segment_ids"))
   ce, z = losses.cross_entropy(logits, batch["targets"], batch.get("mask"))
   loss = ce + sc.z_loss * z
   out = {"ce": ce, "z_loss": z}
@@ -162,7 +164,8 @@ def global_expert_fraction(params, micro, expert_bias, *, model):
 
   def body(total, mb):
     _, aux = model.apply({"params": params}, mb["inputs"],
-                         expert_bias=_bias_arg(model, expert_bias))
+                         expert_bias=_bias_arg(model, expert_bias),
+                         segment_ids=mb.get("segment_ids"))
     mask = mb.get("mask")
     mask_T = None if mask is None else mask.reshape(-1)
     assigned = jax.vmap(lambda i: routing.expert_counts(i, aux.router.probs.shape[-1], mask_T))(
@@ -247,7 +250,8 @@ def eval_step(params, expert_bias, batch, *, model, num_domains=0):
     (routed assignments per domain and expert, see specialization.domain_expert_counts).
   """
   logits, aux = model.apply({"params": params}, batch["inputs"],
-                            expert_bias=_bias_arg(model, expert_bias))
+                            expert_bias=_bias_arg(model, expert_bias),
+                            segment_ids=batch.get("segment_ids"))
   b, l = batch["inputs"].shape
   ce_seq, _ = jax.vmap(losses.cross_entropy)(logits, batch["targets"])
   out = {"ce_sum": jnp.sum(ce_seq) * l, "tokens": jnp.float32(b * l), "seqs": jnp.float32(b),

@@ -177,7 +177,7 @@ def resolve_num_groups(cfg, num_devices):
     cfg.moe.num_groups = 1 if cfg.moe.dispatch == "ragged" else shards
 
 
-TRAIN_KEYS = ("inputs", "targets", "mask")
+TRAIN_KEYS = ("inputs", "targets", "mask", "segment_ids")  # segment_ids: data.document_mask
 EVAL_KEYS = TRAIN_KEYS + ("domain",)  # domain int32[b] (synthetic source): specialisation
 
 

@@ -29,19 +29,12 @@ BATCH_AXES = ("data", "fsdp", "expert")
 _DISTRIBUTED = {"initialized": False}
 
 
-def _get(cfg, name, default=None):
-  if cfg is None:
-    return default
-  if isinstance(cfg, dict) or hasattr(cfg, "get"):
-    return cfg.get(name, default)
-  return getattr(cfg, name, default)
-
-
 def mesh_shape(mesh_cfg, num_devices):
   """Resolves (data, fsdp, expert, model) sizes; at most one may be -1 (= all remaining devices).
 
   Args:
-    mesh_cfg: object/dict with int fields data, fsdp, expert, model (missing: data -1, others 1).
+    mesh_cfg: cfg.mesh (ConfigDict or dict with int fields data, fsdp, expert, model; the
+      defaults live in configs/base.py).
     num_devices: total number of devices (all hosts).
 
   Returns:
@@ -50,8 +43,7 @@ def mesh_shape(mesh_cfg, num_devices):
   Raises:
     ValueError: sizes not ints >= 1 (or -1), more than one -1, or not dividing num_devices.
   """
-  sizes = [_get(mesh_cfg, "data", -1), _get(mesh_cfg, "fsdp", 1), _get(mesh_cfg, "expert", 1),
-           _get(mesh_cfg, "model", 1)]
+  sizes = [mesh_cfg[axis] for axis in MESH_AXES]
   for axis, size in zip(MESH_AXES, sizes):
     if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
       raise ValueError(f"mesh.{axis} must be an int >= 1 or -1, got {size!r}")

@@ -19,10 +19,17 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Training config file (configs/<x>.py[:variant]).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and data.")
-flags.mark_flags_as_required(["config", "workdir"])
+
+
+def define_flags():
+  """--config and --workdir, defined when the program runs (not at import, so importing this
+  module beside another absl program, e.g. in tests, defines nothing)."""
+  if "workdir" in flags.FLAGS:
+    return
+  config_flags.DEFINE_config_file(
+      "config", None, "Training config file (configs/<x>.py[:variant]).", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and data.")
+  flags.mark_flags_as_required(["config", "workdir"])
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -100,7 +107,7 @@ def _parse_flags(argv):
   """absl flag parsing that turns mistakes into one line on stderr (exit status 2)."""
   try:
     rest = flags.FLAGS(argv)
-    _ = _CONFIG.value.mesh  # a config file that failed to load raises here, not above
+    _ = flags.FLAGS.config.mesh  # a config file that failed to load raises here, not above
     return rest
   except Exception as e:  # pylint: disable=broad-except
     _fail(argv[0], explain_flag_error(e, argv), 2)
@@ -116,12 +123,12 @@ def main(argv):
   from simbal_jax import sharding  # pylint: disable=g-import-not-at-top
   from simbal_jax import train  # pylint: disable=g-import-not-at-top
   try:
-    train.prepare_config(_CONFIG.value)  # config mistakes before any device is touched
-    sharding.initialize_distributed(bool(_CONFIG.value.mesh.multihost))
+    train.prepare_config(flags.FLAGS.config)  # config mistakes before any device is touched
+    sharding.initialize_distributed(bool(flags.FLAGS.config.mesh.multihost))
     logging.info("process %d of %d; %d local / %d global devices (%s)", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(),
                  jax.devices()[0].platform)
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
   except (ValueError, FileNotFoundError, rundir.WorkdirLockedError, checkpoint.CheckpointError,
           train.NonFiniteLossError) as e:
     logging.vlog(1, "traceback", exc_info=True)
@@ -130,6 +137,7 @@ def main(argv):
 
 def run():
   """Console-script entry point (`simbal-train`)."""
+  define_flags()
   app.run(main, flags_parser=_parse_flags)
 
 

@@ -12,31 +12,15 @@ import jax
 import numpy as np
 import pytest
 
-from simbal_jax.configs import demo
 from simbal_jax import checkpoint
 from simbal_jax import rundir
 from simbal_jax import train
 from test_train import _params as state_of
 from test_train import losses_of as losses
+from test_train import tiny_config as tiny  # d 32, 4 experts, synthetic data, ckpt every 4
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny(method="lbl", steps=8):
-  """The demo config shrunk (as tests/test_train.py does): d 32, 4 experts, synthetic data."""
-  cfg = demo.get_config(method)
-  cfg.model.d_model, cfg.model.num_heads, cfg.model.d_ff = 32, 2, 64
-  cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.d_ff = 4, 2, 32
-  cfg.data.source = "synthetic"
-  cfg.data.synthetic.vocab_size = 64
-  cfg.data.synthetic.num_docs = 256
-  cfg.train.seq_len, cfg.train.global_batch_size = 16, 8
-  cfg.train.num_steps, cfg.train.num_evals, cfg.train.eval_tokens = steps, 0, 128
-  cfg.opt.warmup_steps = 2
-  cfg.ckpt.every = 4
-  cfg.log.every, cfg.log.progress, cfg.log.tensorboard = 1, False, False
-  return cfg
 
 
 

@@ -102,7 +102,8 @@ def read_jsonl(path):
 
 
 class Progress:
-  """tqdm progress bar with step, loss, tokens/s and ETA (no-op when disabled).
+  """tqdm progress bar with step, loss, tokens/s and ETA (no-op when disabled); tqdm.auto picks
+  the notebook widget in Jupyter and Colab, the text bar elsewhere.
 
   Tokens/s counts from the first update on (the first step, which compiles, is left out).
   """
@@ -113,7 +114,7 @@ class Progress:
     self._bar = None
     if enabled:
       try:
-        from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+        from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
         self._bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True,
                          mininterval=1.0)
       except Exception:  # pylint: disable=broad-except

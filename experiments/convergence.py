@@ -313,47 +313,16 @@ def format_table(table):
 
 
 def plot(table, runs, path):
-  """loss_vs_tokens.png: validation loss vs tokens (mean and min-max band over seeds per
-  method, the target as a line) and each seed's difference against the reference."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  """loss_vs_tokens.png: validation loss against tokens of every method at its chosen rate
+  (mean and min-max band over seeds, the target as a line; `plots.loss_vs_tokens`) and each
+  seed's difference against the reference."""
+  from simbal_jax import plots  # pylint: disable=g-import-not-at-top
   groups = _group(runs)
-  ref = table["reference"]
-  ref_runs = groups[ref][table["methods"][ref]["lr"]]
-  fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
-  for i, (name, e) in enumerate(table["methods"].items()):
-    color = f"C{i}"
-    by_seed = groups[name][e["lr"]]
-    curves = [np.asarray(by_seed[s]["curve"], np.float64) for s in e["seeds"]]
-    n = min(len(c) for c in curves)
-    tok = curves[0][:n, 0]
-    loss = np.stack([c[:n, 1] for c in curves])
-    ax.plot(tok, loss.mean(0), color=color, label=f"{name} (n={len(curves)} seeds)")
-    ax.fill_between(tok, loss.min(0), loss.max(0), color=color, alpha=0.2)
-    if name != ref:
-      for s in e["seeds"]:
-        if s in ref_runs:
-          a, b = np.asarray(by_seed[s]["curve"]), np.asarray(ref_runs[s]["curve"])
-          m = min(len(a), len(b))
-          bx.plot(a[:m, 0], a[:m, 1] - b[:m, 1], color=color, alpha=0.7, lw=1,
-                  label=name if s == e["seeds"][0] else None)
-  ax.axhline(table["target_loss"], color="k", ls="--", lw=1, label=f"target ({ref} final)")
-  ax.set_xlabel("training tokens")
-  ax.set_ylabel("validation loss (nats/token)")
-  lo = min(min(c[1] for c in r["curve"]) for r in runs)
-  ax.set_ylim(lo - 0.05, table["target_loss"] + 4 * (table["target_loss"] - lo) + 0.3)
-  ax.legend()
-  ax.set_title("Validation loss (mean, min-max band over seeds)")
-  bx.axhline(0.0, color="k", lw=1)
-  bx.set_xlabel("training tokens")
-  bx.set_ylabel(f"loss minus {ref}'s (same seed)")
-  bx.set_title("Per-seed difference against the reference")
-  if len(table["methods"]) > 1:
-    bx.legend()
-  fig.tight_layout()
+  curves = {name: {s: groups[name][e["lr"]][s]["curve"] for s in e["seeds"]}
+            for name, e in table["methods"].items()}
+  fig = plots.loss_vs_tokens(curves, reference=table["reference"], target=table["target_loss"],
+                             title="Validation loss (mean, min-max band over seeds)")
   fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def write_outputs(workdir, reference="lbl"):

@@ -7,8 +7,10 @@ data order from the same initialisation, is evaluated 12 times on the same 65,53
 spread over the standard library's held-out files, and the table gives the final validation
 loss (with its standard error over evaluation sequences), the difference to LBL, the tokens
 SimBal needs to reach LBL's final loss, routing metrics and PES. One seed by default: pass
-`--seeds=0,1,2` for intervals. Writes table.md, table.json and loss_vs_tokens.png into the
-workdir (each run in <workdir>/<method>/seed<k>/); a finished run is reused.
+`--seeds=0,1,2` for intervals. Writes table.md, table.json, loss_vs_tokens.png (validation loss
+against training tokens, the methods on the same axes) and load_heatmap.png (each MoE layer's
+expert load over training, one row per method, one colour scale) into the workdir (each run in
+<workdir>/<method>/seed<k>/); a finished run is reused.
 """
 
 import os
@@ -28,6 +30,21 @@ _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds.")
 
 def _say(msg):
   print(f"[demo {time.time() - _T0:6.1f}s] {msg}", flush=True)
+
+
+def _load_heatmap(workdir, dirs, seed):
+  """Writes load_heatmap.png from the expert_load.jsonl of the runs `dirs` {method: run
+  directory}; returns its path (None without the files)."""
+  from simbal_jax import plots  # pylint: disable=g-import-not-at-top
+  try:
+    loads = plots.read_expert_loads(dirs)
+  except FileNotFoundError as e:  # runs made before the load log existed
+    _say(f"no load heatmap: {e}")
+    return None
+  path = os.path.join(workdir, "load_heatmap.png")
+  plots.load_heatmaps(loads, title=f"Expert load over training (training batches, seed {seed})"
+                      ).savefig(path, dpi=120)
+  return path
 
 
 def main(argv):
@@ -55,8 +72,11 @@ def main(argv):
         f"{cfg.train.eval_tokens:,} held-out bytes for every run; PES exact on "
         f"{cfg.train.pes_tokens} tokens, minimum over layers as in the paper.\n")
   print(md)
-  print(f"\nplot: {os.path.join(workdir, 'loss_vs_tokens.png')}; table: "
-        f"{os.path.join(workdir, 'table.md')}")
+  seed = int(_SEEDS.value[0])
+  heatmap = _load_heatmap(workdir, {m: convergence.run_dir(workdir, m, seed)
+                                    for m in _METHODS.value}, seed)
+  print(f"\nplots: {os.path.join(workdir, 'loss_vs_tokens.png')}"
+        + (f", {heatmap}" if heatmap else "") + f"; table: {os.path.join(workdir, 'table.md')}")
   _say(f"total wall time {time.time() - _T0:.1f} s")
 
 

@@ -1,48 +1,178 @@
-"""The Colab notebook's code runs: the losses cell as it is, the training cells on a tiny run."""
+"""colab/simbal_demo.ipynb: stored stripped with stable cell ids, and executed headless
+(nbclient) at its tiny setting in a fresh kernel of this interpreter: every cell runs, both
+methods finish, every plot is drawn, in well under 3 minutes."""
+import copy
+import importlib.util
 import json
 import os
+import re
+import sys
+import time
 
 import pytest
 
-_NOTEBOOK = os.path.join(os.path.dirname(__file__), os.pardir, "colab", "simbal_demo.ipynb")
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+
+_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
+_NOTEBOOK = os.path.join(_ROOT, "colab", "simbal_demo.ipynb")
+_PLOTS = ("loss-plot", "load-plot", "gram-plot", "pes-plot", "prune-plot")
+_BUDGET_S = 180  # the issue's limit for the headless run
 
 
-def _code_cells():
-  with open(_NOTEBOOK) as f:
-    nb = json.load(f)
-  return ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+def _strip_tool():
+  spec = importlib.util.spec_from_file_location(
+      "strip_outputs", os.path.join(_ROOT, "colab", "strip_outputs.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
 
 
-def test_notebook_is_valid_and_has_the_cells():
-  cells = _code_cells()
-  assert len(cells) == 4
-  for src in cells:
-    compile(src, "<cell>", "exec")  # every cell is valid Python
+def _load():
+  with open(_NOTEBOOK, encoding="utf-8") as f:
+    return f.read()
 
 
-def test_losses_cell_runs(capsys):
-  ns = {}
-  exec(_code_cells()[1], ns)  # pylint: disable=exec-used
-  out = capsys.readouterr().out
-  # An orthogonal init has SimBal 0 up to float32 rounding; the printed value shows it.
-  line = [l for l in out.splitlines() if l.startswith("SimBal of an orthogonal init")][0]
+def test_notebook_is_stored_stripped_with_stable_ids():
+  text = _load()
+  nb = json.loads(text)
+  strip = _strip_tool()
+  assert strip.problems(nb) == [], "run: python colab/strip_outputs.py colab/simbal_demo.ipynb"
+  assert text == strip.dumps(nb)  # formatted as nbformat writes it: clean diffs
+  nbformat.validate(nbformat.reads(text, as_version=4))
+  assert (nb["nbformat"], nb["nbformat_minor"]) >= (4, 5)
+  ids = [c["id"] for c in nb["cells"]]
+  assert len(set(ids)) == len(ids) and set(_PLOTS) <= set(ids)
+  first = "".join(nb["cells"][1]["source"])
+  assert first.startswith('REPO_URL = ""')  # the one thing to set, at the top
+  params = [c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", [])]
+  assert [c["id"] for c in params] == ["parameters"]
+
+
+def test_strip_removes_outputs_and_run_metadata():
+  nb = json.loads(_load())
+  ran = copy.deepcopy(nb)
+  ran["metadata"]["widgets"] = {"application/vnd.jupyter.widget-state+json": {"x": 1}}
+  ran["metadata"]["language_info"]["version"] = "3.12.0"
+  ran["metadata"]["colab"]["provenance"] = [{"file_id": "abc"}]
+  code = [c for c in ran["cells"] if c["cell_type"] == "code"]
+  code[0].update(execution_count=3, outputs=[{"output_type": "stream", "name": "stdout",
+                                              "text": ["hi\n"]}])
+  code[0]["metadata"]["colab"] = {"base_uri": "https://localhost:8080/"}
+  code[1]["id"] = code[2]["id"]  # a duplicate id
+  strip = _strip_tool()
+  found = strip.problems(ran)
+  assert "notebook metadata" in found and any("outputs" in p for p in found)
+  assert any(": id" in p for p in found)
+  clean = strip.strip(ran)
+  assert strip.problems(clean) == []
+  assert [c["source"] for c in clean["cells"]] == [c["source"] for c in nb["cells"]]
+  assert clean["metadata"] == nb["metadata"]
+
+
+_FAKE_PIP = """
+import subprocess, sys
+_run = subprocess.run
+def _no_pip(cmd, *args, **kwargs):  # records the install the cell would make; git runs
+  if list(cmd[:3]) == [sys.executable, "-m", "pip"]:
+    print("PIP", " ".join(cmd[3:]))
+    return subprocess.CompletedProcess(cmd, 0)
+  return _run(cmd, *args, **kwargs)
+subprocess.run = _no_pip
+"""
+
+
+def _run_setup_cell(tmp_path, repo_url):
+  """Runs the first code cell (plain Python) in a new interpreter in `tmp_path`, outside any
+  checkout, with pip replaced by a recorder; returns the CompletedProcess."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  nb = json.loads(_load())
+  cell = "".join(nb["cells"][1]["source"]).replace('REPO_URL = ""', f"REPO_URL = {repo_url!r}", 1)
+  script = tmp_path / "setup_cell.py"
+  script.write_text(_FAKE_PIP + cell)
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  return subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, text=True,
+                        capture_output=True, timeout=120)
+
+
+def test_setup_cell_without_checkout_or_url_stops_with_one_line(tmp_path):
+  proc = _run_setup_cell(tmp_path, "")
+  assert proc.returncode == 1 and "PIP" not in proc.stdout
+  assert proc.stderr.strip() == ("No simbal_jax checkout found: set REPO_URL at the top of this "
+                                 "cell to the repository's clone URL.")
+
+
+def test_setup_cell_clones_the_url_and_keeps_a_working_jax(tmp_path):
+  proc = _run_setup_cell(tmp_path, _ROOT)  # a local path stands for the clone URL
+  assert proc.returncode == 0, proc.stderr
+  assert (tmp_path / "simbal_jax" / "setup.cfg").exists()
+  # The clone is not the installed simbal_jax: it is installed, with jax pinned to the
+  # installed version (which satisfies setup.cfg's minimum), so pip cannot replace it.
+  import jax  # pylint: disable=g-import-not-at-top
+  assert f"PIP install -q -e . jax=={jax.__version__}" in proc.stdout
+  assert "jax " + jax.__version__ in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+  """The notebook after a headless run (SIMBAL_NOTEBOOK_TINY=1), and its wall time in s."""
+  from jupyter_client import KernelManager  # pylint: disable=g-import-not-at-top
+  from jupyter_client.kernelspec import KernelSpecManager  # pylint: disable=g-import-not-at-top
+  tmp = tmp_path_factory.mktemp("notebook")
+  kernel_dir = tmp / "kernels" / "simbal-test"
+  kernel_dir.mkdir(parents=True)
+  with open(kernel_dir / "kernel.json", "w") as f:  # this interpreter, whatever else is installed
+    json.dump({"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+               "display_name": "simbal test", "language": "python"}, f)
+  env = dict(os.environ, SIMBAL_NOTEBOOK_TINY="1", SIMBAL_NOTEBOOK_WORKDIR=str(tmp / "runs"),
+             JAX_PLATFORMS="cpu", MPLBACKEND="module://matplotlib_inline.backend_inline")
+  env["PYTHONPATH"] = os.pathsep.join([_ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
+  # One CPU device, as a user's runtime has (conftest.py gives this process 8 fake ones).
+  env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                            env.get("XLA_FLAGS", "")).strip()
+  nb = nbformat.reads(_load(), as_version=4)
+  km = KernelManager(kernel_name="simbal-test",
+                     kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(tmp / "kernels")]))
+  client = nbclient.NotebookClient(nb, km=km, timeout=_BUDGET_S,
+                                   resources={"metadata": {"path": os.path.join(_ROOT, "colab")}})
+  t0 = time.time()
+  client.execute(env=env)  # raises CellExecutionError (with the cell's traceback) on an error
+  return nb, time.time() - t0, tmp / "runs"
+
+
+def _cell(nb, cid):
+  (cell,) = [c for c in nb.cells if c.get("id") == cid]
+  return cell
+
+
+def _text(cell):
+  return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+
+
+def test_notebook_runs_headless_within_the_budget(executed):
+  nb, seconds, runs = executed
+  print(f"notebook executed in {seconds:.1f} s")
+  assert seconds < _BUDGET_S
+  assert "nothing to install" in _text(_cell(nb, "setup"))  # the checkout, already installed
+  assert "CpuDevice" in _text(_cell(nb, "setup"))
+  losses = _text(_cell(nb, "losses"))
+  line = [l for l in losses.splitlines() if l.startswith("SimBal of an orthogonal init")][0]
   assert abs(float(line.split(":")[1])) < 1e-4
-  assert "MaxVio, dead experts" in out
-
-
-@pytest.mark.parametrize("steps", [3])
-def test_training_cells_run(tmp_path, monkeypatch, steps):
-  monkeypatch.chdir(os.path.join(os.path.dirname(__file__), os.pardir))
-  train_cell, report_cell = _code_cells()[2:]
-  small_data = (f"cfg.train.num_steps = {steps}; cfg.data.max_docs = 300; "
-                "cfg.train.eval_tokens = 4096")  # the cells as they are, on less data
-  train_cell = (train_cell.replace("cfg.train.num_steps = 200", small_data)
-                .replace('f"/content/runs/{method}"', f'f"{tmp_path}/{{method}}"'))
-  assert f"num_steps = {steps}" in train_cell and str(tmp_path) in train_cell
-  ns = {}
-  exec(train_cell, ns)  # pylint: disable=exec-used
-  exec(report_cell, ns)  # pylint: disable=exec-used
+  assert "MaxVio, dead experts" in losses
+  train = _text(_cell(nb, "train"))
   for method in ("lbl", "simbal"):
-    summary = ns["summaries"][method]
-    assert summary["status"] == "done" and summary["step"] == steps
-    assert all(k in summary for k in ("eval/loss", "eval/maxvio", "eval/seu", "eval/ortho_l1"))
+    assert re.search(rf"^{method}: done at step 12, validation loss \d+\.\d+", train, re.M), train
+    assert (runs / method / "seed0" / "metrics.jsonl").exists()
+  simbal_gap = float(re.search(r"^simbal: .*‖RᵀR−I‖₁ (\S+)$", train, re.M).group(1))
+  lbl_gap = float(re.search(r"^lbl: .*‖RᵀR−I‖₁ (\S+)$", train, re.M).group(1))
+  assert simbal_gap < lbl_gap  # SimBal keeps the router near orthonormal
+  assert "experts/token" in _text(_cell(nb, "prune-plot"))
+  assert "TensorBoard" in _text(_cell(nb, "tensorboard"))
+
+
+@pytest.mark.parametrize("cid", _PLOTS)
+def test_every_plot_is_drawn(executed, cid):
+  outputs = _cell(executed[0], cid).outputs
+  images = [o for o in outputs if "image/png" in o.get("data", {})]
+  assert len(images) == 1, [o.get("data", {}).keys() for o in outputs]

@@ -138,6 +138,10 @@ def get_config(arg=None):
   g.every = 10  # log train metrics every N steps
   g.tensorboard = True  # also write TensorBoard event files
   g.progress = True  # tqdm progress bar
+  # Peak TFLOP/s of one device for train/mfu (0: the datasheet value of the device kind,
+  # simbal_jax.memory.PEAK_TFLOPS; no MFU where unknown, e.g. CPU).
+  g.peak_tflops = 0.0
+  g.hist_tokens = 4096  # router-logit histograms (TensorBoard) over this many eval tokens
 
   cfg.mesh = h = ml_collections.ConfigDict()
   h.data = -1  # data-parallel axis (-1: all remaining devices)

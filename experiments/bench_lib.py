@@ -8,11 +8,14 @@ import time
 import jax
 import numpy as np
 
+from simbal_jax import memory
+
 # name -> (top_k K, experts E, d_model D, expert d_ff F)
 SHAPES = {"bench_s": (8, 64, 1024, 512), "moe_m": (4, 32, 768, 768),
           "olmoe": (8, 64, 2048, 1024)}
-# Datasheet dense bf16 peaks (TFLOP/s) and HBM bandwidth (GB/s) by device kind substring.
-KNOWN_PEAKS = {"H100": (989.0, 3350.0), "H200": (989.0, 4800.0)}
+# Datasheet HBM bandwidth (GB/s) by device kind substring (the FLOP/s peaks are in
+# simbal_jax.memory.PEAK_TFLOPS).
+KNOWN_GBPS = {"H100": 3350.0, "H200": 4800.0}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,9 +100,9 @@ def timed(calls, *, warmup, iters):
 def peaks(peak_tflops=0.0, peak_gbps=0.0):
   """(TFLOP/s, GB/s) per device: flags if > 0, else datasheet by device kind, 989 on any GPU."""
   dev = jax.devices()[0]
-  known = next((v for k, v in KNOWN_PEAKS.items() if k in dev.device_kind), (None, None))
-  tf = peak_tflops if peak_tflops > 0 else (known[0] or (989.0 if dev.platform == "gpu" else None))
-  gb = peak_gbps if peak_gbps > 0 else known[1]
+  tf = memory.device_peak_tflops(dev, peak_tflops) or (989.0 if dev.platform == "gpu" else None)
+  gb = peak_gbps if peak_gbps > 0 else next(
+      (v for k, v in KNOWN_GBPS.items() if k in dev.device_kind), None)
   return tf, gb
 
 

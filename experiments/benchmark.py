@@ -37,7 +37,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from experiments.bench_lib import (  # noqa: F401  pylint: disable=unused-import
-    KNOWN_PEAKS, SHAPES, environment, parse_shape, peaks, preset_config, table, timed)
+    SHAPES, environment, parse_shape, peaks, preset_config, table, timed)
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

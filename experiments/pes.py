@@ -44,7 +44,7 @@ def pes_rows(env, state, num_tokens, num_pairs, seed=0):
   key_idx, key_pairs = jax.random.split(jax.random.key(seed))
   idx = jax.random.choice(key_idx, total, (n,), replace=False)
   params = nn.unbox(state.params)
-  layer_ids = [i for i in range(env.mcfg.num_layers) if env.mcfg.is_moe_layer(i)]
+  layer_ids = env.mcfg.moe_layer_ids
   rows = []
   for layer, (path, x) in zip(layer_ids, captured):
     block = params

@@ -149,3 +149,19 @@ def device_memory_bytes(device=None):
   except Exception:  # pylint: disable=broad-except  (backends without memory stats)
     return None
   return stats.get("bytes_limit")
+
+
+# Datasheet dense bf16 matmul peaks in TFLOP/s per device (chip), by a substring of
+# `device.device_kind`; more specific names first.
+PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L4", 121.0),
+               ("TPU v6 lite", 918.0), ("TPU v6e", 918.0), ("TPU v5 lite", 197.0),
+               ("TPU v5e", 197.0), ("TPU v5p", 459.0), ("TPU v5", 459.0), ("TPU v4", 275.0))
+
+
+def device_peak_tflops(device=None, override=0.0):
+  """Peak bf16 TFLOP/s of one device for MFU: `override` if > 0, else the datasheet value of
+  the device kind (PEAK_TFLOPS), else None (CPUs and unknown devices: no MFU is reported)."""
+  if override and override > 0:
+    return float(override)
+  kind = (device or jax.devices()[0]).device_kind
+  return next((v for k, v in PEAK_TFLOPS if k in kind), None)

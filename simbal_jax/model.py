@@ -88,8 +88,13 @@ class ModelConfig:
     return self.moe is not None and (i + 1) % self.moe_every == 0
 
   @property
+  def moe_layer_ids(self):
+    """Block indices of the MoE layers, in order (the i of `layer_<i>` metric names)."""
+    return [i for i in range(self.num_layers) if self.is_moe_layer(i)]
+
+  @property
   def num_moe_layers(self):
-    return sum(self.is_moe_layer(i) for i in range(self.num_layers))
+    return len(self.moe_layer_ids)
 
   @classmethod
   def from_config(cls, cfg, **overrides):
@@ -300,8 +305,7 @@ def router_kernels(params, config):
   params = nn.unbox(params)
   if "params" in params and "embedding" not in params:
     params = params["params"]
-  kernels = [params[f"layers_{i}"]["ffn"]["router"] for i in range(config.num_layers)
-             if config.is_moe_layer(i)]
+  kernels = [params[f"layers_{i}"]["ffn"]["router"] for i in config.moe_layer_ids]
   return jnp.stack(kernels).astype(jnp.float32)
 
 

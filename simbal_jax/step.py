@@ -150,6 +150,8 @@ def loss_fn(params, batch, expert_bias, *, model, sc, expert_fraction=None):
       loss = loss + coef * out[name]
     counts = aux.counts.astype(jnp.float32)
     out["dropped"] = jnp.mean(aux.dropped)
+    out["layer_entropy"] = jax.vmap(lambda p: metrics_lib.routing_entropy(p, mask_T))(
+        aux.router.probs)
   out["loss"] = loss
   return loss, (out, counts)
 
@@ -186,9 +188,12 @@ def train_step(state, batch, *, model, tx, sc, schedule=None):
     state: TrainState.
     batch: dict of int32[B, L] (B = global batch, split into sc.grad_accum micro-batches).
   Returns:
-    (new TrainState, flat dict of float32[] metrics, all under 'train/': loss, ce, z_loss,
-    one per balancing term, grad_norm, param_norm, lr, and for MoE maxvio, dropped and with
-    Loss-Free bias_absmax).
+    (new TrainState, flat dict of metrics, all under 'train/': float32[] loss, ce, z_loss,
+    one per balancing term, grad_norm, param_norm, lr, and for MoE maxvio (mean over layers),
+    dropped, with Loss-Free bias_absmax, and the per-layer arrays layer_load float32[Lm, E]
+    (each layer's fraction of routed assignments per expert; rows sum to 1), layer_maxvio
+    float32[Lm] and layer_entropy float32[Lm] (mean routing entropy, nats)). The host splits
+    the arrays into `train/layer_<i>/...` scalars (train.split_layer_metrics).
   """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   kw = dict(model=model, sc=sc)
@@ -224,7 +229,10 @@ def train_step(state, batch, *, model, tx, sc, schedule=None):
     metrics["train/lr"] = schedule(state.step)
   if counts is not None:
     load = counts / jnp.maximum(jnp.sum(counts, axis=-1, keepdims=True), 1.0)
-    metrics["train/maxvio"] = jnp.mean(jax.vmap(metrics_lib.max_vio)(load))
+    layer_maxvio = jax.vmap(metrics_lib.max_vio)(load)
+    metrics["train/maxvio"] = jnp.mean(layer_maxvio)
+    metrics["train/layer_maxvio"] = layer_maxvio
+    metrics["train/layer_load"] = load
     if sc.loss_free:
       metrics["train/bias_absmax"] = jnp.max(jnp.abs(bias))
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,

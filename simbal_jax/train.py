@@ -30,6 +30,7 @@ from simbal_jax import optim
 from simbal_jax import rundir
 from simbal_jax import sharding
 from simbal_jax import step as step_lib
+from simbal_jax import telemetry
 from simbal_jax import writers
 
 
@@ -314,7 +315,7 @@ def evaluate(env, eval_step, state, eval_batches):
   kernels = None
   if env.mcfg.moe is not None:
     kernels = np.asarray(jax.device_get(model_lib.router_kernels(state.params, env.mcfg)))
-  layer_ids = [i for i in range(env.mcfg.num_layers) if env.mcfg.is_moe_layer(i)]
+  layer_ids = env.mcfg.moe_layer_ids
   return analysis.eval_metrics(sums, kernels, layer_ids), sums
 
 
@@ -333,7 +334,7 @@ def final_pes(env, state, host_eval):
   pes = analysis.layer_pes(jax.random.key(int(env.cfg.seed)), env.model, state.params,
                            jax.numpy.asarray(tokens), num_tokens=n,
                            expert_bias=state.expert_bias)
-  layer_ids = [i for i in range(env.mcfg.num_layers) if env.mcfg.is_moe_layer(i)]
+  layer_ids = env.mcfg.moe_layer_ids
   out = {"eval/pes_min": pes["min"], "eval/pes_mean": pes["mean"]}
   out.update({f"eval/layer_{i}/pes": float(v) for i, v in zip(layer_ids, pes["pes"])})
   return out
@@ -399,6 +400,7 @@ def run_loop(env, state, it, *, ckpt, writer, on_eval, hooks=()):
   progress = writers.Progress(start, num_steps, tokens_per_step,
                               enabled=cfg.log.progress and jax.process_index() == 0)
   timer = _Timer(start)
+  log = _Logger(env, writer, progress, timer)
   pending, step, status = None, start, "done"
 
   def save(st, step, force=False):
@@ -413,15 +415,16 @@ def run_loop(env, state, it, *, ckpt, writer, on_eval, hooks=()):
       if step == start + 1:
         jax.block_until_ready(metrics)
         timer.first_step_done()
+        log.throughput.start(step, timer.paused)
       for hook in hooks:
         hook(step, state)
       if pending is not None:  # fetch step t-1 after dispatching step t
-        _check_and_log(pending, writer, progress, cfg)
+        log(pending)
       pending = (step, metrics)
       due_save = ckpt is not None and ckpt.should_save(step)
       due_eval = step in due_evals and step < num_steps
       if due_save or due_eval or preempt.requested or step == num_steps:
-        _check_and_log(pending, writer, progress, cfg)  # never save a NaN state
+        log(pending)  # never save a NaN state
         pending = None
       t_pause = time.time()
       if due_eval:
@@ -475,7 +478,8 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every=cfg.ckpt.every,
                                    max_to_keep=cfg.ckpt.max_to_keep,
                                    async_save=cfg.ckpt.async_save)
-  writer = writers.MetricWriter(workdir, tensorboard=cfg.log.tensorboard, enabled=is_main)
+  writer = writers.MetricWriter(workdir, tensorboard=cfg.log.tensorboard, enabled=is_main,
+                                record_files=(telemetry.LOAD_FILE,))
   tokens_per_step = int(t.global_batch_size) * int(t.seq_len)
   summary = {}
   lock = None
@@ -494,6 +498,7 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
       eval_step = make_eval_step(env)
       host_eval = eval_set(env)
       eval_batches = [to_global(b, env.batch_sharding, EVAL_KEYS) for b in host_eval]
+      log_routing = eval_telemetry(env, eval_batches, writer)
 
       def run_eval(st, step, extra=None, final=False):
         m, sums = evaluate(env, eval_step, st, eval_batches)
@@ -504,6 +509,7 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
         writer.write(step, {**m, "train/tokens": step * tokens_per_step})
         summary["expert_load"] = analysis.eval_load(sums)
         summary["domain_expert_counts"] = analysis.eval_domain_counts(sums)
+        log_routing(st, step, summary["expert_load"])
         logging.info("eval step %d: %s", step, _brief(m))
         return m
 
@@ -511,6 +517,8 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
                                              on_eval=run_eval, hooks=hooks)
       if status == "done":
         summary.update(run_eval(state, step, final_pes(env, state, host_eval), final=True))
+        writer.hparams(telemetry.hparams(cfg.to_dict()),
+                       {k: summary[k] for k in telemetry.HPARAM_METRICS if k in summary})
   except NonFiniteLossError as e:
     if start > 0:
       raise NonFiniteLossError(e.step, e.value, resumed_from=source) from None
@@ -528,16 +536,67 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
   return summary, state
 
 
-def _check_and_log(pending, writer, progress, cfg):
-  step, metrics = pending
-  m = _host(metrics)
-  loss = m["train/loss"]
-  if not math.isfinite(loss):
-    raise NonFiniteLossError(step, loss)
-  progress.update(step, loss)
-  if step % max(int(cfg.log.every), 1) == 0 or step == int(cfg.train.num_steps):
-    m["train/tokens"] = step * int(cfg.train.global_batch_size) * int(cfg.train.seq_len)
-    writer.write(step, m)
+class _Logger:
+  """Checks each step's loss (NaN/Inf stops the run) and writes the log steps' records:
+  metrics.jsonl with per-layer routing metrics, tokens, tokens/s and MFU, and the per-expert
+  load in expert_load.jsonl (simbal_jax.telemetry)."""
+
+  def __init__(self, env, writer, progress, timer):
+    t = env.cfg.train
+    self.every, self.num_steps = max(int(env.cfg.log.every), 1), int(t.num_steps)
+    self.tokens_per_step = int(t.global_batch_size) * int(t.seq_len)
+    self.writer, self.progress, self.timer = writer, progress, timer
+    self.layer_ids = env.mcfg.moe_layer_ids
+    peak = memory.device_peak_tflops(override=float(env.cfg.log.peak_tflops))
+    self.throughput = telemetry.Throughput(
+        self.tokens_per_step, model_lib.flops_per_token(env.mcfg, int(t.seq_len)),
+        peak * 1e12 * len(env.mesh.devices.flat) if peak else None)
+
+  def __call__(self, pending):
+    step, metrics = pending
+    m, load = telemetry.split_layer_metrics(jax.device_get(metrics), self.layer_ids)
+    loss = m["train/loss"]
+    if not math.isfinite(loss):
+      raise NonFiniteLossError(step, loss)
+    self.progress.update(step, loss)
+    if step % self.every == 0 or step == self.num_steps:
+      m["train/tokens"] = tokens = step * self.tokens_per_step
+      m.update(self.throughput.mark(step, self.timer.paused))
+      self.writer.write(step, m)
+      if load is not None:
+        self.writer.write_record(telemetry.LOAD_FILE, telemetry.load_record(
+            step, tokens, "train", self.layer_ids, load))
+
+
+def eval_telemetry(env, eval_batches, writer):
+  """A callable(state, step, load) writing an evaluation's routing telemetry: the eval load in
+  expert_load.jsonl and, with log.tensorboard, the images and logit histograms
+  (telemetry.log_eval). Every process calls it (the logit histogram is a jitted computation);
+  only the writer of process 0 writes."""
+  layer_ids = env.mcfg.moe_layer_ids
+  tokens_per_step = int(env.cfg.train.global_batch_size) * int(env.cfg.train.seq_len)
+  logit_fn = None
+  if env.mcfg.moe is not None and env.cfg.log.tensorboard and int(env.cfg.log.hist_tokens) > 0:
+    logit_fn = telemetry.router_logit_fn(
+        env.model, int(env.cfg.log.hist_tokens),
+        jax.sharding.NamedSharding(env.mesh, jax.sharding.PartitionSpec()))
+
+  def log_routing(state, step, load):
+    if env.mcfg.moe is None:
+      return
+    writer.write_record(telemetry.LOAD_FILE, telemetry.load_record(
+        step, step * tokens_per_step, "eval", layer_ids, load))
+    if not env.cfg.log.tensorboard:
+      return
+    kernels = np.asarray(jax.device_get(model_lib.router_kernels(state.params, env.mcfg)))
+    logits = None
+    if logit_fn is not None:
+      logits = np.asarray(jax.device_get(logit_fn(state.params, state.expert_bias,
+                                                  eval_batches[0])))
+    telemetry.log_eval(writer, step, layer_ids=layer_ids, load=load, kernels=kernels,
+                       logits=logits)
+
+  return log_routing
 
 
 def _brief(m):

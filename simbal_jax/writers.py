@@ -1,9 +1,11 @@
 """Metric writers: JSONL (source of truth) + TensorBoard (tensorboardX), progress bar, summary.
 
 Only process 0 writes. Metrics are flat dicts of scalars with '/' namespaces
-(`train/loss`, `moe/layer_3/maxvio`). On resume from step s the trainer calls
-`MetricWriter.drop_after(s)`, so records of steps redone after a crash appear once and the file
-stays increasing in step.
+(`train/loss`, `eval/layer_3/maxvio`) in metrics.jsonl; records that are not scalars (the
+per-expert load, `telemetry.LOAD_FILE`) go to their own JSONL files through `write_record`, and
+images, histograms and hparams to TensorBoard only. On resume from step s the trainer calls
+`MetricWriter.drop_after(s)`, so records of steps redone after a crash appear once and every
+file stays increasing in step.
 """
 
 import json
@@ -26,11 +28,20 @@ def _scalar(v):
 class MetricWriter:
   """Appends {'step': s, **metrics} lines to <workdir>/metrics.jsonl and TensorBoard scalars."""
 
-  def __init__(self, workdir, *, tensorboard=True, enabled=True):
+  def __init__(self, workdir, *, tensorboard=True, enabled=True, record_files=()):
+    """Args:
+      workdir: the run directory.
+      tensorboard: also write TensorBoard events to <workdir>/tb.
+      enabled: False on processes other than 0 (nothing is written).
+      record_files: names of the `write_record` files that `drop_after` trims on resume.
+    """
     self.enabled = enabled
+    self.workdir = workdir
+    self.record_files = tuple(record_files)
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
     self._file = None
+    self._records = {}  # file name -> open file of `write_record`
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
@@ -55,37 +66,58 @@ class MetricWriter:
         if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
           self._tb.add_scalar(k, v, global_step=int(step))
 
-  def drop_after(self, step):
-    """Removes the records with step > `step` (and unreadable lines, e.g. a line cut by a crash).
+  def write_record(self, name, record):
+    """Appends the JSON object `record` (with a "step") as a line of <workdir>/<name>, one of
+    `record_files`."""
+    if not self.enabled:
+      return
+    if name not in self.record_files:
+      raise ValueError(f"write_record: {name!r} is not one of record_files {self.record_files}")
+    if name not in self._records:
+      self._records[name] = open(os.path.join(self.workdir, name), "a", encoding="utf-8")
+    self._records[name].write(json.dumps(record, allow_nan=True) + "\n")
+    self._records[name].flush()
 
-    The file is rewritten atomically (temporary file + os.replace); later writes append.
+  def image(self, tag, image_HxWx3, step):
+    """A TensorBoard image (uint8[H, W, 3]); nothing without TensorBoard."""
+    if self._tb is not None:
+      self._tb.add_image(tag, image_HxWx3, global_step=int(step), dataformats="HWC")
+
+  def histogram(self, tag, values, step):
+    """A TensorBoard histogram of `values` (any shape; non-finite values left out)."""
+    if self._tb is not None:
+      v = np.asarray(values, np.float64).reshape(-1)
+      self._tb.add_histogram(tag, v[np.isfinite(v)], global_step=int(step))
+
+  def hparams(self, hparams, metrics):
+    """TensorBoard's HParams entry of this run (`hparams`: name -> bool/int/float/str;
+    `metrics`: name -> float), written in <workdir>/tb/hparams."""
+    if self._tb is not None:
+      self._tb.add_hparams(hparams, {k: float(v) for k, v in metrics.items()}, name="hparams")
+
+  def drop_after(self, step):
+    """Removes the records with step > `step` (and unreadable lines, e.g. a line cut by a crash)
+    from metrics.jsonl and the `write_record` files.
+
+    Each file is rewritten atomically (temporary file + os.replace); later writes append.
     TensorBoard keeps its events: readers take the last value of a step.
     """
-    if not self.enabled or not os.path.exists(self.path):
+    if not self.enabled:
+      return
+    for name in list(self._records):
+      self._records.pop(name).close()
+    for name in self.record_files:
+      if os.path.exists(os.path.join(self.workdir, name)):
+        _drop_after(os.path.join(self.workdir, name), step)
+    if not os.path.exists(self.path):
       return
     self._file.close()
-    kept, dropped = [], 0
-    with open(self.path, encoding="utf-8") as f:
-      for line in f:
-        try:
-          keep = json.loads(line)["step"] <= step
-        except (ValueError, KeyError, TypeError):
-          keep = False
-        if keep:
-          kept.append(line if line.endswith("\n") else line + "\n")
-        elif line.strip():
-          dropped += 1
-    if dropped:
-      logging.info("metrics.jsonl: dropped %d records after step %d (resumed run)", dropped, step)
-      tmp = self.path + ".tmp"
-      with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(tmp, self.path)
+    _drop_after(self.path, step)
     self._file = open(self.path, "a", encoding="utf-8")
 
   def close(self):
+    for name in list(self._records):
+      self._records.pop(name).close()
     if self._file is not None:
       self._file.close()
       self._file = None
@@ -93,6 +125,30 @@ class MetricWriter:
       self._tb.flush()
       self._tb.close()
       self._tb = None
+
+
+def _drop_after(path, step):
+  """Rewrites the JSONL file `path` without its records of step > `step`."""
+  kept, dropped = [], 0
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        keep = json.loads(line)["step"] <= step
+      except (ValueError, KeyError, TypeError):
+        keep = False
+      if keep:
+        kept.append(line if line.endswith("\n") else line + "\n")
+      elif line.strip():
+        dropped += 1
+  if dropped:
+    logging.info("%s: dropped %d records after step %d (resumed run)",
+                 os.path.basename(path), dropped, step)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.writelines(kept)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def read_jsonl(path):

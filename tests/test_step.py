@@ -52,7 +52,12 @@ def test_steps_compile_once(tmp_path, method):
     for batch in env.datasets.eval_batches(2):
       eval_step(state.params, state.expert_bias, train.to_global(batch, env.batch_sharding))
   assert int(state.step) == 3
-  assert all(np.ndim(v) == 0 for v in metrics.values())
+  # Scalars, except the per-layer arrays (train/layer_*) that the host splits per layer.
+  shapes = {k: np.shape(v) for k, v in metrics.items()}
+  n_moe, e = env.mcfg.num_moe_layers, env.mcfg.moe.num_experts
+  assert shapes.pop("train/layer_load") == (n_moe, e)
+  assert shapes.pop("train/layer_maxvio") == shapes.pop("train/layer_entropy") == (n_moe,)
+  assert all(s == () for s in shapes.values())
   assert all(k.startswith("train/") for k in metrics)
   expected = {"lbl": "train/lbl", "lf_simbal": "train/simbal"}[method]
   assert expected in metrics and np.isfinite(float(metrics[expected]))

@@ -1,0 +1,208 @@
+"""Routing telemetry of a training run, on the host: what the trainer writes besides the loss.
+
+At every log step (`log.every`), metrics.jsonl gets per MoE layer i (block index)
+`train/layer_<i>/maxvio`, `train/layer_<i>/load_cv` and `train/layer_<i>/entropy` (of that
+step's global batch), `train/tokens` (tokens seen), and from the second logged record of a
+(re)start on `train/tokens_per_second` (since the previous record, evaluations and saves left
+out) and `train/mfu` (model FLOPs utilisation: `model.flops_per_token` x tokens/s over the
+devices' peak, `memory.device_peak_tflops`; absent where the peak is unknown, e.g. on CPU,
+unless `log.peak_tflops` is set).
+
+`LOAD_FILE` (expert_load.jsonl) gets the whole per-expert load, one JSON object per line:
+  {"step": int, "tokens": int, "split": "train" | "eval", "layers": [block indices],
+   "load": [[fraction of routed assignments per expert] per MoE layer]}
+(each row sums to 1): "train" at every log step (that step's global batch), "eval" at every
+evaluation (the whole evaluation set). `read_expert_load` reads it back.
+
+At every evaluation TensorBoard gets (`log.tensorboard`): the image `routing/expert_load` (rows
+= MoE layers, columns = experts; colour from 0 to 2/E, clipped, so a uniform load is the middle
+of the scale), the images `routing/gram/layer_<i>` of each router's RᵀR (E x E, diverging scale
+fixed at [-1, 1], clipped: SimBal's target is the identity, so the diagonal is +1 and the
+off-diagonal 0 when it is reached), and the histograms `routing/logits/layer_<i>` of the router
+logits of the first `log.hist_tokens` tokens of the evaluation set. At the end of a finished run,
+HParams (the config's scalar fields against the final eval metrics).
+"""
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+LOAD_FILE = "expert_load.jsonl"
+HPARAM_METRICS = ("eval/loss", "eval/maxvio", "eval/load_cv", "eval/ortho_l1", "eval/pes_min")
+
+
+def split_layer_metrics(metrics, layer_ids):
+  """Host train metrics (numpy) -> (scalars, load float64[Lm, E] or None).
+
+  The per-layer arrays of `step.train_step` (`train/layer_maxvio` float[Lm],
+  `train/layer_entropy` float[Lm], `train/layer_load` float[Lm, E]) become the scalars
+  `train/layer_<i>/maxvio`, `.../entropy` and `.../load_cv` (i from `layer_ids`); the load
+  itself is returned. Scalars pass through as Python floats.
+  """
+  out, load = {}, None
+  for k, v in metrics.items():
+    v = np.asarray(v)
+    if k == "train/layer_load":
+      load = v.astype(np.float64)
+    elif v.ndim == 0:
+      out[k] = float(v)
+    elif k.startswith("train/layer_"):
+      name = k[len("train/layer_"):]
+      out.update({f"train/layer_{i}/{name}": float(x) for i, x in zip(layer_ids, v)})
+    else:
+      raise ValueError(f"train metric {k!r} has shape {v.shape}; only train/layer_* may be "
+                       "arrays")
+  if load is not None:
+    mean = load.mean(-1)
+    cv = np.where(mean > 0, load.std(-1) / np.where(mean > 0, mean, 1.0), 0.0)
+    out.update({f"train/layer_{i}/load_cv": float(x) for i, x in zip(layer_ids, cv)})
+  return out, load
+
+
+def load_record(step, tokens, split, layer_ids, load):
+  """The LOAD_FILE line of a load float[Lm, E]."""
+  return {"step": int(step), "tokens": int(tokens), "split": split,
+          "layers": [int(i) for i in layer_ids],
+          "load": [[float(x) for x in row] for row in np.asarray(load, np.float64)]}
+
+
+def read_expert_load(workdir, split="train"):
+  """Reads <workdir>/expert_load.jsonl.
+
+  Args:
+    workdir: a run directory.
+    split: "train" (every log step) or "eval" (every evaluation).
+  Returns:
+    (steps int64[N], tokens int64[N], layers list of block indices, load float64[N, Lm, E]),
+    in step order (a step logged twice, e.g. redone after a crash, keeps its last line).
+  Raises:
+    FileNotFoundError: the run wrote no load (a dense model, or a run older than the file).
+  """
+  by_step, layers = {}, None
+  with open(os.path.join(workdir, LOAD_FILE), encoding="utf-8") as f:
+    for line in f:
+      if not line.strip():
+        continue
+      rec = json.loads(line)
+      if rec.get("split") == split:
+        by_step[rec["step"]] = rec
+        layers = rec["layers"]
+  steps = sorted(by_step)
+  if not steps:
+    return (np.zeros(0, np.int64), np.zeros(0, np.int64), [], np.zeros((0, 0, 0)))
+  return (np.array(steps, np.int64), np.array([by_step[s]["tokens"] for s in steps], np.int64),
+          layers, np.array([by_step[s]["load"] for s in steps], np.float64))
+
+
+class Throughput:
+  """Tokens/s and MFU between logged records, time spent in evaluations and saves left out."""
+
+  def __init__(self, tokens_per_step, flops_per_token, peak_flops, clock=time.time):
+    """Args:
+      tokens_per_step: global batch x sequence length.
+      flops_per_token: training FLOPs per token (model.flops_per_token).
+      peak_flops: FLOP/s of all devices together, or None (no MFU).
+      clock: seconds now (tests pass a fake clock).
+    """
+    self.clock = clock
+    self.tokens_per_step = tokens_per_step
+    self.flops_per_token = flops_per_token
+    self.peak_flops = peak_flops
+    self._last = None  # (step, time, paused seconds) of the previous mark
+
+  def start(self, step, paused=0.0):
+    """Starts timing after `step` (call when the compiling first step has finished)."""
+    self._last = (step, self.clock(), paused)
+
+  def mark(self, step, paused):
+    """Metrics of the steps since the previous mark; `paused`: total seconds not training."""
+    now, out = self.clock(), {}
+    if self._last is not None:
+      s0, t0, p0 = self._last
+      seconds = now - t0 - (paused - p0)
+      if step > s0 and seconds > 0:
+        tps = (step - s0) * self.tokens_per_step / seconds
+        out["train/tokens_per_second"] = tps
+        if self.peak_flops:
+          out["train/mfu"] = tps * self.flops_per_token / self.peak_flops
+    self._last = (step, now, paused)
+    return out
+
+
+def heatmap_image(values, vmin, vmax, cmap="viridis", min_px=256):
+  """uint8[H, W, 3] picture of a matrix (one colour block per entry; values clipped).
+
+  Args:
+    values: float[R, C].
+    vmin, vmax: the colour scale's ends.
+    cmap: a matplotlib colormap name.
+    min_px: each block is scaled up so the longer side has at least this many pixels.
+  """
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  v = np.asarray(values, np.float64)
+  unit = np.clip((v - vmin) / max(vmax - vmin, 1e-12), 0.0, 1.0)
+  rgb = (matplotlib.colormaps[cmap](unit)[..., :3] * 255).round().astype(np.uint8)
+  px = max(1, -(-min_px // max(v.shape)))
+  return np.repeat(np.repeat(rgb, px, axis=0), px, axis=1)
+
+
+def load_image(load):
+  """The expert-load heatmap of float[Lm, E] load fractions (scale 0 to 2/E)."""
+  load = np.asarray(load, np.float64)
+  return heatmap_image(load, 0.0, 2.0 / load.shape[-1])
+
+
+def gram_image(kernel_DxE):
+  """The RᵀR heatmap of one router kernel float[D, E] (diverging scale, [-1, 1])."""
+  k = np.asarray(kernel_DxE, np.float64)
+  return heatmap_image(k.T @ k, -1.0, 1.0, cmap="RdBu_r")
+
+
+def router_logit_fn(model, num_tokens, out_sharding=None):
+  """A jitted (params, expert_bias, batch) -> float32[Lm, n, E] router logits of the batch's
+  first n = min(num_tokens, tokens in the batch) tokens (sequence-major), replicated."""
+
+  def fn(params, expert_bias, batch):
+    _, aux = model.apply({"params": params}, batch["inputs"],
+                         expert_bias=expert_bias if model.config.moe is not None else None,
+                         segment_ids=batch.get("segment_ids"))
+    return aux.router.logits[:, :num_tokens]
+
+  return jax.jit(fn, out_shardings=out_sharding)
+
+
+def log_eval(writer, step, *, layer_ids, load=None, kernels=None, logits=None):
+  """Writes the evaluation's TensorBoard images and histograms (see the module docstring).
+
+  Args:
+    writer: writers.MetricWriter.
+    layer_ids: block indices of the MoE layers.
+    load: float[Lm, E] eval load fractions, or None.
+    kernels: float[Lm, D, E] router kernels, or None.
+    logits: float[Lm, n, E] router logits, or None.
+  """
+  if load is not None:
+    writer.image("routing/expert_load", load_image(load), step)
+  for j, i in enumerate(layer_ids):
+    if kernels is not None:
+      writer.image(f"routing/gram/layer_{i}", gram_image(kernels[j]), step)
+    if logits is not None:
+      writer.histogram(f"routing/logits/layer_{i}", logits[j], step)
+
+
+def hparams(config_dict):
+  """Flat {dotted field: bool/int/float/str} of a nested config dict (lists as strings)."""
+  out, todo = {}, [("", config_dict)]
+  while todo:
+    prefix, d = todo.pop()
+    for k, v in d.items():
+      if isinstance(v, dict):
+        todo.append((f"{prefix}{k}.", v))
+      elif isinstance(v, (bool, int, float, str)):
+        out[prefix + k] = v
+      elif v is None or isinstance(v, (list, tuple)):
+        out[prefix + k] = str(v)
+  return out

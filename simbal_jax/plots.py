@@ -76,11 +76,12 @@ def layer_pes(metrics):
 
 def read_expert_loads(run_dirs, split="train"):
   """{method: (tokens int[N], layers list, load float[N, Lm, E])} of each run's
-  `expert_load.jsonl` (`analysis.read_expert_load`); the input of `load_heatmaps`."""
-  from simbal_jax import analysis  # pylint: disable=g-import-not-at-top
+  `expert_load.jsonl` (`telemetry.read_expert_load`, which raises FileNotFoundError for a run
+  without one); the input of `load_heatmaps`."""
+  from simbal_jax import telemetry  # pylint: disable=g-import-not-at-top
   out = {}
   for method, d in run_dirs.items():
-    _, tokens, layers, load = analysis.read_expert_load(d, split=split)
+    _, tokens, layers, load = telemetry.read_expert_load(d, split=split)
     out[method] = (tokens, layers, load)
   return out
 
@@ -199,6 +200,9 @@ def load_heatmaps(loads, *, title=None):
     one colour bar.
   """
   methods = list(loads)
+  empty = [m for m, v in loads.items() if np.asarray(v[2]).size == 0]
+  if empty:
+    raise ValueError(f"load_heatmaps: no load logged for {', '.join(empty)}")
   num_layers = {np.asarray(v[2]).shape[1] for v in loads.values()}
   if len(num_layers) != 1:
     raise ValueError(f"load_heatmaps: methods have different numbers of MoE layers {num_layers}")

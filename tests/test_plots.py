@@ -69,6 +69,35 @@ def test_load_heatmaps_share_one_colour_scale_and_x_is_tokens():
     plots.load_heatmaps({"a": loads["lbl"], "b": (np.array([1]), None, np.ones((1, 1, 4)) / 4)})
 
 
+def test_read_expert_loads_feeds_the_heatmaps(tmp_path):
+  runs = {}
+  for method, sharp in (("lbl", 0.0), ("simbal", 1.0)):
+    d = tmp_path / method
+    d.mkdir()
+    with open(d / "expert_load.jsonl", "w") as f:
+      for step in (2, 4, 6):
+        load = np.array([[1.0 + sharp * step, 1.0, 1.0, 1.0]] * 2)
+        load /= load.sum(-1, keepdims=True)
+        f.write(json.dumps({"step": step, "tokens": 64 * step, "split": "train",
+                            "layers": [0, 1], "load": load.tolist()}) + "\n")
+      f.write(json.dumps({"step": 6, "tokens": 384, "split": "eval", "layers": [0, 1],
+                          "load": [[0.25] * 4] * 2}) + "\n")
+    runs[method] = str(d)
+  loads = plots.read_expert_loads(runs)
+  tokens, layers, load = loads["simbal"]
+  np.testing.assert_array_equal(tokens, [128, 256, 384])
+  assert layers == [0, 1] and load.shape == (3, 2, 4)
+  np.testing.assert_allclose(load[2, 1], [7 / 10, 1 / 10, 1 / 10, 1 / 10])
+  fig = plots.load_heatmaps(loads)
+  panels = [a for a in fig.axes if a.get_label() != "<colorbar>"]
+  assert [a.collections[0].get_clim() for a in panels] == [(0.0, pytest.approx(0.7))] * 4
+  assert plots.read_expert_loads({"lbl": runs["lbl"]}, split="eval")["lbl"][2].shape == (1, 2, 4)
+  with pytest.raises(FileNotFoundError):
+    plots.read_expert_loads({"none": str(tmp_path)})
+  with pytest.raises(ValueError, match="no load logged for lbl"):
+    plots.load_heatmaps({"lbl": (np.zeros(0), [], np.zeros((0, 0, 0)))})
+
+
 def test_gram_matrices_side_by_side_with_one_symmetric_scale():
   rng = np.random.default_rng(1)
   q = np.linalg.qr(rng.normal(size=(2, 8, 4)))[0]  # orthonormal columns: RᵀR = I

@@ -12,6 +12,10 @@ Modes:
               expert matmuls: 6 * T * K * 3 * D * F (fwd + bwd); capacity padding is not useful.
   train_step  the jitted train step of `train.make_steps` on synthetic random tokens (no data
               pipeline): step ms, tokens/s, MFU from `model.flops_per_token`.
+  memory      the per-device memory estimate (`memory.memory_estimate`, what the trainer checks
+              before compiling) against XLA's memory analysis of the compiled train step
+              (arguments, outputs, temporaries per device), and on a device that reports it
+              the peak bytes in use after a few steps. Nothing is timed.
   routing     the balancing machinery alone at MoE-M scale (route + dispatch plan, LBL, SimBal,
               all MoE layers of a step), then the train step of --config under each named method (configs/base.py)
               none / lbl / simbal: the losses' share of a training step.
@@ -42,7 +46,7 @@ from experiments.bench_lib import (  # noqa: F401  pylint: disable=unused-import
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-_WHAT = flags.DEFINE_enum("what", "moe_layer", ["moe_layer", "train_step", "routing"],
+_WHAT = flags.DEFINE_enum("what", "moe_layer", ["moe_layer", "train_step", "routing", "memory"],
                           "Which benchmark to run.")
 _SHAPES = flags.DEFINE_list("shapes", ["bench_s", "moe_m", "olmoe"],
                             f"moe_layer: shape names {sorted(SHAPES)} or 'K:E:D:F'. routing "
@@ -248,6 +252,51 @@ def bench_train_step(config, **kw):
   return bench_train_steps([config], **kw)[0]
 
 
+def bench_memory(config, devices=None, run_steps=3, seed=0):
+  """The memory estimate against XLA's compiled train step; one row of GiB per device.
+
+  est_* come from `memory.memory_estimate` (state exact, activations analytic); xla_* from
+  `Compiled.memory_analysis()` of the train step (arguments = the state and batch, temp = the
+  step's temporaries: activations, gradients and the optimizer's intermediates); peak from
+  `memory_stats()["peak_bytes_in_use"]` after `run_steps` steps (None where the backend has no
+  memory stats, e.g. CPU).
+  """
+  from simbal_jax import memory  # pylint: disable=g-import-not-at-top
+  from simbal_jax import sharding  # pylint: disable=g-import-not-at-top
+  from simbal_jax import train  # pylint: disable=g-import-not-at-top
+  env = build_env(config, devices)
+  t = env.cfg.train
+  b, l = int(t.global_batch_size), int(t.seq_len)
+  est = memory.memory_estimate(env.mcfg, dict(env.mesh.shape), global_batch_size=b, seq_len=l,
+                               grad_accum=int(t.grad_accum))
+  batch = {k: jax.ShapeDtypeStruct((b, l), jnp.int32, sharding=env.batch_sharding)
+           for k in ("inputs", "targets")}
+  with sharding.mesh_rules(env.mesh, env.rules):
+    ma = train.make_train_step(env).lower(env.abstract, batch).compile().memory_analysis()
+  gib = lambda x: float(x) / 2**30
+  state = est["params"] + est["grads"] + est["opt_state"]
+  acts = est["activations_remat"] if env.mcfg.remat else est["activations"]
+  row = dict(dispatch=env.cfg.moe.dispatch if env.mcfg.moe else "dense", remat=env.mcfg.remat,
+             mesh=dict(env.mesh.shape), batch=b, seq_len=l,
+             est_params_gib=gib(est["params"]), est_state_gib=gib(state),
+             est_activations_gib=gib(acts), est_total_gib=gib(state + acts),
+             xla_args_gib=gib(ma.argument_size_in_bytes), xla_out_gib=gib(ma.output_size_in_bytes),
+             xla_alias_gib=gib(ma.alias_size_in_bytes), xla_temp_gib=gib(ma.temp_size_in_bytes),
+             xla_total_gib=gib(ma.argument_size_in_bytes + ma.output_size_in_bytes
+                               - ma.alias_size_in_bytes + ma.temp_size_in_bytes))
+  # The estimate's grads + activations against XLA's temporaries (which hold both).
+  row["temp_vs_est"] = row["xla_temp_gib"] / max(gib(est["grads"]) + row["est_activations_gib"],
+                                                 1e-12)
+  row["peak_gib"] = None
+  if run_steps > 0 and (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use"):
+    call, env = train_step_runner(config, devices=devices, seed=seed)
+    with sharding.mesh_rules(env.mesh, env.rules):
+      for i in range(run_steps):
+        jax.block_until_ready(call(i))
+    row["peak_gib"] = gib(jax.devices()[0].memory_stats()["peak_bytes_in_use"])
+  return row
+
+
 # ----------------------------------------------------------------------------------------------
 # routing.
 
@@ -327,6 +376,11 @@ STEP_COLS = (("method", "method"), ("step ms", "step_ms"), ("p10", "p10_ms"), ("
              ("tokens/s", "tokens_per_s"), ("MFU", "mfu", 3), ("vs none", "overhead_vs_none", 3),
              ("compile s", "first_call_s"), ("peak GiB", "peak_mem_gib", 3),
              ("dispatch", "dispatch"))
+MEM_COLS = (("dispatch", "dispatch"), ("remat", "remat"), ("est state", "est_state_gib", 4),
+            ("est act", "est_activations_gib", 4), ("est total", "est_total_gib", 4),
+            ("xla args", "xla_args_gib", 4), ("xla temp", "xla_temp_gib", 4),
+            ("xla total", "xla_total_gib", 4), ("temp/est", "temp_vs_est", 3),
+            ("peak", "peak_gib", 4))
 LOSS_COLS = (("part", "part"), ("shape", "shape"), ("T", "tokens"), ("layers", "moe_layers"),
              ("ms", "ms"), ("p10", "p10_ms"), ("p90", "p90_ms"))
 
@@ -354,6 +408,11 @@ def run(what, flags_values, config=None):
     report["results"] = [row]
     report["config"] = config.to_dict()
     report["text"] = table([row], STEP_COLS[:6] + STEP_COLS[7:])  # no "vs none" column
+  elif what == "memory":
+    row = bench_memory(config, devices=devices, seed=fv.seed)
+    report["results"] = [row]
+    report["config"] = config.to_dict()
+    report["text"] = table([row], MEM_COLS)
   elif what == "routing":
     res = bench_routing(config, fv.methods, fv.shapes[0], fv.tokens, fv.moe_layers,
                         devices=devices, peak_tflops=tf, **common)
@@ -384,7 +443,7 @@ def main(argv):
         preset_config(_PRESET.value))
   report = run(_WHAT.value, values, config)
   print(report["text"])
-  if report["peak_tflops"] is None:
+  if report["peak_tflops"] is None and _WHAT.value != "memory":
     print("MFU: n/a (no --peak_tflops for this platform)")
   if _OUT.value:
     os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)

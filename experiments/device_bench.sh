@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # One device call: bench_s and MoE-M train steps (capacity 1.25 and dropless tokamax ragged),
+# the memory estimate against the compiled step and the measured peak,
 # the MoE block vs a dense FFN, and the peer's HF OLMoE (torch.compile) beside them.
 #
 #   bash experiments/device_bench.sh PEER_SCRIPT [--tiny]
@@ -8,7 +9,7 @@
 # only the repository travels: copy ../shared/bench/ into it first, e.g. to shared/bench/), or
 # "none" to skip it. --tiny: CPU smoke mode (tiny presets and shapes, peer at a tiny size).
 # Results (JSON + logs) go to $OUT (default runs/device_bench); one command failing does not
-# stop the others; each is capped by `timeout` (100 s, the peer 180 s: at most 13 min in all).
+# stop the others; each is capped by `timeout` (100 s, the peer 180 s).
 set -u
 PEER=${1:?usage: device_bench.sh PEER_SCRIPT|none [--tiny]}
 MODE=${2:-}
@@ -39,6 +40,8 @@ run step_${S}_capacity $B --what=train_step --preset=$S $IT --out="$OUT/step_${S
 run step_${S}_ragged $B --what=train_step --preset=$S --set=moe.dispatch=ragged,moe.num_groups=1 $IT --out="$OUT/step_${S}_ragged.json"
 run step_${M}_capacity $B --what=train_step --preset=$M $IT --out="$OUT/step_${M}_capacity.json"
 run step_${M}_ragged $B --what=train_step --preset=$M --set=moe.dispatch=ragged,moe.num_groups=1 $IT --out="$OUT/step_${M}_ragged.json"
+run memory_${S}_ragged $B --what=memory --preset=$S --set=moe.dispatch=ragged,moe.num_groups=1 --out="$OUT/memory_${S}_ragged.json"
+run memory_${M}_ragged $B --what=memory --preset=$M --set=moe.dispatch=ragged,moe.num_groups=1 --out="$OUT/memory_${M}_ragged.json"
 run layer_capacity $B --what=moe_layer --shapes=$SHAPES --tokens=$TOK --capacity_factor=1.25 $IT --out="$OUT/layer_capacity.json"
 run layer_ragged $B --what=moe_layer --shapes=$SHAPES --tokens=$TOK --dispatch=ragged $IT --out="$OUT/layer_ragged.json"
 if [ "$PEER" != "none" ]; then

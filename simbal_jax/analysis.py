@@ -27,6 +27,7 @@ from simbal_jax import metrics as metrics_lib
 from simbal_jax import model as model_lib
 from simbal_jax import moe
 from simbal_jax import specialization
+from simbal_jax import telemetry
 
 
 # Per-layer routing metrics of an evaluation: eval/<name> (mean over MoE layers) and
@@ -39,6 +40,10 @@ SUMMARY_COLUMNS = (("val loss", "eval/loss"), ("± se", "eval/loss_se"), ("val p
                    ("entropy", "eval/entropy"), ("dead", "eval/dead"),
                    ("ortho L1", "eval/ortho_l1"), ("ortho MSE", "eval/ortho_mse"),
                    ("domain MI", "eval/domain_mi_norm"), ("PES min", "eval/pes_min"))
+
+
+# A run's per-expert load over training (expert_load.jsonl), beside the other run readers.
+read_expert_load = telemetry.read_expert_load
 
 
 def eval_load(sums):

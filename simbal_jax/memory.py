@@ -115,6 +115,10 @@ def memory_estimate(config, mesh_shape, *, global_batch_size, seq_len, grad_accu
     dict of floats (bytes per device): params, grads, opt_state, activations (no remat),
     activations_remat (block inputs kept, one block recomputed at a time), total, total_remat;
     and params_total (bytes of all parameters, unsharded), tokens_per_device.
+  The state (params, grads, opt_state) is exact. The activations are analytic and a lower
+  bound of what a compiler keeps: on CPU XLA's temporaries were 1.3x the estimated gradients +
+  activations, more with remat or tokamax's dense fallback (docs/PERFORMANCE.md;
+  `experiments/benchmark.py --what=memory` compares them for any config).
   """
   sizes = _mesh_sizes(mesh_shape)
   params, params_total = param_bytes_per_device(config, sizes, rules)

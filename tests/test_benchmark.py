@@ -84,6 +84,21 @@ def test_routing_modes():
   assert res["train_steps"][0]["overhead_vs_none"] == 0.0
 
 
+def test_memory_mode_compares_the_estimate_with_the_compiled_step():
+  cfg = tiny_config("lbl")
+  report = benchmark.run("memory", settings(), cfg)
+  (row,) = report["results"]
+  env = benchmark.build_env(cfg, jax.devices()[:1])
+  gib = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)) / 2**30
+  state_gib = gib(env.abstract)
+  # XLA's arguments are the train state and the batch: the state's bytes plus 2 x B x L int32.
+  batch_gib = 2 * 4 * 16 * 4 / 2**30
+  assert abs(row["xla_args_gib"] - state_gib - batch_gib) < 1e-6
+  assert abs(row["est_params_gib"] - gib(env.abstract.params)) < 1e-12
+  _positive(row, "xla_temp_gib", "est_activations_gib", "temp_vs_est")
+  assert row["peak_gib"] is None  # CPU: no memory stats
+
+
 def test_bad_shape_names_the_valid_ones():
   with pytest.raises(ValueError, match="moe_m"):
     benchmark.parse_shape("huge")

@@ -293,7 +293,20 @@ def make_eval_step(env):
   num_domains = int(env.cfg.data.synthetic.num_domains) if env.datasets.has_domain else 0
   return jax.jit(
       functools.partial(step_lib.eval_step, model=env.model, num_domains=num_domains),
-      in_shardings=(env.shardings.params, env.shardings.expert_bias, env.batch_sharding))
+      in_shardings=(env.shardings.params, env.shardings.expert_bias, env.batch_sharding),
+      out_shardings=replicated(env))  # every process reads the sums (several hosts)
+
+
+def replicated(env):
+  """The sharding of a value every process holds whole (small results read on the host)."""
+  return jax.sharding.NamedSharding(env.mesh, jax.sharding.PartitionSpec())
+
+
+def host_router_kernels(env, params):
+  """float64[Lm, D, E] router kernels on the host, gathered from every device's shard (on
+  several hosts too)."""
+  fn = jax.jit(lambda p: model_lib.router_kernels(p, env.mcfg), out_shardings=replicated(env))
+  return np.asarray(jax.device_get(fn(params)), np.float64)
 
 
 def eval_set(env):
@@ -314,26 +327,33 @@ def evaluate(env, eval_step, state, eval_batches):
   sums = [jax.device_get(eval_step(state.params, state.expert_bias, b)) for b in eval_batches]
   kernels = None
   if env.mcfg.moe is not None:
-    kernels = np.asarray(jax.device_get(model_lib.router_kernels(state.params, env.mcfg)))
+    kernels = host_router_kernels(env, state.params)
   layer_ids = env.mcfg.moe_layer_ids
   return analysis.eval_metrics(sums, kernels, layer_ids), sums
 
 
-def final_pes(env, state, host_eval):
-  """Exact PES per MoE layer on `train.pes_tokens` tokens sampled from the eval set.
+def final_pes(env, state, eval_batches):
+  """Exact PES per MoE layer on `train.pes_tokens` tokens sampled from the first global eval
+  batches (as many whole batches as hold that many tokens; whole batches keep the batch axis
+  divisible by its shards, so every process runs the same computation).
 
+  Args:
+    eval_batches: global eval batches (`to_global(b, env.batch_sharding, EVAL_KEYS)`).
   Returns:
     dict eval/pes_min, eval/pes_mean, eval/layer_<i>/pes (empty for dense models or when
     pes_tokens is 0).
   """
   n = int(env.cfg.train.pes_tokens)
-  if env.mcfg.moe is None or n <= 0 or not host_eval:
+  if env.mcfg.moe is None or n <= 0 or not eval_batches:
     return {}
-  tokens = np.concatenate([b["inputs"] for b in host_eval])
-  tokens = tokens[:max(1, math.ceil(n / tokens.shape[1]))]
+  inputs = []
+  for b in eval_batches:
+    inputs.append(b["inputs"])
+    if sum(x.size for x in inputs) >= n:
+      break
+  tokens = inputs[0] if len(inputs) == 1 else jax.numpy.concatenate(inputs)
   pes = analysis.layer_pes(jax.random.key(int(env.cfg.seed)), env.model, state.params,
-                           jax.numpy.asarray(tokens), num_tokens=n,
-                           expert_bias=state.expert_bias)
+                           tokens, num_tokens=n, expert_bias=state.expert_bias)
   layer_ids = env.mcfg.moe_layer_ids
   out = {"eval/pes_min": pes["min"], "eval/pes_mean": pes["mean"]}
   out.update({f"eval/layer_{i}/pes": float(v) for i, v in zip(layer_ids, pes["pes"])})
@@ -516,7 +536,7 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
       state, step, status, timing = run_loop(env, state, it, ckpt=ckpt, writer=writer,
                                              on_eval=run_eval, hooks=hooks)
       if status == "done":
-        summary.update(run_eval(state, step, final_pes(env, state, host_eval), final=True))
+        summary.update(run_eval(state, step, final_pes(env, state, eval_batches), final=True))
         writer.hparams(telemetry.hparams(cfg.to_dict()),
                        {k: summary[k] for k in telemetry.HPARAM_METRICS if k in summary})
   except NonFiniteLossError as e:
@@ -588,7 +608,7 @@ def eval_telemetry(env, eval_batches, writer):
         step, step * tokens_per_step, "eval", layer_ids, load))
     if not env.cfg.log.tensorboard:
       return
-    kernels = np.asarray(jax.device_get(model_lib.router_kernels(state.params, env.mcfg)))
+    kernels = host_router_kernels(env, state.params)
     logits = None
     if logit_fn is not None:
       logits = np.asarray(jax.device_get(logit_fn(state.params, state.expert_bias,

@@ -5,16 +5,22 @@ Only process 0 writes. Metrics are flat dicts of scalars with '/' namespaces
 per-expert load, `telemetry.LOAD_FILE`) go to their own JSONL files through `write_record`, and
 images, histograms and hparams to TensorBoard only. On resume from step s the trainer calls
 `MetricWriter.drop_after(s)`, so records of steps redone after a crash appear once and every
-file stays increasing in step.
+file stays increasing in step. The workdir may be local or a cloud path (`gs://`, see
+MetricWriter).
 """
 
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 
 from absl import logging
+from etils import epath
 import numpy as np
+
+from simbal_jax import paths
 
 
 def _scalar(v):
@@ -26,30 +32,58 @@ def _scalar(v):
 
 
 class MetricWriter:
-  """Appends {'step': s, **metrics} lines to <workdir>/metrics.jsonl and TensorBoard scalars."""
+  """Appends {'step': s, **metrics} lines to <workdir>/metrics.jsonl and TensorBoard scalars.
 
-  def __init__(self, workdir, *, tensorboard=True, enabled=True, record_files=()):
+  A local workdir is written in place: each line is appended and flushed, events go to
+  <workdir>/tb. A cloud workdir (`gs://`) cannot be appended to, and tensorboardX would need
+  google-cloud-storage and keep each event file in memory: the JSONL files and the events are
+  staged in a local temporary directory instead (the JSONL files start as copies of the
+  workdir's, so a resumed run continues them), and `flush()` uploads every staged file that
+  changed, whole, replacing its object: from `write` at most every `sync_every` seconds, and
+  always at `drop_after` and `close`. The trainer flushes at every checkpoint, so the cloud copy
+  holds every record up to the newest checkpoint; a process killed without `close` loses only
+  later records, which its resumed run writes again.
+  """
+
+  SYNC_EVERY = 60.0  # seconds between uploads from `write` (GCS: ~1 write/s per object)
+
+  def __init__(self, workdir, *, tensorboard=True, enabled=True, record_files=(),
+               sync_every=SYNC_EVERY):
     """Args:
-      workdir: the run directory.
+      workdir: the run directory, local or cloud.
       tensorboard: also write TensorBoard events to <workdir>/tb.
       enabled: False on processes other than 0 (nothing is written).
       record_files: names of the `write_record` files that `drop_after` trims on resume.
+      sync_every: a cloud workdir: seconds between uploads from `write`.
     """
     self.enabled = enabled
-    self.workdir = workdir
+    self.workdir = paths.resolve(workdir)
     self.record_files = tuple(record_files)
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = self.workdir / "metrics.jsonl"
     self._tb = None
     self._file = None
     self._records = {}  # file name -> open file of `write_record`
+    self._stage = None  # local staging directory when the workdir is on a cloud filesystem
+    self._local = self.workdir  # where the files are written: the workdir or the stage
+    self._uploaded = {}  # staged path relative to the stage -> (size, mtime_ns) last uploaded
+    self.sync_every, self._synced = float(sync_every), time.time()
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._file = open(self.path, "a", encoding="utf-8")
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    if not paths.is_local(self.workdir):
+      self._stage = self._local = epath.Path(tempfile.mkdtemp(prefix="simbal_writer_"))
+      for name in ("metrics.jsonl",) + self.record_files:
+        if (self.workdir / name).exists():
+          paths.copy_file(self.workdir / name, self._stage / name)
+          self._uploaded[name] = _signature(self._stage / name)
+      logging.info("workdir %s is on a cloud filesystem: metrics, records and TensorBoard "
+                   "events are staged in %s and uploaded every %g s, at checkpoints and at the "
+                   "end", self.workdir, self._stage, self.sync_every)
+    self._file = open(self._local / "metrics.jsonl", "a", encoding="utf-8")
     if tensorboard:
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+        self._tb = SummaryWriter(os.fspath(self._local / "tb"))
       except Exception as e:  # pylint: disable=broad-except
         logging.warning("TensorBoard writer unavailable (%s); JSONL only", e)
 
@@ -65,6 +99,8 @@ class MetricWriter:
       for k, v in rec.items():
         if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
           self._tb.add_scalar(k, v, global_step=int(step))
+    if self._stage is not None and time.time() - self._synced >= self.sync_every:
+      self.flush()
 
   def write_record(self, name, record):
     """Appends the JSON object `record` (with a "step") as a line of <workdir>/<name>, one of
@@ -74,7 +110,7 @@ class MetricWriter:
     if name not in self.record_files:
       raise ValueError(f"write_record: {name!r} is not one of record_files {self.record_files}")
     if name not in self._records:
-      self._records[name] = open(os.path.join(self.workdir, name), "a", encoding="utf-8")
+      self._records[name] = open(self._local / name, "a", encoding="utf-8")
     self._records[name].write(json.dumps(record, allow_nan=True) + "\n")
     self._records[name].flush()
 
@@ -95,40 +131,77 @@ class MetricWriter:
     if self._tb is not None:
       self._tb.add_hparams(hparams, {k: float(v) for k, v in metrics.items()}, name="hparams")
 
+  def flush(self):
+    """Makes everything written so far durable in the workdir (a cloud workdir: uploads the
+    staged files that changed)."""
+    if not self.enabled or self._file is None:
+      return
+    self._file.flush()
+    if self._tb is not None:
+      self._tb.flush()
+    if self._stage is None:
+      return
+    for dirpath, _, files in os.walk(self._stage):
+      for f in files:
+        local = epath.Path(dirpath) / f
+        rel = paths.relpath(local, self._stage)
+        sig = _signature(local)
+        if sig != self._uploaded.get(rel):  # files only grow or are rewritten: replace
+          paths.copy_file(local, self.workdir / rel)
+          self._uploaded[rel] = sig
+    self._synced = time.time()
+
   def drop_after(self, step):
     """Removes the records with step > `step` (and unreadable lines, e.g. a line cut by a crash)
     from metrics.jsonl and the `write_record` files.
 
-    Each file is rewritten atomically (temporary file + os.replace); later writes append.
-    TensorBoard keeps its events: readers take the last value of a step.
+    Each file (a cloud workdir: its staged copy, then uploaded) is rewritten atomically
+    (temporary file + os.replace); later writes append. TensorBoard keeps its events: readers
+    take the last value of a step.
     """
     if not self.enabled:
       return
     for name in list(self._records):
       self._records.pop(name).close()
     for name in self.record_files:
-      if os.path.exists(os.path.join(self.workdir, name)):
-        _drop_after(os.path.join(self.workdir, name), step)
-    if not os.path.exists(self.path):
-      return
-    self._file.close()
-    _drop_after(self.path, step)
-    self._file = open(self.path, "a", encoding="utf-8")
+      if os.path.exists(self._local / name):
+        _drop_after(self._local / name, step)
+    if os.path.exists(self._local / "metrics.jsonl"):
+      self._file.close()
+      _drop_after(self._local / "metrics.jsonl", step)
+      self._file = open(self._local / "metrics.jsonl", "a", encoding="utf-8")
+    self.flush()
 
   def close(self):
+    """Closes the files; a cloud workdir gets its last upload and the staging dir is removed."""
     for name in list(self._records):
       self._records.pop(name).close()
-    if self._file is not None:
-      self._file.close()
-      self._file = None
     if self._tb is not None:
-      self._tb.flush()
-      self._tb.close()
+      self._tb.close()  # writes its pending events
       self._tb = None
+    stage, uploaded = self._stage, False
+    try:
+      self.flush()
+      uploaded = True
+    finally:
+      if self._file is not None:
+        self._file.close()
+        self._file = None
+      self._stage = None
+      if stage is not None and uploaded:
+        shutil.rmtree(stage, ignore_errors=True)
+      elif stage is not None:
+        logging.error("upload to %s failed: the staged metrics and events are kept in %s",
+                      self.workdir, stage)
+
+
+def _signature(path):
+  st = os.stat(path)
+  return st.st_size, st.st_mtime_ns
 
 
 def _drop_after(path, step):
-  """Rewrites the JSONL file `path` without its records of step > `step`."""
+  """Rewrites the local JSONL file `path` without its records of step > `step`."""
   kept, dropped = [], 0
   with open(path, encoding="utf-8") as f:
     for line in f:
@@ -143,7 +216,7 @@ def _drop_after(path, step):
   if dropped:
     logging.info("%s: dropped %d records after step %d (resumed run)",
                  os.path.basename(path), dropped, step)
-    tmp = path + ".tmp"
+    tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
       f.writelines(kept)
       f.flush()
@@ -152,8 +225,8 @@ def _drop_after(path, step):
 
 
 def read_jsonl(path):
-  """Reads a metrics.jsonl file into a list of dicts."""
-  with open(path, encoding="utf-8") as f:
+  """Reads a metrics.jsonl file (local or cloud) into a list of dicts."""
+  with paths.resolve(path).open("r") as f:
     return [json.loads(line) for line in f if line.strip()]
 
 

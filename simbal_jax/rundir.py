@@ -1,11 +1,12 @@
 """The run directory: one run at a time, and what a resumed run may change.
 
 `WorkdirLock` holds `<workdir>/run.lock` for a run's lifetime (an flock plus a host/PID record
-with a heartbeat), so a second run on the same workdir fails at once, naming the holder; a lock
-left by a dead process is taken over with a warning. `check_config_compat` compares the config
-saved in a checkpoint with the new one: fields that change state shapes or the data order can
-never change; other fields that change the training (method, learning rate, schedule length)
-only when `ckpt.allow_config_change` names them; execution and logging fields are free.
+with a heartbeat; on a cloud workdir the record alone, best effort), so a second run on the same
+workdir fails at once, naming the holder; a lock left by a dead process is taken over with a
+warning. `check_config_compat` compares the config saved in a checkpoint with the new one:
+fields that change state shapes or the data order can never change; other fields that change
+the training (method, learning rate, schedule length) only when `ckpt.allow_config_change` names
+them; execution and logging fields are free.
 `check_finite` rejects NaN / Inf numbers in a config before anything is built.
 """
 
@@ -19,6 +20,9 @@ import threading
 import time
 
 from absl import logging
+from etils import epath
+
+from simbal_jax import paths
 
 LOCK_NAME = "run.lock"
 
@@ -35,6 +39,8 @@ FREE = ("ckpt.", "log.", "mesh.", "data.cache_dir", "data.worker_count", "train.
         "train.token_budget", "model.remat",
         "model.attention_impl", "moe.router_init", "moe.router_init_scale")
 
+_HELD = set()  # cloud lock paths held by a WorkdirLock of this process
+
 
 class WorkdirLockedError(RuntimeError):
   """Another live run holds the workdir; `.holder` is its lock record (host, pid, since)."""
@@ -43,7 +49,7 @@ class WorkdirLockedError(RuntimeError):
     h = holder or {}
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["since"])) if "since" in h else "?"
     super().__init__(
-        f"workdir {os.path.dirname(path)} is in use by another run: host {h.get('host', '?')}, "
+        f"workdir {paths.dirname(path)} is in use by another run: host {h.get('host', '?')}, "
         f"PID {h.get('pid', '?')}, since {since}{why} (lock file {path}). Wait for it to end or "
         "use another workdir; a lock left by a dead process is taken over automatically")
     self.holder = h
@@ -68,34 +74,60 @@ def _pid_alive(pid):
   return True
 
 
+def _lock_path(workdir):
+  return os.fspath(paths.resolve(workdir) / LOCK_NAME)
+
+
 class WorkdirLock:
   """Exclusive lock on a workdir for one run (only the primary process takes it).
 
-  The lock is an `flock` on `<workdir>/run.lock`, which the kernel drops when the holder dies,
-  plus a JSON record {host, pid, start, since} whose mtime a daemon thread refreshes every
+  Local workdir: an `flock` on `<workdir>/run.lock`, which the kernel drops when the holder
+  dies, plus a JSON record {host, pid, start, since} whose mtime a daemon thread refreshes every
   `HEARTBEAT` seconds, for filesystems where flock is not shared between hosts. A record of
   another process counts as held while that process lives (same host, same PID and start time)
   or, for another host, while its heartbeat is younger than `STALE_AFTER`.
+
+  Cloud workdir (`gs://`): an object store offers no flock, and epath no exclusive create, so
+  the lock is the record alone, best effort. It is written when no live run holds it (the rules
+  above; the heartbeat is the record's `beat` time, rewritten every `HEARTBEAT` seconds) and
+  read back; two runs starting at the same moment may both pass. The heartbeat logs an error
+  when another run has replaced the record. A second lock in the same process is always refused.
   """
 
   HEARTBEAT = 60.0
   STALE_AFTER = 600.0
 
   def __init__(self, workdir, *, enabled=True):
-    self.path = os.path.join(os.path.abspath(os.fspath(workdir)), LOCK_NAME)
+    self.path = _lock_path(workdir)
+    self._local = paths.is_local(self.path)
     self._fd = None
+    self._held = False
     self._stop = threading.Event()
     self._thread = None
     self.record = {"host": socket.gethostname(), "pid": os.getpid(),
                    "start": _proc_start(os.getpid()), "since": time.time()}
     if enabled:
-      self._acquire()
+      if self._local:
+        self._acquire()
+      else:
+        self._acquire_cloud()
+      self._held = True
+      self._thread = threading.Thread(target=self._beat, daemon=True, name="workdir-lock")
+      self._thread.start()
 
   @classmethod
   def check(cls, workdir, *, enabled=True):
     """Raises WorkdirLockedError when a live run holds `workdir` (reads only, creates nothing)."""
-    path = os.path.join(os.path.abspath(os.fspath(workdir)), LOCK_NAME)
-    if not enabled or not os.path.exists(path):
+    path = _lock_path(workdir)
+    if not enabled:
+      return
+    if not paths.is_local(path):
+      rec = _read_record(path)
+      why = " (a run in this process)" if path in _HELD else _held_by_other(rec, path)
+      if why is not None:
+        raise WorkdirLockedError(path, rec, why)
+      return
+    if not os.path.exists(path):
       return
     try:
       fd = os.open(path, os.O_RDONLY)
@@ -132,36 +164,62 @@ class WorkdirLock:
     if why is not None:
       os.close(fd)
       raise WorkdirLockedError(self.path, old, why)
-    if old and old.get("pid") is not None:
-      logging.warning("taking over the stale lock %s of host %s PID %s (that run is gone)",
-                      self.path, old.get("host"), old.get("pid"))
+    _warn_takeover(self.path, old)
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(self.record).encode(), 0)
     os.fsync(fd)
     self._fd = fd
-    self._thread = threading.Thread(target=self._beat, daemon=True, name="workdir-lock")
-    self._thread.start()
+
+  def _acquire_cloud(self):
+    old = _read_record(self.path)
+    why = " (a run in this process)" if self.path in _HELD else _held_by_other(old, self.path)
+    if why is not None:
+      raise WorkdirLockedError(self.path, old, why)
+    _warn_takeover(self.path, old)
+    self.record["beat"] = time.time()
+    paths.write_text(self.path, json.dumps(self.record))
+    now = _read_record(self.path)
+    if not _same_run(now, self.record):
+      raise WorkdirLockedError(self.path, now, " (took the lock at the same moment)")
+    _HELD.add(self.path)
 
   def _beat(self):
+    lost = False
     while not self._stop.wait(self.HEARTBEAT):
       try:
-        os.utime(self.path)
-      except OSError:
-        pass
+        if self._local:
+          os.utime(self.path)
+          continue
+        rec = _read_record(self.path)
+        if rec and not _same_run(rec, self.record):
+          if not lost:
+            logging.error("another run (host %s, PID %s) replaced the lock %s: two runs may be "
+                          "writing this workdir", rec.get("host"), rec.get("pid"), self.path)
+          lost = True
+          continue
+        self.record["beat"] = time.time()
+        paths.write_text(self.path, json.dumps(self.record))
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("lock heartbeat on %s failed: %s", self.path, e)
 
   def release(self):
     """Stops the heartbeat, removes the record (when still ours) and drops the flock."""
-    if self._fd is None:
+    if not self._held:
       return
+    self._held = False
     self._stop.set()
-    if _read_record(self.path) == self.record:
+    if self._thread is not None:
+      self._thread.join()  # no heartbeat may rewrite the record after it is removed
+    if _same_run(_read_record(self.path), self.record):
       try:
-        os.remove(self.path)
+        epath.Path(self.path).unlink()
       except OSError as e:
         logging.warning("could not remove %s: %s", self.path, e)
-    fcntl.flock(self._fd, fcntl.LOCK_UN)
-    os.close(self._fd)
-    self._fd = None
+    _HELD.discard(self.path)
+    if self._fd is not None:
+      fcntl.flock(self._fd, fcntl.LOCK_UN)
+      os.close(self._fd)
+      self._fd = None
 
   def __enter__(self):
     return self
@@ -183,16 +241,26 @@ def _try_flock(fd):
 
 def read_lock(workdir):
   """The lock record of `workdir` ({} when there is none): host, pid, start, since."""
-  return _read_record(os.path.join(os.path.abspath(os.fspath(workdir)), LOCK_NAME))
+  return _read_record(_lock_path(workdir))
 
 
 def _read_record(path):
   try:
-    with open(path, encoding="utf-8") as f:
+    with epath.Path(path).open("r") as f:
       rec = json.load(f)
     return rec if isinstance(rec, dict) else {}
   except (OSError, ValueError):
     return {}
+
+
+def _same_run(rec, ours):
+  return all(rec.get(k) == ours[k] for k in ("host", "pid", "start", "since"))
+
+
+def _warn_takeover(path, old):
+  if old and old.get("pid") is not None:
+    logging.warning("taking over the stale lock %s of host %s PID %s (that run is gone)",
+                    path, old.get("host"), old.get("pid"))
 
 
 def _held_by_other(rec, path):
@@ -206,10 +274,13 @@ def _held_by_other(rec, path):
     start = _proc_start(pid)
     if start is not None and rec.get("start") is not None and start != rec["start"]:
       return None  # the PID was reused by another process
-    return " (alive, but not holding the flock)"
+    return " (alive, but not holding the flock)" if paths.is_local(path) else " (alive)"
   try:
-    age = time.time() - os.stat(path).st_mtime
-  except OSError:
+    if paths.is_local(path):
+      age = time.time() - os.stat(path).st_mtime
+    else:
+      age = time.time() - float(rec.get("beat", rec.get("since", 0.0)))
+  except (OSError, TypeError, ValueError):
     return None
   if age > WorkdirLock.STALE_AFTER:
     return None

@@ -16,10 +16,11 @@ Restore tries the newest checkpoint first and sorts any failure into one of:
 When every checkpoint is damaged `DamagedCheckpoints` names each. A run never starts from scratch
 over existing checkpoints unless asked to (`start_over`: the unusable checkpoints and a copy of
 metrics.jsonl move to `<checkpoints>/replaced.<time>/`).
+
+Directories may be local or cloud paths (`gs://`): Orbax takes epath paths, and the few moves
+done here go through epath (on an object store a rename copies and deletes every object).
 """
 
-import os
-import shutil
 import signal
 import threading
 import time
@@ -31,6 +32,7 @@ from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from simbal_jax import integrity
+from simbal_jax import paths
 from simbal_jax import rundir
 
 
@@ -77,7 +79,7 @@ class Checkpointer:
   ITEMS = ("state", "data", "config", "integrity")
 
   def __init__(self, directory, *, every=1000, max_to_keep=3, async_save=True):
-    self.directory = os.path.abspath(os.fspath(directory))
+    self.directory = paths.resolve(directory)  # epath.Path, local (absolute) or cloud
     self.every = int(every)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True, save_interval_steps=max(self.every, 1),
@@ -163,7 +165,7 @@ class Checkpointer:
     raise DamagedCheckpoints(self.directory, damaged)
 
   def _step_dir(self, step):
-    return os.path.join(self.directory, str(step))
+    return self.directory / str(step)
 
   def _attempt(self, step, what, fn):
     """Runs `fn`, turning its failure into _Damaged or a stopping error (classified)."""
@@ -187,7 +189,7 @@ class Checkpointer:
 
   def _restore_step(self, s, abstract_state, config, allow):
     where = f"checkpoint step {s} in {self.directory}"
-    has = {k: os.path.isdir(os.path.join(self._step_dir(s), k)) for k in self.ITEMS}
+    has = {k: (self._step_dir(s) / k).is_dir() for k in self.ITEMS}
     accepted = []
     if config is not None and has["config"]:
       saved = self._attempt(s, "reading its config", lambda: self.manager.restore(
@@ -229,11 +231,11 @@ class Checkpointer:
   def _set_aside(self, step, why):
     """Renames a damaged step dir to <step>.damaged.<time> so the step can be saved again."""
     src = self._step_dir(step)
-    dst = f"{src}.damaged.{int(time.time())}"
+    dst = src.parent / f"{src.name}.damaged.{int(time.time())}"
 
     def move():
       try:
-        os.rename(src, dst)
+        src.rename(dst)
         logging.warning("moved damaged checkpoint %s to %s (%s)", src, dst, why)
       except OSError as e:
         logging.warning("could not move damaged checkpoint %s aside: %s", src, e)
@@ -242,15 +244,15 @@ class Checkpointer:
 
   def _start_over(self, err):
     """Moves every step dir and a copy of ../metrics.jsonl into replaced.<time>/; returns None."""
-    dst = os.path.join(self.directory, f"replaced.{int(time.time())}")
+    dst = self.directory / f"replaced.{int(time.time())}"
 
     def move():
-      os.makedirs(dst, exist_ok=True)
+      dst.mkdir(parents=True, exist_ok=True)
       for s in self.all_steps():
-        os.rename(self._step_dir(s), os.path.join(dst, str(s)))
-      metrics = os.path.join(os.path.dirname(self.directory), "metrics.jsonl")
-      if os.path.exists(metrics):
-        shutil.copy2(metrics, os.path.join(dst, "metrics.jsonl"))
+        self._step_dir(s).rename(dst / str(s))
+      metrics = self.directory.parent / "metrics.jsonl"
+      if metrics.exists():
+        paths.copy_file(metrics, dst / "metrics.jsonl")
       logging.warning("ckpt.start_over: starting from scratch; the checkpoints that could not "
                       "be resumed (%s) and a copy of metrics.jsonl are in %s",
                       str(err).splitlines()[0], dst)
@@ -272,12 +274,13 @@ def restore_params_only(directory, abstract_params):
   """Reads only `state.params` from the latest checkpoint in `directory` (for init_from).
 
   Args:
-    directory: str, a checkpoints directory written by Checkpointer.
+    directory: str or epath.Path (local or cloud), a checkpoints directory written by
+      Checkpointer.
     abstract_params: pytree of jax.ShapeDtypeStruct for the parameters.
   Returns:
     The parameter pytree.
   """
-  manager = ocp.CheckpointManager(os.path.abspath(os.fspath(directory)),
+  manager = ocp.CheckpointManager(paths.resolve(directory),
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   try:
     for s in reversed(sorted(manager.all_steps())):

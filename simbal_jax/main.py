@@ -1,5 +1,8 @@
 """Command line: `python -m simbal_jax.main --config=configs/moe_m.py:simbal --workdir=runs/x`.
 
+The workdir may be a cloud path (`--workdir=gs://bucket/run` on a TPU VM): it stays one (see
+simbal_jax/paths.py).
+
 Any config field can be overridden: `--config.moe.num_experts=16`. Installed as `simbal-train`.
 A command-line mistake (unknown field, missing config file, bad value or variant) and a config,
 data or checkpoint error found before training end in one message on stderr, no traceback
@@ -28,7 +31,8 @@ def define_flags():
     return
   config_flags.DEFINE_config_file(
       "config", None, "Training config file (configs/<x>.py[:variant]).", lock_config=True)
-  flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and data.")
+  flags.DEFINE_string("workdir", None, "Run directory for checkpoints, metrics and data: local, "
+                      "or a cloud path (gs://bucket/run) read and written through etils.epath.")
   flags.mark_flags_as_required(["config", "workdir"])
 
 

@@ -11,7 +11,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import time
 from typing import Any
 
@@ -27,6 +26,7 @@ from simbal_jax import data as data_lib
 from simbal_jax import memory
 from simbal_jax import model as model_lib
 from simbal_jax import optim
+from simbal_jax import paths
 from simbal_jax import rundir
 from simbal_jax import sharding
 from simbal_jax import step as step_lib
@@ -121,7 +121,8 @@ def build(config, workdir=None, devices=None, *, data=True):
 
   Args:
     config: ConfigDict (configs/base.py).
-    workdir: run directory (the data cache defaults to <workdir>/data); needed with data.
+    workdir: run directory, local or cloud (the data cache defaults to <workdir>/data, or a
+      local directory for a cloud workdir: data.make_datasets); needed with data.
     devices: devices for the mesh (default: all).
     data: prepare the data (train iterator, eval set); without it `model.vocab_size` must be
       set (benchmarks).
@@ -261,14 +262,13 @@ def restore_run(run_dir, devices=None):
   Raises:
     FileNotFoundError: no config.json or no checkpoint.
   """
-  path = os.path.join(run_dir, "config.json")
-  if not os.path.exists(path):
+  run_dir = paths.resolve(run_dir)
+  path = run_dir / "config.json"
+  if not path.exists():
     raise FileNotFoundError(f"{run_dir}: no config.json (not a run directory)")
-  with open(path, encoding="utf-8") as f:
-    cfg = ml_collections.ConfigDict(json.load(f))
+  cfg = ml_collections.ConfigDict(json.loads(path.read_text()))
   env = build(cfg, run_dir, devices)
-  ckpt = checkpoint.Checkpointer(os.path.join(run_dir, "checkpoints"), every=0,
-                                 async_save=False)
+  ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", every=0, async_save=False)
   try:
     with sharding.mesh_rules(env.mesh, env.rules):
       got = ckpt.restore(env.abstract, config=env.cfg.to_dict())
@@ -365,16 +365,13 @@ def _host(metrics):
 
 
 def write_json(path, obj):
-  """Writes `obj` as JSON to `path` atomically (temporary file + os.replace)."""
-  tmp = path + f".tmp{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=1, sort_keys=True, default=str)
-  os.replace(tmp, path)
+  """Writes `obj` as JSON to `path` (local or cloud) atomically (paths.write_text)."""
+  paths.write_text(path, json.dumps(obj, indent=1, sort_keys=True, default=str))
 
 
 def write_config(workdir, cfg):
   """Writes the resolved config as <workdir>/config.json."""
-  write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
+  write_json(paths.resolve(workdir) / "config.json", cfg.to_dict())
 
 
 class _Timer:
@@ -453,6 +450,8 @@ def run_loop(env, state, it, *, ckpt, writer, on_eval, hooks=()):
         save(state, step)
       if preempt.requested:
         save(state, step, force=True)
+      if due_save or preempt.requested:
+        writer.flush()  # a cloud workdir's metrics.jsonl then holds every step saved
       timer.paused += time.time() - t_pause
       if preempt.requested:
         status = "preempted"
@@ -475,7 +474,8 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
 
   Args:
     config: ConfigDict (see configs/base.py).
-    workdir: str, run directory (config.json, checkpoints/, metrics.jsonl, tb/, data cache).
+    workdir: str or epath.Path, run directory, local or cloud (`gs://bucket/run`): config.json,
+      checkpoints/, metrics.jsonl, tb/, data cache (local for a cloud workdir).
     hooks: callables hook(step, state) run on the host after each dispatched step (testing,
       profiling); they must not block on the state unless they mean to.
     devices: devices for the mesh (default: all).
@@ -483,19 +483,19 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
     ValueError: bad config / data / mesh (before training starts).
     NonFiniteLossError: NaN or Inf training loss (names the step).
   """
-  workdir = os.path.abspath(workdir)
+  workdir = paths.resolve(workdir)  # a cloud path stays one (never ./gs:/...)
   rundir.WorkdirLock.check(workdir, enabled=jax.process_index() == 0)  # in use: fail now
   t0 = time.time()
   env = build(config, workdir, devices)  # validates before anything is written
   cfg, t = env.cfg, env.cfg.train
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  workdir.mkdir(parents=True, exist_ok=True)
   logging.info("devices: %d (%d processes), mesh %s", jax.device_count(), jax.process_count(),
                dict(env.mesh.shape))
   check_memory(env)
   ckpt = None
   if cfg.ckpt.enabled:
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every=cfg.ckpt.every,
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", every=cfg.ckpt.every,
                                    max_to_keep=cfg.ckpt.max_to_keep,
                                    async_save=cfg.ckpt.async_save)
   writer = writers.MetricWriter(workdir, tensorboard=cfg.log.tensorboard, enabled=is_main,
@@ -524,7 +524,7 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
         m, sums = evaluate(env, eval_step, st, eval_batches)
         m.update(extra or {})
         if final and is_main:  # per-sequence losses: paired errors of differences between runs
-          write_json(os.path.join(workdir, "eval_seq_loss.json"), {"step": step, "ce_seq": [
+          write_json(workdir / "eval_seq_loss.json", {"step": step, "ce_seq": [
               float(x) for s in sums for x in np.asarray(s["ce_seq"]).reshape(-1)]})
         writer.write(step, {**m, "train/tokens": step * tokens_per_step})
         summary["expert_load"] = analysis.eval_load(sums)

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from simbal_jax import paths
 from simbal_jax.data import packing
 from simbal_jax.data import sources
 from simbal_jax.data import tokenizers
@@ -212,6 +213,24 @@ def _check_sizes(train, eval_, batch_size, seq_len, what):
           f"data.eval_fraction) or a smaller batch_size / seq_len")
 
 
+def local_cache_dir(cache_dir: str, workdir) -> str:
+  """The prepared-data cache: `cache_dir`, else <workdir>/data, on a local disk.
+
+  Token streams are memory-mapped, and the array_record, TFDS and SentencePiece files are
+  written and read by libraries that want local files, so a cloud path (`gs://`: a cloud
+  workdir or data.cache_dir) is replaced, with a log line, by ~/.cache/simbal_jax/data. The
+  cache is keyed by content, never by location, so runs sharing it reuse each other's files.
+  """
+  wanted = cache_dir or os.path.join(os.fspath(workdir), "data")
+  if paths.is_local(wanted):
+    return wanted
+  local = os.path.join(os.path.expanduser("~"), ".cache", "simbal_jax", "data")
+  logging.info("data cache %s is not on a local disk (token files are memory-mapped): using %s "
+               "instead (set data.cache_dir to a local directory to choose another)", wanted,
+               local)
+  return local
+
+
 def make_datasets(data_cfg, *, seq_len: int, batch_size: int, workdir: str, seed: int,
                   process_index: int = 0, process_count: int = 1) -> Datasets:
   """Prepares (or reuses) the data and returns train/eval access for this host.
@@ -220,7 +239,8 @@ def make_datasets(data_cfg, *, seq_len: int, batch_size: int, workdir: str, seed
     data_cfg: cfg.data (ConfigDict or dict; missing fields take the defaults of configs/base.py).
     seq_len: int, model sequence length L.
     batch_size: int, GLOBAL batch size (divisible by process_count).
-    workdir: str, run directory; the cache defaults to <workdir>/data.
+    workdir: str or epath.Path, run directory; the cache defaults to <workdir>/data
+      (`local_cache_dir`: a local directory when that is a cloud path).
     seed: int, training seed (shuffle order; the split and the corpus never depend on it).
     process_index: int, this host's index.
     process_count: int, number of hosts.
@@ -240,9 +260,7 @@ def make_datasets(data_cfg, *, seq_len: int, batch_size: int, workdir: str, seed
   if batch_size % process_count:
     raise ValueError(f"global batch_size {batch_size} is not divisible by process_count "
                      f"{process_count}")
-  cache_dir = cfg["cache_dir"] or os.path.join(workdir, "data")
-  if "://" in cache_dir:  # memory-mapped token files need a local disk
-    cache_dir = os.path.join(os.path.expanduser("~"), ".cache", "simbal_jax", "data")
+  cache_dir = local_cache_dir(cfg["cache_dir"], workdir)
   start = time.time()
   tok, train, eval_, info = prepare.prepare(cfg, seq_len=seq_len, cache_dir=cache_dir)
   _check_sizes(train, eval_, batch_size, seq_len, f"data.source={cfg['source']!r}")

@@ -20,8 +20,10 @@ import os
 import time
 from typing import Callable, Iterable
 
+from etils import epath
 import numpy as np
 
+from simbal_jax import paths
 from simbal_jax.data import packing
 from simbal_jax.data import records
 from simbal_jax.data import sources
@@ -87,7 +89,7 @@ def _record_corpus(cfg) -> _Corpus:
   # Like text_files: every file's size and mtime, so a cached corpus needs no second read.
   key = tfds_builder.cache_key({
       "v": 1, "source": fmt, "files": sources.file_fingerprint(files),
-      "root": os.path.abspath(root), "text_field": field, "max_docs": max_docs,
+      "root": paths.absolute(root), "text_field": field, "max_docs": max_docs,
       "eval_fraction": frac})
   return _Corpus(key, texts, f"{fmt} ({len(files)} files) under {root}", tagged=tagged)
 
@@ -95,14 +97,16 @@ def _record_corpus(cfg) -> _Corpus:
 def _tfds_data_source(cfg, split):
   """A random-access TFDS source for `split`; clear error when it is missing or not array_record."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  # data_dir and a builder directory may be cloud paths: TFDS reads them through etils.epath.
   name, data_dir = cfg["tfds_name"], cfg["tfds_data_dir"] or None
-  if os.sep in name and os.path.isdir(name) and not os.path.isfile(
-      os.path.join(name, "dataset_info.json")):
+  builder_dir = epath.Path(name)
+  has_info = (builder_dir / "dataset_info.json").exists()
+  if "/" in name and not has_info and builder_dir.is_dir():
     raise ValueError(f"data.tfds_name {name!r} is a directory without dataset_info.json; give "
                      "a prepared builder directory (…/name/version) or a dataset name")
   try:
-    if os.path.isfile(os.path.join(name, "dataset_info.json")):
-      return tfds.builder_from_directory(name).as_data_source(split=split)
+    if has_info:
+      return tfds.builder_from_directory(builder_dir).as_data_source(split=split)
     return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except Exception as e:  # tfds raises many types here; re-raise with the fix
     raise ValueError(

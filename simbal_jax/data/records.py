@@ -5,15 +5,18 @@ Parquet batch of rows), never whole, so DCLM shards (`.jsonl.zst`) and Hugging F
 files are used as they are; no TensorFlow. A document's id is `<stem>:<index>`: the file's path
 relative to the corpus root without its format and compression suffixes, and the 0-based line
 (JSON Lines, blank lines counted) or row (Parquet). The id, and so the split by its hash, depends
-neither on where the corpus lies nor on how a shard is compressed or stored.
+neither on where the corpus lies nor on how a shard is compressed or stored. Files may be local
+or cloud paths (`gs://`, read through etils.epath).
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
 from typing import Iterator
 
+from simbal_jax import paths
 from simbal_jax.data import sources
 
 FORMATS = ("jsonl", "parquet")
@@ -33,18 +36,22 @@ def record_id(path: str, root: str, index: int) -> str:
   return f"{stem}:{index}"
 
 
+@contextlib.contextmanager
 def _open_binary(path: str):
   """A buffered binary stream of the decompressed bytes of `path` (by its suffix)."""
-  if path.endswith(".gz"):
-    return gzip.open(path, "rb")
-  if path.endswith((".zst", ".zstd")):
-    import zstandard  # pylint: disable=g-import-not-at-top
-    raw = open(path, "rb")  # pylint: disable=consider-using-with
-    # Shards written in several frames (or with --long) are read to the end.
-    reader = zstandard.ZstdDecompressor(max_window_size=2**31).stream_reader(
-        raw, read_across_frames=True, closefd=True)
-    return io.BufferedReader(reader, buffer_size=1 << 20)
-  return open(path, "rb")  # pylint: disable=consider-using-with
+  with paths.resolve(path).open("rb") as raw:
+    if path.endswith(".gz"):
+      with gzip.GzipFile(fileobj=raw, mode="rb") as f:
+        yield f
+    elif path.endswith((".zst", ".zstd")):
+      import zstandard  # pylint: disable=g-import-not-at-top
+      # Shards written in several frames (or with --long) are read to the end.
+      reader = zstandard.ZstdDecompressor(max_window_size=2**31).stream_reader(
+          raw, read_across_frames=True, closefd=False)
+      with io.BufferedReader(reader, buffer_size=1 << 20) as f:
+        yield f
+    else:
+      yield raw
 
 
 def _check_text(value, where: str, field: str) -> str | None:
@@ -99,8 +106,8 @@ def iter_parquet(path: str, field: str) -> Iterator[tuple[int, str | None]]:
     ValueError: naming the file, when it is not Parquet or has no column `field`.
   """
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-  try:
-    pfile = pq.ParquetFile(path)
+  try:  # a cloud file is read through epath (seekable), a local one by pyarrow itself
+    pfile = pq.ParquetFile(path if paths.is_local(path) else paths.resolve(path).open("rb"))
   except Exception as e:  # pyarrow raises ArrowInvalid / OSError for a non-Parquet file
     raise ValueError(f"cannot read {path} as Parquet: {type(e).__name__}: {e}") from e
   names = pfile.schema_arrow.names

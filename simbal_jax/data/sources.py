@@ -4,7 +4,9 @@ Documents are `(doc_id, text)` pairs. The train/validation split is a pure funct
 document id (`is_eval_doc`), so it is deterministic and disjoint by document on every machine.
 A file's id is its path relative to the corpus root (`doc_id`: the stdlib directory, or the
 non-wildcard prefix of the globs), so neither the install path nor the corpus location matters.
-Record files (jsonl, parquet: one document per record) are read by `records.py`.
+Globs may name a cloud location (`gs://bucket/corpus/*.jsonl.zst`): files are then listed, read
+and fingerprinted through etils.epath. Record files (jsonl, parquet: one document per record)
+are read by `records.py`.
 """
 from __future__ import annotations
 
@@ -16,7 +18,10 @@ import re
 import sysconfig
 from typing import NamedTuple
 
+from etils import epath
 import numpy as np
+
+from simbal_jax import paths
 
 SOURCES = ("stdlib", "text_files", "tfds", "synthetic", "jsonl", "parquet")
 _SKIP_DIRS = ("site-packages", "dist-packages", "__pycache__")
@@ -36,12 +41,12 @@ def is_eval_doc(doc_id: str, eval_fraction: float) -> bool:
 
 def doc_id(path: str, root: str) -> str:
   """Id of the document in file `path`: its path relative to the corpus `root`, '/'-separated."""
-  return os.path.relpath(os.path.abspath(path), os.path.abspath(root)).replace(os.sep, "/")
+  return paths.relpath(path, root)
 
 
 def corpus_root(files: list[str]) -> str:
   """Fallback corpus root of a non-empty file list: the deepest directory holding all of them."""
-  return os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
+  return paths.commonpath([paths.dirname(paths.absolute(f)) for f in files])
 
 
 def stdlib_dir() -> str:
@@ -73,6 +78,12 @@ def glob_files(globs: str) -> list[str]:
   """
   files = set()
   for pattern in _patterns(globs):
+    if not paths.is_local(pattern):
+      matched = _cloud_glob(pattern)
+      if not matched:
+        raise ValueError(f"data.globs: the glob {pattern!r} matches no file")
+      files.update(matched)
+      continue
     matched = glob.glob(os.path.expanduser(pattern), recursive=True)
     for f in matched:
       if os.path.islink(f) and not os.path.exists(f):
@@ -91,13 +102,22 @@ def glob_root(globs: str) -> str:
   `/data/corpus/**/*.txt` -> `/data/corpus`; `/a/x/*.txt,/a/y/*.txt` -> `/a`; a plain file
   path -> its directory. Document ids are relative to it (`doc_id`).
   """
-  roots = []
-  for pattern in _patterns(globs):
-    head = os.path.dirname(os.path.abspath(os.path.expanduser(pattern)))
-    while _GLOB_MAGIC.search(head):
-      head = os.path.dirname(head)
-    roots.append(head)
-  return os.path.commonpath(roots)
+  return paths.commonpath([_glob_head(p) for p in _patterns(globs)])
+
+
+def _glob_head(pattern: str) -> str:
+  """The directory above the first wildcard of `pattern` (absolute, or a URI)."""
+  head = paths.dirname(paths.absolute(pattern))
+  while _GLOB_MAGIC.search(head):
+    head = paths.dirname(head)
+  return head
+
+
+def _cloud_glob(pattern: str) -> list[str]:
+  """Files matched by a cloud glob (`gs://b/dir/**/*.jsonl`), through epath."""
+  head = _glob_head(pattern)
+  rest = paths.relpath(pattern, head)
+  return [os.fspath(p) for p in epath.Path(head).glob(rest) if p.is_file()]
 
 
 def _patterns(globs: str) -> list[str]:
@@ -117,7 +137,7 @@ def read_text(path: str, *, strict: bool) -> str | None:
       (contains NUL bytes or is not valid UTF-8); False returns None instead.
   """
   try:
-    with open(path, "rb") as f:
+    with paths.resolve(path).open("rb") as f:
       raw = f.read()
   except OSError as e:
     if strict:
@@ -153,7 +173,7 @@ def select_files(files: list[str], max_docs: int, max_bytes: int,
   for f in sorted(files, key=lambda f: doc_hash("select:" + doc_id(f, root))):
     if max_docs and len(chosen) >= max_docs:
       break
-    size = os.path.getsize(f)
+    size = file_size(f)
     if max_bytes and chosen and total + size > max_bytes:
       continue
     chosen.append(f)
@@ -165,9 +185,18 @@ def file_fingerprint(files: list[str]) -> list[tuple[str, int, int]]:
   """(path, size, mtime_ns) for each file: part of the cache key of prepared data."""
   out = []
   for f in files:
-    st = os.stat(f)
-    out.append((f, st.st_size, st.st_mtime_ns))
+    if paths.is_local(f):
+      st = os.stat(f)
+      out.append((f, st.st_size, st.st_mtime_ns))
+    else:
+      st = epath.Path(f).stat()
+      out.append((f, int(st.length), int(st.mtime)))
   return out
+
+
+def file_size(path: str) -> int:
+  """Size in bytes of a local or cloud file."""
+  return os.path.getsize(path) if paths.is_local(path) else int(epath.Path(path).stat().length)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import logging
 import os
 import time
 
+from simbal_jax import paths
 from simbal_jax.data import sources
 
 BUILDER_NAME = "simbal_text_corpus"
@@ -116,7 +117,7 @@ def prepare_text_corpus(files: list[str], *, eval_fraction: float, cache_dir: st
         f"{tag}: {len(files)} documents give an empty {'validation' if n_eval == 0 else 'train'}"
         f" split with eval_fraction={eval_fraction}; add documents or change data.eval_fraction")
   # The key covers every file's size and mtime: a cached dataset needs no second read.
-  key = cache_key({"v": 2, "files": sources.file_fingerprint(files), "root": os.path.abspath(root),
+  key = cache_key({"v": 2, "files": sources.file_fingerprint(files), "root": paths.absolute(root),
                    "eval_fraction": eval_fraction, "strict": strict})
   data_dir = os.path.join(cache_dir, "tfds", f"{tag}_{key}")
   cls = _get_builder_class()

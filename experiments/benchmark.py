@@ -446,9 +446,10 @@ def main(argv):
   if report["peak_tflops"] is None and _WHAT.value != "memory":
     print("MFU: n/a (no --peak_tflops for this platform)")
   if _OUT.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-    with open(_OUT.value, "w") as fh:
-      json.dump(report, fh, indent=1, default=str)
+    from simbal_jax import paths  # pylint: disable=g-import-not-at-top
+    out = paths.resolve(_OUT.value)  # local or gs://
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths.write_text(out, json.dumps(report, indent=1, default=str))
     print(f"wrote {_OUT.value}")
 
 

@@ -16,7 +16,8 @@ evaluation set. Then the table is aggregated.
 `--aggregate` reads run directories made anywhere (e.g. on several machines and copied
 together): it needs each run's `metrics.jsonl` and `config.json` (and uses `eval_seq_loss.json`
 when present, for the paired evaluation-set error of a difference). It writes `table.md`,
-`table.json` and `loss_vs_tokens.png` into the workdir and prints the table.
+`table.json` and `loss_vs_tokens.png` into the workdir and prints the table. The workdir may be
+a cloud path (`gs://bucket/conv`): runs, aggregation and outputs go through etils.epath.
 
 Definitions (all on the shared evaluation set; per seed, then over seeds):
   final loss      eval/loss at the last step; mean ± std over seeds, and perplexity.
@@ -55,6 +56,8 @@ import sys
 import time
 
 import numpy as np
+
+from simbal_jax import paths
 
 _ROUTING = ("maxvio", "load_cv", "seu", "entropy", "dead", "ortho_l1", "ortho_mse", "pes_min")
 # Two-sided 95 % Student t quantiles t_{0.975, df} for df = 1..30 (larger df: normal 1.96).
@@ -117,7 +120,7 @@ _SEED_DIR = re.compile(r"^seed(\d+)$")
 
 def _read_jsonl(path):
   out = []
-  with open(path, encoding="utf-8") as f:
+  with paths.resolve(path).open("r") as f:
     for line in f:
       try:
         out.append(json.loads(line))
@@ -136,13 +139,13 @@ def load_runs(workdir):
     evaluation is not at the configured final step.
   """
   runs, incomplete = [], []
-  for root, dirs, _ in os.walk(workdir):
+  top = paths.resolve(workdir)
+  for root, dirs, _ in top.walk():
     dirs.sort()
-    name = os.path.basename(root)
-    m = _SEED_DIR.match(name)
-    if not m or root == workdir:
+    m = _SEED_DIR.match(root.name)
+    if not m or root == top:
       continue
-    rel = os.path.relpath(root, workdir).split(os.sep)
+    rel = paths.relpath(root, top).split("/")
     lr = None
     parts = rel[:-1]
     if len(parts) >= 2 and _LR_DIR.match(parts[-1]):
@@ -151,13 +154,12 @@ def load_runs(workdir):
     if len(parts) != 1:
       continue
     method = parts[0]
-    cfg_path, met_path = os.path.join(root, "config.json"), os.path.join(root, "metrics.jsonl")
-    missing = [p for p in (cfg_path, met_path) if not os.path.exists(p)]
+    cfg_path, met_path = root / "config.json", root / "metrics.jsonl"
+    missing = [p for p in (cfg_path, met_path) if not p.exists()]
     if missing:
-      incomplete.append(f"{root}: missing {', '.join(os.path.basename(p) for p in missing)}")
+      incomplete.append(f"{root}: missing {', '.join(p.name for p in missing)}")
       continue
-    with open(cfg_path, encoding="utf-8") as f:
-      cfg = json.load(f)
+    cfg = json.loads(cfg_path.read_text())
     num_steps = int(cfg["train"]["num_steps"])
     tokens_per_step = int(cfg["train"]["global_batch_size"]) * int(cfg["train"]["seq_len"])
     evals = [r for r in _read_jsonl(met_path) if "eval/loss" in r]
@@ -167,11 +169,10 @@ def load_runs(workdir):
                         f"{num_steps} steps)")
       continue
     seq_loss = None
-    seq_path = os.path.join(root, "eval_seq_loss.json")
-    if os.path.exists(seq_path):
-      with open(seq_path, encoding="utf-8") as f:
-        seq_loss = json.load(f).get("ce_seq")
-    runs.append(dict(method=method, lr=lr, seed=int(m.group(1)), dir=root,
+    seq_path = root / "eval_seq_loss.json"
+    if seq_path.exists():
+      seq_loss = json.loads(seq_path.read_text()).get("ce_seq")
+    runs.append(dict(method=method, lr=lr, seed=int(m.group(1)), dir=os.fspath(root),
                      curve=[(r["step"] * tokens_per_step, r["eval/loss"]) for r in evals],
                      final=evals[-1], tokens=num_steps * tokens_per_step, seq_loss=seq_loss,
                      lr_config=float(cfg["opt"]["peak_lr"])))
@@ -322,7 +323,8 @@ def plot(table, runs, path):
             for name, e in table["methods"].items()}
   fig = plots.loss_vs_tokens(curves, reference=table["reference"], target=table["target_loss"],
                              title="Validation loss (mean, min-max band over seeds)")
-  fig.savefig(path, dpi=120)
+  with paths.resolve(path).open("wb") as f:  # local or cloud
+    fig.savefig(f, format="png", dpi=120)
 
 
 def write_outputs(workdir, reference="lbl"):
@@ -336,11 +338,10 @@ def write_outputs(workdir, reference="lbl"):
     print(f"[convergence] not included: {x}", flush=True)
   table = aggregate(runs, incomplete, reference)
   md = format_table(table)
-  with open(os.path.join(workdir, "table.json"), "w", encoding="utf-8") as f:
-    json.dump(table, f, indent=1)
-  with open(os.path.join(workdir, "table.md"), "w", encoding="utf-8") as f:
-    f.write(md + "\n")
-  plot(table, runs, os.path.join(workdir, "loss_vs_tokens.png"))
+  out = paths.resolve(workdir)
+  paths.write_text(out / "table.json", json.dumps(table, indent=1))
+  paths.write_text(out / "table.md", md + "\n")
+  plot(table, runs, out / "loss_vs_tokens.png")
   return table, md
 
 
@@ -377,7 +378,7 @@ def run_matrix(base_cfg, workdir, methods, seeds, lrs=(None,), say=print):
   for i, (lr, method, seed) in enumerate(jobs):
     d = run_dir(workdir, method, seed, lr)
     dirs.append(d)
-    if os.path.exists(os.path.join(d, "summary.json")):
+    if (paths.resolve(d) / "summary.json").exists():
       say(f"[{i + 1}/{len(jobs)}] {d}: finished, skipped")
       continue
     cfg = run_config(base_cfg, method, seed, lr, os.path.join(workdir, "data"))
@@ -389,8 +390,7 @@ def run_matrix(base_cfg, workdir, methods, seeds, lrs=(None,), say=print):
       say(f"{d}: {summary['status']} at step {summary['step']}; rerun to resume")
       return dirs
     keep = {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}
-    with open(os.path.join(d, "summary.json"), "w", encoding="utf-8") as f:
-      json.dump(keep, f, indent=1)
+    paths.write_text(paths.resolve(d) / "summary.json", json.dumps(keep, indent=1))
     say(f"[{i + 1}/{len(jobs)}] done in {time.time() - t0:.0f} s: final eval loss "
         f"{summary['eval/loss']:.4f} ± {summary.get('eval/loss_se', float('nan')):.4f} (se)")
   return dirs
@@ -401,14 +401,14 @@ def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
   fv = flags.FLAGS
-  workdir = os.path.abspath(fv.workdir)
+  workdir = paths.absolute(fv.workdir)  # a cloud path stays one
   if not fv.aggregate:
     if fv.config is None:
       raise SystemExit("convergence: --config is required to train (or pass --aggregate)")
     logging.set_verbosity(logging.WARNING)
     lrs = [float(x) for x in fv.lrs] if fv.lrs else [None]
     seeds = [int(s) for s in fv.seeds]
-    os.makedirs(workdir, exist_ok=True)
+    paths.resolve(workdir).mkdir(parents=True, exist_ok=True)
     run_matrix(fv.config, workdir, list(fv.methods), seeds, lrs,
                say=lambda m: print(f"[convergence] {m}", flush=True))
   table, md = write_outputs(workdir, fv.reference)

@@ -51,11 +51,12 @@ def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
   from experiments import convergence  # pylint: disable=g-import-not-at-top
+  from simbal_jax import paths  # pylint: disable=g-import-not-at-top
   from simbal_jax.configs import demo as demo_config  # pylint: disable=g-import-not-at-top
 
   logging.set_verbosity(logging.WARNING)
-  workdir = os.path.abspath(_WORKDIR.value)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = paths.absolute(_WORKDIR.value)  # local or gs://
+  paths.resolve(workdir).mkdir(parents=True, exist_ok=True)
   _say(f"jax {jax.__version__} on {jax.device_count()} {jax.devices()[0].platform} device(s); "
        f"workdir {workdir}")
   cfg = demo_config.get_config()

@@ -16,7 +16,6 @@ scores a whole text in windows of the training length; `generate_until` decodes 
 """
 
 import json
-import os
 
 import numpy as np
 
@@ -154,15 +153,17 @@ def main(argv):
   fv = flags.FLAGS
   res = evaluate(fv.run, fv.tasks, include_path=fv.include_path, limit=fv.limit,
                  num_fewshot=fv.num_fewshot, batch_size=fv.batch_size)
-  with open(os.path.join(fv.run, "downstream.json"), "w", encoding="utf-8") as f:
-    json.dump(res["results"], f, indent=1, default=str)
+  from simbal_jax import paths  # pylint: disable=g-import-not-at-top
+  paths.write_text(paths.resolve(fv.run) / "downstream.json",
+                   json.dumps(res["results"], indent=1, default=str))
   for task, metrics in res["results"].items():
     print(task, {k: v for k, v in metrics.items() if isinstance(v, float)})
 
 
 def _define_flags():
   from absl import flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_string("run", None, "Run directory (config.json + checkpoints/).", required=True)
+  flags.DEFINE_string("run", None, "Run directory (config.json + checkpoints/), local or gs://.",
+                      required=True)
   flags.DEFINE_list("tasks", ["arc_easy"], "lm-eval task names.")
   flags.DEFINE_string("include_path", None, "Folder of extra task YAML files (local datasets).")
   flags.DEFINE_integer("limit", None, "Examples per task (default: all).")

@@ -11,7 +11,6 @@ table; the paper reports the minimum of exact PES over layers.
 """
 
 import json
-import os
 import time
 
 from absl import app
@@ -72,14 +71,15 @@ def pes_rows(env, state, num_tokens, num_pairs, seed=0):
 
 def main(argv):
   del argv
+  from simbal_jax import paths  # pylint: disable=g-import-not-at-top
   from simbal_jax import train  # pylint: disable=g-import-not-at-top
   from simbal_jax import writers  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS.run:
     raise app.UsageError("--run is required")
   env, state = train.restore_run(flags.FLAGS.run)
   rows = pes_rows(env, state, flags.FLAGS.tokens, flags.FLAGS.pairs, flags.FLAGS.seed)
-  with open(os.path.join(flags.FLAGS.run, "pes.json"), "w", encoding="utf-8") as f:
-    json.dump({"layers": rows, "min_exact": min(r["exact"] for r in rows)}, f, indent=1)
+  paths.write_text(paths.resolve(flags.FLAGS.run) / "pes.json", json.dumps(
+      {"layers": rows, "min_exact": min(r["exact"] for r in rows)}, indent=1))
   print(writers.format_table(
       [(f"layer {r['layer']}", r) for r in rows],
       [("exact", "exact"), ("exact s", "exact_seconds"), ("sampled", "sampled"),
@@ -88,7 +88,7 @@ def main(argv):
 
 
 def _define_flags():
-  flags.DEFINE_string("run", None, "Run directory (config.json + checkpoints/).")
+  flags.DEFINE_string("run", None, "Run directory (config.json + checkpoints/), local or gs://.")
   flags.DEFINE_integer("tokens", 2048, "Tokens sampled from the evaluation set.")
   flags.DEFINE_integer("pairs", 16, "Expert pairs per token of the sampled estimator.")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")

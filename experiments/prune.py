@@ -16,7 +16,6 @@ experts-per-token columns are exact, the speed column shows what this implementa
 
 import dataclasses
 import json
-import os
 import statistics
 import time
 
@@ -70,14 +69,14 @@ def prune_table(env, state, thresholds, passes=3):
 
 def main(argv):
   del argv
+  from simbal_jax import paths  # pylint: disable=g-import-not-at-top
   from simbal_jax import train  # pylint: disable=g-import-not-at-top
   from simbal_jax import writers  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS.run:
     raise app.UsageError("--run is required")
   env, state = train.restore_run(flags.FLAGS.run)
   rows = prune_table(env, state, [float(t) for t in flags.FLAGS.thresholds])
-  with open(os.path.join(flags.FLAGS.run, "prune.json"), "w", encoding="utf-8") as f:
-    json.dump(rows, f, indent=1)
+  paths.write_text(paths.resolve(flags.FLAGS.run) / "prune.json", json.dumps(rows, indent=1))
   print(writers.format_table(
       [(f"gate >= {r['threshold']:g}", r) for r in rows],
       [("val loss", "loss"), ("ppl", "ppl"), ("experts/token", "experts_per_token"),
@@ -85,7 +84,7 @@ def main(argv):
 
 
 def _define_flags():
-  flags.DEFINE_string("run", None, "Run directory (config.json + checkpoints/).")
+  flags.DEFINE_string("run", None, "Run directory (config.json + checkpoints/), local or gs://.")
   flags.DEFINE_list("thresholds", ["0", "0.1", "0.15", "0.2"], "Gate thresholds.")
 
 

@@ -24,11 +24,12 @@ HParams (the config's scalar fields against the final eval metrics).
 """
 
 import json
-import os
 import time
 
 import jax
 import numpy as np
+
+from simbal_jax import paths
 
 LOAD_FILE = "expert_load.jsonl"
 HPARAM_METRICS = ("eval/loss", "eval/maxvio", "eval/load_cv", "eval/ortho_l1", "eval/pes_min")
@@ -73,7 +74,7 @@ def read_expert_load(workdir, split="train"):
   """Reads <workdir>/expert_load.jsonl.
 
   Args:
-    workdir: a run directory.
+    workdir: a run directory, local or cloud.
     split: "train" (every log step) or "eval" (every evaluation).
   Returns:
     (steps int64[N], tokens int64[N], layers list of block indices, load float64[N, Lm, E]),
@@ -82,7 +83,7 @@ def read_expert_load(workdir, split="train"):
     FileNotFoundError: the run wrote no load (a dense model, or a run older than the file).
   """
   by_step, layers = {}, None
-  with open(os.path.join(workdir, LOAD_FILE), encoding="utf-8") as f:
+  with (paths.resolve(workdir) / LOAD_FILE).open("r") as f:
     for line in f:
       if not line.strip():
         continue

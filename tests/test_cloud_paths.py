@@ -23,6 +23,7 @@ import pytest
 
 from simbal_jax import paths
 from simbal_jax import rundir
+from simbal_jax import telemetry
 from simbal_jax import train
 from simbal_jax import writers
 from simbal_jax.data import pipeline
@@ -115,25 +116,32 @@ def test_fake_bucket_refuses_appends(fake_gcs):
     epath.Path(WORKDIR, "x").open("a")
 
 
-def test_metric_writer_rewrites_the_object_and_drops_after(fake_gcs):
-  w = writers.MetricWriter(WORKDIR, tensorboard=True, sync_every=3600)
+def test_metric_writer_rewrites_the_objects_and_drops_after(fake_gcs):
+  load = "expert_load.jsonl"
+  w = writers.MetricWriter(WORKDIR, tensorboard=True, sync_every=3600, record_files=(load,))
   for s in range(1, 6):
     w.write(s, {"train/loss": 1.0 / s})
+    w.write_record(load, {"step": s, "load": [0.5, 0.5]})
+  w.hparams({"lr": 0.1}, {"eval/loss": 1.0})  # events in tb/ and in tb/hparams/
   stage = w._stage  # pylint: disable=protected-access
   assert stage is not None and paths.is_local(stage)
-  assert not (fake_gcs / "bucket" / "run" / "metrics.jsonl").exists()  # not due yet
+  run = fake_gcs / "bucket" / "run"
+  assert not (run / "metrics.jsonl").exists()  # not due yet
   w.flush()  # what the trainer does at a checkpoint
   assert [r["step"] for r in writers.read_jsonl(f"{WORKDIR}/metrics.jsonl")] == [1, 2, 3, 4, 5]
+  assert len(writers.read_jsonl(f"{WORKDIR}/{load}")) == 5
   w.close()
   assert not os.path.exists(stage)  # staging removed once uploaded
-  events = list((fake_gcs / "bucket" / "run" / "tb").iterdir())
-  assert events and all(e.name.startswith("events.out.tfevents") for e in events)
-  assert all(e.stat().st_size > 0 for e in events)
+  events = [os.path.join(d, f) for d, _, fs in os.walk(run / "tb") for f in fs]
+  assert any("hparams" in e for e in events) and len(events) >= 2
+  assert all(os.path.basename(e).startswith("events.out.tfevents") for e in events)
+  assert all(os.path.getsize(e) > 0 for e in events)
 
-  # A resumed run: the object is read back, records after the checkpoint dropped, then appended.
-  w = writers.MetricWriter(WORKDIR, tensorboard=False, sync_every=3600)
+  # A resumed run: the objects are read back, records after the checkpoint dropped, appended.
+  w = writers.MetricWriter(WORKDIR, tensorboard=False, sync_every=3600, record_files=(load,))
   w.drop_after(3)
   assert [r["step"] for r in writers.read_jsonl(f"{WORKDIR}/metrics.jsonl")] == [1, 2, 3]
+  assert [r["step"] for r in writers.read_jsonl(f"{WORKDIR}/{load}")] == [1, 2, 3]
   w.write(4, {"train/loss": 0.2})
   w.close()
   recs = writers.read_jsonl(f"{WORKDIR}/metrics.jsonl")
@@ -185,6 +193,7 @@ def test_data_cache_of_a_cloud_workdir_is_local_and_logged(fake_gcs, tmp_path, m
 def test_training_on_a_gs_workdir_writes_the_bucket_and_resumes(fake_gcs):
   cfg = tiny_config("lbl", steps=4)
   cfg.ckpt.every, cfg.log.tensorboard, cfg.train.pes_tokens = 2, True, 0
+  cfg.log.hist_tokens = 0  # no logit-histogram compile: events are still written
   stop_at = 2
 
   def stop(step, state):
@@ -209,6 +218,8 @@ def test_training_on_a_gs_workdir_writes_the_bucket_and_resumes(fake_gcs):
   assert json.loads((run / "config.json").read_text())["train"]["num_steps"] == 4
   assert json.loads((run / "eval_seq_loss.json").read_text())["step"] == 4
   assert any((run / "tb").iterdir())
+  steps, _, _, _ = telemetry.read_expert_load(WORKDIR)
+  assert list(steps) == [1, 2, 3, 4]  # expert_load.jsonl in the bucket, trimmed and continued
 
   env, restored = train.restore_run(WORKDIR, devices=one)
   assert env.cfg.train.num_steps == 4

@@ -5,7 +5,9 @@ directories of the experiments) goes through `resolve`, so `gs://bucket/run` sta
 end to end instead of becoming the local folder `./gs:/bucket/run` (`os.path.abspath`,
 `os.makedirs` and `open` know nothing of URIs). Local paths are made absolute, as before.
 Object stores have no append, no atomic rename and no file locks; the modules that need those
-say what they do instead (`writers.MetricWriter`, `rundir.WorkdirLock`, `data.make_datasets`).
+say what they do instead (`writers.MetricWriter`, `rundir.WorkdirLock`,
+`data.pipeline.local_cache_dir`). Reaching GCS needs `gcsfs` (epath's fsspec backend) or
+TensorFlow, and Orbax also needs `google-cloud-storage`; neither is a dependency here.
 """
 
 import os

@@ -41,10 +41,13 @@ def _load_heatmap(workdir, dirs, seed):
   except FileNotFoundError as e:  # runs made before the load log existed
     _say(f"no load heatmap: {e}")
     return None
-  path = os.path.join(workdir, "load_heatmap.png")
-  plots.load_heatmaps(loads, title=f"Expert load over training (training batches, seed {seed})"
-                      ).savefig(path, dpi=120)
-  return path
+  from simbal_jax import paths  # pylint: disable=g-import-not-at-top
+  path = paths.resolve(workdir) / "load_heatmap.png"
+  fig = plots.load_heatmaps(loads, title=f"Expert load over training (training batches, seed "
+                            f"{seed})")
+  with path.open("wb") as f:  # local or gs://
+    fig.savefig(f, format="png", dpi=120)
+  return str(path)
 
 
 def main(argv):

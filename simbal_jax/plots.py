@@ -8,15 +8,16 @@ methods are compared they share their axes (loss and tokens) or one colour scale
 matrices), so that panels can be read against each other. matplotlib is imported inside the
 functions: importing this module costs nothing.
 
-The readers take a run directory (`train.train_and_evaluate`'s workdir): `metrics.jsonl`,
-`config.json`, `prune.json` (experiments/prune.py) and `expert_load.jsonl`.
+The readers take a run directory (`train.train_and_evaluate`'s workdir, local or `gs://`):
+`metrics.jsonl`, `config.json`, `prune.json` (experiments/prune.py) and `expert_load.jsonl`.
 """
 
 import json
-import os
 import re
 
 import numpy as np
+
+from simbal_jax import paths
 
 _LAYER_PES = re.compile(r"^eval/layer_(\d+)/pes$")
 
@@ -27,7 +28,7 @@ _LAYER_PES = re.compile(r"^eval/layer_(\d+)/pes$")
 
 def _read_jsonl(path):
   out = []
-  with open(path, encoding="utf-8") as f:
+  with paths.resolve(path).open("r") as f:
     for line in f:
       try:
         out.append(json.loads(line))
@@ -47,14 +48,13 @@ def read_eval_curve(run_dir):
     float64[N, 2]: (training tokens, eval/loss) in step order, one row per evaluated step (the
     last record of a step wins).
   """
-  by_step = {r["step"]: r for r in _read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
-             if "eval/loss" in r}
+  run_dir = paths.resolve(run_dir)
+  by_step = {r["step"]: r for r in _read_jsonl(run_dir / "metrics.jsonl") if "eval/loss" in r}
   if not by_step:
     return np.zeros((0, 2))
   tokens_per_step = None
   if any("train/tokens" not in r for r in by_step.values()):
-    with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
-      t = json.load(f)["train"]
+    t = json.loads((run_dir / "config.json").read_text())["train"]
     tokens_per_step = int(t["global_batch_size"]) * int(t["seq_len"])
   rows = [(r["train/tokens"] if "train/tokens" in r else s * tokens_per_step, r["eval/loss"])
           for s, r in sorted(by_step.items())]
@@ -63,8 +63,7 @@ def read_eval_curve(run_dir):
 
 def read_prune(run_dir):
   """The rows of `<run_dir>/prune.json` (experiments/prune.py): list of dicts."""
-  with open(os.path.join(run_dir, "prune.json"), encoding="utf-8") as f:
-    return json.load(f)
+  return json.loads((paths.resolve(run_dir) / "prune.json").read_text())
 
 
 def layer_pes(metrics):

@@ -22,6 +22,7 @@ from orbax.checkpoint._src.path import gcs_utils
 import pytest
 
 from simbal_jax import paths
+from simbal_jax import plots
 from simbal_jax import rundir
 from simbal_jax import telemetry
 from simbal_jax import train
@@ -220,6 +221,7 @@ def test_training_on_a_gs_workdir_writes_the_bucket_and_resumes(fake_gcs):
   assert any((run / "tb").iterdir())
   steps, _, _, _ = telemetry.read_expert_load(WORKDIR)
   assert list(steps) == [1, 2, 3, 4]  # expert_load.jsonl in the bucket, trimmed and continued
+  assert plots.read_eval_curve(WORKDIR).shape == (1, 2)  # the final evaluation
 
   env, restored = train.restore_run(WORKDIR, devices=one)
   assert env.cfg.train.num_steps == 4

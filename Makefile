@@ -23,7 +23,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 tests $(PYTEST_ARGS)
 
 demo: $(VENV)/.installed
-	$(PY) -m experiments.demo --workdir=$(WORKDIR)
+	$(PY) -m simbal_jax.experiments.demo --workdir=$(WORKDIR)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,10 +1,11 @@
 """Benchmarks: the MoE block against a dense FFN, the full train step, and the balancing losses.
 
-  python -m experiments.benchmark --what=moe_layer --shapes=moe_m --tokens=16384
-  python -m experiments.benchmark --what=train_step --config=configs/moe_m.py:simbal \
+  python -m simbal_jax.experiments.benchmark --what=moe_layer --shapes=moe_m --tokens=16384
+  python -m simbal_jax.experiments.benchmark --what=train_step --config=configs/moe_m.py:simbal \
       --config.train.global_batch_size=16
-  python -m experiments.benchmark --what=routing --config=configs/demo.py --tokens=16384
-  python -m experiments.benchmark --what=train_step --preset=bench_s --set=moe.dispatch=ragged
+  python -m simbal_jax.experiments.benchmark --what=routing --config=configs/demo.py --tokens=16384
+  python -m simbal_jax.experiments.benchmark --what=train_step --preset=bench_s \
+      --set=moe.dispatch=ragged
 
 Modes:
   moe_layer   `moe.MoEBlock` forward+backward against a dense SwiGLU `moe.MLP` with
@@ -36,7 +37,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from experiments.bench_lib import (  # noqa: F401  pylint: disable=unused-import
+from simbal_jax.experiments.bench_lib import (  # noqa: F401  pylint: disable=unused-import
     KNOWN_PEAKS, SHAPES, environment, parse_shape, peaks, preset_config, table, timed)
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -336,7 +337,7 @@ def run(what, flags_values, config=None):
   fv = types.SimpleNamespace(**flags_values)
   tf, gb = peaks(fv.peak_tflops, fv.peak_gbps)
   devices = jax.devices()[:fv.num_devices] if fv.num_devices > 0 else None
-  command = " ".join(["python -m experiments.benchmark"] + sys.argv[1:])
+  command = " ".join(["python -m simbal_jax.experiments.benchmark"] + sys.argv[1:])
   report = dict(what=what, env=environment(), peak_tflops=tf, peak_gbps=gb,
                 settings=flags_values, command=command)
   common = dict(warmup=fv.warmup, iters=fv.iters, input_sets=fv.input_sets, seed=fv.seed)

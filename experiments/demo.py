@@ -33,7 +33,7 @@ def _say(msg):
 def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
-  from experiments import convergence  # pylint: disable=g-import-not-at-top
+  from simbal_jax.experiments import convergence  # pylint: disable=g-import-not-at-top
   from simbal_jax.configs import demo as demo_config  # pylint: disable=g-import-not-at-top
 
   logging.set_verbosity(logging.WARNING)

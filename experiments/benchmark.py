@@ -37,10 +37,9 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from simbal_jax import configs as config_files
 from simbal_jax.experiments.bench_lib import (  # noqa: F401  pylint: disable=unused-import
     KNOWN_PEAKS, SHAPES, environment, parse_shape, peaks, preset_config, table, timed)
-
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 _WHAT = flags.DEFINE_enum("what", "moe_layer", ["moe_layer", "train_step", "routing"],
@@ -74,7 +73,7 @@ _PRESET = flags.DEFINE_string("preset", "", "train_step/routing: a named config 
 _SET = flags.DEFINE_string("set", "", "Comma-separated key=value overrides of --preset, e.g. "
                            "moe.dispatch=ragged,moe.num_groups=1.")
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(_REPO, "configs", "demo.py"),
+    "config", os.path.join(config_files.DIR, "demo.py"),
     "train_step/routing: config file[:variant]; fields overridable (--config.train.seq_len=...).",
     lock_config=False)
 

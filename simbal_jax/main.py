@@ -25,7 +25,6 @@ from simbal_jax import configs
 from simbal_jax.configs import base
 
 
-
 def config_help():
   """--config's help: the installed config names and the variants (from the configs package)."""
   return (f"Training config: NAME[:VARIANT], NAME one of the installed configs "

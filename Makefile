@@ -1,6 +1,8 @@
 # Two entry points for a fresh machine: `make demo` (the main job) and `make test`.
 # Both create or reuse the virtualenv $(VENV) and install what they need; CPU jax unless an
-# NVIDIA GPU (nvidia-smi) or a TPU VM (/dev/accel0) is found.
+# NVIDIA GPU (nvidia-smi) or a TPU VM (/dev/accel0) is found. `make min-versions` proves the
+# minimum versions setup.cfg declares: a separate virtualenv $(VENV_MIN) with exactly those
+# (each `>=` as `==`, install_requires and the test extra) runs a smoke subset of the tests.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,8 +10,19 @@ EXTRA := $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev
 	elif [ -e /dev/accel0 ]; then echo ,tpu; fi)
 WORKDIR ?= runs/demo
 PYTEST_ARGS ?=
+VENV_MIN ?= .venv-min
+PY_MIN := $(VENV_MIN)/bin/python
+# Smoke subset for min-versions (a few minutes): the pure math, model, one train step, the data
+# sources and pipeline, checkpoints, configs and the command line, a tiny training run with a
+# checkpoint, and the package installed and trained from outside the checkout.
+MIN_TESTS ?= tests/test_losses.py tests/test_routing.py tests/test_balance.py \
+	tests/test_optim.py tests/test_model.py tests/test_sources.py tests/test_data.py \
+	tests/test_checkpoint.py tests/test_configs.py tests/test_packaging.py \
+	"tests/test_step.py::test_steps_compile_once[lbl]" \
+	"tests/test_moe.py::test_ragged_impl_resolution_and_tokamax_use" \
+	tests/test_train.py::test_corrupt_latest_checkpoint_is_skipped
 
-.PHONY: install test demo clean
+.PHONY: install test demo min-versions clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,8 +35,22 @@ install: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 tests $(PYTEST_ARGS)
 
+$(VENV_MIN)/.installed: setup.cfg pyproject.toml tools/min_requirements.py
+	rm -rf $(VENV_MIN)
+	$(PYTHON) -m venv $(VENV_MIN)
+	$(PYTHON) tools/min_requirements.py --extras=test --skip=lm-eval,pytest-xdist \
+		> $(VENV_MIN)/min-requirements.txt
+	$(PY_MIN) -m pip install -q --upgrade pip
+	$(PY_MIN) -m pip install -q -r $(VENV_MIN)/min-requirements.txt
+	$(PY_MIN) -m pip install -q --no-deps -e .
+	$(PY_MIN) -m pip check
+	touch $@
+
+min-versions: $(VENV_MIN)/.installed
+	$(PY_MIN) -m pytest -q -p no:cacheprovider $(MIN_TESTS) $(PYTEST_ARGS)
+
 demo: $(VENV)/.installed
-	$(PY) -m experiments.demo --workdir=$(WORKDIR)
+	$(PY) -m simbal_jax.experiments.demo --workdir=$(WORKDIR)
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(VENV_MIN) runs .pytest_cache

@@ -4,6 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PY:-.venv/bin/python}
-$PY -m experiments.convergence --config=configs/small.py --methods=lbl,simbal,none --seeds=0,1,2 --workdir=runs/conv_stdlib
-$PY -m experiments.convergence --config=configs/small.py --methods=simbal_coef1,simbal_coef0.01,simbal_unit,colnorm --seeds=0,1 --workdir=runs/conv_stdlib
-$PY -m experiments.convergence --config=configs/small.py --config.data.source=synthetic --config.train.num_steps=150 --methods=lbl,simbal,none --seeds=0,1,2 --workdir=runs/conv_synth
+$PY -m simbal_jax.experiments.convergence --config=configs/small.py --methods=lbl,simbal,none --seeds=0,1,2 --workdir=runs/conv_stdlib
+$PY -m simbal_jax.experiments.convergence --config=configs/small.py --methods=simbal_coef1,simbal_coef0.01,simbal_unit,colnorm --seeds=0,1 --workdir=runs/conv_stdlib
+$PY -m simbal_jax.experiments.convergence --config=configs/small.py --config.data.source=synthetic --config.train.num_steps=150 --methods=lbl,simbal,none --seeds=0,1,2 --workdir=runs/conv_synth

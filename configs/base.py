@@ -203,6 +203,16 @@ def set_method(cfg, method):
   cfg.balance.update(balance.method_settings(method))
 
 
+# The variant forms besides a bare method name (parsed by `apply_variant`).
+VARIANT_FORMS = ("<method>_sigmoid", "<method>_softmax", "simbal_coef<x>", "dense")
+
+
+def variants():
+  """The variant tokens `apply_variant` accepts: the method names, then `VARIANT_FORMS`."""
+  from simbal_jax import balance  # pylint: disable=g-import-not-at-top  (jax: not for data/)
+  return (*balance.METHODS, *VARIANT_FORMS)
+
+
 def apply_variant(cfg, arg):
   """Applies a variant string: comma-separated tokens, each one of
 
@@ -241,7 +251,5 @@ def apply_variant(cfg, arg):
     elif token in balance.METHODS:
       set_method(cfg, token)
     else:
-      raise ValueError(
-          f"unknown config variant {token!r}; valid: {', '.join(balance.METHODS)}, "
-          "<method>_sigmoid, <method>_softmax, simbal_coef<x>, dense")
+      raise ValueError(f"unknown config variant {token!r}; valid: {', '.join(variants())}")
   return cfg

@@ -1,10 +1,11 @@
 """Benchmarks: the MoE block against a dense FFN, the full train step, and the balancing losses.
 
-  python -m experiments.benchmark --what=moe_layer --shapes=moe_m --tokens=16384
-  python -m experiments.benchmark --what=train_step --config=configs/moe_m.py:simbal \
+  python -m simbal_jax.experiments.benchmark --what=moe_layer --shapes=moe_m --tokens=16384
+  python -m simbal_jax.experiments.benchmark --what=train_step --config=configs/moe_m.py:simbal \
       --config.train.global_batch_size=16
-  python -m experiments.benchmark --what=routing --config=configs/demo.py --tokens=16384
-  python -m experiments.benchmark --what=train_step --preset=bench_s --set=moe.dispatch=ragged
+  python -m simbal_jax.experiments.benchmark --what=routing --config=configs/demo.py --tokens=16384
+  python -m simbal_jax.experiments.benchmark --what=train_step --preset=bench_s \
+      --set=moe.dispatch=ragged
 
 Modes:
   moe_layer   `moe.MoEBlock` forward+backward against a dense SwiGLU `moe.MLP` with
@@ -40,10 +41,9 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from experiments.bench_lib import (  # noqa: F401  pylint: disable=unused-import
+from simbal_jax import configs as config_files
+from simbal_jax.experiments.bench_lib import (  # noqa: F401  pylint: disable=unused-import
     SHAPES, environment, parse_shape, peaks, preset_config, table, timed)
-
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 _WHAT = flags.DEFINE_enum("what", "moe_layer", ["moe_layer", "train_step", "routing", "memory"],
@@ -77,7 +77,7 @@ _PRESET = flags.DEFINE_string("preset", "", "train_step/routing: a named config 
 _SET = flags.DEFINE_string("set", "", "Comma-separated key=value overrides of --preset, e.g. "
                            "moe.dispatch=ragged,moe.num_groups=1.")
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(_REPO, "configs", "demo.py"),
+    "config", os.path.join(config_files.DIR, "demo.py"),
     "train_step/routing: config file[:variant]; fields overridable (--config.train.seq_len=...).",
     lock_config=False)
 
@@ -390,7 +390,7 @@ def run(what, flags_values, config=None):
   fv = types.SimpleNamespace(**flags_values)
   tf, gb = peaks(fv.peak_tflops, fv.peak_gbps)
   devices = jax.devices()[:fv.num_devices] if fv.num_devices > 0 else None
-  command = " ".join(["python -m experiments.benchmark"] + sys.argv[1:])
+  command = " ".join(["python -m simbal_jax.experiments.benchmark"] + sys.argv[1:])
   report = dict(what=what, env=environment(), peak_tflops=tf, peak_gbps=gb,
                 settings=flags_values, command=command)
   common = dict(warmup=fv.warmup, iters=fv.iters, input_sets=fv.input_sets, seed=fv.seed)

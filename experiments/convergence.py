@@ -1,9 +1,9 @@
 """The convergence-speed table: does a method reach the reference's final validation loss with
 fewer tokens, by how much, how sure are we.
 
-  python -m experiments.convergence --config=configs/small.py --methods=lbl,simbal,none \
+  python -m simbal_jax.experiments.convergence --config=configs/small.py --methods=lbl,simbal,none \
       --seeds=0,1,2 --workdir=runs/conv [--lrs=1e-3,3e-3] [--config.<field>=...]
-  python -m experiments.convergence --aggregate --workdir=runs/conv [--reference=lbl]
+  python -m simbal_jax.experiments.convergence --aggregate --workdir=runs/conv [--reference=lbl]
 
 Running trains methods x seeds (x learning rates) one after another, one run directory each:
 `<workdir>/<method>[/lr<x>]/seed<k>`. A method is any config variant (`lbl`, `simbal`,

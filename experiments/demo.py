@@ -1,6 +1,6 @@
 """`make demo`: a small MoE trained with LBL and with SimBal on the stdlib corpus (CPU, minutes).
 
-  python -m experiments.demo --workdir=runs/demo [--steps=1500] [--seeds=0] [--methods=lbl,simbal]
+  python -m simbal_jax.experiments.demo --workdir=runs/demo [--steps=1500] [--seeds=0] [--methods=lbl,simbal]
 
 The convergence tool (experiments/convergence.py) at demo size: every method trains on the same
 data order from the same initialisation, is evaluated 12 times on the same 65,536 held-out tokens
@@ -53,8 +53,8 @@ def _load_heatmap(workdir, dirs, seed):
 def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
-  from experiments import convergence  # pylint: disable=g-import-not-at-top
   from simbal_jax import paths  # pylint: disable=g-import-not-at-top
+  from simbal_jax.experiments import convergence  # pylint: disable=g-import-not-at-top
   from simbal_jax.configs import demo as demo_config  # pylint: disable=g-import-not-at-top
 
   logging.set_verbosity(logging.WARNING)

@@ -16,7 +16,7 @@ MODE=${2:-}
 OUT=${OUT:-runs/device_bench}
 mkdir -p "$OUT"
 PY=${PYTHON:-python}
-B="$PY -m experiments.benchmark"
+B="$PY -m simbal_jax.experiments.benchmark"
 if [ "$MODE" = "--tiny" ]; then
   S=tiny_s; M=tiny_m; SHAPES=2:8:32:16,4:8:32:32; TOK=256; IT="--warmup=1 --iters=2"; T=300
   PEER_ARGS="--layers 2 --d_model 64 --heads 4 --experts 8 --top_k 2 --expert_ff 32 --vocab 512 --seq 64 --batch 2 --steps 2 --warmup 1"

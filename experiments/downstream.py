@@ -1,6 +1,7 @@
 """Downstream accuracy with lm-evaluation-harness (PyPI `lm-eval`): the paper's benchmark columns.
 
-  python -m experiments.downstream --run=runs/conv/simbal/seed0 --tasks=arc_easy,hellaswag,piqa
+  python -m simbal_jax.experiments.downstream --run=runs/conv/simbal/seed0 \
+      --tasks=arc_easy,hellaswag,piqa
 
 `SimbalLM` lets lm-eval score a trained run by log-likelihood, so the standard tasks (ARC-C/E,
 HellaSwag, PIQA, WinoGrande, GLUE...) run unchanged wherever their datasets are available (this

@@ -1,6 +1,6 @@
 """Pairwise Expert Similarity (PES) of a trained run, exact and sampled, per MoE layer.
 
-  python -m experiments.pes --run=runs/conv/simbal/seed0 [--tokens=2048] [--pairs=16]
+  python -m simbal_jax.experiments.pes --run=runs/conv/simbal/seed0 [--tokens=2048] [--pairs=16]
 
 Exact PES runs all E experts on `--tokens` tokens drawn from the run's evaluation set and averages
 the cosine of every expert pair (specialization.pes); its 95 % interval is over tokens (the

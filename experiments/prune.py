@@ -1,6 +1,6 @@
 """Dynamic-K pruning at inference (the paper's Table 6) on a trained run.
 
-  python -m experiments.prune --run=runs/conv/simbal/seed0 [--thresholds=0,0.1,0.15,0.2]
+  python -m simbal_jax.experiments.prune --run=runs/conv/simbal/seed0 [--thresholds=0,0.1,0.15,0.2]
 
 For each threshold, every MoE layer leaves out the chosen experts whose gate is below it
 (`MoEConfig.min_gate`; 0 keeps all K) and the run's own evaluation set is scored: validation

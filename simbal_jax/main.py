@@ -1,13 +1,14 @@
-"""Command line: `python -m simbal_jax.main --config=configs/moe_m.py:simbal --workdir=runs/x`.
+"""Trains one run: `simbal-train --config=moe_m:simbal --workdir=runs/x`.
 
+Also `python -m simbal_jax.main`. --config is an installed config's name (demo, small, moe_m, ...:
+`simbal_jax.configs`) or a config file's path, each with an optional `:variant` (`demo:simbal`,
+`configs/moe_m.py:lf_simbal_sigmoid`); any field can be overridden: `--config.moe.num_experts=16`.
+A command-line mistake (unknown config name or field, missing config file, bad value or variant)
+and a config, data or checkpoint error found before training end in one message on stderr, no
+traceback (`--verbosity=1` logs it). Logs: this package's INFO lines and every library's
+warnings; the libraries' INFO lines (Orbax, absl, TFDS, grain) only when `--verbosity` is given.
 The workdir may be a cloud path (`--workdir=gs://bucket/run` on a TPU VM): it stays one (see
 simbal_jax/paths.py).
-
-Any config field can be overridden: `--config.moe.num_experts=16`. Installed as `simbal-train`.
-A command-line mistake (unknown field, missing config file, bad value or variant) and a config,
-data or checkpoint error found before training end in one message on stderr, no traceback
-(`--verbosity=1` logs it). Logs: this package's INFO lines and every library's warnings; the
-libraries' INFO lines (Orbax, absl, TFDS, grain) only when `--verbosity` is given.
 """
 
 import difflib
@@ -22,6 +23,16 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from simbal_jax import configs
+from simbal_jax.configs import base
+
+
+def config_help():
+  """--config's help: the installed config names and the variants (from the configs package)."""
+  return (f"Training config: NAME[:VARIANT], NAME one of the installed configs "
+          f"({', '.join(configs.names())}), or a config file PATH[:VARIANT]. VARIANT: "
+          f"comma-separated tokens among {', '.join(base.variants())} (e.g. demo:simbal, "
+          "moe_m:lf_simbal_sigmoid). Any field: --config.<field>=<value>.")
 
 
 def define_flags():
@@ -29,11 +40,17 @@ def define_flags():
   module beside another absl program, e.g. in tests, defines nothing)."""
   if "workdir" in flags.FLAGS:
     return
-  config_flags.DEFINE_config_file(
-      "config", None, "Training config file (configs/<x>.py[:variant]).", lock_config=True)
-  flags.DEFINE_string("workdir", None, "Run directory for checkpoints, metrics and data: local, "
-                      "or a cloud path (gs://bucket/run) read and written through etils.epath.")
+  config_flags.DEFINE_config_file("config", None, config_help(), lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, TensorBoard "
+                      "events, data cache; a run already there is resumed. Local, or a cloud "
+                      "path (gs://bucket/run) read and written through etils.epath.")
   flags.mark_flags_as_required(["config", "workdir"])
+  # --help lists the flags of the module named by sys.argv[0]: under the console script
+  # (`simbal-train`) that is not this module, so list them there too.
+  listed = flags.FLAGS.flags_by_module_dict().get(sys.argv[0], [])
+  for name in ("config", "workdir"):
+    if flags.FLAGS[name] not in listed:
+      flags.FLAGS.register_flag_by_module(sys.argv[0], flags.FLAGS[name])
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -62,10 +79,32 @@ def _last_line(text):
   return lines[-1] if lines else ""
 
 
+def resolve_config_arg(argv):
+  """`argv` with the --config value's config name, if any, replaced by its installed file.
+
+  Raises:
+    ValueError: the value is neither a file nor an installed config's name.
+  """
+  out = list(argv)
+  for i, arg in enumerate(out[1:], 1):
+    if arg == "--":
+      break
+    if re.match(r"^--?config=", arg):
+      key, value = arg.split("=", 1)
+      out[i] = f"{key}={configs.resolve(value)}"
+    elif re.match(r"^--?config$", arg) and i + 1 < len(out):
+      out[i + 1] = configs.resolve(out[i + 1])
+  return out
+
+
 def _fields(argv):
   """Dotted field names of the config named by --config= in `argv` ([] if it does not load)."""
   arg = next((a for a in argv[1:] if a.startswith("--config=")), None)
   if arg is None:
+    return []
+  try:
+    arg = resolve_config_arg([argv[0], arg])[1]
+  except ValueError:
     return []
   fv = flags.FlagValues()
   holder = config_flags.DEFINE_config_file("config", None, "", flag_values=fv)
@@ -110,7 +149,12 @@ def _fail(argv0, msg, status):
 def _parse_flags(argv):
   """absl flag parsing that turns mistakes into one line on stderr (exit status 2)."""
   try:
-    rest = flags.FLAGS(argv)
+    resolved = resolve_config_arg(argv)
+  except ValueError as e:
+    arg = next((a for a in argv[1:] if re.match(r"^--?config(=|$)", a)), "--config")
+    _fail(argv[0], f"{arg}: {e}", 2)
+  try:
+    rest = flags.FLAGS(resolved)
     _ = flags.FLAGS.config.mesh  # a config file that failed to load raises here, not above
     return rest
   except Exception as e:  # pylint: disable=broad-except
@@ -141,6 +185,9 @@ def main(argv):
 
 def run():
   """Console-script entry point (`simbal-train`)."""
+  main_module = sys.modules.get("__main__")
+  if main_module is not None and not main_module.__doc__:  # the console script: --help's text
+    main_module.__doc__ = __doc__
   define_flags()
   app.run(main, flags_parser=_parse_flags)
 

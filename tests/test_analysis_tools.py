@@ -3,8 +3,8 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import pes as pes_tool
-from experiments import prune
+from simbal_jax.experiments import pes as pes_tool
+from simbal_jax.experiments import prune
 from simbal_jax import model as model_lib
 from simbal_jax import train
 from simbal_jax.configs import moe_m
@@ -88,14 +88,15 @@ metric_list:
 
 
 def test_lm_eval_scores_a_local_multiple_choice_task(trained, tmp_path, monkeypatch):
-  """lm-eval runs a task defined here on a local file through experiments.downstream.SimbalLM;
-  its accuracy equals an independent float64 scoring of every choice."""
+  """lm-eval runs a task defined here on a local file through
+  simbal_jax.experiments.downstream.SimbalLM; its accuracy equals an independent float64 scoring
+  of every choice."""
   pytest.importorskip("lm_eval")
   import json  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import lm_eval  # pylint: disable=g-import-not-at-top
   from lm_eval.tasks import TaskManager  # pylint: disable=g-import-not-at-top
-  from experiments import downstream  # pylint: disable=g-import-not-at-top
+  from simbal_jax.experiments import downstream  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
   monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
   _, env, state = trained

@@ -10,7 +10,7 @@ import jax
 import pytest
 
 from simbal_jax.configs import demo
-from experiments import benchmark
+from simbal_jax.experiments import benchmark
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
@@ -108,14 +108,14 @@ def test_cli_writes_json(tmp_path):
   out = tmp_path / "bench.json"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   proc = subprocess.run(
-      [sys.executable, "-m", "experiments.benchmark", "--what=moe_layer", f"--shapes={TINY_SHAPE}",
-       "--tokens=32", "--iters=1", "--warmup=0", f"--out={out}"],
+      [sys.executable, "-m", "simbal_jax.experiments.benchmark", "--what=moe_layer",
+       f"--shapes={TINY_SHAPE}", "--tokens=32", "--iters=1", "--warmup=0", f"--out={out}"],
       cwd=_REPO, env=env, capture_output=True, text=True, timeout=120, check=False)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "jax " in proc.stdout and "ratio" in proc.stdout
   report = json.loads(out.read_text())
   assert report["what"] == "moe_layer" and report["results"][0]["moe_ms"] > 0
-  assert report["command"].startswith("python -m experiments.benchmark")
+  assert report["command"].startswith("python -m simbal_jax.experiments.benchmark")
 
 
 def test_presets_match_the_peer_run():

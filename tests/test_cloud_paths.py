@@ -229,7 +229,7 @@ def test_training_on_a_gs_workdir_writes_the_bucket_and_resumes(fake_gcs):
 
 
 def test_convergence_aggregates_runs_in_the_bucket(fake_gcs):
-  from experiments import convergence  # pylint: disable=g-import-not-at-top
+  from simbal_jax.experiments import convergence  # pylint: disable=g-import-not-at-top
   work = "gs://bucket/conv"
   for method, final in (("lbl", 2.0), ("simbal", 1.9)):
     d = epath.Path(convergence.run_dir(work, method, 0))

@@ -7,7 +7,7 @@ import signal
 import numpy as np
 import pytest
 
-from experiments import convergence
+from simbal_jax.experiments import convergence
 
 
 def _write_run(root, method, seed, evals, *, num_steps=10, lr=None, config=True, seq=None):

@@ -237,7 +237,9 @@ def test_non_finite_config_is_rejected_before_anything(tmp_path, field, value):
     (["--config=configs/demo.py", "--config.moe.num_expert=3"],
      "error: --config.moe.num_expert: the config has no such field; did you mean "
      "--config.moe.num_experts?"),
-    (["--config=configs/nope.py"], "error: --config=configs/nope.py: [Errno 2] No such file"),
+    (["--config=configs/nope.py"], "error: --config=configs/nope.py: no such config file "
+     "'configs/nope.py'; config names: base, demo,"),
+    (["--config=nope:simbal"], "error: --config=nope:simbal: no such config name 'nope'"),
     (["--config=configs/demo.py:simbl"], "error: --config=configs/demo.py:simbl: unknown config "
      "variant 'simbl'"),
 ])

@@ -1,0 +1,124 @@
+"""The package as installed: a non-editable install trains from a directory outside the checkout.
+
+This checkout is installed with pip (no dependencies, no build isolation, no network) into a
+temporary folder, which alone is then on PYTHONPATH; every command runs in another temporary
+folder. `simbal-train --config=demo:simbal` finds the installed config by name and trains;
+`--help` lists the flags, the config names and the variants; a config path still works; an
+unknown config name ends in one line.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from simbal_jax import balance
+from simbal_jax.configs import base
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# What a build reads (copied first, so that building writes nothing into the checkout).
+SOURCES = ("setup.cfg", "pyproject.toml", "README.md", "simbal_jax", "configs", "experiments")
+# demo:simbal shrunk to seconds: one MoE layer of 4 experts, 2 steps, one small evaluation
+# (TensorBoard and the progress bar left on, so their packages run too).
+TINY = ("--config.model.num_layers=1", "--config.model.d_model=32", "--config.moe.num_experts=4",
+        "--config.train.seq_len=16", "--config.train.global_batch_size=8",
+        "--config.train.num_steps=2", "--config.train.num_evals=1",
+        "--config.train.eval_tokens=256", "--config.train.pes_tokens=0",
+        "--config.data.max_docs=40", "--config.ckpt.enabled=False")
+
+
+def _no_links_or_caches(folder, names):
+  return [n for n in names if n == "__pycache__" or os.path.islink(os.path.join(folder, n))]
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+  """(site, env, cwd): the install folder, an environment that imports only from it, and a
+  working directory outside the checkout."""
+  tmp = tmp_path_factory.mktemp("packaging")
+  src, site, cwd = tmp / "src", tmp / "site", tmp / "elsewhere"
+  src.mkdir()
+  for name in SOURCES:
+    path = os.path.join(ROOT, name)
+    if os.path.isdir(path):
+      shutil.copytree(path, src / name, ignore=_no_links_or_caches)
+    else:
+      shutil.copy2(path, src / name)
+  got = subprocess.run(
+      [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
+       "--no-build-isolation", "--target", str(site), str(src)],
+      capture_output=True, text=True, timeout=300, check=False)
+  assert got.returncode == 0, ("pip could not build the package offline (the test extra "
+                               f"brings setuptools and wheel):\n{got.stderr[-3000:]}")
+  cwd.mkdir()
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  env.update(PYTHONPATH=str(site), JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  return site, env, cwd
+
+
+def _run(installed, *args, console_script=True):
+  site, env, cwd = installed
+  command = ([str(site / "bin" / "simbal-train")] if console_script
+             else [sys.executable, "-m", "simbal_jax.main"])
+  return subprocess.run(command + list(args), cwd=cwd, env=env, capture_output=True, text=True,
+                        timeout=300, check=False)
+
+
+def test_imports_come_from_the_install(installed):
+  site, env, cwd = installed
+  modules = ("simbal_jax", "simbal_jax.main", "simbal_jax.configs.demo",
+             "simbal_jax.experiments.convergence")
+  got = subprocess.run(
+      [sys.executable, "-c", "import importlib, sys\nfor m in sys.argv[1:]: "
+       "print(importlib.import_module(m).__file__)", *modules],
+      cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=True)
+  files = got.stdout.split()
+  assert len(files) == len(modules)
+  for f in files:
+    assert os.path.realpath(f).startswith(os.path.realpath(site) + os.sep), f
+
+
+def test_config_name_trains_outside_the_checkout(installed):
+  workdir = installed[2] / "run"
+  got = _run(installed, "--config=demo:simbal", f"--workdir={workdir}", *TINY)
+  assert got.returncode == 0, got.stderr[-3000:]
+  with open(workdir / "metrics.jsonl", encoding="utf-8") as f:
+    records = [json.loads(line) for line in f]
+  assert any(r["step"] == 2 and "train/simbal" in r for r in records)
+  assert any("eval/loss" in r for r in records)
+  assert any(n.startswith("events.") for n in os.listdir(workdir / "tb"))
+
+
+@pytest.mark.parametrize("console_script", [True, False])
+def test_help_lists_flags_config_names_and_variants(installed, console_script):
+  got = _run(installed, "--help", console_script=console_script)
+  text = " ".join(got.stdout.split())
+  for token in ("--config", "--workdir", "demo:simbal", *base.variants(), *balance.METHODS):
+    assert token in text, (token, got.stdout)
+  for name in ("base", "demo", "small", "moe_m", "moe_l", "dense_m", "dense_l"):
+    assert name in text, (name, got.stdout)
+
+
+def test_a_config_file_path_still_works_and_wins_over_a_name(installed):
+  """--config=demo.py loads ./demo.py where there is one (the installed demo elsewhere)."""
+  site, env, cwd = installed
+  own = cwd / "own"
+  own.mkdir()
+  (own / "demo.py").write_text("def get_config(arg=None):\n"
+                               "  raise ValueError(f'local demo.py, variant {arg}')\n")
+  got = subprocess.run([str(site / "bin" / "simbal-train"), "--config=demo.py:simbal",
+                        f"--workdir={own / 'unused'}"],
+                       cwd=own, env=env, capture_output=True, text=True, timeout=300, check=False)
+  lines = [line for line in got.stderr.splitlines() if line.strip()]
+  assert got.returncode == 2 and len(lines) == 1, got.stderr
+  assert lines[0].endswith("--config=demo.py:simbal: local demo.py, variant simbal"), lines[0]
+
+
+def test_unknown_config_name_is_one_line(installed):
+  got = _run(installed, "--config=nope:simbal", f"--workdir={installed[2] / 'unused'}")
+  lines = [line for line in got.stderr.splitlines() if line.strip()]
+  assert got.returncode == 2 and len(lines) == 1, got.stderr
+  assert "no such config name 'nope'" in lines[0] and "demo, dense_l" in lines[0]
+  assert not os.path.exists(installed[2] / "unused")

@@ -17,7 +17,7 @@ PY_MIN := $(VENV_MIN)/bin/python
 # checkpoint, and the package installed and trained from outside the checkout.
 MIN_TESTS ?= tests/test_losses.py tests/test_routing.py tests/test_balance.py \
 	tests/test_optim.py tests/test_model.py tests/test_sources.py tests/test_data.py \
-	tests/test_checkpoint.py tests/test_configs.py tests/test_packaging.py \
+	tests/test_checkpoint.py tests/test_configs.py tests/test_packaging.py tests/test_telemetry.py tests/test_colab.py \
 	"tests/test_step.py::test_steps_compile_once[lbl]" \
 	"tests/test_moe.py::test_ragged_impl_resolution_and_tokamax_use" \
 	tests/test_train.py::test_corrupt_latest_checkpoint_is_skipped

@@ -27,6 +27,7 @@ _WORKER = r"""
 import json, os, sys, time
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.config.update("jax_disable_most_optimizations", True)  # as the tests' fast_compiles
 i, port, workdir, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
                            process_id=i)

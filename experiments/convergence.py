@@ -58,6 +58,7 @@ import time
 import numpy as np
 
 from simbal_jax import paths
+from simbal_jax import writers
 
 _ROUTING = ("maxvio", "load_cv", "seu", "entropy", "dead", "ortho_l1", "ortho_mse", "pes_min")
 # Two-sided 95 % Student t quantiles t_{0.975, df} for df = 1..30 (larger df: normal 1.96).
@@ -118,17 +119,6 @@ _LR_DIR = re.compile(r"^lr(.+)$")
 _SEED_DIR = re.compile(r"^seed(\d+)$")
 
 
-def _read_jsonl(path):
-  out = []
-  with paths.resolve(path).open("r") as f:
-    for line in f:
-      try:
-        out.append(json.loads(line))
-      except ValueError:
-        pass  # a line cut by a crash
-  return out
-
-
 def load_runs(workdir):
   """Finds `<method>[/lr<x>]/seed<k>` run directories under `workdir`.
 
@@ -162,7 +152,7 @@ def load_runs(workdir):
     cfg = json.loads(cfg_path.read_text())
     num_steps = int(cfg["train"]["num_steps"])
     tokens_per_step = int(cfg["train"]["global_batch_size"]) * int(cfg["train"]["seq_len"])
-    evals = [r for r in _read_jsonl(met_path) if "eval/loss" in r]
+    evals = [r for r in writers.read_jsonl(met_path) if "eval/loss" in r]
     last = evals[-1]["step"] if evals else None
     if last != num_steps:
       incomplete.append(f"{root}: unfinished (last evaluation at step {last}, run has "

@@ -18,23 +18,13 @@ import re
 import numpy as np
 
 from simbal_jax import paths
+from simbal_jax import writers
 
 _LAYER_PES = re.compile(r"^eval/layer_(\d+)/pes$")
 
 
 # ----------------------------------------------------------------------------------------------
 # Readers.
-
-
-def _read_jsonl(path):
-  out = []
-  with paths.resolve(path).open("r") as f:
-    for line in f:
-      try:
-        out.append(json.loads(line))
-      except ValueError:
-        pass  # a line cut by a crash
-  return out
 
 
 def read_eval_curve(run_dir):
@@ -49,7 +39,7 @@ def read_eval_curve(run_dir):
     last record of a step wins).
   """
   run_dir = paths.resolve(run_dir)
-  by_step = {r["step"]: r for r in _read_jsonl(run_dir / "metrics.jsonl") if "eval/loss" in r}
+  by_step = {r["step"]: r for r in writers.read_jsonl(run_dir / "metrics.jsonl") if "eval/loss" in r}
   if not by_step:
     return np.zeros((0, 2))
   tokens_per_step = None

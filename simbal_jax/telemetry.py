@@ -23,13 +23,13 @@ logits of the first `log.hist_tokens` tokens of the evaluation set. At the end o
 HParams (the config's scalar fields against the final eval metrics).
 """
 
-import json
 import time
 
 import jax
 import numpy as np
 
 from simbal_jax import paths
+from simbal_jax import writers
 
 LOAD_FILE = "expert_load.jsonl"
 HPARAM_METRICS = ("eval/loss", "eval/maxvio", "eval/load_cv", "eval/ortho_l1", "eval/pes_min")
@@ -83,14 +83,10 @@ def read_expert_load(workdir, split="train"):
     FileNotFoundError: the run wrote no load (a dense model, or a run older than the file).
   """
   by_step, layers = {}, None
-  with (paths.resolve(workdir) / LOAD_FILE).open("r") as f:
-    for line in f:
-      if not line.strip():
-        continue
-      rec = json.loads(line)
-      if rec.get("split") == split:
-        by_step[rec["step"]] = rec
-        layers = rec["layers"]
+  for rec in writers.read_jsonl(paths.resolve(workdir) / LOAD_FILE):  # cut lines left out
+    if rec.get("split") == split:
+      by_step[rec["step"]] = rec
+      layers = rec["layers"]
   steps = sorted(by_step)
   if not steps:
     return (np.zeros(0, np.int64), np.zeros(0, np.int64), [], np.zeros((0, 0, 0)))

@@ -225,9 +225,16 @@ def _drop_after(path, step):
 
 
 def read_jsonl(path):
-  """Reads a metrics.jsonl file (local or cloud) into a list of dicts."""
+  """Reads a JSONL file (metrics.jsonl, expert_load.jsonl; local or cloud) into a list of
+  dicts, leaving out lines that do not decode (a line cut by a crash)."""
+  out = []
   with paths.resolve(path).open("r") as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      try:
+        out.append(json.loads(line))
+      except ValueError:
+        pass
+  return out
 
 
 class Progress:

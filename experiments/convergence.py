@@ -58,6 +58,7 @@ import time
 import numpy as np
 
 from simbal_jax import paths
+from simbal_jax import plots
 from simbal_jax import writers
 
 _ROUTING = ("maxvio", "load_cv", "seu", "entropy", "dead", "ortho_l1", "ortho_mse", "pes_min")
@@ -163,7 +164,8 @@ def load_runs(workdir):
     if seq_path.exists():
       seq_loss = json.loads(seq_path.read_text()).get("ce_seq")
     runs.append(dict(method=method, lr=lr, seed=int(m.group(1)), dir=os.fspath(root),
-                     curve=[(r["step"] * tokens_per_step, r["eval/loss"]) for r in evals],
+                     curve=[(int(t), loss) for t, loss in
+                            plots.eval_curve(evals, tokens_per_step)],
                      final=evals[-1], tokens=num_steps * tokens_per_step, seq_loss=seq_loss,
                      lr_config=float(cfg["opt"]["peak_lr"])))
   return runs, incomplete
@@ -307,7 +309,6 @@ def plot(table, runs, path):
   """loss_vs_tokens.png: validation loss against tokens of every method at its chosen rate
   (mean and min-max band over seeds, the target as a line; `plots.loss_vs_tokens`) and each
   seed's difference against the reference."""
-  from simbal_jax import plots  # pylint: disable=g-import-not-at-top
   groups = _group(runs)
   curves = {name: {s: groups[name][e["lr"]][s]["curve"] for s in e["seeds"]}
             for name, e in table["methods"].items()}

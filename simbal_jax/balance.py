@@ -39,7 +39,6 @@ import dataclasses
 from typing import Callable, NamedTuple
 
 import jax
-import jax.numpy as jnp
 
 from simbal_jax import losses
 from simbal_jax import routing

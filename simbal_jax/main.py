@@ -111,12 +111,8 @@ def _fields(argv):
   saved, sys.argv = sys.argv, [argv[0], arg]  # config_flags reads overrides from sys.argv
   try:
     fv([argv[0], arg])
-    names, todo = [], [("", holder.value.to_dict())]
-    while todo:
-      prefix, d = todo.pop()
-      for k, v in d.items():
-        (todo.append((f"{prefix}{k}.", v)) if isinstance(v, dict) else names.append(prefix + k))
-    return names
+    from simbal_jax import rundir  # pylint: disable=g-import-not-at-top
+    return list(rundir.flatten(holder.value.to_dict()))
   except Exception:  # pylint: disable=broad-except
     return []
   finally:

@@ -39,16 +39,22 @@ def read_eval_curve(run_dir):
     last record of a step wins).
   """
   run_dir = paths.resolve(run_dir)
-  by_step = {r["step"]: r for r in writers.read_jsonl(run_dir / "metrics.jsonl") if "eval/loss" in r}
-  if not by_step:
-    return np.zeros((0, 2))
+  records = writers.read_jsonl(run_dir / "metrics.jsonl")
   tokens_per_step = None
-  if any("train/tokens" not in r for r in by_step.values()):
+  if any("eval/loss" in r and "train/tokens" not in r for r in records):
     t = json.loads((run_dir / "config.json").read_text())["train"]
     tokens_per_step = int(t["global_batch_size"]) * int(t["seq_len"])
+  return eval_curve(records, tokens_per_step)
+
+
+def eval_curve(records, tokens_per_step=None):
+  """float64[N, 2] (training tokens, eval/loss) of the records carrying `eval/loss`, in step
+  order, the last record of a step winning; tokens from `train/tokens`, else step x
+  `tokens_per_step`."""
+  by_step = {r["step"]: r for r in records if "eval/loss" in r}
   rows = [(r["train/tokens"] if "train/tokens" in r else s * tokens_per_step, r["eval/loss"])
           for s, r in sorted(by_step.items())]
-  return np.asarray(rows, np.float64)
+  return np.asarray(rows, np.float64).reshape(-1, 2)
 
 
 def read_prune(run_dir):

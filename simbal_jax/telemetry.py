@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from simbal_jax import paths
+from simbal_jax import rundir
 from simbal_jax import writers
 
 LOAD_FILE = "expert_load.jsonl"
@@ -192,14 +193,6 @@ def log_eval(writer, step, *, layer_ids, load=None, kernels=None, logits=None):
 
 def hparams(config_dict):
   """Flat {dotted field: bool/int/float/str} of a nested config dict (lists as strings)."""
-  out, todo = {}, [("", config_dict)]
-  while todo:
-    prefix, d = todo.pop()
-    for k, v in d.items():
-      if isinstance(v, dict):
-        todo.append((f"{prefix}{k}.", v))
-      elif isinstance(v, (bool, int, float, str)):
-        out[prefix + k] = v
-      elif v is None or isinstance(v, (list, tuple)):
-        out[prefix + k] = str(v)
-  return out
+  return {k: v if isinstance(v, (bool, int, float, str)) else str(v)
+          for k, v in rundir.flatten(config_dict).items()
+          if v is None or isinstance(v, (bool, int, float, str, list, tuple))}

@@ -20,7 +20,6 @@ import ml_collections
 import numpy as np
 
 from simbal_jax import analysis
-from simbal_jax import balance
 from simbal_jax import checkpoint
 from simbal_jax import data as data_lib
 from simbal_jax import memory
@@ -305,8 +304,19 @@ def replicated(env):
 def host_router_kernels(env, params):
   """float64[Lm, D, E] router kernels on the host, gathered from every device's shard (on
   several hosts too)."""
-  fn = jax.jit(lambda p: model_lib.router_kernels(p, env.mcfg), out_shardings=replicated(env))
-  return np.asarray(jax.device_get(fn(params)), np.float64)
+  return np.asarray(jax.device_get(_kernels_fn(env.mcfg, env.mesh)(params)), np.float64)
+
+
+@functools.lru_cache(maxsize=8)
+def _kernels_fn(mcfg, mesh):
+  """The jitted router-kernel gather of a model and mesh (compiled once, not per evaluation)."""
+  return jax.jit(lambda p: model_lib.router_kernels(p, mcfg),
+                 out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
+def tokens_per_step(cfg):
+  """Tokens of one optimizer step: global batch x sequence length."""
+  return int(cfg.train.global_batch_size) * int(cfg.train.seq_len)
 
 
 def eval_set(env):
@@ -314,19 +324,19 @@ def eval_set(env):
   sequences spread over the whole held-out split (data.Datasets.eval_indices), identical for
   every run with the same data settings."""
   t = env.cfg.train
-  n = max(1, math.ceil(int(t.eval_tokens) / (int(t.global_batch_size) * int(t.seq_len))))
+  n = max(1, math.ceil(int(t.eval_tokens) / tokens_per_step(env.cfg)))
   return env.datasets.eval_batches(n)
 
 
-def evaluate(env, eval_step, state, eval_batches):
+def evaluate(env, eval_step, state, eval_batches, kernels=None):
   """Eval metrics of `state` (analysis.eval_metrics) and the per-batch sums behind them.
 
   Args:
     eval_batches: global batches (`to_global(b, env.batch_sharding, EVAL_KEYS)`).
+    kernels: the state's `host_router_kernels` when the caller has them (fetched if None).
   """
   sums = [jax.device_get(eval_step(state.params, state.expert_bias, b)) for b in eval_batches]
-  kernels = None
-  if env.mcfg.moe is not None:
+  if kernels is None and env.mcfg.moe is not None:
     kernels = host_router_kernels(env, state.params)
   layer_ids = env.mcfg.moe_layer_ids
   return analysis.eval_metrics(sums, kernels, layer_ids), sums
@@ -358,10 +368,6 @@ def final_pes(env, state, eval_batches):
   out = {"eval/pes_min": pes["min"], "eval/pes_mean": pes["mean"]}
   out.update({f"eval/layer_{i}/pes": float(v) for i, v in zip(layer_ids, pes["pes"])})
   return out
-
-
-def _host(metrics):
-  return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
 def write_json(path, obj):
@@ -411,10 +417,9 @@ def run_loop(env, state, it, *, ckpt, writer, on_eval, hooks=()):
   """
   cfg, t = env.cfg, env.cfg.train
   num_steps, start = int(t.num_steps), int(jax.device_get(state.step))
-  tokens_per_step = int(t.global_batch_size) * int(t.seq_len)
   train_step = make_train_step(env)
   due_evals = set(eval_steps(t))
-  progress = writers.Progress(start, num_steps, tokens_per_step,
+  progress = writers.Progress(start, num_steps, tokens_per_step(cfg),
                               enabled=cfg.log.progress and jax.process_index() == 0)
   timer = _Timer(start)
   log = _Logger(env, writer, progress, timer)
@@ -460,7 +465,7 @@ def run_loop(env, state, it, *, ckpt, writer, on_eval, hooks=()):
   progress.close()
   if status == "done":
     save(state, step, force=True)
-  return state, step, status, timer.result(step, tokens_per_step)
+  return state, step, status, timer.result(step, tokens_per_step(cfg))
 
 
 def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
@@ -487,7 +492,7 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
   rundir.WorkdirLock.check(workdir, enabled=jax.process_index() == 0)  # in use: fail now
   t0 = time.time()
   env = build(config, workdir, devices)  # validates before anything is written
-  cfg, t = env.cfg, env.cfg.train
+  cfg = env.cfg
   is_main = jax.process_index() == 0
   workdir.mkdir(parents=True, exist_ok=True)
   logging.info("devices: %d (%d processes), mesh %s", jax.device_count(), jax.process_count(),
@@ -500,7 +505,6 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
                                    async_save=cfg.ckpt.async_save)
   writer = writers.MetricWriter(workdir, tensorboard=cfg.log.tensorboard, enabled=is_main,
                                 record_files=(telemetry.LOAD_FILE,))
-  tokens_per_step = int(t.global_batch_size) * int(t.seq_len)
   summary = {}
   lock = None
   try:
@@ -521,15 +525,16 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
       log_routing = eval_telemetry(env, eval_batches, writer)
 
       def run_eval(st, step, extra=None, final=False):
-        m, sums = evaluate(env, eval_step, st, eval_batches)
+        kernels = host_router_kernels(env, st.params) if env.mcfg.moe is not None else None
+        m, sums = evaluate(env, eval_step, st, eval_batches, kernels)
         m.update(extra or {})
         if final and is_main:  # per-sequence losses: paired errors of differences between runs
           write_json(workdir / "eval_seq_loss.json", {"step": step, "ce_seq": [
               float(x) for s in sums for x in np.asarray(s["ce_seq"]).reshape(-1)]})
-        writer.write(step, {**m, "train/tokens": step * tokens_per_step})
+        writer.write(step, {**m, "train/tokens": step * tokens_per_step(cfg)})
         summary["expert_load"] = analysis.eval_load(sums)
         summary["domain_expert_counts"] = analysis.eval_domain_counts(sums)
-        log_routing(st, step, summary["expert_load"])
+        log_routing(st, step, summary["expert_load"], kernels)
         logging.info("eval step %d: %s", step, _brief(m))
         return m
 
@@ -564,7 +569,7 @@ class _Logger:
   def __init__(self, env, writer, progress, timer):
     t = env.cfg.train
     self.every, self.num_steps = max(int(env.cfg.log.every), 1), int(t.num_steps)
-    self.tokens_per_step = int(t.global_batch_size) * int(t.seq_len)
+    self.tokens_per_step = tokens_per_step(env.cfg)
     self.writer, self.progress, self.timer = writer, progress, timer
     self.layer_ids = env.mcfg.moe_layer_ids
     peak = memory.device_peak_tflops(override=float(env.cfg.log.peak_tflops))
@@ -589,26 +594,24 @@ class _Logger:
 
 
 def eval_telemetry(env, eval_batches, writer):
-  """A callable(state, step, load) writing an evaluation's routing telemetry: the eval load in
+  """A callable(state, step, load, kernels) writing an evaluation's routing telemetry (load:
+  the eval load fractions, kernels: host_router_kernels of the state): the eval load in
   expert_load.jsonl and, with log.tensorboard, the images and logit histograms
   (telemetry.log_eval). Every process calls it (the logit histogram is a jitted computation);
   only the writer of process 0 writes."""
   layer_ids = env.mcfg.moe_layer_ids
-  tokens_per_step = int(env.cfg.train.global_batch_size) * int(env.cfg.train.seq_len)
   logit_fn = None
   if env.mcfg.moe is not None and env.cfg.log.tensorboard and int(env.cfg.log.hist_tokens) > 0:
     logit_fn = telemetry.router_logit_fn(
-        env.model, int(env.cfg.log.hist_tokens),
-        jax.sharding.NamedSharding(env.mesh, jax.sharding.PartitionSpec()))
+        env.model, int(env.cfg.log.hist_tokens), replicated(env))
 
-  def log_routing(state, step, load):
+  def log_routing(state, step, load, kernels):
     if env.mcfg.moe is None:
       return
     writer.write_record(telemetry.LOAD_FILE, telemetry.load_record(
-        step, step * tokens_per_step, "eval", layer_ids, load))
+        step, step * tokens_per_step(env.cfg), "eval", layer_ids, load))
     if not env.cfg.log.tensorboard:
       return
-    kernels = host_router_kernels(env, state.params)
     logits = None
     if logit_fn is not None:
       logits = np.asarray(jax.device_get(logit_fn(state.params, state.expert_bias,

@@ -61,8 +61,8 @@ class MetricWriter:
     self.record_files = tuple(record_files)
     self.path = self.workdir / "metrics.jsonl"
     self._tb = None
-    self._file = None
-    self._records = {}  # file name -> open file of `write_record`
+    self._files = {}  # JSONL file name (metrics.jsonl, record_files) -> its open file
+    self._closed = False
     self._stage = None  # local staging directory when the workdir is on a cloud filesystem
     self._local = self.workdir  # where the files are written: the workdir or the stage
     self._uploaded = {}  # staged path relative to the stage -> (size, mtime_ns) last uploaded
@@ -79,7 +79,7 @@ class MetricWriter:
       logging.info("workdir %s is on a cloud filesystem: metrics, records and TensorBoard "
                    "events are staged in %s and uploaded every %g s, at checkpoints and at the "
                    "end", self.workdir, self._stage, self.sync_every)
-    self._file = open(self._local / "metrics.jsonl", "a", encoding="utf-8")
+    self._open("metrics.jsonl")
     if tensorboard:
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
@@ -93,8 +93,7 @@ class MetricWriter:
       return
     rec = {"step": int(step)}
     rec.update({k: _scalar(v) for k, v in metrics.items()})
-    self._file.write(json.dumps(rec, allow_nan=True) + "\n")
-    self._file.flush()
+    self._append("metrics.jsonl", rec)
     if self._tb is not None:
       for k, v in rec.items():
         if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
@@ -109,10 +108,21 @@ class MetricWriter:
       return
     if name not in self.record_files:
       raise ValueError(f"write_record: {name!r} is not one of record_files {self.record_files}")
-    if name not in self._records:
-      self._records[name] = open(self._local / name, "a", encoding="utf-8")
-    self._records[name].write(json.dumps(record, allow_nan=True) + "\n")
-    self._records[name].flush()
+    self._append(name, record)
+
+  def _open(self, name):
+    if name not in self._files:
+      self._files[name] = open(self._local / name, "a", encoding="utf-8")
+    return self._files[name]
+
+  def _append(self, name, record):
+    f = self._open(name)
+    f.write(json.dumps(record, allow_nan=True) + "\n")
+    f.flush()
+
+  def _close_files(self):
+    for name in list(self._files):
+      self._files.pop(name).close()
 
   def image(self, tag, image_HxWx3, step):
     """A TensorBoard image (uint8[H, W, 3]); nothing without TensorBoard."""
@@ -134,9 +144,10 @@ class MetricWriter:
   def flush(self):
     """Makes everything written so far durable in the workdir (a cloud workdir: uploads the
     staged files that changed)."""
-    if not self.enabled or self._file is None:
+    if not self.enabled or self._closed:
       return
-    self._file.flush()
+    for f in self._files.values():
+      f.flush()
     if self._tb is not None:
       self._tb.flush()
     if self._stage is None:
@@ -161,21 +172,14 @@ class MetricWriter:
     """
     if not self.enabled:
       return
-    for name in list(self._records):
-      self._records.pop(name).close()
-    for name in self.record_files:
+    self._close_files()  # reopened by the next write
+    for name in ("metrics.jsonl",) + self.record_files:
       if os.path.exists(self._local / name):
         _drop_after(self._local / name, step)
-    if os.path.exists(self._local / "metrics.jsonl"):
-      self._file.close()
-      _drop_after(self._local / "metrics.jsonl", step)
-      self._file = open(self._local / "metrics.jsonl", "a", encoding="utf-8")
     self.flush()
 
   def close(self):
     """Closes the files; a cloud workdir gets its last upload and the staging dir is removed."""
-    for name in list(self._records):
-      self._records.pop(name).close()
     if self._tb is not None:
       self._tb.close()  # writes its pending events
       self._tb = None
@@ -184,9 +188,8 @@ class MetricWriter:
       self.flush()
       uploaded = True
     finally:
-      if self._file is not None:
-        self._file.close()
-        self._file = None
+      self._close_files()
+      self._closed = True
       self._stage = None
       if stage is not None and uploaded:
         shutil.rmtree(stage, ignore_errors=True)

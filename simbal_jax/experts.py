@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from simbal_jax import routing
+from simbal_jax import sharding
 
 # ----------------------------------------------------------------------------------------------
 # Gather-only dispatch / combine (custom VJPs whose backward passes are gathers as well).
@@ -191,11 +192,19 @@ def bucket_experts(x_TxD, gates_TxK, index_TxK, wg, wu, wo, *, num_groups, facto
 # ----------------------------------------------------------------------------------------------
 # Grouped matmuls (dropless, no padding).
 
-# "auto": by backend (CPU: "xla"; GPU / TPU: None, tokamax's own choice of its Pallas kernels:
-# Mosaic GPU on Hopper and later, Triton, Mosaic TPU). "tokamax" = implementation None anywhere.
-# "xla" / "triton" / "mosaic": that tokamax implementation (the kernels raise
-# NotImplementedError where they do not run, e.g. on CPU). "lax": jax.lax.ragged_dot, no tokamax.
-RAGGED_IMPLS = ("auto", "tokamax", "xla", "triton", "mosaic", "lax")
+# "auto": by the platform of the devices the step is compiled for (`resolve_ragged_impl`; the
+# trainer resolves it from its mesh's devices, so an ahead-of-time compile for TPU on a CPU host
+# picks the TPU kernel): CPU "xla"; GPU "tokamax" (its own choice of Pallas kernels: Mosaic GPU
+# on Hopper and later, Triton); TPU "megablox" (JAX's Pallas TPU grouped matmul,
+# `jax.experimental.pallas.ops.tpu.megablox.gmm`, which compiles ahead of time; tokamax's Mosaic
+# TPU kernel asks the host's backend and refuses to trace on a CPU host). "tokamax" =
+# implementation None anywhere. "xla" / "triton" / "mosaic": that tokamax implementation (the
+# kernels raise NotImplementedError where they do not run, e.g. on CPU). "lax":
+# jax.lax.ragged_dot, no tokamax (on GPU and in XLA's TPU cost model a dense E-times-larger
+# computation).
+RAGGED_IMPLS = ("auto", "tokamax", "xla", "triton", "mosaic", "megablox", "lax")
+_AUTO_IMPL = {"cpu": "xla", "gpu": "tokamax", "cuda": "tokamax", "rocm": "tokamax",
+              "tpu": "megablox"}
 
 
 def resolve_ragged_impl(impl, backend=None):
@@ -203,13 +212,26 @@ def resolve_ragged_impl(impl, backend=None):
 
   Args:
     impl: one of RAGGED_IMPLS.
-    backend: "cpu" | "gpu" | "tpu", or None for `jax.default_backend()`.
+    backend: platform of the devices the computation is compiled for ("cpu" | "gpu" | "tpu",
+      e.g. `devices[0].platform`), or None for `jax.default_backend()` (the host's).
   """
   if impl not in RAGGED_IMPLS:
     raise ValueError(f"ragged_impl={impl!r}; valid: {RAGGED_IMPLS}")
   if impl != "auto":
     return impl
-  return "xla" if (backend or jax.default_backend()) == "cpu" else "tokamax"
+  return _AUTO_IMPL.get(backend or jax.default_backend(), "tokamax")
+
+
+def _megablox_dot(lhs_SxD, rhs_ExDxF, group_sizes_E):
+  """`megablox.gmm` with the row count padded to its tile (it needs S % tile == 0)."""
+  from jax.experimental.pallas.ops.tpu.megablox import gmm  # pylint: disable=g-import-not-at-top
+  rows = lhs_SxD.shape[0]
+  tile = min(128, -(-rows // 8) * 8)
+  padded = -(-rows // tile) * tile
+  lhs = jnp.pad(lhs_SxD, ((0, padded - rows), (0, 0))) if padded != rows else lhs_SxD
+  out = gmm(lhs, rhs_ExDxF, group_sizes_E.astype(jnp.int32), lhs_SxD.dtype,
+            (tile, 128, 128))
+  return out[:rows]
 
 
 def ragged_dot(lhs_SxD, rhs_ExDxF, group_sizes_E, impl="auto"):
@@ -227,6 +249,8 @@ def ragged_dot(lhs_SxD, rhs_ExDxF, group_sizes_E, impl="auto"):
   impl = resolve_ragged_impl(impl)
   if impl == "lax":
     return jax.lax.ragged_dot(lhs_SxD, rhs_ExDxF, group_sizes_E)
+  if impl == "megablox":
+    return _megablox_dot(lhs_SxD, rhs_ExDxF, group_sizes_E)
   try:
     import tokamax  # pylint: disable=g-import-not-at-top  (lazy: ~1 s to import)
   except ImportError as e:
@@ -240,8 +264,60 @@ def ragged_dot(lhs_SxD, rhs_ExDxF, group_sizes_E, impl="auto"):
                             implementation=None if impl == "tokamax" else impl)
 
 
+def _ragged_swiglu(x_TxD, gates_TxK, index_TxK, wg, wu, wo, expert_offset, impl):
+  """The held experts' part of the MoE output: float[T, D] (zero rows for tokens whose experts
+  are all held elsewhere). Experts `[expert_offset, expert_offset + wg.shape[0])` are held."""
+  plan, group_sizes_E = routing.sorted_plan(index_TxK, wg.shape[0], expert_offset)
+  buf_SxD = dispatch(x_TxD, plan.slot_token, plan.slot)
+  h_gate = ragged_dot(buf_SxD, wg, group_sizes_E, impl)
+  h_up = ragged_dot(buf_SxD, wu, group_sizes_E, impl)
+  y_SxD = ragged_dot(jax.nn.silu(h_gate) * h_up, wo, group_sizes_E, impl)
+  return combine(y_SxD, gates_TxK, plan.slot, plan.slot_assignment)
+
+
+def _sharded_mesh():
+  """The context mesh when it is this project's mesh (`sharding.MESH_AXES`) over > 1 device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1 or not set(sharding.MESH_AXES) <= set(mesh.axis_names):
+    return None
+  return mesh
+
+
+_FORCE_NO_VMA_CHECK = False  # tests: the megablox path's unchecked shard_map, on CPU kernels
+
+
+def _varying(x, axis):
+  """`x` cast to vary along the manual `axis` (inside shard_map); unchanged if it already does."""
+  aval = jax.typeof(x)
+  varying = aval.vma if hasattr(aval, "vma") else aval.mat.varying  # renamed in jax 0.10
+  if axis in varying:
+    return x
+  if hasattr(jax.lax, "pcast"):
+    return jax.lax.pcast(x, axis, to="varying")
+  return jax.lax.pvary(x, axis)  # jax < 0.10
+
+
 def ragged_experts(x_TxD, gates_TxK, index_TxK, wg, wu, wo, *, impl="auto"):
-  """Dropless dispatch: S = T * K rows sorted by expert, grouped SwiGLU matmuls (`ragged_dot`).
+  """Dropless dispatch: the T * K assignments sorted by expert, grouped SwiGLU matmuls.
+
+  Without a mesh (or on one device) one grouped matmul over all T * K rows. Under this
+  project's mesh (`sharding.mesh_rules`) the computation is local to each device
+  (`jax.shard_map`), so nothing in it scales with the global batch:
+
+  * each device takes its own tokens (the batch axis is split over data x fsdp x expert) and
+    all-gathers the tokens, gates and expert choices of the devices along "expert" (its expert
+    group: the tokens whose experts it shares out);
+  * it all-gathers its experts' kernels over "fsdp" ([E / expert, D, F / model]: the FSDP
+    gather of one layer, whose transpose reduce-scatters the gradients);
+  * it sorts the group's assignments to its own experts (`routing.sorted_plan` with an expert
+    offset; the others are computed on the device holding their expert) and runs the grouped
+    matmuls on them;
+  * the partial outputs are summed back: reduce-scatter along "expert" (each device gets its
+    own tokens) and all-reduce along "model" (the F / model slices).
+
+  Dropless: the buffer holds every assignment of the expert group (expert x local tokens x K
+  rows), the worst case where all of them pick this device's experts. The grouped-matmul
+  kernels touch only the filled rows, but the buffer's memory is that worst case.
 
   Args:
     x_TxD, gates_TxK, index_TxK, wg, wu, wo: as `capacity_experts`.
@@ -250,9 +326,34 @@ def ragged_experts(x_TxD, gates_TxK, index_TxK, wg, wu, wo, *, impl="auto"):
   Returns:
     (float[T, D] combined outputs, bool[T, K] kept assignments, all True).
   """
-  plan, group_sizes_E = routing.sorted_plan(index_TxK, wg.shape[0])
-  buf_SxD = dispatch(x_TxD, plan.slot_token, plan.slot)
-  h_gate = ragged_dot(buf_SxD, wg, group_sizes_E, impl)
-  h_up = ragged_dot(buf_SxD, wu, group_sizes_E, impl)
-  y_SxD = ragged_dot(jax.nn.silu(h_gate) * h_up, wo, group_sizes_E, impl)
-  return combine(y_SxD, gates_TxK, plan.slot, plan.slot_assignment), plan.kept
+  kept_TxK = jnp.ones(index_TxK.shape, bool)
+  mesh = _sharded_mesh()
+  if mesh is None:
+    return _ragged_swiglu(x_TxD, gates_TxK, index_TxK, wg, wu, wo, 0, impl), kept_TxK
+  P = jax.sharding.PartitionSpec
+  tok = P(sharding.BATCH_AXES)
+  # Pallas TPU kernels (megablox) declare no varying-axis types, so shard_map cannot check them:
+  # without the check, its transpose sums the cotangents of inputs replicated along an axis.
+  check_vma = resolve_ragged_impl(impl) != "megablox" and not _FORCE_NO_VMA_CHECK
+
+  w_in, w_out = P("expert", "fsdp", "model"), P("expert", "model", "fsdp")
+
+  def local(x, gates, index, wg, wu, wo):
+    wg, wu = (jax.lax.all_gather(w, "fsdp", axis=1, tiled=True) for w in (wg, wu))
+    wo = jax.lax.all_gather(wo, "fsdp", axis=2, tiled=True)
+    x, gates, index = (jax.lax.all_gather(a, "expert", axis=0, tiled=True)
+                       for a in (x, gates, index))
+    # The kernels vary along "model" (their F slices), so the dispatch / combine custom VJPs
+    # see model-varying cotangents: mark their float inputs varying too, so the transpose of
+    # that cast sums the token and gate gradients over "model".
+    if check_vma:
+      x, gates = (_varying(a, "model") for a in (x, gates))
+    offset = jax.lax.axis_index("expert") * wg.shape[0]
+    y = _ragged_swiglu(x, gates, index, wg, wu, wo, offset, impl)
+    y = jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
+    return jax.lax.psum(y, "model")
+
+  y_TxD = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out),
+                        out_specs=tok, check_vma=check_vma)(x_TxD, gates_TxK, index_TxK,
+                                                            wg, wu, wo)
+  return y_TxD, kept_TxK

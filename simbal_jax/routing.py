@@ -281,40 +281,53 @@ def dispatch_plan(expert_index_TxK, num_experts, capacity, *, mask_T=None):
                       slot_assignment=slot_assignment_S, slot_token=slot_token_S)
 
 
-def sorted_plan(expert_index_TxK, num_experts):
+def sorted_plan(expert_index_TxK, num_experts, expert_offset=0):
   """Dropless dispatch plan: the T * K assignments sorted by expert into S = T * K slots.
 
   Slot s holds the assignment of rank s in a stable sort of the flattened expert ids
   (`a = t * K + k`), so expert e owns the contiguous slots `[start_e, start_e + group_sizes[e])`
   with `start_e = sum_{e' < e} group_sizes[e']`, tokens in order within it: the layout
-  `jax.lax.ragged_dot` expects. Nothing is dropped and no slot is empty, so the plan feeds the
-  same gather-only dispatch / combine as `dispatch_plan` does (with S = T * K instead of E * C).
+  `jax.lax.ragged_dot` expects. Nothing is dropped, so the plan feeds the same gather-only
+  dispatch / combine as `dispatch_plan` does (with S = T * K instead of E * C).
+
+  Expert parallelism: with `expert_offset` o, only the experts `[o, o + num_experts)` are held
+  here (group e of the result is expert o + e). Their assignments fill the first slots in the
+  same sorted order; every other assignment gets the sentinel slot S (computed elsewhere) and
+  the slots after the held ones are empty. With o = 0 and every expert held this is the plain
+  plan above.
 
   Args:
-    expert_index_TxK: int[T, K] chosen experts in [0, E) (values outside give undefined slots
-      and group sizes that do not sum to T * K).
-    num_experts: static int E >= 1.
+    expert_index_TxK: int[T, K] chosen experts in [0, E) (values outside the held range are
+      "elsewhere").
+    num_experts: static int >= 1, experts held here (E without expert parallelism).
+    expert_offset: int or int32[] scalar (may be traced, e.g. `axis_index * num_experts`), the
+      first held expert.
 
   Returns:
-    (plan, group_sizes) where plan is a DispatchPlan with `slot` int32[T, K] the sorted rank of
-    each assignment (a permutation of range(T * K)), `kept` all True, `slot_assignment`
-    int32[S] the sort order (slot -> assignment, the inverse permutation of `slot`) and
-    `slot_token` int32[S] = `slot_assignment // K`; group_sizes is int32[E], the assignments per
-    expert (sums to T * K).
+    (plan, group_sizes) where plan is a DispatchPlan over S = T * K slots: `slot` int32[T, K]
+    the sorted rank of each held assignment (S for one held elsewhere), `kept` bool[T, K]
+    whether the assignment is held here, `slot_assignment` int32[S] slot -> assignment (T * K
+    for an empty slot), `slot_token` int32[S] = `slot_assignment // K` (T for an empty slot);
+    group_sizes is int32[num_experts], the assignments per held expert (sums to T * K when
+    every expert is held).
   """
   _checks.check_rank("expert_index_TxK", expert_index_TxK, 2, "[T, K]")
   num_experts = _checks.static_int("num_experts", num_experts, 1)
   num_tokens, top_k = jnp.shape(expert_index_TxK)
   num_assign = num_tokens * top_k
 
-  expert_A = jnp.asarray(expert_index_TxK, jnp.int32).reshape(-1)
-  order_A = jnp.argsort(expert_A, stable=True).astype(jnp.int32)  # sorted rank -> assignment
-  slot_A = jnp.zeros((num_assign,), jnp.int32).at[order_A].set(
+  expert_A = jnp.asarray(expert_index_TxK, jnp.int32).reshape(-1) - expert_offset
+  held_A = (expert_A >= 0) & (expert_A < num_experts)
+  key_A = jnp.where(held_A, expert_A, num_experts)  # not held: sorted after every held one
+  order_A = jnp.argsort(key_A, stable=True).astype(jnp.int32)  # sorted rank -> assignment
+  rank_A = jnp.zeros((num_assign,), jnp.int32).at[order_A].set(
       jnp.arange(num_assign, dtype=jnp.int32), unique_indices=True)
-  group_sizes_E = jnp.zeros((num_experts,), jnp.int32).at[expert_A].add(1, mode="drop")
-  plan = DispatchPlan(slot=slot_A.reshape(num_tokens, top_k),
-                      kept=jnp.ones((num_tokens, top_k), bool),
-                      slot_assignment=order_A, slot_token=order_A // top_k)
+  group_sizes_E = jnp.zeros((num_experts,), jnp.int32).at[key_A].add(1, mode="drop")
+  filled_S = jnp.arange(num_assign) < jnp.sum(group_sizes_E)
+  slot_assignment_S = jnp.where(filled_S, order_A, num_assign)
+  plan = DispatchPlan(slot=jnp.where(held_A, rank_A, num_assign).reshape(num_tokens, top_k),
+                      kept=held_A.reshape(num_tokens, top_k),
+                      slot_assignment=slot_assignment_S, slot_token=slot_assignment_S // top_k)
   return plan, group_sizes_E
 
 

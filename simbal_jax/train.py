@@ -22,6 +22,7 @@ import numpy as np
 from simbal_jax import analysis
 from simbal_jax import checkpoint
 from simbal_jax import data as data_lib
+from simbal_jax import experts
 from simbal_jax import memory
 from simbal_jax import model as model_lib
 from simbal_jax import optim
@@ -150,6 +151,10 @@ def build(config, workdir=None, devices=None, *, data=True):
   if int(cfg.model.vocab_size) < 1:
     raise ValueError("build(data=False) needs model.vocab_size > 0")
   mcfg = model_lib.ModelConfig.from_config(cfg)
+  if mcfg.moe is not None:  # ragged_impl "auto" by the platform compiled for, not the host's
+    mcfg = dataclasses.replace(mcfg, moe=dataclasses.replace(
+        mcfg.moe, ragged_impl=experts.resolve_ragged_impl(mcfg.moe.ragged_impl,
+                                                          devices[0].platform)))
   mesh = sharding.make_mesh(cfg.mesh, devices)
   model = model_lib.Transformer(mcfg)
   tx, schedule = optim.make_optimizer(cfg.opt, int(t.num_steps))
@@ -289,7 +294,8 @@ def make_train_step(env):
 
 def make_eval_step(env):
   """The jitted eval step: (params, expert_bias, batch) -> additive statistics."""
-  num_domains = int(env.cfg.data.synthetic.num_domains) if env.datasets.has_domain else 0
+  has_domain = env.datasets is not None and env.datasets.has_domain  # None: built without data
+  num_domains = int(env.cfg.data.synthetic.num_domains) if has_domain else 0
   return jax.jit(
       functools.partial(step_lib.eval_step, model=env.model, num_domains=num_domains),
       in_shardings=(env.shardings.params, env.shardings.expert_bias, env.batch_sharding),

@@ -313,7 +313,7 @@ def test_bucket_helpers():
 def test_ragged_impl_resolution_and_tokamax_use(monkeypatch):
   assert experts.resolve_ragged_impl("auto", "cpu") == "xla"
   assert experts.resolve_ragged_impl("auto", "gpu") == "tokamax"
-  assert experts.resolve_ragged_impl("auto", "tpu") == "tokamax"
+  assert experts.resolve_ragged_impl("auto", "tpu") == "megablox"
   assert experts.resolve_ragged_impl("lax", "gpu") == "lax"
   with pytest.raises(ValueError, match="ragged_impl"):
     moe.MoEConfig(num_experts=2, top_k=1, d_ff=4, ragged_impl="cuda")

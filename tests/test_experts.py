@@ -1,0 +1,124 @@
+"""experts.py: the dropless grouped-matmul path local to each shard (shard_map over the mesh)
+against the same block on one device and a float64 per-token loop, values and gradients."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from simbal_jax import experts
+from simbal_jax import moe
+from simbal_jax import routing
+from simbal_jax import sharding
+
+D, E, K, F = 16, 8, 2, 8
+B, L = 8, 4
+P = jax.sharding.PartitionSpec
+
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
+
+def _loop(params, x_BxLxD, bias_E):
+  """float64 per token: softmax probs, top-k of probs + bias (bias only selects), SwiGLU."""
+  p = {k: np.asarray(v, np.float64) for k, v in params["params"].items()}
+  x = np.asarray(x_BxLxD, np.float64).reshape(-1, D)
+  logits = x @ p["router"]
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  select = probs + (0.0 if bias_E is None else np.asarray(bias_E, np.float64))
+  out = np.zeros_like(x)
+  for t in range(x.shape[0]):
+    for e in np.argsort(-select[t], kind="stable")[:K]:
+      h = x[t] @ p["wi_gate"][e]
+      h = h / (1.0 + np.exp(-h)) * (x[t] @ p["wi_up"][e])
+      out[t] += probs[t, e] * (h @ p["wo"][e])
+  return out.reshape(x_BxLxD.shape)
+
+
+def _grads(block, params, x, bias, proj):
+  def loss(p, x):
+    y, aux = block.apply(p, x, bias)
+    return jnp.sum(y * proj), (y, aux.counts)
+  return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+
+
+# (100, 50, 0, ...) sends every token to experts 0 and 1 (the others get empty groups, and on
+# an expert axis of 2 one device holds no routed expert at all); (1, .5, 0, ...) uneven loads.
+BIASES = {"none": None, "empty": (100.0, 50.0) + (0.0,) * (E - 2),
+          "uneven": (1.0, 0.5) + (0.0,) * (E - 2)}
+
+
+@pytest.mark.parametrize("mesh_kw,impl,bias", [
+    (dict(data=2, fsdp=2, expert=2, model=1), "auto", "uneven"),
+    (dict(data=2, fsdp=2, expert=2, model=1), "lax", "empty"),
+    (dict(data=1, fsdp=1, expert=8, model=1), "auto", "none"),
+    (dict(data=2, fsdp=1, expert=2, model=2), "auto", "uneven")])
+def test_sharded_ragged_equals_one_device_and_loop(mesh_kw, impl, bias):
+  cfg = moe.MoEConfig(num_experts=E, top_k=K, d_ff=F, capacity_factor=0.0,
+                      router_init="normal", dispatch="ragged", ragged_impl=impl)
+  block = moe.MoEBlock(cfg, dtype=jnp.float32)
+  x = jax.random.normal(jax.random.PRNGKey(0), (B, L, D), jnp.float32)
+  proj = jax.random.normal(jax.random.PRNGKey(2), (B, L, D), jnp.float32)
+  bias = None if BIASES[bias] is None else jnp.asarray(BIASES[bias], jnp.float32)
+  boxed = jax.jit(block.init)(jax.random.PRNGKey(1), x)
+  params = nn.unbox(boxed)
+  (v0, (y0, counts0)), (gp0, gx0) = jax.jit(lambda p, x: _grads(block, p, x, bias, proj))(
+      params, x)
+
+  mesh = sharding.make_mesh(dict(mesh_kw, multihost=False))
+  rules = sharding.LOGICAL_RULES
+  with sharding.mesh_rules(mesh, rules):
+    assert experts._sharded_mesh() is not None  # the shard_map path runs
+    shardings = sharding.state_shardings(boxed, mesh, rules)
+    params_sh = nn.unbox(jax.device_put(boxed, shardings))
+    wg = params_sh["params"]["wi_gate"]
+    assert wg.addressable_shards[0].data.shape == (
+        E // mesh_kw["expert"], D // mesh_kw["fsdp"], F // mesh_kw["model"])
+    tok = jax.sharding.NamedSharding(mesh, P(sharding.BATCH_AXES))
+    (v1, (y1, counts1)), (gp1, gx1) = jax.jit(lambda p, x: _grads(block, p, x, bias, proj))(
+        params_sh, jax.device_put(x, tok))
+
+  np.testing.assert_allclose(np.asarray(y1), _loop(params, x, bias), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(float(v1), float(v0), rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(counts1), np.asarray(counts0))
+  np.testing.assert_allclose(np.asarray(gx1), np.asarray(gx0), rtol=1e-4, atol=1e-5)
+  for name in ("router", "wi_gate", "wi_up", "wo"):
+    np.testing.assert_allclose(np.asarray(gp1["params"][name]), np.asarray(gp0["params"][name]),
+                               rtol=1e-4, atol=1e-5, err_msg=name)
+  counts = np.asarray(counts0)
+  if bias == "empty":
+    assert (counts[2:] == 0).all()
+    np.testing.assert_array_equal(np.asarray(gp1["params"]["wo"][2:]), 0.0)
+  elif bias == "uneven":
+    assert counts.max() >= 2 * counts[counts > 0].min()
+
+
+def test_sorted_plan_with_expert_offset_vs_numpy():
+  """Experts [o, o + n) held: their assignments first, in the plain plan's sorted order."""
+  rng = np.random.default_rng(0)
+  idx = rng.integers(0, E, size=(12, K)).astype(np.int32)
+  offset, held = 2, 3
+  plan, sizes = jax.jit(routing.sorted_plan, static_argnums=1)(jnp.asarray(idx), held, offset)
+  flat = idx.reshape(-1)
+  order = [a for e in range(offset, offset + held) for a in np.flatnonzero(flat == e)]
+  n, total = len(order), flat.size
+  np.testing.assert_array_equal(np.asarray(sizes), [np.sum(flat == e) for e in
+                                                    range(offset, offset + held)])
+  slot_assignment = np.asarray(order + [total] * (total - n))
+  np.testing.assert_array_equal(np.asarray(plan.slot_assignment), slot_assignment)
+  np.testing.assert_array_equal(np.asarray(plan.slot_token), slot_assignment // K)
+  slot = np.full(total, total)
+  slot[order] = np.arange(n)
+  np.testing.assert_array_equal(np.asarray(plan.slot).reshape(-1), slot)
+  np.testing.assert_array_equal(np.asarray(plan.kept).reshape(-1),
+                                (flat >= offset) & (flat < offset + held))
+
+
+
+def test_unchecked_shard_map_gradients(monkeypatch):
+  """The TPU kernel's shard_map runs without varying-axis checks: on CPU kernels, the same
+  unchecked shard_map still gives the one-device values and gradients (model axis included)."""
+  monkeypatch.setattr(experts, "_FORCE_NO_VMA_CHECK", True)
+  test_sharded_ragged_equals_one_device_and_loop(
+      dict(data=2, fsdp=1, expert=2, model=2), "lax", "uneven")

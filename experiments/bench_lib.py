@@ -145,3 +145,26 @@ def table(rows, cols):
            "  ".join("-" * w for w in widths)]
   lines += ["  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in cells]
   return "\n".join(lines)
+
+
+def vocab_size(cfg):
+  """cfg.model.vocab_size, or the tokenizer's size when it is 0 (no data is loaded)."""
+  if int(cfg.model.vocab_size) > 0:
+    return int(cfg.model.vocab_size)
+  if cfg.data.source == "synthetic":
+    return int(cfg.data.synthetic.vocab_size) + 1
+  if cfg.data.tokenizer == "sentencepiece":
+    return int(cfg.data.sp_vocab_size)
+  from simbal_jax.data import tokenizers  # pylint: disable=g-import-not-at-top  (stdlib only)
+  known = {"bytes": tokenizers.BytesTokenizer.vocab_size, "cl100k": tokenizers.CL100K_VOCAB_SIZE}
+  if cfg.data.tokenizer in known:
+    return known[cfg.data.tokenizer]
+  raise ValueError(f"set --config.model.vocab_size (tokenizer {cfg.data.tokenizer!r})")
+
+
+def build_env(config, devices=None):
+  """`train.build(data=False)` for a config whose vocabulary is derived without loading data."""
+  from simbal_jax import train  # pylint: disable=g-import-not-at-top
+  cfg = train.prepare_config(config)
+  cfg.model.vocab_size = vocab_size(cfg)
+  return train.build(cfg, devices=devices, data=False)

@@ -43,7 +43,8 @@ import numpy as np
 
 from simbal_jax import configs as config_files
 from simbal_jax.experiments.bench_lib import (  # noqa: F401  pylint: disable=unused-import
-    SHAPES, environment, parse_shape, peaks, preset_config, table, timed)
+    SHAPES, build_env, environment, parse_shape, peaks, preset_config, table, timed,
+    vocab_size)
 
 
 _WHAT = flags.DEFINE_enum("what", "moe_layer", ["moe_layer", "train_step", "routing", "memory"],
@@ -157,29 +158,6 @@ def bench_moe_layer(shape, tokens, *, capacity_factor=1.25, dispatch="capacity",
 
 # ----------------------------------------------------------------------------------------------
 # train_step.
-
-
-def vocab_size(cfg):
-  """cfg.model.vocab_size, or the tokenizer's size when it is 0 (no data is loaded)."""
-  if int(cfg.model.vocab_size) > 0:
-    return int(cfg.model.vocab_size)
-  if cfg.data.source == "synthetic":
-    return int(cfg.data.synthetic.vocab_size) + 1
-  if cfg.data.tokenizer == "sentencepiece":
-    return int(cfg.data.sp_vocab_size)
-  from simbal_jax.data import tokenizers  # pylint: disable=g-import-not-at-top  (stdlib only)
-  known = {"bytes": tokenizers.BytesTokenizer.vocab_size, "cl100k": tokenizers.CL100K_VOCAB_SIZE}
-  if cfg.data.tokenizer in known:
-    return known[cfg.data.tokenizer]
-  raise ValueError(f"set --config.model.vocab_size (tokenizer {cfg.data.tokenizer!r})")
-
-
-def build_env(config, devices=None):
-  """`train.build(data=False)` for a config whose vocabulary is derived without loading data."""
-  from simbal_jax import train  # pylint: disable=g-import-not-at-top
-  cfg = train.prepare_config(config)
-  cfg.model.vocab_size = vocab_size(cfg)
-  return train.build(cfg, devices=devices, data=False)
 
 
 def train_step_runner(config, *, input_sets=2, devices=None, seed=0):

@@ -8,7 +8,17 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRA := $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo ,gpu; \
 	elif [ -e /dev/accel0 ]; then echo ,tpu; fi)
+# On a machine without an accelerator the test virtualenv also gets the TPU compiler (the `aot`
+# extra: libtpu) so that tests/test_aot.py compiles for a TPU slice ahead of time; the CPU jobs
+# then pin JAX_PLATFORMS=cpu (libtpu would otherwise look for a TPU at start-up and log it).
+comma := ,
+AOT := $(if $(EXTRA),,$(comma)aot)
+CPU_ENV := $(if $(EXTRA),,JAX_PLATFORMS=cpu)
 WORKDIR ?= runs/demo
+# make aot CONFIG=configs/moe_m.py:simbal TOPOLOGY=v5e:2x4 ARGS="--config.mesh.fsdp=8 ..."
+CONFIG ?= configs/moe_m.py:simbal
+TOPOLOGY ?= v5e:2x4
+ARGS ?=
 PYTEST_ARGS ?=
 VENV_MIN ?= .venv-min
 PY_MIN := $(VENV_MIN)/bin/python
@@ -22,12 +32,12 @@ MIN_TESTS ?= tests/test_losses.py tests/test_routing.py tests/test_balance.py \
 	"tests/test_moe.py::test_ragged_impl_resolution_and_tokamax_use" \
 	tests/test_train.py::test_corrupt_latest_checkpoint_is_skipped
 
-.PHONY: install test demo min-versions clean
+.PHONY: install test demo min-versions aot clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test$(EXTRA)]"
+	$(PY) -m pip install -q -e ".[test$(EXTRA)$(AOT)]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -50,7 +60,13 @@ min-versions: $(VENV_MIN)/.installed
 	$(PY_MIN) -m pytest -q -p no:cacheprovider $(MIN_TESTS) $(PYTEST_ARGS)
 
 demo: $(VENV)/.installed
-	$(PY) -m simbal_jax.experiments.demo --workdir=$(WORKDIR)
+	$(CPU_ENV) $(PY) -m simbal_jax.experiments.demo --workdir=$(WORKDIR)
+
+# Ahead-of-time compile of CONFIG's train and eval steps for a TPU slice (no TPU needed).
+aot: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[aot]"
+	JAX_PLATFORMS=cpu $(PY) -m simbal_jax.experiments.aot --config=$(CONFIG) \
+		--topology=$(TOPOLOGY) $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(VENV_MIN) runs .pytest_cache

@@ -43,12 +43,14 @@ def get_config(arg=None):
   # capacity_buckets (x mean load T*K/E per group, then T) holding the step's largest expert
   # load (jax.lax.switch; same values and grads as capacity_factor 0, cost = that bucket's
   # padding; capacity_factor ignored) - the dropless choice on CPU. "ragged": dropless grouped
-  # matmuls via tokamax.ragged_dot (T*K rows, no E/K padding; capacity_factor ignored; needs
-  # num_groups=1): Pallas kernels on GPU/TPU; on CPU a masked dense computation (use buckets).
+  # matmuls (T*K rows, no E/K padding; capacity_factor ignored; needs num_groups=1), local to
+  # each device under a mesh (shard_map: tokens all-gathered along mesh.expert, each device runs
+  # its own experts); Pallas kernels on GPU/TPU; on CPU a masked dense computation (use buckets).
   e.dispatch = "capacity"
   e.capacity_buckets = (1.25, 1.5, 2.0, 3.0)  # dispatch=buckets: factors below the last bucket T
-  # dispatch=ragged: auto (CPU: xla; GPU/TPU: tokamax's choice) | tokamax | xla | triton |
-  # mosaic | lax (jax.lax.ragged_dot, no tokamax; dense E-times-larger on GPU)
+  # dispatch=ragged: auto (by the platform compiled for - CPU: xla; GPU: tokamax's choice; TPU:
+  # megablox) | tokamax | xla | triton | mosaic | megablox (JAX's Pallas TPU grouped matmul) |
+  # lax (jax.lax.ragged_dot, no tokamax; dense E-times-larger on GPU)
   e.ragged_impl = "auto"
 
   cfg.balance = b = ml_collections.ConfigDict()

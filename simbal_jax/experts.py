@@ -10,11 +10,12 @@ them after routing. Every path takes the tokens `x_TxD`, the router's `gates_TxK
 * `bucket_experts`: `capacity_experts` at the smallest static bucket C that holds the call's
   largest expert load (`jax.lax.switch`): dropless at that bucket's padding.
 * `ragged_experts`: the T * K assignments sorted by expert (`routing.sorted_plan`), grouped
-  matmuls through `tokamax.ragged_dot` (or `jax.lax.ragged_dot`); dropless, no padding.
+  matmuls (`ragged_dot`: tokamax, megablox or `jax.lax.ragged_dot`); dropless, no padding; under
+  the project's mesh local to each device (shard_map, expert parallelism along "expert").
 
 Dispatch and combine are gathers whose backward passes are gathers too (`jax.custom_vjp`): every
 token has K slots and every slot one token, so no scatter and no one-hot `[T, E, C]` tensor
-appears anywhere (DESIGN.md section 4).
+appears anywhere (the scatters and one-hot einsums of other MoE codes cost more than the experts).
 """
 
 import functools

@@ -99,7 +99,7 @@ def activation_bytes_per_token(config, seq_len, model_axis=1):
 
 
 def memory_estimate(config, mesh_shape, *, global_batch_size, seq_len, grad_accum=1,
-                    opt_moments=2, rules=sharding.LOGICAL_RULES):
+                    opt_moments=2, rules=sharding.LOGICAL_RULES, document_mask=False):
   """Per-device bytes of a training step of `config` on a mesh.
 
   Args:
@@ -113,7 +113,11 @@ def memory_estimate(config, mesh_shape, *, global_batch_size, seq_len, grad_accu
 
   Returns:
     dict of floats (bytes per device): params, grads, opt_state, activations (no remat),
-    activations_remat (block inputs kept, one block recomputed at a time), total, total_remat;
+    activations_remat (block inputs kept, one block recomputed at a time), batch (one global
+    batch's int32 inputs and targets, and segment ids with `document_mask`), eval (the eval
+    step: forward only, one block's activations live at a time plus the logits, on one global
+    batch of its own; the eval set stays on the host between batches), total, total_remat
+    (the state + batch + the larger of the train step's activations and the eval step's);
     and params_total (bytes of all parameters, unsharded), tokens_per_device.
   The state (params, grads, opt_state) is exact. The activations are analytic and a lower
   bound of what a compiler keeps: on CPU XLA's temporaries were 1.3x the estimated gradients +
@@ -129,16 +133,21 @@ def memory_estimate(config, mesh_shape, *, global_batch_size, seq_len, grad_accu
   act = tokens * (sum(per_block) + once)
   act_remat = tokens * (config.num_layers * config.d_model * a + max(per_block) + once)
   state = params * (2 + opt_moments)  # params, grads, moments
+  step_tokens = global_batch_size * seq_len / batch_shards  # a whole step's batch per device
+  batch = step_tokens * 4 * (3 if document_mask else 2)
+  evaluation = step_tokens * (max(per_block) + once) + batch  # the eval step's own batch
   return dict(params=float(params), grads=float(params), opt_state=float(opt_moments * params),
-              activations=act, activations_remat=act_remat, total=state + act,
-              total_remat=state + act_remat, params_total=float(params_total),
-              tokens_per_device=tokens)
+              activations=act, activations_remat=act_remat, batch=batch, eval=evaluation,
+              total=state + batch + max(act, evaluation),
+              total_remat=state + batch + max(act_remat, evaluation),
+              params_total=float(params_total), tokens_per_device=tokens)
 
 
 def summary(est, device_bytes=None):
   """One line: the estimate in GiB (and the device's memory when known)."""
   parts = [f"{k} {est[k] / GIB:.3g}" for k in ("params", "grads", "opt_state", "activations",
-                                                "activations_remat", "total", "total_remat")]
+                                                "activations_remat", "batch", "eval", "total",
+                                                "total_remat")]
   line = "GiB per device: " + ", ".join(parts)
   if device_bytes:
     line += f" (device {device_bytes / GIB:.3g} GiB)"

@@ -11,10 +11,11 @@ assignments in one of three ways (`MoEConfig.dispatch`):
   bucket that holds the largest expert load. Same values and gradients as C = T, at the cost of
   that bucket's padding. The dropless choice where no grouped-matmul kernel exists (CPU).
 * "ragged": the T * K assignments sorted by expert into exactly T * K rows
-  (`routing.sorted_plan`), experts run as grouped matmuls `tokamax.ragged_dot` (Pallas kernels
-  on GPU and TPU with their own backward passes; on CPU its XLA fallback, a masked dense
-  computation equal to `jax.lax.ragged_dot`); never drops. `MoEConfig.ragged_impl` picks the
-  implementation.
+  (`routing.sorted_plan`), experts run as grouped matmuls (tokamax's or megablox's Pallas
+  kernels on GPU and TPU with their own backward passes; on CPU tokamax's XLA fallback, a
+  masked dense computation equal to `jax.lax.ragged_dot`); never drops. Under a mesh it runs
+  local to each device (`experts.ragged_experts`: shard_map, expert parallelism along
+  "expert"). `MoEConfig.ragged_impl` picks the implementation.
 
 All combine the expert outputs weighted by the gates; the expert paths and the gather-only
 dispatch / combine (custom VJPs, no scatter, no one-hot) live in `experts.py`.
@@ -70,10 +71,11 @@ class MoEConfig:
       expert, grouped matmuls `tokamax.ragged_dot`, see `ragged_impl`). "buckets" and
       "ragged" ignore `capacity_factor`.
     ragged_impl: grouped matmuls of dispatch="ragged", one of `experts.RAGGED_IMPLS`: "auto"
-      (CPU: tokamax "xla", a masked dense computation; GPU / TPU: tokamax's own choice of its
-      Pallas kernels), "tokamax" (its choice anywhere), "xla" | "triton" | "mosaic" (that
-      tokamax implementation), "lax" (`jax.lax.ragged_dot`: on GPU a dense E-times-larger
-      computation, DESIGN.md section 4).
+      (CPU: tokamax "xla", a masked dense computation; GPU: tokamax's own choice of its Pallas
+      kernels; TPU: "megablox"; the trainer resolves it for the platform of its mesh's
+      devices, this module for the host's), "tokamax" (its choice anywhere), "xla" | "triton" |
+      "mosaic" (that tokamax implementation), "megablox" (JAX's Pallas TPU grouped matmul),
+      "lax" (`jax.lax.ragged_dot`: on GPU a dense E-times-larger computation).
     min_gate: inference-time dynamic-K pruning (the paper's Table 6): chosen experts whose gate
       is below this value are left out of the token's output (their gate is set to 0); 0 keeps
       all K. `MoEAux.router` still reports the unpruned gates.

@@ -48,6 +48,8 @@ def test_paper_values():
     assert c.train.z_loss == 1e-5 and c.balance.terms == "lbl:0.01"
     assert c.moe.router_init == "orthogonal"
     assert c.moe.capacity_factor <= 0 and c.moe.dispatch == "ragged"  # dropless, grouped
+    assert c.train.global_batch_size * c.train.seq_len == 1_048_576  # tokens per step
+    assert c.train.global_batch_size // c.train.grad_accum == (16 if c is m else 8)
     # steps cover the token budget and no more than one extra step
     assert c.train.num_steps == 0  # derived from the budget after command-line overrides
     steps = train.prepare_config(c).train.num_steps

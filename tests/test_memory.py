@@ -37,7 +37,10 @@ def test_estimate_matches_sharded_state_bytes(mesh):
     assert est["params"] < 0.6 * est["params_total"]
   assert est["tokens_per_device"] == 64 / (mesh[0] * mesh[1] * mesh[2])
   assert 0 < est["activations_remat"] < est["activations"]
-  assert est["total"] == est["params"] * 4 + est["activations"]
+  shards = mesh[0] * mesh[1] * mesh[2]
+  assert est["batch"] == 8 * 8 / shards * 4 * 2  # int32 inputs and targets of one global batch
+  assert est["batch"] < est["eval"] < est["activations"]  # forward only: one block at a time
+  assert est["total"] == est["params"] * 4 + est["batch"] + est["activations"]
   assert "GiB per device: params" in memory.summary(est, 16 * 2**30)
 
 

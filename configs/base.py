@@ -52,6 +52,9 @@ def get_config(arg=None):
   # megablox) | tokamax | xla | triton | mosaic | megablox (JAX's Pallas TPU grouped matmul) |
   # lax (jax.lax.ragged_dot, no tokamax; dense E-times-larger on GPU)
   e.ragged_impl = "auto"
+  # dispatch=ragged with mesh.expert > 1: each device's buffer = this x its mean load (local
+  # tokens x K), excess dropped (train/dropped); <= 0: dropless (buffer = mesh.expert x mean).
+  e.expert_buffer_factor = 0.0
 
   cfg.balance = b = ml_collections.ConfigDict()
   # Balancing terms "name:coef+name:coef" from the registry simbal_jax.balance.TERMS (lbl,

@@ -19,6 +19,7 @@ appears anywhere (the scatters and one-hot einsums of other MoE codes cost more 
 """
 
 import functools
+import math
 
 from absl import flags
 import flax.linen as nn
@@ -265,15 +266,20 @@ def ragged_dot(lhs_SxD, rhs_ExDxF, group_sizes_E, impl="auto"):
                             implementation=None if impl == "tokamax" else impl)
 
 
-def _ragged_swiglu(x_TxD, gates_TxK, index_TxK, wg, wu, wo, expert_offset, impl):
-  """The held experts' part of the MoE output: float[T, D] (zero rows for tokens whose experts
-  are all held elsewhere). Experts `[expert_offset, expert_offset + wg.shape[0])` are held."""
-  plan, group_sizes_E = routing.sorted_plan(index_TxK, wg.shape[0], expert_offset)
+def _ragged_swiglu(x_TxD, gates_TxK, index_TxK, wg, wu, wo, expert_offset, impl,
+                   num_slots=None):
+  """The held experts' part of the MoE output: (float[T, D] with zero rows for tokens whose
+  experts are all held elsewhere, bool[T, K] held here but beyond the buffer's `num_slots`
+  rows). Experts `[expert_offset, expert_offset + wg.shape[0])` are held."""
+  plan, group_sizes_E = routing.sorted_plan(index_TxK, wg.shape[0], expert_offset, num_slots)
   buf_SxD = dispatch(x_TxD, plan.slot_token, plan.slot)
   h_gate = ragged_dot(buf_SxD, wg, group_sizes_E, impl)
   h_up = ragged_dot(buf_SxD, wu, group_sizes_E, impl)
   y_SxD = ragged_dot(jax.nn.silu(h_gate) * h_up, wo, group_sizes_E, impl)
-  return combine(y_SxD, gates_TxK, plan.slot, plan.slot_assignment)
+  y_TxD = combine(y_SxD, gates_TxK, plan.slot, plan.slot_assignment)
+  held = jnp.asarray(index_TxK) - expert_offset
+  dropped_TxK = (held >= 0) & (held < wg.shape[0]) & ~plan.kept
+  return y_TxD, dropped_TxK
 
 
 def _sharded_mesh():
@@ -298,7 +304,7 @@ def _varying(x, axis):
   return jax.lax.pvary(x, axis)  # jax < 0.10
 
 
-def ragged_experts(x_TxD, gates_TxK, index_TxK, wg, wu, wo, *, impl="auto"):
+def ragged_experts(x_TxD, gates_TxK, index_TxK, wg, wu, wo, *, impl="auto", buffer_factor=0.0):
   """Dropless dispatch: the T * K assignments sorted by expert, grouped SwiGLU matmuls.
 
   Without a mesh (or on one device) one grouped matmul over all T * K rows. Under this
@@ -316,21 +322,26 @@ def ragged_experts(x_TxD, gates_TxK, index_TxK, wg, wu, wo, *, impl="auto"):
   * the partial outputs are summed back: reduce-scatter along "expert" (each device gets its
     own tokens) and all-reduce along "model" (the F / model slices).
 
-  Dropless: the buffer holds every assignment of the expert group (expert x local tokens x K
-  rows), the worst case where all of them pick this device's experts. The grouped-matmul
-  kernels touch only the filled rows, but the buffer's memory is that worst case.
+  Dropless by default: the buffer holds every assignment of the expert group (expert x local
+  tokens x K rows), the worst case where all of them pick this device's experts. The
+  grouped-matmul kernels touch only the filled rows, but the buffer's memory, and the FLOPs a
+  kernel's static cost estimate reports, are that worst case. `buffer_factor` f > 0 bounds the
+  buffer at f x the device's mean load (local tokens x K rows): an expert group whose load on
+  one device exceeds it drops the excess (`kept` False, reported as `MoEAux.dropped`).
 
   Args:
     x_TxD, gates_TxK, index_TxK, wg, wu, wo: as `capacity_experts`.
     impl: grouped-matmul implementation, one of RAGGED_IMPLS.
+    buffer_factor: float; > 0 bounds each device's buffer as above (with an expert axis > 1
+      only); <= 0 dropless.
 
   Returns:
-    (float[T, D] combined outputs, bool[T, K] kept assignments, all True).
+    (float[T, D] combined outputs, bool[T, K] kept assignments: all True when dropless).
   """
-  kept_TxK = jnp.ones(index_TxK.shape, bool)
   mesh = _sharded_mesh()
   if mesh is None:
-    return _ragged_swiglu(x_TxD, gates_TxK, index_TxK, wg, wu, wo, 0, impl), kept_TxK
+    return (_ragged_swiglu(x_TxD, gates_TxK, index_TxK, wg, wu, wo, 0, impl)[0],
+            jnp.ones(index_TxK.shape, bool))
   P = jax.sharding.PartitionSpec
   tok = P(sharding.BATCH_AXES)
   # Pallas TPU kernels (megablox) declare no varying-axis types, so shard_map cannot check them:
@@ -338,6 +349,13 @@ def ragged_experts(x_TxD, gates_TxK, index_TxK, wg, wu, wo, *, impl="auto"):
   check_vma = resolve_ragged_impl(impl) != "megablox" and not _FORCE_NO_VMA_CHECK
 
   w_in, w_out = P("expert", "fsdp", "model"), P("expert", "model", "fsdp")
+
+  local_tokens = x_TxD.shape[0] // math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+  group_assign = local_tokens * mesh.shape["expert"] * index_TxK.shape[1]
+  num_slots = None
+  if buffer_factor > 0 and mesh.shape["expert"] > 1:
+    num_slots = min(group_assign,
+                    -(-int(math.ceil(local_tokens * index_TxK.shape[1] * buffer_factor)) // 8) * 8)
 
   def local(x, gates, index, wg, wu, wo):
     wg, wu = (jax.lax.all_gather(w, "fsdp", axis=1, tiled=True) for w in (wg, wu))
@@ -350,11 +368,13 @@ def ragged_experts(x_TxD, gates_TxK, index_TxK, wg, wu, wo, *, impl="auto"):
     if check_vma:
       x, gates = (_varying(a, "model") for a in (x, gates))
     offset = jax.lax.axis_index("expert") * wg.shape[0]
-    y = _ragged_swiglu(x, gates, index, wg, wu, wo, offset, impl)
+    y, dropped = _ragged_swiglu(x, gates, index, wg, wu, wo, offset, impl, num_slots)
     y = jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
-    return jax.lax.psum(y, "model")
+    # Each assignment is held on one device of the group: the sum says whether it was dropped.
+    dropped = jax.lax.psum_scatter(dropped.astype(jnp.int32), "expert", scatter_dimension=0,
+                                   tiled=True)
+    return jax.lax.psum(y, "model"), dropped == 0
 
-  y_TxD = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out),
-                        out_specs=tok, check_vma=check_vma)(x_TxD, gates_TxK, index_TxK,
-                                                            wg, wu, wo)
-  return y_TxD, kept_TxK
+  return jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out),
+                       out_specs=(tok, tok), check_vma=check_vma)(x_TxD, gates_TxK, index_TxK,
+                                                                  wg, wu, wo)

@@ -54,7 +54,7 @@ def param_bytes_per_device(config, mesh_shape, rules=sharding.LOGICAL_RULES):
   return per_dev, sum(a.size * a.dtype.itemsize for a in leaves)
 
 
-def activation_bytes_per_token(config, seq_len, model_axis=1):
+def activation_bytes_per_token(config, seq_len, model_axis=1, expert_axis=1):
   """Bytes the backward pass keeps per token: (per transformer block, once for the model).
 
   Per block (compute dtype a bytes, float32 where the model computes in float32): residual and
@@ -63,7 +63,8 @@ def activation_bytes_per_token(config, seq_len, model_axis=1):
   float32 log-sum-exp per head), the output projection (D a); dense FFN: the SwiGLU's three
   hidden [F] (a / model) and its output; MoE: router logits and probabilities (2 E float32),
   and per buffer row the dispatched input and expert output (2 D a) and three hidden [F]
-  (a / model). Rows per token: K x padding, the padding being 1 for "ragged", the capacity
+  (a / model). Rows per token: K x padding, the padding being 1 for "ragged" (on an expert
+  axis: its size, the dropless buffer's worst case, or `expert_buffer_factor`), the capacity
   factor for "capacity" (E / K when dropless, C = T), the smallest bucket for "buckets" (a
   skewed step runs at a larger one).
   Once per model: the embedding output (D a) and the float32 logits with their gradient
@@ -82,7 +83,9 @@ def activation_bytes_per_token(config, seq_len, model_axis=1):
       continue
     m = config.moe
     if m.dispatch == "ragged":
-      pad = 1.0
+      pad = float(expert_axis)
+      if expert_axis > 1 and m.expert_buffer_factor > 0:
+        pad = min(m.expert_buffer_factor, expert_axis)
     elif m.dispatch == "buckets":
       pad = min(min(m.capacity_buckets), m.num_experts / m.top_k)
     elif m.capacity_factor is None or m.capacity_factor <= 0:
@@ -128,7 +131,8 @@ def memory_estimate(config, mesh_shape, *, global_batch_size, seq_len, grad_accu
   params, params_total = param_bytes_per_device(config, sizes, rules)
   batch_shards = math.prod(sizes.get(ax, 1) for ax in sharding.BATCH_AXES)
   tokens = global_batch_size // max(grad_accum, 1) * seq_len / batch_shards
-  per_block, once = activation_bytes_per_token(config, seq_len, sizes.get("model", 1))
+  per_block, once = activation_bytes_per_token(config, seq_len, sizes.get("model", 1),
+                                               sizes.get("expert", 1))
   a = jnp.dtype(config.dtype).itemsize
   act = tokens * (sum(per_block) + once)
   act_remat = tokens * (config.num_layers * config.d_model * a + max(per_block) + once)

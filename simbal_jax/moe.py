@@ -76,6 +76,10 @@ class MoEConfig:
       devices, this module for the host's), "tokamax" (its choice anywhere), "xla" | "triton" |
       "mosaic" (that tokamax implementation), "megablox" (JAX's Pallas TPU grouped matmul),
       "lax" (`jax.lax.ragged_dot`: on GPU a dense E-times-larger computation).
+    expert_buffer_factor: dispatch="ragged" on a mesh with an expert axis > 1: each device's
+      buffer holds this factor x its mean load (local tokens x K rows) and drops the excess;
+      <= 0 (default): dropless, the worst case of expert x local tokens x K rows
+      (`experts.ragged_experts`).
     min_gate: inference-time dynamic-K pruning (the paper's Table 6): chosen experts whose gate
       is below this value are left out of the token's output (their gate is set to 0); 0 keeps
       all K. `MoEAux.router` still reports the unpruned gates.
@@ -93,6 +97,7 @@ class MoEConfig:
   num_groups: int = 1
   dispatch: str = "capacity"
   ragged_impl: str = "auto"
+  expert_buffer_factor: float = 0.0
   min_gate: float = 0.0
 
   def __post_init__(self):
@@ -236,7 +241,8 @@ class MoEBlock(nn.Module):
       gates_TxK = jnp.where(gates_TxK >= cfg.min_gate, gates_TxK, 0.0)
     args = (x_TxD, gates_TxK, router_out.expert_index, wg, wu, wo)
     if cfg.dispatch == "ragged":
-      y_TxD, kept_TxK = experts.ragged_experts(*args, impl=cfg.ragged_impl)
+      y_TxD, kept_TxK = experts.ragged_experts(*args, impl=cfg.ragged_impl,
+                                               buffer_factor=cfg.expert_buffer_factor)
     elif cfg.dispatch == "buckets":
       y_TxD, kept_TxK = experts.bucket_experts(*args, num_groups=groups,
                                                factors=cfg.capacity_buckets)

@@ -281,7 +281,7 @@ def dispatch_plan(expert_index_TxK, num_experts, capacity, *, mask_T=None):
                       slot_assignment=slot_assignment_S, slot_token=slot_token_S)
 
 
-def sorted_plan(expert_index_TxK, num_experts, expert_offset=0):
+def sorted_plan(expert_index_TxK, num_experts, expert_offset=0, num_slots=None):
   """Dropless dispatch plan: the T * K assignments sorted by expert into S = T * K slots.
 
   Slot s holds the assignment of rank s in a stable sort of the flattened expert ids
@@ -294,7 +294,8 @@ def sorted_plan(expert_index_TxK, num_experts, expert_offset=0):
   here (group e of the result is expert o + e). Their assignments fill the first slots in the
   same sorted order; every other assignment gets the sentinel slot S (computed elsewhere) and
   the slots after the held ones are empty. With o = 0 and every expert held this is the plain
-  plan above.
+  plan above. `num_slots` S < T * K bounds the buffer: held assignments of sorted rank >= S are
+  dropped (`kept` False, group sizes clipped to the first S rows).
 
   Args:
     expert_index_TxK: int[T, K] chosen experts in [0, E) (values outside the held range are
@@ -302,19 +303,23 @@ def sorted_plan(expert_index_TxK, num_experts, expert_offset=0):
     num_experts: static int >= 1, experts held here (E without expert parallelism).
     expert_offset: int or int32[] scalar (may be traced, e.g. `axis_index * num_experts`), the
       first held expert.
+    num_slots: static int S in [1, T * K], buffer rows; None: T * K (dropless).
 
   Returns:
-    (plan, group_sizes) where plan is a DispatchPlan over S = T * K slots: `slot` int32[T, K]
-    the sorted rank of each held assignment (S for one held elsewhere), `kept` bool[T, K]
-    whether the assignment is held here, `slot_assignment` int32[S] slot -> assignment (T * K
-    for an empty slot), `slot_token` int32[S] = `slot_assignment // K` (T for an empty slot);
-    group_sizes is int32[num_experts], the assignments per held expert (sums to T * K when
-    every expert is held).
+    (plan, group_sizes) where plan is a DispatchPlan over S slots: `slot` int32[T, K] the
+    sorted rank of each held assignment (S for one held elsewhere or dropped), `kept`
+    bool[T, K] whether the assignment is held here and fits, `slot_assignment` int32[S] slot
+    -> assignment (T * K for an empty slot), `slot_token` int32[S] = `slot_assignment // K`
+    (T for an empty slot); group_sizes is int32[num_experts], the kept assignments per held
+    expert (sums to T * K when every expert is held and nothing is dropped).
   """
   _checks.check_rank("expert_index_TxK", expert_index_TxK, 2, "[T, K]")
   num_experts = _checks.static_int("num_experts", num_experts, 1)
   num_tokens, top_k = jnp.shape(expert_index_TxK)
   num_assign = num_tokens * top_k
+  slots = num_assign if num_slots is None else _checks.static_int("num_slots", num_slots, 1)
+  if slots > num_assign:
+    raise ValueError(f"num_slots={slots} exceeds the T * K = {num_assign} assignments")
 
   expert_A = jnp.asarray(expert_index_TxK, jnp.int32).reshape(-1) - expert_offset
   held_A = (expert_A >= 0) & (expert_A < num_experts)
@@ -323,10 +328,14 @@ def sorted_plan(expert_index_TxK, num_experts, expert_offset=0):
   rank_A = jnp.zeros((num_assign,), jnp.int32).at[order_A].set(
       jnp.arange(num_assign, dtype=jnp.int32), unique_indices=True)
   group_sizes_E = jnp.zeros((num_experts,), jnp.int32).at[key_A].add(1, mode="drop")
-  filled_S = jnp.arange(num_assign) < jnp.sum(group_sizes_E)
-  slot_assignment_S = jnp.where(filled_S, order_A, num_assign)
-  plan = DispatchPlan(slot=jnp.where(held_A, rank_A, num_assign).reshape(num_tokens, top_k),
-                      kept=held_A.reshape(num_tokens, top_k),
+  if slots < num_assign:  # the first S sorted rows are kept: clip the groups' ends at S
+    ends_E = jnp.minimum(jnp.cumsum(group_sizes_E), slots)
+    group_sizes_E = jnp.diff(ends_E, prepend=0).astype(jnp.int32)
+  filled_S = jnp.arange(slots) < jnp.sum(group_sizes_E)
+  slot_assignment_S = jnp.where(filled_S, order_A[:slots], num_assign)
+  kept_A = held_A & (rank_A < slots)
+  plan = DispatchPlan(slot=jnp.where(kept_A, rank_A, slots).reshape(num_tokens, top_k),
+                      kept=kept_A.reshape(num_tokens, top_k),
                       slot_assignment=slot_assignment_S, slot_token=slot_assignment_S // top_k)
   return plan, group_sizes_E
 

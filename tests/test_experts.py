@@ -18,8 +18,9 @@ P = jax.sharding.PartitionSpec
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
-def _loop(params, x_BxLxD, bias_E):
-  """float64 per token: softmax probs, top-k of probs + bias (bias only selects), SwiGLU."""
+def _loop(params, x_BxLxD, bias_E, experts_run=range(E)):
+  """float64 per token: softmax probs, top-k of probs + bias (bias only selects), SwiGLU; only
+  the chosen experts in `experts_run` contribute."""
   p = {k: np.asarray(v, np.float64) for k, v in params["params"].items()}
   x = np.asarray(x_BxLxD, np.float64).reshape(-1, D)
   logits = x @ p["router"]
@@ -29,6 +30,8 @@ def _loop(params, x_BxLxD, bias_E):
   out = np.zeros_like(x)
   for t in range(x.shape[0]):
     for e in np.argsort(-select[t], kind="stable")[:K]:
+      if e not in experts_run:
+        continue
       h = x[t] @ p["wi_gate"][e]
       h = h / (1.0 + np.exp(-h)) * (x[t] @ p["wi_up"][e])
       out[t] += probs[t, e] * (h @ p["wo"][e])
@@ -122,3 +125,25 @@ def test_unchecked_shard_map_gradients(monkeypatch):
   monkeypatch.setattr(experts, "_FORCE_NO_VMA_CHECK", True)
   test_sharded_ragged_equals_one_device_and_loop(
       dict(data=2, fsdp=1, expert=2, model=2), "lax", "uneven")
+
+
+def test_bounded_expert_buffer_drops_the_excess():
+  """expert_buffer_factor 0.5 on data 2 x fsdp 2 x expert 2: 4 local tokens x K 2 = 8 mean rows
+  -> a buffer of 4 rows, rounded up to 8. Bias (100, 50, 0...) sends every token to experts 0
+  and 1, both on the first device of each expert group: its 16 assignments sorted by expert fill
+  the 8 rows with expert 0's; expert 1's are dropped (half of all assignments)."""
+  cfg = moe.MoEConfig(num_experts=E, top_k=K, d_ff=F, router_init="normal", dispatch="ragged",
+                      expert_buffer_factor=0.5)
+  block = moe.MoEBlock(cfg, dtype=jnp.float32)
+  x = jax.random.normal(jax.random.PRNGKey(0), (B, L, D), jnp.float32)
+  bias = jnp.asarray(BIASES["empty"], jnp.float32)
+  boxed = jax.jit(block.init)(jax.random.PRNGKey(1), x)
+  mesh = sharding.make_mesh(dict(data=2, fsdp=2, expert=2, model=1, multihost=False))
+  with sharding.mesh_rules(mesh, sharding.LOGICAL_RULES):
+    params_sh = nn.unbox(jax.device_put(boxed, sharding.state_shardings(
+        boxed, mesh, sharding.LOGICAL_RULES)))
+    y, aux = jax.jit(lambda p, x: block.apply(p, x, bias))(
+        params_sh, jax.device_put(x, jax.sharding.NamedSharding(mesh, P(sharding.BATCH_AXES))))
+  np.testing.assert_allclose(np.asarray(y), _loop(nn.unbox(boxed), x, bias, experts_run={0}),
+                             rtol=1e-5, atol=1e-5)
+  assert float(aux.dropped) == 0.5

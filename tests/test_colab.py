@@ -86,20 +86,23 @@ subprocess.run = _no_pip
 def _run_setup_cell(tmp_path, repo_url, runtime="cpu"):
   """Runs the first code cell (plain Python) in a new interpreter in `tmp_path`, outside any
   checkout, with pip replaced by a recorder and the runtime's accelerator faked (an
-  `nvidia-smi` that lists a GPU, or COLAB_TPU_ADDR); returns the CompletedProcess."""
+  `nvidia-smi` that lists a GPU; a TPU through SIMBAL_ACCELERATOR, since /dev cannot be faked
+  here: tools/accelerator.py's own detection is tested in test_setup.py); returns the
+  CompletedProcess."""
   import subprocess  # pylint: disable=g-import-not-at-top
   nb = json.loads(_load())
   cell = "".join(nb["cells"][1]["source"]).replace('REPO_URL = ""', f"REPO_URL = {repo_url!r}", 1)
   script = tmp_path / "setup_cell.py"
   script.write_text(_FAKE_PIP + cell)
-  env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "COLAB_TPU_ADDR")}
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("PYTHONPATH", "SIMBAL_ACCELERATOR", "TPU_ACCELERATOR_TYPE")}
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   if runtime == "gpu":
     (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: fake'\n")
     (bin_dir / "nvidia-smi").chmod(0o755)
   elif runtime == "tpu":
-    env["COLAB_TPU_ADDR"] = "10.0.0.2:8470"
+    env["SIMBAL_ACCELERATOR"] = "tpu"
   env["PATH"] = os.pathsep.join([str(bin_dir), env.get("PATH", "")])
   return subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, text=True,
                         capture_output=True, timeout=120)

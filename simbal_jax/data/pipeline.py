@@ -53,7 +53,21 @@ def resolve_config(data_cfg) -> dict:
   for k in ("max_docs", "max_bytes", "worker_count"):
     if int(out[k]) < 0:
       raise ValueError(f"data.{k} must be >= 0, got {out[k]}")
+  _check_source_fields(out)
   return out
+
+
+def _check_source_fields(cfg: dict) -> None:
+  """The field a source cannot do without, named as the flag to set (one line, raised early)."""
+  source = cfg["source"]
+  if source == "tfds" and not str(cfg["tfds_name"]).strip():
+    raise ValueError(
+        "data.source='tfds' needs a dataset: set --config.data.tfds_name=NAME (prepared once "
+        "with `tfds build NAME --file_format=array_record`), or train on files with "
+        "--config.data.source=jsonl --config.data.globs='/data/*.jsonl.zst'")
+  if source in ("text_files", "jsonl", "parquet") and not str(cfg["globs"]).strip(" ,"):
+    raise ValueError(f"data.source={source!r} needs its files: set --config.data.globs=GLOBS "
+                     "(comma-separated, ** allowed)")
 
 
 _ITER_CLS = None

@@ -8,8 +8,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRA := $(shell $(PYTHON) tools/accelerator.py --extra)
-ifneq ($(.SHELLSTATUS),0)
+EXTRA := $(shell $(PYTHON) tools/accelerator.py --extra || echo failed)
+ifeq ($(EXTRA),failed)
 $(error tools/accelerator.py could not choose the jax build (the line above says why))
 endif
 # On a machine without an accelerator the test virtualenv also gets the TPU compiler (the `aot`

@@ -207,3 +207,15 @@ def test_tfds_hosts_share_the_training_records(tmp_path, eval_split):
   for p in parts:
     np.testing.assert_array_equal(p["validation"], single["validation"])
   assert "training records 1-" in hosts[0].info["host_share"]
+
+
+def test_a_worker_error_names_the_file_and_leaves_nothing_behind(tmp_path, monkeypatch):
+  monkeypatch.setattr(shards, "BYTES_PER_WORKER", 1)
+  cfg = _corpus(tmp_path, "jsonl")
+  bad = tmp_path / "corpus" / "shard_3.jsonl.gz"
+  with gzip.open(bad, "ab") as f:  # a line that is not JSON, at the end of one file
+    f.write(b"not json\n")
+  with pytest.raises(ValueError, match=r"shard_3\.jsonl\.gz:21: not a line of JSON"):
+    _make(dict(cfg, prepare_workers=2), tmp_path / "w")
+  tokens = tmp_path / "w" / "data" / "tokens"
+  assert [os.listdir(tokens / d) for d in os.listdir(tokens)] == [[]]  # no parts, no streams

@@ -1,13 +1,17 @@
 # Two entry points for a fresh machine: `make demo` (the main job) and `make test`.
-# Both create or reuse the virtualenv $(VENV) and install what they need; CPU jax unless an
-# NVIDIA GPU (nvidia-smi) or a TPU VM (/dev/accel0) is found. `make min-versions` proves the
+# Both create or reuse the virtualenv $(VENV) and install what they need: jax for the machine's
+# accelerator, as tools/accelerator.py detects it (the TPU build on a TPU VM of any generation,
+# the CUDA build where `nvidia-smi -L` sees a GPU, else CPU jax; SIMBAL_ACCELERATOR=cpu|gpu|tpu
+# overrides it; the notebook's first cell asks the same script). `make min-versions` proves the
 # minimum versions setup.cfg declares: a separate virtualenv $(VENV_MIN) with exactly those
 # (each `>=` as `==`, install_requires and the test extra) runs a smoke subset of the tests.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRA := $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo ,gpu; \
-	elif [ -e /dev/accel0 ]; then echo ,tpu; fi)
+EXTRA := $(shell $(PYTHON) tools/accelerator.py --extra || echo failed)
+ifeq ($(EXTRA),failed)
+$(error tools/accelerator.py could not choose the jax build (the line above says why))
+endif
 # On a machine without an accelerator the test virtualenv also gets the TPU compiler (the `aot`
 # extra: libtpu) so that tests/test_aot.py compiles for a TPU slice ahead of time; the CPU jobs
 # then pin JAX_PLATFORMS=cpu (libtpu would otherwise look for a TPU at start-up and log it).

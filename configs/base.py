@@ -99,6 +99,13 @@ def get_config(arg=None):
   d.max_bytes = 0  # byte budget in whole files, stdlib/text_files/jsonl/parquet (0: no limit)
   d.cache_dir = ""  # "": <workdir>/data
   d.worker_count = 0  # grain worker processes (0: threads in-process)
+  # Tokenizer processes per host when preparing (-1: one per CPU core, at most 32; 0 or 1:
+  # in-process); the token streams are the same whatever the number.
+  d.prepare_workers = -1
+  # Several hosts: each tokenizes only its share of the training files (TFDS: records) and
+  # trains on it; every host holds the whole validation split. False: every host prepares
+  # everything and reads its slice of one global shuffle (the single-host order).
+  d.shard_hosts = True
   # Attention within documents: batches carry segment_ids (a new document at every EOS), the
   # model masks attention across them. False: causal attention over the whole packed sequence.
   d.document_mask = False

@@ -163,11 +163,13 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     quiet_library_logs()
   from simbal_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from simbal_jax import data  # pylint: disable=g-import-not-at-top
   from simbal_jax import rundir  # pylint: disable=g-import-not-at-top
   from simbal_jax import sharding  # pylint: disable=g-import-not-at-top
   from simbal_jax import train  # pylint: disable=g-import-not-at-top
   try:
-    train.prepare_config(flags.FLAGS.config)  # config mistakes before any device is touched
+    cfg = train.prepare_config(flags.FLAGS.config)  # config mistakes before any device is touched
+    data.resolve_config(cfg.data)  # e.g. a data source without its dataset or files
     sharding.initialize_distributed(bool(flags.FLAGS.config.mesh.multihost))
     logging.info("process %d of %d; %d local / %d global devices (%s)", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(),

@@ -34,7 +34,8 @@ STRUCTURAL = ("seed", "model.vocab_size", "model.d_model", "model.num_layers", "
               "train.global_batch_size")
 # Fields that do not change what is trained: how the run executes, logs and checkpoints, and
 # settings only read at initialisation. Everything else is "drift": allowed only when listed.
-FREE = ("ckpt.", "log.", "mesh.", "data.cache_dir", "data.worker_count", "train.eval_every",
+FREE = ("ckpt.", "log.", "mesh.", "data.cache_dir", "data.worker_count",
+        "data.prepare_workers", "train.eval_every",
         "train.eval_tokens", "train.num_evals", "train.eval_spacing", "train.pes_tokens",
         "train.token_budget", "model.remat",
         "model.attention_impl", "moe.router_init", "moe.router_init_scale")

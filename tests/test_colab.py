@@ -86,20 +86,23 @@ subprocess.run = _no_pip
 def _run_setup_cell(tmp_path, repo_url, runtime="cpu"):
   """Runs the first code cell (plain Python) in a new interpreter in `tmp_path`, outside any
   checkout, with pip replaced by a recorder and the runtime's accelerator faked (an
-  `nvidia-smi` that lists a GPU, or COLAB_TPU_ADDR); returns the CompletedProcess."""
+  `nvidia-smi` that lists a GPU; a TPU through SIMBAL_ACCELERATOR, since /dev cannot be faked
+  here: tools/accelerator.py's own detection is tested in test_setup.py); returns the
+  CompletedProcess."""
   import subprocess  # pylint: disable=g-import-not-at-top
   nb = json.loads(_load())
   cell = "".join(nb["cells"][1]["source"]).replace('REPO_URL = ""', f"REPO_URL = {repo_url!r}", 1)
   script = tmp_path / "setup_cell.py"
   script.write_text(_FAKE_PIP + cell)
-  env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "COLAB_TPU_ADDR")}
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("PYTHONPATH", "SIMBAL_ACCELERATOR", "TPU_ACCELERATOR_TYPE")}
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   if runtime == "gpu":
     (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: fake'\n")
     (bin_dir / "nvidia-smi").chmod(0o755)
   elif runtime == "tpu":
-    env["COLAB_TPU_ADDR"] = "10.0.0.2:8470"
+    env["SIMBAL_ACCELERATOR"] = "tpu"
   env["PATH"] = os.pathsep.join([str(bin_dir), env.get("PATH", "")])
   return subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, text=True,
                         capture_output=True, timeout=120)
@@ -123,13 +126,29 @@ def test_setup_cell_clones_the_url_and_keeps_a_working_jax(tmp_path):
   assert "jax " + jax.__version__ in proc.stdout
 
 
+_PLUGINS = {"gpu": ("jax-cuda12-plugin", "jax-cuda13-plugin"), "tpu": ("libtpu", "libtpu-nightly")}
+
+
+def _installed(name):
+  import importlib.metadata  # pylint: disable=g-import-not-at-top
+  try:
+    return bool(importlib.metadata.version(name))
+  except importlib.metadata.PackageNotFoundError:
+    return False
+
+
 @pytest.mark.parametrize("runtime", ["gpu", "tpu"])
 def test_setup_cell_installs_the_accelerator_extra_over_a_cpu_jax(tmp_path, runtime):
   proc = _run_setup_cell(tmp_path, _ROOT, runtime)
   assert proc.returncode == 0, proc.stderr
-  # This interpreter's jax has no CUDA plugin or libtpu: the runtime's extra, jax unpinned.
-  assert f"PIP install -q -e .[{runtime}]\n" in proc.stdout
-  assert f"missing: jax for the {runtime.upper()}" in proc.stdout
+  if any(_installed(p) for p in _PLUGINS[runtime]):
+    # The runtime's plugin is here (libtpu of the `aot` extra on a CPU machine): jax is kept.
+    import jax  # pylint: disable=g-import-not-at-top
+    assert f"PIP install -q -e . jax=={jax.__version__}\n" in proc.stdout
+    assert "jax for the" not in proc.stdout
+  else:  # a CPU-only jax: the runtime's extra, jax unpinned
+    assert f"PIP install -q -e .[{runtime}]\n" in proc.stdout
+    assert f"missing: jax for the {runtime.upper()}" in proc.stdout
 
 
 @pytest.fixture(scope="module")

@@ -206,12 +206,12 @@ class _CountingSource:
 
 
 def test_tfds_held_out_split_reads_each_record_once(monkeypatch, tmp_path):
-  from simbal_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  from simbal_jax.data import corpora  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(1)
   texts = [" ".join(rng.choice(WORDS, size=40)) for _ in range(60)]
   src = _CountingSource([{"id": f"doc{i}".encode(), "text": t.encode()}
                          for i, t in enumerate(texts)])
-  monkeypatch.setattr(prepare, "_tfds_data_source", lambda cfg, split: src)
+  monkeypatch.setattr(corpora, "tfds_data_source", lambda cfg, split: src)
   ds = pipeline.make_datasets({"source": "tfds", "tfds_name": "fake", "tfds_eval_split": "",
                                "eval_fraction": 0.25}, seq_len=16, batch_size=4,
                               workdir=str(tmp_path), seed=0)
@@ -345,16 +345,18 @@ def test_iterator_state_round_trip(corpus):
 
 
 def test_primary_host_state_resumes_every_host(corpus):
-  """Orbax saves the data state from process 0 only; every host restores that same state."""
+  """Orbax saves the data state from process 0 only; every host restores that same state
+  (here with every host holding the whole corpus: data.shard_hosts=False)."""
+  cfg = _text_cfg(corpus, shard_hosts=False)
   kw = dict(seq_len=16, batch_size=8, workdir=corpus["workdir"], seed=4, process_count=2)
-  host0 = pipeline.make_datasets(_text_cfg(corpus), process_index=0, **kw).train_iter()
+  host0 = pipeline.make_datasets(cfg, process_index=0, **kw).train_iter()
   for _ in range(3):
     next(host0)
   state = json.loads(json.dumps(host0.get_state()))
-  host1 = pipeline.make_datasets(_text_cfg(corpus), process_index=1, **kw).train_iter()
+  host1 = pipeline.make_datasets(cfg, process_index=1, **kw).train_iter()
   host1.set_state(state)  # raised "different data pipeline" when the state named the host
   # Independent reference: the single-host iterator's 4th global batch, rows [4, 8).
-  glob_it = pipeline.make_datasets(_text_cfg(corpus), **{**kw, "process_count": 1}).train_iter()
+  glob_it = pipeline.make_datasets(cfg, **{**kw, "process_count": 1}).train_iter()
   full = [next(glob_it) for _ in range(4)][3]
   got = next(host1)
   for key in full:
@@ -378,8 +380,8 @@ def test_train_epochs_cover_every_sequence(tmp_path):
 
 @pytest.mark.parametrize("source", ["text", "synthetic"])
 def test_per_host_batches_are_disjoint_slices_of_the_global_batch(corpus, tmp_path, source):
-  if source == "text":
-    cfg, workdir = _text_cfg(corpus), corpus["workdir"]
+  if source == "text":  # every host holds the whole corpus (sharded hosts: test_shards.py)
+    cfg, workdir = _text_cfg(corpus, shard_hosts=False), corpus["workdir"]
   else:
     cfg, workdir = {"source": "synthetic", "synthetic": {"num_docs": 256}}, str(tmp_path)
   kw = dict(seq_len=16, batch_size=8, workdir=workdir, seed=2)

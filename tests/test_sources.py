@@ -160,11 +160,11 @@ def test_non_text_field_and_bad_files_are_clear_errors(tmp_path):
 
 
 def test_record_corpus_texts_follow_the_split(formats):
-  from simbal_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  from simbal_jax.data import corpora  # pylint: disable=g-import-not-at-top
   docs = formats["docs"]
   cfg = pipeline.resolve_config({"source": "parquet", "globs": formats["globs"]["parquet"],
                                  "eval_fraction": 0.25, "max_docs": 30})
-  corpus = prepare._record_corpus(cfg)  # pylint: disable=protected-access
+  corpus = corpora.record_corpus(cfg)
   val = [d for i, d in enumerate(docs[:30]) if _is_eval(f"sub/shard:{i}")]
   assert list(corpus.texts("validation")) == val  # what SentencePiece would not train on
   assert len(list(corpus.texts("train"))) == 30 - len(val)

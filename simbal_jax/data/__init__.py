@@ -13,6 +13,8 @@ streamed from `data.globs` reading `data.text_field`, "tfds" (any dataset prepar
 `tfds build NAME --file_format=array_record`), "synthetic" (Markov chains of several latent
 domains, batches carry the domain). Tokenizers: "bytes", "sentencepiece" (trained on the
 train split, cached), "cl100k" (offline, from bpe-openai).
+With several hosts each prepares only its share of the training data and the whole validation
+split, tokenizing with a pool of processes (shards.py); the disk it needs is logged first.
 Heavy packages (grain, tensorflow_datasets, sentencepiece, bpe_openai, pyarrow, zstandard)
 load on first use.
 """

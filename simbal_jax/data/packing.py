@@ -129,36 +129,61 @@ def write_tagged_streams(out_dir: str, names: Iterable[str], tagged: Iterable[tu
     tagged: iterable of (split name, document text); each split's stream keeps their order.
     The other arguments and the result are those of `write_streams`.
   """
-  os.makedirs(out_dir, exist_ok=True)
-  dtype = np.dtype(stream_dtype(vocab_size))
   names = list(names)
-  meta = {"dtype": dtype.name, "vocab_size": vocab_size, "eos_id": eos_id,
-          "fingerprint": fingerprint, "splits": {n: {"tokens": 0, "docs": 0} for n in names}}
-  eos = np.array([eos_id], dtype=dtype)
+  meta = new_meta(names, vocab_size, eos_id, fingerprint)
   start = time.time()
-  paths = {n: os.path.join(out_dir, f"{n}.bin") for n in names}
-  tmps = {n: f"{paths[n]}.tmp{_unique()}" for n in names}
+  tmps = tmp_paths(out_dir, names)
   files = {}
   try:
     for n in names:
       files[n] = open(tmps[n], "wb")  # pylint: disable=consider-using-with
-    for name, text in tagged:
-      if name not in files:
-        raise ValueError(f"document tagged with unknown split {name!r}; splits: {names}")
-      ids = np.asarray(encode(text))
-      if not ids.size:
-        continue
-      if ids.max() >= vocab_size or ids.min() < 0:
-        raise ValueError(f"tokenizer produced an id outside [0, {vocab_size})")
-      files[name].write(ids.astype(dtype).tobytes())
-      files[name].write(eos.tobytes())
-      meta["splits"][name]["tokens"] += ids.size + 1
-      meta["splits"][name]["docs"] += 1
+    encode_docs(files, tagged, encode, eos_id, vocab_size, meta["splits"])
   finally:
     for f in files.values():
       f.close()
-  for n in names:
-    os.replace(tmps[n], paths[n])
+  return commit_streams(out_dir, tmps, meta, start)
+
+
+def new_meta(names: list[str], vocab_size: int, eos_id: int, fingerprint: dict) -> dict:
+  """The metadata of streams not written yet (every split empty)."""
+  return {"dtype": stream_dtype(vocab_size), "vocab_size": vocab_size, "eos_id": eos_id,
+          "fingerprint": fingerprint, "splits": {n: {"tokens": 0, "docs": 0} for n in names}}
+
+
+def tmp_paths(out_dir: str, names: list[str]) -> dict[str, str]:
+  """Temporary paths of the split files in `out_dir` (created), unique to this process."""
+  os.makedirs(out_dir, exist_ok=True)
+  return {n: os.path.join(out_dir, f"{n}.bin.tmp{_unique()}") for n in names}
+
+
+def encode_docs(files: dict, tagged: Iterable[tuple[str, str]], encode: Callable[[str], object],
+                eos_id: int, vocab_size: int, counts: dict) -> None:
+  """Appends every `(split, text)` document and an EOS to `files[split]` (binary files).
+
+  `counts[split]` ({"tokens", "docs"}) is updated; empty encodings are skipped.
+  Raises:
+    ValueError: a split not in `files`, or an id outside [0, vocab_size).
+  """
+  dtype = np.dtype(stream_dtype(vocab_size))
+  eos = np.array([eos_id], dtype=dtype).tobytes()
+  for name, text in tagged:
+    if name not in files:
+      raise ValueError(f"document tagged with unknown split {name!r}; splits: {list(files)}")
+    ids = np.asarray(encode(text))
+    if not ids.size:
+      continue
+    if ids.max() >= vocab_size or ids.min() < 0:
+      raise ValueError(f"tokenizer produced an id outside [0, {vocab_size})")
+    files[name].write(ids.astype(dtype).tobytes())
+    files[name].write(eos)
+    counts[name]["tokens"] += ids.size + 1
+    counts[name]["docs"] += 1
+
+
+def commit_streams(out_dir: str, tmps: dict[str, str], meta: dict, start: float) -> dict:
+  """Renames the finished temporary split files into place, then writes meta.json (last)."""
+  for n, tmp in tmps.items():
+    os.replace(tmp, os.path.join(out_dir, f"{n}.bin"))
   meta["seconds"] = round(time.time() - start, 3)
   tmp = os.path.join(out_dir, f"{_META}.tmp{_unique()}")
   with open(tmp, "w") as f:

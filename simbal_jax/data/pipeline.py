@@ -3,7 +3,10 @@
 Train: `MapDataset.range(num_sequences).shuffle(seed).repeat().batch(global_batch)` over
 sequence indices, then each host gathers its contiguous slice `[p*b, (p+1)*b)` of every global
 batch (b = global_batch // process_count), so the hosts' batches are disjoint and their union,
-in host order, is the global batch. The pipeline is random-access, so the iterator state is
+in host order, is the global batch. With several hosts and `data.shard_hosts` (the default for
+file and TFDS sources), each host holds only its own share of the training data (shards.py) and
+batches `b` rows of its own shuffle instead; the global batch is again the hosts' batches in
+host order, drawn from disjoint shares. The pipeline is random-access, so the iterator state is
 one integer, the number of global batches already returned (`get_state()` -> JSON-able dict,
 the same on every host), and a restored iterator continues exactly.
 Eval: `num_batches * global_batch` validation sequences evenly spaced over the whole held-out
@@ -53,7 +56,24 @@ def resolve_config(data_cfg) -> dict:
   for k in ("max_docs", "max_bytes", "worker_count"):
     if int(out[k]) < 0:
       raise ValueError(f"data.{k} must be >= 0, got {out[k]}")
+  if int(out["prepare_workers"]) < -1:
+    raise ValueError(f"data.prepare_workers must be -1 (one per core), 0 or more, got "
+                     f"{out['prepare_workers']}")
+  _check_source_fields(out)
   return out
+
+
+def _check_source_fields(cfg: dict) -> None:
+  """The field a source cannot do without, named as the flag to set (one line, raised early)."""
+  source = cfg["source"]
+  if source == "tfds" and not str(cfg["tfds_name"]).strip():
+    raise ValueError(
+        "data.source='tfds' needs a dataset: set --config.data.tfds_name=NAME (prepared once "
+        "with `tfds build NAME --file_format=array_record`), or train on files with "
+        "--config.data.source=jsonl --config.data.globs='/data/*.jsonl.zst'")
+  if source in ("text_files", "jsonl", "parquet") and not str(cfg["globs"]).strip(" ,"):
+    raise ValueError(f"data.source={source!r} needs its files: set --config.data.globs=GLOBS "
+                     "(comma-separated, ** allowed)")
 
 
 _ITER_CLS = None
@@ -125,15 +145,18 @@ class Datasets:
   worker_count: int = 0
   info: dict = dataclasses.field(default_factory=dict)
   segment_eos: int | None = None  # EOS id when batches carry segment_ids (data.document_mask)
+  sharded: bool = False        # `train` is this host's own share (several hosts, shard_hosts)
 
   @property
   def has_domain(self) -> bool:
     return isinstance(self.train, packing.RowSequences) and self.train.domain_N is not None
 
-  def _host_rows(self, global_indices: np.ndarray) -> dict[str, np.ndarray]:
+  def _host_rows(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """This host's batch from one batch of indices: its slice of a global batch, or (sharded)
+    the whole batch of its own share's indices."""
     b, p = self.local_batch_size, self.process_index
-    return packing.make_batch(self.train, np.asarray(global_indices)[p * b:(p + 1) * b],
-                              self.segment_eos)
+    rows = np.asarray(indices) if self.sharded else np.asarray(indices)[p * b:(p + 1) * b]
+    return packing.make_batch(self.train, rows, self.segment_eos)
 
   def train_iter(self):
     """Infinite iterator of host-local train batches (checkpointable, see module docstring).
@@ -145,7 +168,8 @@ class Datasets:
     ds = (grain.MapDataset.range(len(self.train))
           .shuffle(seed=self.seed % 2**32)
           .repeat()
-          .batch(self.batch_size, drop_remainder=True))
+          .batch(self.local_batch_size if self.sharded else self.batch_size,
+                 drop_remainder=True))
     workers = self.worker_count
     if workers > 0:
       from absl import flags  # pylint: disable=g-import-not-at-top
@@ -204,13 +228,17 @@ class Datasets:
             for i in range(n // g)]
 
 
-def _check_sizes(train, eval_, batch_size, seq_len, what):
-  for name, seqs in (("train", train), ("validation", eval_)):
-    if len(seqs) < batch_size:
+def _check_sizes(train, eval_, batch_size, seq_len, what, local_batch=None):
+  """Each split holds one batch: a global one, or this host's share one host batch."""
+  for name, seqs, need in (("train", train, local_batch or batch_size),
+                           ("validation", eval_, batch_size)):
+    if len(seqs) < need:
+      whose = "this host's share of the train split" if need != batch_size else f"the {name} split"
       raise ValueError(
-          f"{what}: the {name} split has {len(seqs)} sequences of length {seq_len}, fewer than "
-          f"one global batch ({batch_size}); use more data (data.max_docs / data.max_bytes / "
-          f"data.eval_fraction) or a smaller batch_size / seq_len")
+          f"{what}: {whose} has {len(seqs)} sequences of length {seq_len}, fewer than one "
+          f"{'host' if need != batch_size else 'global'} batch ({need}); use more data "
+          f"(data.max_docs / data.max_bytes / data.eval_fraction) or a smaller batch_size / "
+          "seq_len")
 
 
 def local_cache_dir(cache_dir: str, workdir) -> str:
@@ -262,8 +290,12 @@ def make_datasets(data_cfg, *, seq_len: int, batch_size: int, workdir: str, seed
                      f"{process_count}")
   cache_dir = local_cache_dir(cfg["cache_dir"], workdir)
   start = time.time()
-  tok, train, eval_, info = prepare.prepare(cfg, seq_len=seq_len, cache_dir=cache_dir)
-  _check_sizes(train, eval_, batch_size, seq_len, f"data.source={cfg['source']!r}")
+  tok, train, eval_, info = prepare.prepare(cfg, seq_len=seq_len, cache_dir=cache_dir,
+                                            process_index=process_index,
+                                            process_count=process_count)
+  sharded = bool(info.get("sharded"))
+  _check_sizes(train, eval_, batch_size, seq_len, f"data.source={cfg['source']!r}",
+               batch_size // process_count if sharded else None)
   info.update(train_sequences=len(train), eval_sequences=len(eval_),
               prepare_seconds=round(time.time() - start, 3), cache_dir=cache_dir)
   logging.info("data ready: %s", info)
@@ -271,4 +303,5 @@ def make_datasets(data_cfg, *, seq_len: int, batch_size: int, workdir: str, seed
                   batch_size=batch_size, local_batch_size=batch_size // process_count,
                   process_index=process_index, process_count=process_count, seed=int(seed),
                   train=train, eval=eval_, worker_count=int(cfg["worker_count"]), info=info,
-                  segment_eos=int(tok.eos_id) if cfg["document_mask"] else None)
+                  segment_eos=int(tok.eos_id) if cfg["document_mask"] else None,
+                  sharded=sharded)

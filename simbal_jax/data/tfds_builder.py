@@ -21,6 +21,7 @@ from simbal_jax import paths
 from simbal_jax.data import sources
 
 BUILDER_NAME = "simbal_text_corpus"
+_VERSION = "1.0.0"
 _builder_class = None
 
 
@@ -35,7 +36,7 @@ def _get_builder_class():
     """Text documents split by document hash into train / validation."""
 
     name = BUILDER_NAME
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version(_VERSION)
     RELEASE_NOTES = {"1.0.0": "Initial release."}
     # No code directory / checksums file: avoids tfds' lookup of the defining module's resources
     # (which needs the optional `importlib_resources` package) and there is nothing to download.
@@ -96,6 +97,25 @@ def cache_key(payload) -> str:
   return hashlib.sha1(blob).hexdigest()[:16]
 
 
+def text_corpus_dir(files: list[str], *, eval_fraction: float, cache_dir: str, strict: bool,
+                    tag: str, root: str | None = None) -> str:
+  """The builder directory `prepare_text_corpus` writes for these arguments (nothing written).
+
+  Raises:
+    ValueError: the files give an empty train or validation split.
+  """
+  root = sources.corpus_root(files) if root is None and files else root
+  n_eval = sum(sources.is_eval_doc(sources.doc_id(f, root), eval_fraction) for f in files)
+  if n_eval == 0 or n_eval == len(files):
+    raise ValueError(
+        f"{tag}: {len(files)} documents give an empty {'validation' if n_eval == 0 else 'train'}"
+        f" split with eval_fraction={eval_fraction}; add documents or change data.eval_fraction")
+  # The key covers every file's size and mtime: a cached dataset needs no second read.
+  key = cache_key({"v": 2, "files": sources.file_fingerprint(files), "root": paths.absolute(root),
+                   "eval_fraction": eval_fraction, "strict": strict})
+  return os.path.join(cache_dir, "tfds", f"{tag}_{key}", BUILDER_NAME, _VERSION)
+
+
 def prepare_text_corpus(files: list[str], *, eval_fraction: float, cache_dir: str,
                         strict: bool, tag: str, root: str | None = None) -> str:
   """Writes (or reuses) the array_record dataset of `files`; returns its builder directory.
@@ -111,19 +131,15 @@ def prepare_text_corpus(files: list[str], *, eval_fraction: float, cache_dir: st
       `sources.corpus_root(files)`.
   """
   root = sources.corpus_root(files) if root is None and files else root
-  n_eval = sum(sources.is_eval_doc(sources.doc_id(f, root), eval_fraction) for f in files)
-  if n_eval == 0 or n_eval == len(files):
-    raise ValueError(
-        f"{tag}: {len(files)} documents give an empty {'validation' if n_eval == 0 else 'train'}"
-        f" split with eval_fraction={eval_fraction}; add documents or change data.eval_fraction")
-  # The key covers every file's size and mtime: a cached dataset needs no second read.
-  key = cache_key({"v": 2, "files": sources.file_fingerprint(files), "root": paths.absolute(root),
-                   "eval_fraction": eval_fraction, "strict": strict})
-  data_dir = os.path.join(cache_dir, "tfds", f"{tag}_{key}")
+  expected = text_corpus_dir(files, eval_fraction=eval_fraction, cache_dir=cache_dir,
+                             strict=strict, tag=tag, root=root)
+  data_dir = os.path.dirname(os.path.dirname(expected))
   cls = _get_builder_class()
   builder = cls(files=files, root=root, eval_fraction=eval_fraction, strict=strict,
                 data_dir=data_dir, file_format="array_record")
   builder_dir = str(builder.data_dir)
+  if os.path.normpath(builder_dir) != os.path.normpath(expected):  # tfds changed its layout
+    raise RuntimeError(f"TFDS wrote the corpus to {builder_dir}, not {expected}")
   if os.path.isfile(os.path.join(builder_dir, "dataset_info.json")):
     return builder_dir
   if strict:  # every file is valid text before anything is written, so errors come first
@@ -158,12 +174,21 @@ def read_split(builder_dir: str, split: str, text_key: str = "text", max_docs: i
   yield from iter_records(source, text_key, max_docs, where=f"{builder_dir} [{split}]")
 
 
-def iter_records(source, text_key: str, max_docs: int, where: str):
-  """Yields (doc_id, text) from a random-access TFDS data source."""
-  n = len(source)
-  if max_docs:
-    n = min(n, max_docs)
-  for i in range(n):
+def num_records(source, max_docs: int = 0) -> int:
+  """Records of a random-access source that are read: all, or the first max_docs."""
+  return min(len(source), max_docs) if max_docs else len(source)
+
+
+def iter_records(source, text_key: str, max_docs: int, where: str, start: int = 0,
+                 stop: int | None = None):
+  """Yields (doc_id, text) from a random-access TFDS data source.
+
+  Args:
+    max_docs: int, 0 = every record, else only the first max_docs records.
+    start, stop: the record range [start, stop) read (None: to the end), clipped to max_docs.
+  """
+  n = num_records(source, max_docs)
+  for i in range(start, n if stop is None else min(stop, n)):
     record = source[i]
     if text_key not in record:
       raise ValueError(f"{where}: records have no feature {text_key!r} (data.tfds_text_key); "

@@ -17,6 +17,7 @@ not a traceback.
 
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -177,8 +178,13 @@ def hlo_collectives(hlo_text):
 
 
 def _oom_figure(message):
-  """(used GiB, limit GiB) from a TPU compiler out-of-memory message, or (None, None)."""
-  m = re.search(r"Used ([\d.]+)([KMGT])? of ([\d.]+)([KMGT])? hbm", message)
+  """(needed GiB, limit GiB) from a TPU compiler out-of-memory message, or (None, None).
+
+  Two forms: "Used 27.30G of 15.75G hbm" and "the total memory required for HLO temporaries
+  (17.42G) exceeds available HBM (15.75G)" (then the figure is the temporaries alone)."""
+  m = (re.search(r"Used ([\d.]+)([KMGT])? of ([\d.]+)([KMGT])? hbm", message) or
+       re.search(r"required for [^(]*\(([\d.]+)([KMGT])?\) exceeds available HBM "
+                 r"\(([\d.]+)([KMGT])?\)", message))
   if not m:
     return None, None
   scale = {"K": 2 ** -20, "M": 2 ** -10, "G": 1.0, "T": 2 ** 10, None: 2 ** -30}
@@ -210,10 +216,12 @@ def _cost(compiled):
   return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
 
 
-def abstract_batch(env, keys=("inputs", "targets")):
-  """ShapeDtypeStructs of one global batch, sharded over the batch axes."""
+def abstract_batch(env, keys=("inputs", "targets"), micro=False):
+  """ShapeDtypeStructs of one global batch (`micro`: one micro-batch, the eval step's),
+  sharded over the batch axes."""
   t = env.cfg.train
   b, l = int(t.global_batch_size), int(t.seq_len)
+  b = b // int(t.grad_accum) if micro else b
   if env.cfg.data.document_mask:
     keys = keys + ("segment_ids",)
   return {k: jax.ShapeDtypeStruct((b, l), jnp.int32, sharding=env.batch_sharding) for k in keys}
@@ -226,10 +234,13 @@ def report(config, topology, *, with_eval=True):
   grad_accum, tokens_per_step, hbm_gib_per_chip (datasheet), args / temp / out / alias /
   total_gib (train step, per chip), fits, xla_flops_per_chip (the compiler's cost model),
   model_flops_per_chip (`model.flops_per_token` x tokens / chips), flops_ratio, hbm_bytes
+  (both from the cost model, which counts a loop body once: scaled by grad_accum, see
+  cost_scaled_by)
   (cost model), collectives (bytes per kind per step per chip), kernels (custom calls), roofline
   (step seconds = max of compute, HBM and ICI time; tokens/s and MFU at that bound),
   estimate_gib (`memory.memory_estimate`, and its ratio to the compiler's total), eval (the eval
-  step's memory), compile_s; on a compile out of memory: fits false and compiler_error /
+  step's memory, on one micro-batch as `train.EvalBatches` feeds it), compile_s; on a compile
+  out of memory: fits false and compiler_error /
   compiler_used_gib / compiler_limit_gib.
   """
   gen, chip = chip_specs(topology)
@@ -262,10 +273,15 @@ def report(config, topology, *, with_eval=True):
     row.update(_memory(compiled))
     row["fits"] = row["total_gib"] <= chip["hbm_gib"]
     row["estimate_vs_compiler"] = row["estimate_gib"] / max(row["total_gib"], 1e-12)
-    flops, hbm_bytes = _cost(compiled)
+    # XLA's cost model counts a while loop's body once: with gradient accumulation (a scan of
+    # grad_accum micro-batches) its FLOPs and bytes are one micro-batch's plus the update's.
+    # Scaled by grad_accum (the update, elementwise, is then counted grad_accum times: it is
+    # a few FLOPs per parameter against 6 per parameter and token).
+    flops, hbm_bytes = (x * int(t.grad_accum) for x in _cost(compiled))
     model_flops = model_lib.flops_per_token(env.mcfg, int(t.seq_len)) * tokens / chips
     row.update(xla_flops_per_chip=flops, model_flops_per_chip=model_flops,
-               flops_ratio=flops / model_flops, hbm_bytes_per_chip=hbm_bytes)
+               flops_ratio=flops / model_flops, hbm_bytes_per_chip=hbm_bytes,
+               cost_scaled_by=int(t.grad_accum))
     row.update(hlo_collectives(compiled.as_text()))
     comm = sum(row["collectives"].values())
     times = dict(compute_s=flops / chip["peak_flops"], hbm_s=hbm_bytes / chip["hbm_bw"],
@@ -280,7 +296,7 @@ def report(config, topology, *, with_eval=True):
                                       env.batch_sharding),
                         out_shardings=train.replicated(env))
       compiled_eval, error = _compile(eval_fn, env.abstract.params, env.abstract.expert_bias,
-                                      abstract_batch(env))
+                                      abstract_batch(env, micro=True))
       row["eval"] = (_memory(compiled_eval) if compiled_eval is not None else
                      dict(fits=False, compiler_error=error.strip().splitlines()[0][:500]))
   return row
@@ -288,6 +304,9 @@ def report(config, topology, *, with_eval=True):
 
 def main(argv):
   del argv
+  # Nothing runs on a TPU here: let several compiles share the host (libtpu's lockfile
+  # otherwise refuses a second process).
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   if _CONFIG.value is None:
     raise app.UsageError(f"--config is required (e.g. {config_files.DIR}/moe_m.py:simbal)")
   try:

@@ -118,8 +118,8 @@ def memory_estimate(config, mesh_shape, *, global_batch_size, seq_len, grad_accu
     dict of floats (bytes per device): params, grads, opt_state, activations (no remat),
     activations_remat (block inputs kept, one block recomputed at a time), batch (one global
     batch's int32 inputs and targets, and segment ids with `document_mask`), eval (the eval
-    step: forward only, one block's activations live at a time plus the logits, on one global
-    batch of its own; the eval set stays on the host between batches), total, total_remat
+    step: forward only, one block's activations live at a time plus the logits, on one
+    micro-batch of its own; the eval set stays on the host between batches), total, total_remat
     (the state + batch + the larger of the train step's activations and the eval step's);
     and params_total (bytes of all parameters, unsharded), tokens_per_device.
   The state (params, grads, opt_state) is exact. The activations are analytic and a lower
@@ -139,7 +139,8 @@ def memory_estimate(config, mesh_shape, *, global_batch_size, seq_len, grad_accu
   state = params * (2 + opt_moments)  # params, grads, moments
   step_tokens = global_batch_size * seq_len / batch_shards  # a whole step's batch per device
   batch = step_tokens * 4 * (3 if document_mask else 2)
-  evaluation = step_tokens * (max(per_block) + once) + batch  # the eval step's own batch
+  # The eval step runs on micro-batches of the train step's size, its own batch beside it.
+  evaluation = tokens * (max(per_block) + once + 4 * (3 if document_mask else 2))
   return dict(params=float(params), grads=float(params), opt_state=float(opt_moments * params),
               activations=act, activations_remat=act_remat, batch=batch, eval=evaluation,
               total=state + batch + max(act, evaluation),

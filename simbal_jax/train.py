@@ -6,6 +6,7 @@ compiles), build the mesh and the abstract state (eval_shape -> shardings), rest
 initialise (workdir > ckpt.resume_from > ckpt.init_from > scratch), then loop.
 """
 
+import collections.abc
 import copy
 import dataclasses
 import functools
@@ -192,6 +193,35 @@ def to_global(batch, batch_sharding, keys=TRAIN_KEYS):
   batch axis."""
   return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
           for k, v in batch.items() if k in keys}
+
+
+class EvalBatches(collections.abc.Sequence):
+  """The evaluation set as global micro-batches made on access (`to_global` of a host slice).
+
+  The host keeps the whole set; the devices hold one micro-batch at a time, of the train step's
+  micro-batch size (each host batch split into `micro` consecutive parts, in order), so the
+  eval step fits wherever the train step does and a large eval set (MoE-M: 67M tokens) is never
+  on the devices at once.
+  """
+
+  def __init__(self, host_batches, batch_sharding, micro=1):
+    self._sharding = batch_sharding
+    self._parts = []
+    for b in host_batches:
+      rows = len(next(iter(b.values())))
+      if rows % micro:
+        raise ValueError(f"a host's eval batch of {rows} sequences does not split into "
+                         f"train.grad_accum={micro} micro-batches")
+      step = rows // micro
+      self._parts += [{k: v[i:i + step] for k, v in b.items()} for i in range(0, rows, step)]
+
+  def __len__(self):
+    return len(self._parts)
+
+  def __getitem__(self, i):
+    if isinstance(i, slice):
+      return [self[j] for j in range(*i.indices(len(self)))]
+    return to_global(self._parts[i], self._sharding, EVAL_KEYS)
 
 
 def initial_state(env, ckpt):
@@ -527,7 +557,7 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
         it.set_state(data_state)
       eval_step = make_eval_step(env)
       host_eval = eval_set(env)
-      eval_batches = [to_global(b, env.batch_sharding, EVAL_KEYS) for b in host_eval]
+      eval_batches = EvalBatches(host_eval, env.batch_sharding, int(cfg.train.grad_accum))
       log_routing = eval_telemetry(env, eval_batches, writer)
 
       def run_eval(st, step, extra=None, final=False):

@@ -53,6 +53,9 @@ def test_oom_figure_and_unknown_generation():
          "hbm. Used 27.30G of 15.75G hbm. Exceeded hbm capacity by 11.55G.")
   assert aot._oom_figure(msg) == (27.30, 15.75)
   assert aot._oom_figure("Used 512.00M of 15.75G hbm")[0] == pytest.approx(0.5)
+  assert aot._oom_figure("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory "
+                         "required for HLO temporaries (17.42G) exceeds available HBM "
+                         "(15.75G).") == (17.42, 15.75)
   with pytest.raises(ValueError, match="v9x"):
     aot.chip_specs("v9x:2x2")
 

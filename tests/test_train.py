@@ -339,3 +339,21 @@ def test_document_mask_reaches_the_train_step(tmp_path):
     train.train_and_evaluate(cfg, str(workdir), devices=jax.devices()[:1])
     first[masked] = losses_of(workdir)[1]
   assert first[True] != first[False]
+
+
+def test_eval_batches_are_micro_batches_made_on_access():
+  """The eval set stays on the host: each access gives one global micro-batch (host batches
+  split in order into train.grad_accum parts), sharded over the batch axes."""
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  sharding_ = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  host = [{"inputs": np.arange(16 * 3).reshape(16, 3) + 100 * i,
+           "targets": np.zeros((16, 3), np.int32), "other": np.ones(16)} for i in range(2)]
+  batches = train.EvalBatches(host, sharding_, micro=2)
+  assert len(batches) == 4
+  got = np.concatenate([np.asarray(b["inputs"]) for b in batches])
+  np.testing.assert_array_equal(got, np.concatenate([h["inputs"] for h in host]))
+  first = batches[0]
+  assert set(first) == {"inputs", "targets"} and first["inputs"].shape == (8, 3)
+  assert first["inputs"].sharding == sharding_
+  with pytest.raises(ValueError, match="grad_accum=3"):
+    train.EvalBatches(host, sharding_, micro=3)

@@ -16,6 +16,9 @@ def get_config(arg=None):
                           peak_lr=3e-4, global_batch_size=512, token_budget=int(78.6e9))
   cfg.model.remat = True
   cfg.train.grad_accum = 64  # micro-batches of 8 sequences
+  # bf16 parameters (and AdamW moments), as the paper trains them: with float32 ones the
+  # v5e-8 compile needs 17.4 GiB of temporaries per 16 GiB chip (docs/PERFORMANCE.md).
+  cfg.model.param_dtype = "bfloat16"
   cfg.mesh.expert = 1  # raise on multi-chip slices, e.g. --config.mesh.expert=8
   base.apply_variant(cfg, arg or "lbl")
   return cfg

@@ -110,8 +110,10 @@ def hlo_collectives(hlo_text):
   """Bytes moved per collective kind by one run of the compiled module, and the kernels.
 
   Each collective counts the bytes of its result (an all-gather's gathered array, an
-  all-reduce's reduced one) times the trip count of every while loop around it (XLA's
-  `known_trip_count`; 1 where unknown, counted in `unknown_trip_counts`). One collective split
+  all-reduce's reduced one) times the trip count of every while loop around it: XLA's
+  `known_trip_count`, else N where the loop's condition is `i < N` with a constant N (a scan
+  or fori loop counting from 0, as JAX emits them); else 1, counted in `unknown_trip_counts`.
+  One collective split
   by the compiler into start / done fusions (the same channel) counts once; both branches of a
   conditional count.
 
@@ -124,7 +126,8 @@ def hlo_collectives(hlo_text):
     m = _COMP.match(line)
     if m:
       current = m["name"]
-      comps[current] = {"own": {}, "calls": [], "kernels": set()}
+      comps[current] = {"own": {}, "calls": [], "kernels": set(), "consts": {},
+                        "lt_bound": None}
       entry = current if m["entry"] else entry
       continue
     parsed = _instruction(line) if current is not None else None
@@ -141,12 +144,20 @@ def hlo_collectives(hlo_text):
       target = re.search(r'custom_call_target="([^"]+)"', rest)
       if target and target.group(1) not in _NOT_KERNELS:
         comp["kernels"].add(target.group(1))
+    if op == "constant" and shape.startswith("s32[]"):
+      value = re.match(r"\s*(-?\d+)\)", rest)
+      if value:
+        comp["consts"][name] = int(value.group(1))
+    if op == "compare" and "direction=LT" in rest and line.lstrip().startswith("ROOT"):
+      operands = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
+      comp["lt_bound"] = comp["consts"].get(operands[-1]) if len(operands) == 2 else None
     trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
+    cond = re.search(r"\bcondition=%?([\w.\-]+)", rest)
     for attr, callees in _CALLS.findall(rest):
       for callee in re.split(r",\s*", callees):
         looped = attr == "body"
-        comp["calls"].append((callee.lstrip("%"), int(trips.group(1)) if looped and trips else 1,
-                              looped and not trips))
+        times = int(trips.group(1)) if looped and trips else (None if looped else 1)
+        comp["calls"].append((callee.lstrip("%"), times, cond.group(1) if cond else None))
   unknown = [0]
 
   def total(name, seen=()):
@@ -155,8 +166,11 @@ def hlo_collectives(hlo_text):
     if comp is None or name in seen:
       return {}, set()
     out, kernels = dict(comp["own"]), set(comp["kernels"])
-    for callee, times, no_count in comp["calls"]:
-      unknown[0] += no_count
+    for callee, times, cond in comp["calls"]:
+      if times is None:  # a loop without known_trip_count: `i < N` in its condition, from 0
+        times = comps.get(cond, {}).get("lt_bound")
+        unknown[0] += times is None
+        times = times or 1
       sub, sub_kernels = total(callee, seen + (name,))
       kernels |= sub_kernels
       for key, (kind, nbytes, count) in sub.items():

@@ -11,9 +11,10 @@ HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 
 
 def test_collectives_count_loop_trips_and_one_channel_once():
-  """A while body of known trip count 3 with an all-gather of bf16[4,8] (64 bytes), an
+  """A while body of known trip count 3 with an all-gather of bf16[4,8] (64 bytes), a loop
+  `i < 5` without a known trip count around a collective-permute of f32[2,2] (16 bytes), an
   all-reduce of f32[16] (64 bytes) split into start / done fusions on one channel, and a
-  reduce-scatter of f32[2,2] (16 bytes) in the entry: 3 * 64, 64 and 16 bytes."""
+  reduce-scatter of f32[2,2] (16 bytes) in the entry: 3 * 64, 5 * 16, 64 and 16 bytes."""
   hlo = """
 HloModule m
 
@@ -33,8 +34,21 @@ HloModule m
   ROOT %k = f32[16]{0} custom-call(%ar2), custom_call_target="tpu_custom_call"
 }
 
+%cond2 (q: (s32[], f32[2,2])) -> pred[] {
+  %c5 = s32[]{:T(128)} constant(5), metadata={op_name="x"}
+  %q = (s32[], f32[2,2]) parameter(0)
+  %i = s32[]{:T(128)} get-tuple-element(%q), index=0
+  ROOT %lt = pred[]{:T(512)} compare(%i, %c5), direction=LT
+}
+
+%body2 (q: (s32[], f32[2,2])) -> (s32[], f32[2,2]) {
+  %cp = f32[2,2]{1,0} collective-permute-start(%z), channel_id=13, source_target_pairs={{0,1}}
+  ROOT %t2 = (s32[], f32[2,2]) tuple(%i, %cp)
+}
+
 ENTRY %main (x: bf16[1,8]) -> f32[2] {
   %w = (s32[], bf16[1,8]) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %w2 = (s32[], f32[2,2]) while(%init2), condition=%cond2, body=%body2
   %f1 = (f32[16], /*index=1*/f32[16]) fusion(%a), kind=kCustom, calls=%start
   %f2 = f32[16]{0} fusion(%f1), kind=kCustom, calls=%done
   ROOT %rs = f32[2,2]{1,0} reduce-scatter(%z), channel_id=11, dimensions={0}
@@ -43,7 +57,7 @@ ENTRY %main (x: bf16[1,8]) -> f32[2] {
   got = aot.hlo_collectives(hlo)
   assert got["collectives"] == {"all-gather": 3 * 4 * 8 * 2, "all-to-all": 0,
                                 "reduce-scatter": 2 * 2 * 4, "all-reduce": 16 * 4,
-                                "collective-permute": 0}
+                                "collective-permute": 5 * 2 * 2 * 4}
   assert got["kernels"] == ["tpu_custom_call"]
   assert got["unknown_trip_counts"] == 0
 

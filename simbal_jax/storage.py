@@ -104,8 +104,9 @@ def save_failure(step, directory, exc, nbytes, kept):
   free = free_bytes(directory)
   room = f"; a checkpoint needs about {mib(nbytes)}" + (
       f", {mib(free)} is free there" if free is not None else "")
-  then = (f"the checkpoints of steps {', '.join(map(str, kept))} are intact: free space (or "
-          "lower ckpt.max_to_keep) and run again to resume from step "
+  intact = (f"the checkpoint of step {kept[0]} is intact" if len(kept) == 1 else
+            f"the checkpoints of steps {', '.join(map(str, kept))} are intact")
+  then = (f"{intact}: free space (or lower ckpt.max_to_keep) and run again to resume from step "
           f"{max(kept)}") if kept else "no earlier checkpoint exists"
   return f"saving checkpoint step {step} in {directory} failed: {cause}{room}. Nothing of step " \
          f"{step} was kept; {then}"

@@ -252,7 +252,7 @@ def restore_run(run_dir, devices=None):
   """The Env and final TrainState of a finished run directory (analysis tools: PES, pruning).
 
   Reads `<run_dir>/config.json`, prepares the data as the run did (its cache), and restores the
-  newest verified checkpoint of `<run_dir>/checkpoints`.
+  newest verified checkpoint of `<run_dir>/checkpoints` (damaged ones are skipped, not renamed).
 
   Returns:
     (Env, TrainState).
@@ -268,7 +268,7 @@ def restore_run(run_dir, devices=None):
   ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", every=0, async_save=False)
   try:
     with sharding.mesh_rules(env.mesh, env.rules):
-      got = ckpt.restore(env.abstract, config=env.cfg.to_dict())
+      got = ckpt.restore(env.abstract, config=env.cfg.to_dict(), defer_moves=True)  # renames none
   finally:
     ckpt.close()
   if got is None:

@@ -153,9 +153,14 @@ def _parse_flags(argv):
   try:
     rest = flags.FLAGS(resolved)
     _ = flags.FLAGS.config.mesh  # a config file that failed to load raises here, not above
-    return rest
   except Exception as e:  # pylint: disable=broad-except
     _fail(argv[0], explain_flag_error(e, argv), 2)
+  from simbal_jax import paths  # pylint: disable=g-import-not-at-top
+  try:
+    paths.check_dir_path(flags.FLAGS.workdir, "workdir")  # empty, or a file in the way
+  except ValueError as e:
+    _fail(argv[0], e, 2)
+  return rest
 
 
 def main(argv):
@@ -167,9 +172,7 @@ def main(argv):
   from simbal_jax import rundir  # pylint: disable=g-import-not-at-top
   from simbal_jax import sharding  # pylint: disable=g-import-not-at-top
   from simbal_jax import train  # pylint: disable=g-import-not-at-top
-  from simbal_jax import paths  # pylint: disable=g-import-not-at-top
   try:
-    paths.check_dir_path(flags.FLAGS.workdir, "workdir")  # empty, or a file in the way
     train.prepare_config(flags.FLAGS.config)  # config mistakes before any device is touched
     sharding.initialize_distributed(bool(flags.FLAGS.config.mesh.multihost))
     logging.info("process %d of %d; %d local / %d global devices (%s)", jax.process_index(),

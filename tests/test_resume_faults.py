@@ -241,7 +241,7 @@ def test_bad_workdir_is_one_line_and_creates_nothing(tmp_path, workdir, message)
                         f"--workdir={workdir}"], cwd=tmp_path, capture_output=True, text=True,
                        timeout=120, check=False, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   lines = [line for line in got.stderr.splitlines() if line.strip()]
-  assert got.returncode == 1 and len(lines) == 1, got.stderr
+  assert got.returncode == 2 and len(lines) == 1, got.stderr  # a command-line mistake
   assert message.format(cwd=tmp_path) in lines[0]
   assert tree(tmp_path) == before and sorted(os.listdir(tmp_path)) == ["notes.txt"]
 

@@ -88,10 +88,7 @@ class _Damaged(Exception):
   """Internal: this checkpoint is proven damaged."""
 
 
-class Restored(NamedTuple):
-  step: int
-  state: Any
-  data: dict
+Restored = NamedTuple("Restored", [("step", int), ("state", Any), ("data", dict)])
 
 
 class Checkpointer:
@@ -125,7 +122,7 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
     self._moves = []  # deferred renames of a restore (defer_moves): callables
     self._saving = None  # (step, bytes) of the save in flight
-    self._failed = False
+    self._failed = self._saved = False
 
   def all_steps(self):
     """Sorted list of finalised checkpoint steps."""
@@ -165,7 +162,9 @@ class Checkpointer:
                                               "leaves": integrity.state_digests(state)}))
     if config is not None:
       items["config"] = ocp.args.JsonSave(config)
-    self._saving = (step, storage.tree_bytes(state))
+    if not self._saved and jax.process_index() == 0:  # leftovers of an earlier failed save
+      storage.remove_partial(self.directory, keep=step, settle=0)
+    self._saving, self._saved = (step, storage.tree_bytes(state)), True
     try:
       self.directory.mkdir(parents=True, exist_ok=True)
       saved = self.manager.save(step, args=ocp.args.Composite(**items), force=True)

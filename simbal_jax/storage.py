@@ -11,6 +11,7 @@ path, the root cause and the space needed. Cloud directories report no free spac
 
 import os
 import shutil
+import time
 
 from absl import logging
 import jax
@@ -112,17 +113,31 @@ def save_failure(step, directory, exc, nbytes, kept):
          f"{step} was kept; {then}"
 
 
-def remove_partial(directory, step):
-  """Removes what a failed save of `step` left (`<step>.orbax-checkpoint-tmp*`), freeing its
-  space; Orbax ignores such directories but does not delete them."""
+def remove_partial(directory, step=None, *, keep=None, settle=2.0):
+  """Removes what failed saves left (`<step>.orbax-checkpoint-tmp*`; all steps when `step` is
+  None, except `keep`), freeing its space; Orbax ignores such directories but does not delete
+  them. Writes of a failed save may still land for a moment: the removal is repeated until the
+  directory stays gone for `settle` seconds (at most 5 tries)."""
   d = paths.resolve(directory)
-  try:
-    leftovers = [p for p in d.iterdir() if p.name.startswith(f"{step}.orbax-checkpoint-tmp")]
-  except OSError:
-    return
-  for p in leftovers:
+
+  def leftovers():
     try:
-      p.rmtree()
-      logging.info("removed the partial checkpoint %s", p)
-    except OSError as e:
-      logging.warning("could not remove the partial checkpoint %s: %s", p, e)
+      names = [p for p in d.iterdir() if ".orbax-checkpoint-tmp" in p.name]
+    except OSError:
+      return []
+    return [p for p in names if (step is None and p.name.split(".")[0] != str(keep))
+            or p.name.startswith(f"{step}.orbax-checkpoint-tmp")]
+
+  for attempt in range(5):
+    found = leftovers()
+    if not found and attempt:
+      return
+    for p in found:
+      try:
+        p.rmtree()
+        logging.info("removed the partial checkpoint %s", p)
+      except OSError as e:
+        logging.warning("could not remove the partial checkpoint %s: %s", p, e)
+    if settle <= 0:
+      return
+    time.sleep(settle / 4)

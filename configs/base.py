@@ -63,7 +63,7 @@ def get_config(arg=None):
   # paper's coefficient of ||R^T R - I||_1); "" = no balancing loss.
   b.terms = "lbl:0.01"
   b.loss_free = False  # Loss-Free (aux-loss-free) selection bias, updated after each step
-  b.lf_rate = 1e-3  # Loss-Free bias update rate u: b += u * sign(mean - count)
+  b.lf_rate = 1e-3  # Loss-Free bias update rate u: b += u * sign(mean - count) (0: frozen)
   # sequence | batch | global. "batch" is the (micro-)batch: the whole global batch under jit
   # when train.grad_accum == 1. "global" is the whole global batch also with grad_accum > 1
   # (one extra forward pass to get its expert fractions first).
@@ -73,13 +73,13 @@ def get_config(arg=None):
 
   cfg.opt = o = ml_collections.ConfigDict()
   o.peak_lr = 3e-3  # peak learning rate
-  o.warmup_steps = 50  # linear warm-up steps
+  o.warmup_steps = 50  # linear warm-up steps (0: none, start at peak)
   o.warmup_init_frac = 0.1  # warm-up starts at this fraction of peak
   o.final_frac = 0.1  # cosine decays to this fraction of peak
   o.b1 = 0.9  # AdamW beta1
   o.b2 = 0.95  # AdamW beta2
   o.eps = 1e-8  # AdamW epsilon
-  o.weight_decay = 0.01  # decoupled weight decay (matrices only)
+  o.weight_decay = 0.01  # decoupled weight decay (matrices only; 0: off)
   o.grad_clip = 1.0  # global-norm clipping (0: off)
 
   cfg.data = d = ml_collections.ConfigDict()
@@ -122,7 +122,7 @@ def get_config(arg=None):
   t.grad_accum = 1  # micro-batches per step (lax.scan)
   t.num_steps = 300  # optimizer steps (0: derive from token_budget)
   t.token_budget = 0  # training tokens; used when num_steps == 0
-  t.z_loss = 1e-5  # output-logit z-loss coefficient
+  t.z_loss = 1e-5  # output-logit z-loss coefficient (0: off)
   # Evaluation: a fixed set of sequences spread over the whole held-out split, the same for
   # every run with the same data settings (methods and seeds of one comparison).
   t.eval_tokens = 16384  # evaluation-set size in tokens (rounded up to whole global batches)
@@ -133,8 +133,8 @@ def get_config(arg=None):
 
   cfg.ckpt = c = ml_collections.ConfigDict()
   c.enabled = True  # write checkpoints into <workdir>/checkpoints
-  c.every = 100  # save every N steps (and at the end / on preemption)
-  c.max_to_keep = 3  # keep the last K
+  c.every = 100  # save every N steps (and at the end / on preemption; 0: only those)
+  c.max_to_keep = 3  # keep the last K (>= 1)
   c.async_save = True  # write in a background thread
   c.resume_from = ""  # checkpoint dir to resume from when the workdir has none
   c.init_from = ""  # checkpoint dir to take parameters only from (fresh optimizer)
@@ -147,13 +147,13 @@ def get_config(arg=None):
   c.start_over = False
 
   cfg.log = g = ml_collections.ConfigDict()
-  g.every = 10  # log train metrics every N steps
+  g.every = 10  # log train metrics every N steps (>= 1)
   g.tensorboard = True  # also write TensorBoard event files
   g.progress = True  # tqdm progress bar
   # Peak TFLOP/s of one device for train/mfu (0: the datasheet value of the device kind,
   # simbal_jax.memory.PEAK_TFLOPS; no MFU where unknown, e.g. CPU).
   g.peak_tflops = 0.0
-  g.hist_tokens = 4096  # router-logit histograms (TensorBoard) over this many eval tokens
+  g.hist_tokens = 4096  # router-logit histograms (TensorBoard) over this many eval tokens (0: off)
 
   cfg.mesh = h = ml_collections.ConfigDict()
   h.data = -1  # data-parallel axis (-1: all remaining devices)

@@ -3,15 +3,20 @@
 `state_digests` gives two 32-bit sums of a mixed hash of (value bits, flat position) for every
 array of a state, computed on device; integer sums do not depend on the order of summation, so
 the digest is the same for any sharding or device count, and restoring into another mesh still
-verifies. `classify` sorts an exception raised by an Orbax restore into access / io / mismatch /
-damaged / unknown (TensorStore reports status codes in its messages). `quiet` keeps a failed
-attempt from burying the one warning that matters under Orbax's and asyncio's leftovers.
+verifies. `nonfinite_leaves` names the float arrays holding NaN or Inf (no checkpoint is written
+from such a state). `classify` sorts an exception raised by an Orbax restore into access / io /
+mismatch / damaged / unknown (TensorStore reports status codes in its messages); `brief` and
+`root_cause` put the innermost OS error first. `quiet` keeps a failed attempt from burying the
+one warning that matters under Orbax's and asyncio's leftovers; `install_noise_filters` does the
+same, for the whole process, for failed saves (reported once, by the checkpointer).
 """
 
 import contextlib
 import errno
 import json
 import logging as py_logging
+import os
+import re
 import sys
 
 from absl import logging
@@ -61,6 +66,23 @@ def state_digests(state):
           for (p, x), (_, d) in zip(leaves, digs)}
 
 
+def _leaf_finite(x):
+  if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.complexfloating)):
+    return jnp.bool_(True)
+  return jnp.all(jnp.isfinite(x))
+
+
+_finite_tree = jax.jit(lambda tree: jax.tree.map(_leaf_finite, tree))
+
+
+def nonfinite_leaves(state):
+  """(paths of the float arrays of `state` holding a NaN or Inf, number of arrays); computed on
+  device, one bool per array comes back."""
+  got = jax.device_get(_finite_tree(state))
+  flat = jax.tree_util.tree_flatten_with_path(got)[0]
+  return [jax.tree_util.keystr(p) for p, ok in flat if not bool(ok)], len(flat)
+
+
 def verify_digests(state, record):
   """Paths of `state`'s arrays that differ from `record` (an `integrity` item); [] when equal."""
   if record.get("format") != DIGEST_FORMAT:
@@ -105,8 +127,50 @@ def classify(exc):
   return "unknown"
 
 
+# The OS's own words for the errors a checkpoint read or write meets, as TensorStore quotes them.
+_OS_TEXTS = tuple(os.strerror(c) for c in (
+    errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOENT,
+    errno.ENOTDIR, errno.EISDIR, errno.EIO, errno.ENAMETOOLONG, errno.EMFILE))
+_STATUS = re.compile(r"\b(PERMISSION_DENIED|UNAUTHENTICATED|RESOURCE_EXHAUSTED|NOT_FOUND|DATA_LOSS|"
+                     r"UNAVAILABLE|DEADLINE_EXCEEDED|OUT_OF_RANGE|FAILED_PRECONDITION|"
+                     r"INVALID_ARGUMENT|ABORTED|CANCELLED)\b")
+_NOISE = re.compile(r"\s*\[(source locations|tensorstore_spec|os_error_code)='[^']*'\]")
+
+
+def root_cause(e):
+  """The innermost OS error behind `e` as one short line, or None when none shows.
+
+  An OSError in the exception chain: its type, errno text and file. Otherwise the OS text that
+  TensorStore quotes in its message, with the last path quoted before it and the status code:
+  'No space left on device: /ck/20.orbax-checkpoint-tmp/state/... (RESOURCE_EXHAUSTED)'.
+  """
+  chain = _chain(e)
+  oserrs = [x for x in chain if isinstance(x, OSError) and (x.errno or x.strerror)]
+  if oserrs:
+    inner = oserrs[-1]
+    return f"{type(inner).__name__}: {inner}"
+  for x in reversed(chain):
+    text = _NOISE.sub("", " ".join(str(x).split()))
+    for os_text in _OS_TEXTS:
+      at = text.find(os_text)
+      if at < 0:
+        continue
+      quoted = re.findall(r'"([^"]+)"', text[:at])
+      status = _STATUS.search(text)
+      return (os_text + (f": {quoted[-1]}" if quoted else "") +
+              (f" ({status.group(1)})" if status else ""))
+  return None
+
+
 def brief(e, n=300):
-  return f"{type(e).__name__}: {' '.join(str(e).split())[:n]}"
+  """One line for `e`: its root cause first (`root_cause`), then the first `n` characters of the
+  library's message without TensorStore's spec and source locations."""
+  text = _NOISE.sub("", " ".join(str(e).split()))
+  head = f"{type(e).__name__}: {text[:n]}"
+  cause = root_cause(e)
+  if cause is None or head.startswith(cause):
+    return head
+  return f"{cause} [{type(e).__name__}: {text[:n // 2]}{' ...' if len(text) > n // 2 else ''}]"
 
 
 class _QuietOrbax(py_logging.Filter):
@@ -134,17 +198,32 @@ def _is_read_noise(unraisable):
   return code is not None and "orbax" in code.co_filename
 
 
+class _QuietOrbaxStorage(py_logging.Filter):
+  """Drops Orbax's error records (with tracebacks, from its save threads) of a storage error:
+  the checkpointer raises that error itself, once, as one line (checkpoint.CheckpointSaveError)."""
+
+  def filter(self, record):
+    if record.levelno < py_logging.ERROR or "orbax" not in (record.pathname or ""):
+      return True
+    exc = record.exc_info[1] if record.exc_info else None
+    if exc is not None and classify(exc) in ("access", "io"):
+      return False
+    text = record.getMessage()
+    return not (any(c in text for c in _ACCESS_CODES + _IO_CODES) or "[Errno" in text)
+
+
 _noise_filters_installed = False
 
 
-def _install_noise_filters():
-  """Once per process: silences the leftovers of failed restores, which arrive from TensorStore
-  threads after the restore has returned (hundreds of tracebacks otherwise)."""
+def install_noise_filters():
+  """Once per process: silences the leftovers of failed restores and saves, which arrive from
+  Orbax and TensorStore threads after the call has returned (hundreds of tracebacks otherwise)."""
   global _noise_filters_installed
   if _noise_filters_installed:
     return
   _noise_filters_installed = True
   py_logging.getLogger("asyncio").addFilter(_QuietAsyncio())
+  py_logging.getLogger("absl").addFilter(_QuietOrbaxStorage())
   previous = sys.unraisablehook
 
   def hook(unraisable):
@@ -156,7 +235,7 @@ def _install_noise_filters():
 
 @contextlib.contextmanager
 def quiet():
-  _install_noise_filters()
+  install_noise_filters()
   flt = _QuietOrbax()
   absl_logger = py_logging.getLogger("absl")
   absl_logger.addFilter(flt)

@@ -3,8 +3,9 @@
 Also `python -m simbal_jax.main`. --config is an installed config's name (demo, small, moe_m, ...:
 `simbal_jax.configs`) or a config file's path, each with an optional `:variant` (`demo:simbal`,
 `configs/moe_m.py:lf_simbal_sigmoid`); any field can be overridden: `--config.moe.num_experts=16`.
-A command-line mistake (unknown config name or field, missing config file, bad value or variant)
-and a config, data or checkpoint error found before training end in one message on stderr, no
+A command-line mistake (unknown config name or field, missing config file, bad value or variant,
+an empty workdir or one under a file), a config, data or checkpoint error found before training,
+and a divergence or a failed save (disk full, permission, I/O) end in one message on stderr, no
 traceback (`--verbosity=1` logs it). Logs: this package's INFO lines and every library's
 warnings; the libraries' INFO lines (Orbax, absl, TFDS, grain) only when `--verbosity` is given.
 The workdir may be a cloud path (`--workdir=gs://bucket/run` on a TPU VM): it stays one (see
@@ -152,9 +153,14 @@ def _parse_flags(argv):
   try:
     rest = flags.FLAGS(resolved)
     _ = flags.FLAGS.config.mesh  # a config file that failed to load raises here, not above
-    return rest
   except Exception as e:  # pylint: disable=broad-except
     _fail(argv[0], explain_flag_error(e, argv), 2)
+  from simbal_jax import paths  # pylint: disable=g-import-not-at-top
+  try:
+    paths.check_dir_path(flags.FLAGS.workdir, "workdir")  # empty, or a file in the way
+  except ValueError as e:
+    _fail(argv[0], e, 2)
+  return rest
 
 
 def main(argv):
@@ -175,8 +181,8 @@ def main(argv):
                  jax.process_count(), jax.local_device_count(), jax.device_count(),
                  jax.devices()[0].platform)
     train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
-  except (ValueError, FileNotFoundError, rundir.WorkdirLockedError, checkpoint.CheckpointError,
-          train.NonFiniteLossError) as e:
+  except (ValueError, OSError, rundir.WorkdirLockedError, checkpoint.CheckpointError,
+          train.NonFiniteLossError, checkpoint.NonFiniteStateError) as e:
     logging.vlog(1, "traceback", exc_info=True)
     _fail(sys.argv[0], e, 1)
 

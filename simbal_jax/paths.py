@@ -94,3 +94,23 @@ def copy_file(src, dst) -> None:
   """Copies one file between any two filesystems (local <-> cloud), replacing `dst`."""
   with resolve(src).open("rb") as r, resolve(dst).open("wb") as w:
     shutil.copyfileobj(r, w, 1 << 20)
+
+
+def check_dir_path(path, what="directory") -> None:
+  """Raises ValueError (one line naming `what`) unless `path` can be a directory: it is not
+  empty and neither it nor a parent is a file. Creates nothing; a cloud path is not checked
+  beyond emptiness."""
+  if not os.fspath(path).strip():
+    raise ValueError(f"{what} is empty: give a directory, e.g. --{what}=runs/x")
+  if not is_local(path):
+    return
+  full = absolute(path)
+  d = full
+  while not os.path.exists(d):  # false under a file too (ENOTDIR): go up to what exists
+    parent = os.path.dirname(d)
+    if parent == d:
+      return
+    d = parent
+  if not os.path.isdir(d):
+    raise ValueError(f"{what} {path}: " + ("it is a file, not a directory" if d == full else
+                                           f"{d} is a file, not a directory"))

@@ -31,38 +31,35 @@ from simbal_jax import paths
 from simbal_jax import rundir
 from simbal_jax import sharding
 from simbal_jax import step as step_lib
+from simbal_jax import storage
 from simbal_jax import telemetry
+from simbal_jax import validate
 from simbal_jax import writers
 
 
 class NonFiniteLossError(FloatingPointError):
   """Raised when the training loss is NaN or Inf; `.step` is the offending step."""
 
-  def __init__(self, step, value, resumed_from=None):
-    msg = (f"non-finite training loss {value} at step {step}; stopping (no checkpoint is written "
+  def __init__(self, step, value, resumed_from=None, what="training loss"):
+    msg = (f"non-finite {what} {value} at step {step}; stopping (no checkpoint is written "
            "for this step; earlier ones are kept)")
     if resumed_from:  # the run loaded a checkpoint: name it, without vouching for it
       msg += (f". This run started from {resumed_from}; if the loss diverged soon after, that "
               "checkpoint's state may be the cause")
     super().__init__(msg)
-    self.step, self.value = step, value
+    self.step, self.value, self.what = step, value, what
 
 
 def prepare_config(config):
   """Validated, unlocked copy with derived fields (num_steps from token_budget)."""
   cfg = ml_collections.ConfigDict(copy.deepcopy(config.to_dict()))
   rundir.check_finite(cfg)
+  validate.check(cfg)  # counts, intervals, coefficients; ckpt.allow_config_change
   t = cfg.train
   if t.num_steps <= 0:
     if t.token_budget <= 0:
       raise ValueError("set train.num_steps > 0 or train.token_budget > 0")
     t.num_steps = int(math.ceil(t.token_budget / (t.global_batch_size * t.seq_len)))
-  for name in ("seq_len", "global_batch_size", "grad_accum", "eval_tokens"):
-    if int(t[name]) < 1:
-      raise ValueError(f"train.{name} must be >= 1, got {t[name]}")
-  for name in ("num_evals", "eval_every", "pes_tokens"):
-    if int(t[name]) < 0:
-      raise ValueError(f"train.{name} must be >= 0, got {t[name]}")
   if t.eval_spacing not in EVAL_SPACINGS:
     raise ValueError(f"train.eval_spacing={t.eval_spacing!r}; valid: {', '.join(EVAL_SPACINGS)}")
   if t.global_batch_size % t.grad_accum:
@@ -231,13 +228,14 @@ def initial_state(env, ckpt):
     (TrainState, data iterator state dict or None, source str).
   """
   c = env.cfg.ckpt
-  if ckpt is not None:
+  if ckpt is not None:  # damaged steps are set aside by ckpt.apply_moves(), once started
     got = ckpt.restore(env.abstract, config=env.cfg.to_dict(), allow=c.allow_config_change,
-                       start_over=c.start_over)
+                       start_over=c.start_over, defer_moves=True)
     if got is not None:
       return got[1], got[2], f"checkpoint step {got[0]} in {ckpt.directory}"
   if c.resume_from:
-    other = checkpoint.Checkpointer(c.resume_from, every=0, async_save=False)
+    other = checkpoint.Checkpointer(c.resume_from, every=0, async_save=False,
+                                    require_digests=False)  # from elsewhere: may have none
     try:
       got = other.restore(env.abstract, config=env.cfg.to_dict(), allow=c.allow_config_change)
     finally:
@@ -289,7 +287,7 @@ def restore_run(run_dir, devices=None):
   """The Env and final TrainState of a finished run directory (analysis tools: PES, pruning).
 
   Reads `<run_dir>/config.json`, prepares the data as the run did (its cache), and restores the
-  newest verified checkpoint of `<run_dir>/checkpoints`.
+  newest verified checkpoint of `<run_dir>/checkpoints` (damaged ones are skipped, not renamed).
 
   Returns:
     (Env, TrainState).
@@ -305,7 +303,7 @@ def restore_run(run_dir, devices=None):
   ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", every=0, async_save=False)
   try:
     with sharding.mesh_rules(env.mesh, env.rules):
-      got = ckpt.restore(env.abstract, config=env.cfg.to_dict())
+      got = ckpt.restore(env.abstract, config=env.cfg.to_dict(), defer_moves=True)  # renames none
   finally:
     ckpt.close()
   if got is None:
@@ -482,7 +480,7 @@ def run_loop(env, state, it, *, ckpt, writer, on_eval, hooks=()):
       due_save = ckpt is not None and ckpt.should_save(step)
       due_eval = step in due_evals and step < num_steps
       if due_save or due_eval or preempt.requested or step == num_steps:
-        log(pending)  # never save a NaN state
+        log(pending)  # no save after a NaN loss (the save checks the state too)
         pending = None
       t_pause = time.time()
       if due_eval:
@@ -520,36 +518,52 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
     hooks: callables hook(step, state) run on the host after each dispatched step (testing,
       profiling); they must not block on the state unless they mean to.
     devices: devices for the mesh (default: all).
+  A start that is refused (config, data, lock or checkpoint errors) writes nothing in the
+  workdir but the data cache: every check, the restore included, runs before the lock is taken
+  and anything is written. A run whose checkpoint is at train.num_steps, with its final
+  evaluation in metrics.jsonl, is complete: it is reported (summary `complete`: True, the
+  metrics of that evaluation) and nothing is written.
+
   Raises:
-    ValueError: bad config / data / mesh (before training starts).
-    NonFiniteLossError: NaN or Inf training loss (names the step).
+    ValueError: bad config / data / mesh / workdir (before training starts).
+    NonFiniteLossError: NaN or Inf training loss or gradient norm (names the step).
+    checkpoint.NonFiniteStateError, checkpoint.CheckpointSaveError: a save refused or failed.
   """
+  paths.check_dir_path(workdir, "workdir")  # empty, or a file in the way: one line
   workdir = paths.resolve(workdir)  # a cloud path stays one (never ./gs:/...)
-  rundir.WorkdirLock.check(workdir, enabled=jax.process_index() == 0)  # in use: fail now
+  is_main = jax.process_index() == 0
+  rundir.WorkdirLock.check(workdir, enabled=is_main)  # in use: fail now (reads only)
   t0 = time.time()
   env = build(config, workdir, devices)  # validates before anything is written
   cfg = env.cfg
-  is_main = jax.process_index() == 0
-  workdir.mkdir(parents=True, exist_ok=True)
   logging.info("devices: %d (%d processes), mesh %s", jax.device_count(), jax.process_count(),
                dict(env.mesh.shape))
   check_memory(env)
   ckpt = None
-  if cfg.ckpt.enabled:
+  if cfg.ckpt.enabled:  # writes nothing until its first save
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", every=cfg.ckpt.every,
                                    max_to_keep=cfg.ckpt.max_to_keep,
                                    async_save=cfg.ckpt.async_save)
-  writer = writers.MetricWriter(workdir, tensorboard=cfg.log.tensorboard, enabled=is_main,
-                                record_files=(telemetry.LOAD_FILE,))
   summary = {}
-  lock = None
+  lock = writer = None
   try:
-    lock = rundir.WorkdirLock(workdir, enabled=is_main)  # held until the run ends
     with sharding.mesh_rules(env.mesh, env.rules):
+      # Every check, the restore included, before anything is written: a refused start leaves
+      # the workdir as it was (no lock taken over, no events file, nothing renamed).
       state, data_state, source = initial_state(env, ckpt)
-      if is_main:  # after a restore succeeded: a refused resume leaves the workdir as it was
-        write_config(workdir, cfg)
       start = int(jax.device_get(state.step))
+      final = writers.final_eval(workdir, start) if start >= int(cfg.train.num_steps) else None
+      if final is not None:  # a finished run started again: report it, change nothing
+        return _complete(env, workdir, state, source, final, time.time() - t0)
+      lock = rundir.WorkdirLock(workdir, enabled=is_main)  # held until the run ends
+      if ckpt is not None:
+        ckpt.apply_moves()  # damaged steps set aside, or ckpt.start_over
+        if is_main:
+          storage.check_space(ckpt.directory, env.abstract, int(cfg.ckpt.max_to_keep))
+      if is_main:
+        write_config(workdir, cfg)
+      writer = writers.MetricWriter(workdir, tensorboard=cfg.log.tensorboard, enabled=is_main,
+                                    record_files=(telemetry.LOAD_FILE,))
       logging.info("starting at step %d from %s", start, source)
       writer.drop_after(start)  # records of steps after the checkpoint (crash) are redone
       it = env.datasets.train_iter()
@@ -582,17 +596,35 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
                        {k: summary[k] for k in telemetry.HPARAM_METRICS if k in summary})
   except NonFiniteLossError as e:
     if start > 0:
-      raise NonFiniteLossError(e.step, e.value, resumed_from=source) from None
+      raise NonFiniteLossError(e.step, e.value, resumed_from=source, what=e.what) from None
     raise
   finally:
-    if ckpt is not None:
-      ckpt.close()
-    writer.close()
-    if lock is not None:
-      lock.release()
+    try:
+      if ckpt is not None:
+        ckpt.close()
+    finally:
+      if writer is not None:
+        writer.close()
+      if lock is not None:
+        lock.release()
   summary.update(status=status, step=step, start_step=start, resumed_from=source,
                  wall_seconds=time.time() - t0, model_config=env.mcfg, **timing)
   if is_main:
+    print(summary_table(summary))
+  return summary, state
+
+
+def _complete(env, workdir, state, source, final, wall_seconds):
+  """The summary of a run found complete (its checkpoint at train.num_steps, its final
+  evaluation `final` in metrics.jsonl); nothing is written."""
+  step = int(jax.device_get(state.step))
+  logging.warning("%s is complete: checkpoint at step %d (train.num_steps=%d) and its final "
+                  "evaluation in metrics.jsonl; nothing to do, nothing was changed", workdir,
+                  step, int(env.cfg.train.num_steps))
+  summary = {k: v for k, v in final.items() if k != "step"}
+  summary.update(status="done", complete=True, step=step, start_step=step, resumed_from=source,
+                 wall_seconds=wall_seconds, model_config=env.mcfg)
+  if jax.process_index() == 0:
     print(summary_table(summary))
   return summary, state
 
@@ -619,6 +651,8 @@ class _Logger:
     loss = m["train/loss"]
     if not math.isfinite(loss):
       raise NonFiniteLossError(step, loss)
+    if not math.isfinite(m.get("train/grad_norm", 0.0)):  # the update of this step diverged
+      raise NonFiniteLossError(step, m["train/grad_norm"], what="gradient norm")
     self.progress.update(step, loss)
     if step % self.every == 0 or step == self.num_steps:
       m["train/tokens"] = tokens = step * self.tokens_per_step

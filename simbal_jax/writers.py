@@ -240,6 +240,16 @@ def read_jsonl(path):
   return out
 
 
+def final_eval(workdir, step):
+  """The last evaluation record (one with `eval/loss`) of `step` in <workdir>/metrics.jsonl, or
+  None (no such record, or no file): how a restarted run knows it is complete."""
+  path = paths.resolve(workdir) / "metrics.jsonl"
+  if not path.exists():
+    return None
+  found = [r for r in read_jsonl(path) if r.get("step") == int(step) and "eval/loss" in r]
+  return found[-1] if found else None
+
+
 class Progress:
   """tqdm progress bar with step, loss, tokens/s and ETA (no-op when disabled); tqdm.auto picks
   the notebook widget in Jupyter and Colab, the text bar elsewhere.

@@ -259,3 +259,80 @@ def test_two_processes_agree_on_the_preemption_step():
   stops = [out.split() for out, _ in outs]
   assert stops[0][0] == "stop" and stops[0] == stops[1], outs
   assert all("all 2 processes agreed to stop at step" in err for _, err in outs)
+
+
+@pytest.mark.parametrize("remove,reason", [
+    ("*", "the step directory is empty"), ("state", "no state item"),
+    ("data", "no data item"), ("integrity", "no integrity item")])
+def test_incomplete_step_is_damage(tmp_path, caplog, remove, reason):
+  import shutil  # pylint: disable=g-import-not-at-top
+  abstract = _save_two(tmp_path)
+  for p in glob.glob(str(tmp_path / "ck" / "2" / remove)):
+    shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+  ck = checkpoint.Checkpointer(tmp_path / "ck", every=1)
+  got = ck.restore(abstract, defer_moves=True)
+  assert got.step == 1 and got.data == {"pos": 1}
+  assert f"checkpoint step 2 in {tmp_path / 'ck'} is damaged ({reason}" in caplog.text
+  assert ck.all_steps() == [1, 2]  # deferred: nothing renamed yet
+  ck.apply_moves()
+  assert ck.all_steps() == [1] and glob.glob(str(tmp_path / "ck" / "2.damaged.*"))
+  ck.close()
+
+
+def test_missing_digests_trusted_only_from_elsewhere(tmp_path, caplog):
+  import shutil  # pylint: disable=g-import-not-at-top
+  abstract = _save_two(tmp_path)
+  shutil.rmtree(tmp_path / "ck" / "2" / "integrity")
+  other = checkpoint.Checkpointer(tmp_path / "ck", every=0, require_digests=False)
+  assert other.restore(abstract).step == 2  # ckpt.resume_from: used, with a warning
+  assert "has no digests (a checkpoint from elsewhere): restored unverified" in caplog.text
+  other.close()
+  own = checkpoint.Checkpointer(tmp_path / "ck", every=1)
+  assert own.restore(abstract).step == 1  # the workdir's own: not trusted
+  own.close()
+
+
+def test_non_finite_state_is_not_saved(tmp_path):
+  ck = checkpoint.Checkpointer(tmp_path / "ck", every=1, async_save=False)
+  assert ck.save(1, _state(1, 1), {"pos": 1})
+  bad = _state(2, 2)
+  bad["params"]["b"] = bad["params"]["b"].at[1].set(jnp.inf)
+  bad["bias"] = bad["bias"] * jnp.nan
+  with pytest.raises(checkpoint.NonFiniteStateError,
+                     match=r"after step 2 holds NaN or Inf in 2 of 4 arrays .*latest is step 1"):
+    ck.save(2, bad, {"pos": 2})
+  assert ck.all_steps() == [1] and sorted(os.listdir(tmp_path / "ck")) == ["1"]
+  ck.close()
+
+
+def test_reasons_lead_with_the_root_cause():
+  spec = "{" + '\\"driver\\":\\"zarr\\",' * 40 + "}"
+  e = ValueError('PERMISSION_DENIED: Error reading "params.w/0.0" in OCDBT database at local '
+                 'file "/ck/2/state/": Error opening file "/ck/2/state/d/ab12": Permission '
+                 "denied [os_error_code='13'] [source locations='x.cc:1'] "
+                 f"[tensorstore_spec='{spec}']")
+  assert integrity.brief(e).startswith(
+      "Permission denied: /ck/2/state/d/ab12 (PERMISSION_DENIED) [ValueError: PERMISSION_DENIED")
+  assert "zarr" not in integrity.brief(e) and integrity.classify(e) == "access"
+  inner = PermissionError(13, "Permission denied", "/ck/2/state")
+  try:
+    try:
+      raise inner
+    except OSError as x:
+      raise RuntimeError("x" * 400) from x
+  except RuntimeError as outer:
+    assert integrity.brief(outer).startswith(
+        "PermissionError: [Errno 13] Permission denied: '/ck/2/state' [RuntimeError: xxx")
+
+
+def test_init_from_skips_a_step_that_differs_from_its_digests(tmp_path):
+  _save_two(tmp_path)
+  path = _largest_file(str(tmp_path / "ck" / "2"))
+  data = bytearray(open(path, "rb").read())
+  mid = len(data) // 2
+  data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
+  open(path, "wb").write(bytes(data))
+  params = checkpoint.restore_params_only(
+      str(tmp_path / "ck"), jax.eval_shape(lambda: _big_state(0, 0)["params"]))
+  np.testing.assert_array_equal(np.asarray(params["w"]),
+                                np.asarray(_big_state(1, 1)["params"]["w"]))

@@ -97,6 +97,21 @@ def cache_key(payload) -> str:
   return hashlib.sha1(blob).hexdigest()[:16]
 
 
+def check_text_files(files: list[str]) -> None:
+  """Raises ValueError naming every file of `files` that is unreadable or not UTF-8 text."""
+  bad = []
+  for f in files:
+    try:
+      sources.read_text(f, strict=True)
+    except ValueError as e:
+      bad.append(str(e))
+  if len(bad) == 1:
+    raise ValueError(bad[0])
+  if bad:
+    raise ValueError(f"{len(bad)} files of data.globs are unreadable or not text: " +
+                     "; ".join(bad))
+
+
 def text_corpus_dir(files: list[str], *, eval_fraction: float, cache_dir: str, strict: bool,
                     tag: str, root: str | None = None) -> str:
   """The builder directory `prepare_text_corpus` writes for these arguments (nothing written).
@@ -107,6 +122,8 @@ def text_corpus_dir(files: list[str], *, eval_fraction: float, cache_dir: str, s
   root = sources.corpus_root(files) if root is None and files else root
   n_eval = sum(sources.is_eval_doc(sources.doc_id(f, root), eval_fraction) for f in files)
   if n_eval == 0 or n_eval == len(files):
+    if strict:  # an unreadable or binary file is the cause to name, even when it is the only one
+      check_text_files(files)
     raise ValueError(
         f"{tag}: {len(files)} documents give an empty {'validation' if n_eval == 0 else 'train'}"
         f" split with eval_fraction={eval_fraction}; add documents or change data.eval_fraction")
@@ -143,8 +160,7 @@ def prepare_text_corpus(files: list[str], *, eval_fraction: float, cache_dir: st
   if os.path.isfile(os.path.join(builder_dir, "dataset_info.json")):
     return builder_dir
   if strict:  # every file is valid text before anything is written, so errors come first
-    for f in files:
-      sources.read_text(f, strict=True)
+    check_text_files(files)
   start = time.time()
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top

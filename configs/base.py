@@ -145,6 +145,13 @@ def get_config(arg=None):
   # simbal_jax.memory.PEAK_TFLOPS; no MFU where unknown, e.g. CPU).
   g.peak_tflops = 0.0
   g.hist_tokens = 4096  # router-logit histograms (TensorBoard) over this many eval tokens
+  # Routing churn at every evaluation since the previous one (eval/churn: 1 - mean top-k overlap)
+  # on this many eval tokens (the first of the evaluation set; 0: off).
+  g.churn_tokens = 4096
+  # Each expert's weight movement since the previous evaluation relative to its norm
+  # (eval/expert_move, eval/stagnant; per expert in expert_load.jsonl). Keeps one copy of the
+  # expert weights on the devices.
+  g.expert_movement = True
 
   cfg.mesh = h = ml_collections.ConfigDict()
   h.data = -1  # data-parallel axis (-1: all remaining devices)

@@ -603,9 +603,8 @@ def eval_telemetry(env, eval_batches, writer):
   telemetry (load: the eval load fractions, kernels: host_router_kernels of the state,
   movement: each expert's relative weight movement float[Lm, E] since the last evaluation):
   the eval load and movement in expert_load.jsonl and, with log.tensorboard, the images and
-  logit histograms
-  (telemetry.log_eval). Every process calls it (the logit histogram is a jitted computation);
-  only the writer of process 0 writes."""
+  logit histograms (telemetry.log_eval). Every process calls it (the logit histogram is a
+  jitted computation); only the writer of process 0 writes."""
   layer_ids = env.mcfg.moe_layer_ids
   logit_fn = None
   if env.mcfg.moe is not None and env.cfg.log.tensorboard and int(env.cfg.log.hist_tokens) > 0:

@@ -64,10 +64,13 @@ def get_config(arg=None):
   b.terms = "lbl:0.01"
   b.loss_free = False  # Loss-Free (aux-loss-free) selection bias, updated after each step
   b.lf_rate = 1e-3  # Loss-Free bias update rate u: b += u * sign(mean - count) (0: frozen)
-  # sequence | batch | global. "batch" is the (micro-)batch: the whole global batch under jit
-  # when train.grad_accum == 1. "global" is the whole global batch also with grad_accum > 1
-  # (one extra forward pass to get its expert fractions first).
+  # sequence | micro | batch | global. "batch" is the (micro-)batch: the whole global batch
+  # under jit when train.grad_accum == 1. "global" is the whole global batch also with
+  # grad_accum > 1 (one extra forward pass to get its expert fractions first). "micro": f and P
+  # of each group of lbl_micro_sequences consecutive sequences, the mean over groups (the LBL of
+  # one device's micro-batch in data-parallel training, independent of the mesh here).
   b.lbl_scope = "batch"
+  b.lbl_micro_sequences = 1  # sequences per group of lbl_scope="micro" (divides the batch)
   b.simbal_norm = "l1"  # l1 (paper) | fro2
   b.simbal_reduction = "sum"  # sum (paper) | mean (divide by E^2)
 
@@ -154,6 +157,13 @@ def get_config(arg=None):
   # simbal_jax.memory.PEAK_TFLOPS; no MFU where unknown, e.g. CPU).
   g.peak_tflops = 0.0
   g.hist_tokens = 4096  # router-logit histograms (TensorBoard) over this many eval tokens (0: off)
+  # Routing churn at every evaluation since the previous one (eval/churn: 1 - mean top-k overlap)
+  # on this many eval tokens (the first of the evaluation set; 0: off).
+  g.churn_tokens = 4096
+  # Each expert's weight movement since the previous evaluation relative to its norm
+  # (eval/expert_move, eval/stagnant; per expert in expert_load.jsonl). Keeps one copy of the
+  # expert weights on the devices.
+  g.expert_movement = True
 
   cfg.mesh = h = ml_collections.ConfigDict()
   h.data = -1  # data-parallel axis (-1: all remaining devices)
@@ -216,7 +226,8 @@ def set_method(cfg, method):
 
 
 # The variant forms besides a bare method name (parsed by `apply_variant`).
-VARIANT_FORMS = ("<method>_sigmoid", "<method>_softmax", "simbal_coef<x>", "dense")
+VARIANT_FORMS = ("<method>_sigmoid", "<method>_softmax", "simbal_coef<x>", "lbl_micro<m>",
+                 "dense")
 
 
 def variants():
@@ -232,6 +243,8 @@ def apply_variant(cfg, arg):
                             simbal_unit, colnorm, simbal_lbl, loss_free, lf_lbl, lf_simbal)
   <method>_sigmoid / _softmax   the method with sigmoid (DeepSeek-V3) or softmax gating
   simbal_coef<x>            SimBal alone with coefficient x (simbal_coef1, simbal_coef0.01)
+  lbl_micro<m>              LBL alone over groups of m consecutive sequences (lbl_scope="micro",
+                            lbl_micro_sequences=m: lbl_micro1, lbl_micro4)
   dense                     no experts (dense FFN of 4 * d_model)
 
   Any other field: `--config.<field>=<value>` on the command line (or `cfg.<field> = ...`).
@@ -254,6 +267,13 @@ def apply_variant(cfg, arg):
                          "simbal_coef1,simbal_sigmoid)") from None
       cfg.balance.update(balance.method_settings("simbal"))
       cfg.balance.terms = balance.format_terms(balance.parse_terms(f"simbal:{coef}"))
+    elif token.startswith("lbl_micro"):
+      m = token[len("lbl_micro"):]
+      if not m.isdigit() or int(m) < 1:
+        raise ValueError(f"config variant {token!r}: expected lbl_micro<m> with an integer "
+                         "m >= 1 sequences per group, e.g. lbl_micro4")
+      set_method(cfg, "lbl")
+      cfg.balance.lbl_scope, cfg.balance.lbl_micro_sequences = "micro", int(m)
     elif token.endswith("_sigmoid") and token[:-len("_sigmoid")] in balance.METHODS:
       set_method(cfg, token[:-len("_sigmoid")])
       cfg.moe.gating = "sigmoid"

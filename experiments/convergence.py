@@ -16,7 +16,8 @@ evaluation set. Then the table is aggregated.
 `--aggregate` reads run directories made anywhere (e.g. on several machines and copied
 together): it needs each run's `metrics.jsonl` and `config.json` (and uses `eval_seq_loss.json`
 when present, for the paired evaluation-set error of a difference). It writes `table.md`,
-`table.json` and `loss_vs_tokens.png` into the workdir and prints the table. The workdir may be
+`table.json`, `loss_vs_tokens.png` and `churn_vs_tokens.png` into the workdir and prints the
+table (statistics and formatting: convergence_table.py). The workdir may be
 a cloud path (`gs://bucket/conv`): runs, aggregation and outputs go through etils.epath.
 
 Definitions (all on the shared evaluation set; per seed, then over seeds):
@@ -35,6 +36,13 @@ Definitions (all on the shared evaluation set; per seed, then over seeds):
   routing         MaxVio, load CV, SEU, routing entropy, dead experts, ||R^T R - I||_1,
                   mean (R^T R - I)^2 and PES (exact; minimum over layers, as the paper) of the
                   final evaluation: mean ± std over seeds; per layer in table.json.
+  churn           routing churn since the previous evaluation (1 - mean over the probe tokens
+                  of the top-k overlap / K, mean over layers; log.churn_tokens eval tokens),
+                  at every evaluation: mean ± std over seeds (table and churn_vs_tokens.png);
+                  the first evaluation's is since the initialisation.
+  expert movement ||W_e(now) - W_e(previous evaluation)|| / ||W_e(previous)|| of each expert's
+                  weights, mean over experts and layers, and `stagnant` (experts per layer
+                  moving less than a tenth of their layer's median), at every evaluation.
   learning rates  with --lrs every method runs every rate and is compared at its own best
                   rate (lowest mean final loss); the other rates are listed.
 
@@ -44,74 +52,23 @@ table.json schema:
   final_ppl {mean, std}, eval_loss_se, diff_vs_reference {mean, ci95, per_seed, eval_se}
   (not for the reference), tokens_to_target {per_seed, reached, mean}, fewer_tokens_pct
   {per_seed, mean, ci95}, metrics.<maxvio|load_cv|seu|entropy|dead|ortho_l1|ortho_mse|pes_min>
-  {mean, std}, per_layer.<metric>.<layer_i> {mean, std}, other_lrs.<lr>.final_loss {mean, std}}
-  (std is null for a single seed; ci95 null for fewer than two).
+  {mean, std}, per_layer.<metric>.<layer_i> {mean, std}, other_lrs.<lr>.final_loss {mean, std},
+  change_vs_tokens.<churn|expert_move|stagnant> {tokens, mean, std} (evaluations every seed
+  logged)} (std is null for a single seed; ci95 null for fewer than two).
 """
 
 import json
-import math
 import os
 import re
 import sys
 import time
 
-import numpy as np
-
 from simbal_jax import paths
 from simbal_jax import plots
 from simbal_jax import writers
-
-_ROUTING = ("maxvio", "load_cv", "seu", "entropy", "dead", "ortho_l1", "ortho_mse", "pes_min")
-# Two-sided 95 % Student t quantiles t_{0.975, df} for df = 1..30 (larger df: normal 1.96).
-_T975 = (12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004,
-         2.262157, 2.228139, 2.200985, 2.178813, 2.160369, 2.144787, 2.131450, 2.119905,
-         2.109816, 2.100922, 2.093024, 2.085963, 2.079614, 2.073873, 2.068658, 2.063899,
-         2.059539, 2.055529, 2.051831, 2.048407, 2.045230, 2.042272)
-
-
-def t975(df):
-  """The 0.975 quantile of Student's t with `df` degrees of freedom (df >= 1)."""
-  return _T975[df - 1] if df <= len(_T975) else 1.959964
-
-
-def mean_ci(values):
-  """(mean, [lo, hi] 95 % t-interval or None for fewer than 2 values) of a list of floats."""
-  v = np.asarray(values, np.float64)
-  if v.size == 0:
-    return None, None
-  m = float(v.mean())
-  if v.size < 2:
-    return m, None
-  h = t975(v.size - 1) * float(v.std(ddof=1)) / math.sqrt(v.size)
-  return m, [m - h, m + h]
-
-
-def mean_std(values):
-  v = np.asarray([x for x in values if x is not None], np.float64)
-  if v.size == 0:
-    return {"mean": None, "std": None}
-  return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else None}
-
-
-def tokens_to_target(curve, target):
-  """First crossing of `target` by an evaluation curve, interpolated linearly in tokens.
-
-  Args:
-    curve: [(tokens, loss), ...] in increasing tokens.
-    target: float.
-  Returns:
-    float tokens, or None when no evaluation reaches the target (never extrapolated).
-  """
-  prev = None
-  for tokens, loss in curve:
-    if loss <= target:
-      if prev is None:
-        return float(tokens)
-      (t0, l0), (t1, l1) = prev, (tokens, loss)
-      return float(t0 + (l0 - target) / (l0 - l1) * (t1 - t0))
-    prev = (tokens, loss)
-  return None
-
+from simbal_jax.experiments.convergence_table import (  # the statistics, re-exported
+    CHANGE_METRICS, aggregate, format_table, group_runs, mean_ci, mean_std, t975,
+    tokens_to_target)
 
 # ----------------------------------------------------------------------------------------------
 # Reading runs.
@@ -125,7 +82,8 @@ def load_runs(workdir):
 
   Returns:
     (runs, incomplete): runs is a list of dicts (method, lr float or None, seed, dir, curve
-    [(tokens, loss)], final {eval metrics of the last step}, tokens, seq_loss list or None);
+    [(tokens, loss)], final {eval metrics of the last step}, tokens, seq_loss list or None,
+    change {metric of CHANGE_METRICS: [(tokens, value)] of the evaluations that logged it});
     incomplete lists "<dir>: <reason>" for directories that are missing a file or whose last
     evaluation is not at the configured final step.
   """
@@ -167,149 +125,18 @@ def load_runs(workdir):
                      curve=[(int(t), loss) for t, loss in
                             plots.eval_curve(evals, tokens_per_step)],
                      final=evals[-1], tokens=num_steps * tokens_per_step, seq_loss=seq_loss,
-                     lr_config=float(cfg["opt"]["peak_lr"])))
+                     lr_config=float(cfg["opt"]["peak_lr"]),
+                     change={k: [(int(r["step"]) * tokens_per_step, float(r[f"eval/{k}"]))
+                                 for r in evals if f"eval/{k}" in r] for k in CHANGE_METRICS}))
   return runs, incomplete
 
-
-# ----------------------------------------------------------------------------------------------
-# Aggregation.
-
-
-def _group(runs):
-  """{method: {lr: {seed: run}}}."""
-  out = {}
-  for r in runs:
-    out.setdefault(r["method"], {}).setdefault(r["lr"], {})[r["seed"]] = r
-  return out
-
-
-def _final_loss_stats(by_seed):
-  return mean_std([r["final"]["eval/loss"] for r in by_seed.values()])
-
-
-def aggregate(runs, incomplete=(), reference="lbl"):
-  """The convergence table as a dict (schema in the module docstring).
-
-  Raises:
-    ValueError: the reference method has no finished run.
-  """
-  groups = _group(runs)
-  if reference not in groups:
-    raise ValueError(f"reference method {reference!r} has no finished run; methods with "
-                     f"finished runs: {', '.join(sorted(groups)) or 'none'}")
-  best = {}
-  for method, by_lr in groups.items():
-    best[method] = min(by_lr, key=lambda lr: (_final_loss_stats(by_lr[lr])["mean"],
-                                              -1 if lr is None else lr))
-  ref = groups[reference][best[reference]]
-  target = float(np.mean([r["final"]["eval/loss"] for r in ref.values()]))
-  ref_tokens = float(np.mean([r["tokens"] for r in ref.values()]))
-  table = {"reference": reference, "target_loss": target, "reference_tokens": ref_tokens,
-           "incomplete": list(incomplete),
-           "runs": [dict(method=r["method"], lr=r["lr"], seed=r["seed"], dir=r["dir"],
-                         final_loss=r["final"]["eval/loss"], tokens=r["tokens"]) for r in runs],
-           "methods": {}}
-  order = [reference] + sorted(m for m in groups if m != reference)
-  for method in order:
-    by_seed = groups[method][best[method]]
-    seeds = sorted(by_seed)
-    finals = [by_seed[s]["final"]["eval/loss"] for s in seeds]
-    entry = {"lr": best[method], "seeds": seeds,
-             "final_loss": dict(mean_std(finals), per_seed=finals),
-             "final_ppl": mean_std([math.exp(min(x, 80.0)) for x in finals]),
-             "eval_loss_se": mean_std([by_seed[s]["final"].get("eval/loss_se")
-                                       for s in seeds])["mean"]}
-    if method != reference:
-      paired = [s for s in seeds if s in ref]
-      diffs = [by_seed[s]["final"]["eval/loss"] - ref[s]["final"]["eval/loss"] for s in paired]
-      m, ci = mean_ci(diffs)
-      ses = []
-      for s in paired:
-        a, b = by_seed[s]["seq_loss"], ref[s]["seq_loss"]
-        if a is not None and b is not None and len(a) == len(b) and len(a) > 1:
-          d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-          ses.append(float(d.std(ddof=1) / math.sqrt(d.size)))
-      entry["diff_vs_reference"] = {"mean": m, "ci95": ci, "per_seed": diffs, "seeds": paired,
-                                    "eval_se": float(np.mean(ses)) if ses else None}
-    ttt = [tokens_to_target(by_seed[s]["curve"], target) for s in seeds]
-    reached = [t for t in ttt if t is not None]
-    entry["tokens_to_target"] = {"per_seed": ttt, "reached": len(reached),
-                                 "mean": float(np.mean(reached)) if reached else None}
-    pct = [None if t is None else 100.0 * (1.0 - t / ref_tokens) for t in ttt]
-    pm, pci = mean_ci(pct) if reached and len(reached) == len(ttt) else (None, None)
-    entry["fewer_tokens_pct"] = {"per_seed": pct, "mean": pm, "ci95": pci}
-    entry["metrics"] = {k: mean_std([by_seed[s]["final"].get(f"eval/{k}") for s in seeds])
-                        for k in _ROUTING}
-    per_layer = {}
-    for key in sorted(by_seed[seeds[0]]["final"]):
-      mm = re.match(r"^eval/(layer_\d+)/(\w+)$", key)
-      if mm:
-        per_layer.setdefault(mm.group(2), {})[mm.group(1)] = mean_std(
-            [by_seed[s]["final"].get(key) for s in seeds])
-    entry["per_layer"] = per_layer
-    entry["other_lrs"] = {str(lr): {"final_loss": _final_loss_stats(groups[method][lr])}
-                          for lr in sorted(groups[method], key=lambda x: (x is None, x))
-                          if lr != best[method]}
-    table["methods"][method] = entry
-  return table
-
-
-def _fmt(x, spec=".4f"):
-  return "-" if x is None else format(x, spec)
-
-
-def _pm(d, spec=".4f"):
-  if d["mean"] is None:
-    return "-"
-  return f"{d['mean']:{spec}}" + ("" if d["std"] is None else f" ± {d['std']:{spec}}")
-
-
-def _ci(m, ci, spec="+.4f"):
-  if m is None:
-    return "-"
-  return f"{m:{spec}}" + ("" if ci is None else f" [{ci[0]:{spec}}, {ci[1]:{spec}}]")
-
-
-def format_table(table):
-  """Markdown tables: losses and tokens, then routing metrics."""
-  ref = table["reference"]
-  lines = [f"Target: the reference `{ref}`'s final validation loss {table['target_loss']:.4f} "
-           f"after {table['reference_tokens']:,.0f} training tokens (mean over its seeds).", "",
-           "| method | lr | seeds | final loss | ppl | Δ vs " + ref + " [95% CI] | eval-set SE of Δ"
-           " | tokens to target (reached) | % fewer tokens [95% CI] |",
-           "|---|---|---|---|---|---|---|---|---|"]
-  for name, e in table["methods"].items():
-    d = e.get("diff_vs_reference", {"mean": None, "ci95": None, "eval_se": None})
-    t = e["tokens_to_target"]
-    tt = "-" if t["mean"] is None else f"{t['mean']:,.0f}"
-    pct = e["fewer_tokens_pct"]
-    pct_s = (_ci(pct["mean"], pct["ci95"], "+.1f") if pct["mean"] is not None else
-             "not reached" if t["reached"] == 0 else f"{t['reached']}/{len(e['seeds'])} reached")
-    lines.append(f"| {name} | {_fmt(e['lr'], 'g')} | {len(e['seeds'])} | "
-                 f"{_pm(e['final_loss'])} | {_pm(e['final_ppl'], '.3f')} | "
-                 f"{_ci(d['mean'], d['ci95']) if name != ref else '(reference)'} | "
-                 f"{_fmt(d['eval_se'])} | {tt} ({t['reached']}/{len(e['seeds'])}) | {pct_s} |")
-  lines += ["", "| method | MaxVio | load CV | SEU | entropy | dead | ‖RᵀR−I‖₁ | mean (RᵀR−I)² |"
-            " PES min |", "|---|---|---|---|---|---|---|---|---|"]
-  for name, e in table["methods"].items():
-    m = e["metrics"]
-    lines.append(f"| {name} | " + " | ".join(
-        _pm(m[k], ".2e" if k == "ortho_mse" else ".4f") for k in _ROUTING) + " |")
-  others = [(n, lr, v) for n, e in table["methods"].items() for lr, v in e["other_lrs"].items()]
-  if others:
-    lines += ["", "Other learning rates (final loss, mean ± std over seeds):", ""]
-    lines += [f"- {n} lr {lr}: {_pm(v['final_loss'])}" for n, lr, v in others]
-  if table["incomplete"]:
-    lines += ["", "Not included (unfinished or incomplete):", ""]
-    lines += [f"- {x}" for x in table["incomplete"]]
-  return "\n".join(lines)
 
 
 def plot(table, runs, path):
   """loss_vs_tokens.png: validation loss against tokens of every method at its chosen rate
   (mean and min-max band over seeds, the target as a line; `plots.loss_vs_tokens`) and each
   seed's difference against the reference."""
-  groups = _group(runs)
+  groups = group_runs(runs)
   curves = {name: {s: groups[name][e["lr"]][s]["curve"] for s in e["seeds"]}
             for name, e in table["methods"].items()}
   fig = plots.loss_vs_tokens(curves, reference=table["reference"], target=table["target_loss"],
@@ -318,8 +145,24 @@ def plot(table, runs, path):
     fig.savefig(f, format="png", dpi=120)
 
 
+def plot_change(table, runs, path):
+  """churn_vs_tokens.png: routing churn and expert movement since the previous evaluation
+  against tokens (`plots.change_vs_tokens`); False (nothing written) when no run logged them."""
+  groups = group_runs(runs)
+  panels = {k: {name: {s: groups[name][e["lr"]][s]["change"][k] for s in e["seeds"]}
+                for name, e in table["methods"].items()} for k in ("churn", "expert_move")}
+  if not any(c for by_method in panels.values() for by_seed in by_method.values()
+             for c in by_seed.values()):
+    return False
+  fig = plots.change_vs_tokens(panels["churn"], panels["expert_move"])
+  with paths.resolve(path).open("wb") as f:
+    fig.savefig(f, format="png", dpi=120)
+  return True
+
+
 def write_outputs(workdir, reference="lbl"):
-  """Aggregates the runs under `workdir`, writes table.md / table.json / loss_vs_tokens.png.
+  """Aggregates the runs under `workdir`, writes table.md / table.json / loss_vs_tokens.png
+  and churn_vs_tokens.png (when the runs logged routing churn).
 
   Returns:
     (table dict, markdown str).
@@ -333,6 +176,7 @@ def write_outputs(workdir, reference="lbl"):
   paths.write_text(out / "table.json", json.dumps(table, indent=1))
   paths.write_text(out / "table.md", md + "\n")
   plot(table, runs, out / "loss_vs_tokens.png")
+  plot_change(table, runs, out / "churn_vs_tokens.png")
   return table, md
 
 
@@ -404,7 +248,8 @@ def main(argv):
                say=lambda m: print(f"[convergence] {m}", flush=True))
   table, md = write_outputs(workdir, fv.reference)
   print(md)
-  print(f"\nwrote {os.path.join(workdir, 'table.md')}, table.json, loss_vs_tokens.png")
+  print(f"\nwrote {os.path.join(workdir, 'table.md')}, table.json, loss_vs_tokens.png, "
+        "churn_vs_tokens.png")
   del table  # app.run would print a returned value and exit with status 1
 
 

@@ -9,6 +9,10 @@ when the eval batches carry domain labels: the synthetic source). The metric nam
 once here (`ROUTING_METRICS`, `SUMMARY_COLUMNS`) for the writer, the summaries and the
 experiments.
 
+`RoutingTracker` measures, at every evaluation, how much routing and experts changed since the
+previous one: the routing churn of a fixed probe set of eval tokens (`metrics.routing_churn`)
+and each expert's relative weight movement (`metrics.expert_movement`, stagnant experts).
+
 `layer_pes` computes the paper's PES on a sample of tokens: the inputs of every MoE block are
 captured with `flax.linen.intercept_methods` (on a copy of the model without `remat`: the
 parameter tree is the same, and a value captured inside `nn.remat` would be a leaked tracer),
@@ -33,7 +37,8 @@ from simbal_jax import telemetry
 # Per-layer routing metrics of an evaluation: eval/<name> (mean over MoE layers) and
 # eval/layer_<i>/<name>.
 ROUTING_METRICS = ("maxvio", "load_cv", "dead", "seu", "entropy", "ortho_l1", "ortho_mse",
-                   "domain_mi", "domain_mi_norm")
+                   "domain_mi", "domain_mi_norm", "churn", "expert_move", "expert_move_min",
+                   "stagnant")
 # (header, key) of the final-metrics tables (trainer summary, demo, convergence).
 SUMMARY_COLUMNS = (("val loss", "eval/loss"), ("± se", "eval/loss_se"), ("val ppl", "eval/ppl"),
                    ("MaxVio", "eval/maxvio"), ("load CV", "eval/load_cv"), ("SEU", "eval/seu"),
@@ -186,3 +191,111 @@ def layer_pes(key, model, params, tokens_BxL, *, num_tokens=256, expert_bias=Non
   values = np.asarray(values, np.float64)
   return {"pes": values, "min": float(values.min()), "mean": float(values.mean()),
           "num_tokens": n}
+
+
+# ----------------------------------------------------------------------------------------------
+# Change between evaluations: routing churn and expert movement.
+
+EXPERT_WEIGHTS = ("wi_gate", "wi_up", "wo")
+
+
+def expert_weights(params, mcfg):
+  """The routed experts' weights stacked over MoE layers, in layer order.
+
+  Returns:
+    (wi_gate [Lm, E, D, F], wi_up [Lm, E, D, F], wo [Lm, E, F, D]) in the parameter dtype.
+  """
+  p = nn.unbox(params)
+  return tuple(jnp.stack([p[f"layers_{i}"]["ffn"][name] for i in mcfg.moe_layer_ids])
+               for name in EXPERT_WEIGHTS)
+
+
+class RoutingTracker:
+  """Routing churn and expert movement of a run since its previous evaluation.
+
+  `start(state, step)` takes the reference: the top-k experts of every MoE layer for the probe
+  tokens (the first `probe_tokens` tokens of the evaluation batches, sequence-major, or all of
+  them when there are fewer: the same tokens for every run with the same data settings) and a copy of every expert's weights (one extra
+  copy of the expert parameters on the devices). Each call `tracker(state, step)` compares the
+  state with the reference, returns the metrics and makes the state the new reference. The
+  reference of a run's first evaluation is its start: step 0, or the step a resumed run
+  restarts from (the previous evaluation's state when a checkpoint was written at it, as at the
+  convergence tool's checkpoints); `eval/churn_since_step` names the reference's step.
+  """
+
+  def __init__(self, model, eval_batches, *, probe_tokens, movement=True, out_sharding=None):
+    """Args:
+      model: model.Transformer (no-op for a dense model).
+      eval_batches: the global evaluation batches (dicts with inputs int32[B, L]).
+      probe_tokens: int, probe tokens for the churn (0: no churn).
+      movement: bool, measure expert movement.
+      out_sharding: sharding of small results every process reads (replicated).
+    """
+    moe_model = model.config.moe is not None and bool(eval_batches)
+    self.mcfg = model.config
+    batch_tokens = int(np.prod(eval_batches[0]["inputs"].shape)) if eval_batches else 0
+    self.num_tokens = min(int(probe_tokens), batch_tokens * len(eval_batches)) if moe_model else 0
+    self.movement = bool(movement) and moe_model
+    self._ref = None
+    if self.num_tokens > 0:
+      per_batch = min(self.num_tokens, batch_tokens)
+      self._batches = eval_batches[:-(-self.num_tokens // per_batch)]
+
+      def route(params, expert_bias, batch):
+        _, aux = model.apply({"params": params}, batch["inputs"], expert_bias=expert_bias,
+                             segment_ids=batch.get("segment_ids"))
+        return aux.router.expert_index[:, :per_batch]  # int32[Lm, n, K], sequence-major
+
+      self._route = jax.jit(route, out_shardings=out_sharding)
+    if self.movement:
+      self._copy = jax.jit(lambda p: expert_weights(p, self.mcfg))
+      self._move = jax.jit(
+          lambda old, p: jax.vmap(metrics_lib.expert_movement)(old, expert_weights(p, self.mcfg)),
+          out_shardings=out_sharding)
+
+  @property
+  def enabled(self):
+    return self.num_tokens > 0 or self.movement
+
+  def _probe(self, state):
+    parts = [np.asarray(jax.device_get(self._route(state.params, state.expert_bias, b)))
+             for b in self._batches]
+    return np.concatenate(parts, axis=1)[:, :self.num_tokens]
+
+  def start(self, state, step):
+    """Takes `state` (at `step`) as the reference."""
+    if self.enabled:
+      self._ref = (int(step), self._probe(state) if self.num_tokens else None,
+                   self._copy(state.params) if self.movement else None)
+
+  def __call__(self, state, step, layer_ids=None):
+    """Metrics since the reference, then `state` becomes the reference.
+
+    Returns:
+      (dict of python floats: eval/churn_since_step, and per MoE layer i and as the mean over
+      layers eval[/layer_<i>]/churn (metrics.routing_churn of the probe tokens),
+      eval[/layer_<i>]/expert_move and expert_move_min (mean and minimum over the layer's
+      experts of metrics.expert_movement), eval[/layer_<i>]/stagnant (metrics.stagnant_experts,
+      rel 0.1); movement float64[Lm, E] per expert or None).
+    """
+    if not self.enabled or self._ref is None:
+      return {}, None
+    since, old_index, old_weights = self._ref
+    per, move = {}, None
+    index = None
+    if self.num_tokens:
+      index = self._probe(state)
+      per["churn"] = np.asarray(jax.vmap(metrics_lib.routing_churn)(old_index, index))
+    if self.movement:
+      move = np.asarray(jax.device_get(self._move(old_weights, state.params)), np.float64)
+      per["expert_move"], per["expert_move_min"] = move.mean(-1), move.min(-1)
+      per["stagnant"] = np.asarray(metrics_lib.stagnant_experts(move), np.float64)
+    self._ref = (int(step), index, self._copy(state.params) if self.movement else None)
+    n_moe = self.mcfg.num_moe_layers
+    layer_ids = self.mcfg.moe_layer_ids if layer_ids is None else layer_ids
+    out = {"eval/churn_since_step": float(since)}
+    for name, values in per.items():
+      values = np.asarray(values, np.float64).reshape(n_moe)
+      out.update({f"eval/layer_{i}/{name}": float(v) for i, v in zip(layer_ids, values)})
+      out[f"eval/{name}"] = float(values.mean())
+    return out, move

@@ -25,8 +25,10 @@ convergence tool's `--methods`) are aliases for settings of `balance.*`, defined
 Built-in terms (values for one layer with router kernel R float32[D, E], T tokens):
   lbl:         E * sum_i f_i P_i (Switch / OLMoE; 1.0 for a uniform router), scope from
                `options.lbl_scope` ("sequence": mean over sequences of the per-sequence value;
-               "batch": the (micro-)batch; "global": the batch with `expert_fraction` of the
-               whole global batch when the trainer provides it under gradient accumulation).
+               "micro": mean over groups of `options.lbl_micro_sequences` consecutive
+               sequences of each group's value; "batch": the (micro-)batch; "global": the
+               batch with `expert_fraction` of the whole global batch when the trainer
+               provides it under gradient accumulation).
   simbal:      ||R^T R - I||_1 (paper), or the squared Frobenius norm (`simbal_norm="fro2"`),
                summed or averaged over the E x E entries (`simbal_reduction`).
   simbal_unit: the same on unit-norm columns (cosine Gram): directions only, no scale.
@@ -67,12 +69,14 @@ class Options:
 
   Attributes:
     lbl_scope: one of losses.SCOPES.
+    lbl_micro_sequences: int >= 1, sequences per group of the "micro" scope (else unused).
     simbal_norm: one of losses.SIMBAL_NORMS.
     simbal_reduction: one of losses.SIMBAL_REDUCTIONS.
     batch_shape: (B, L) of the batch the tokens come from (set by the trainer per call; the
       "sequence" scope needs it).
   """
   lbl_scope: str = "batch"
+  lbl_micro_sequences: int = 1
   simbal_norm: str = "l1"
   simbal_reduction: str = "sum"
   batch_shape: tuple = ()
@@ -82,6 +86,9 @@ class Options:
                          ("simbal_reduction", losses.SIMBAL_REDUCTIONS)):
       if getattr(self, field) not in valid:
         raise ValueError(f"balance.{field}={getattr(self, field)!r}; valid: {', '.join(valid)}")
+    m = self.lbl_micro_sequences
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+      raise ValueError(f"balance.lbl_micro_sequences must be an int >= 1, got {m!r}")
 
 
 class Term(NamedTuple):
@@ -170,11 +177,12 @@ def layer_values(terms, router, kernels, mask_T, options, expert_fraction=None):
 def lbl(layer: LayerInputs, options: Options):
   """Load-balancing loss of one layer (see losses.load_balancing; uniform router -> 1.0)."""
   r = layer.router
-  if options.lbl_scope == "sequence":
+  if options.lbl_scope in ("sequence", "micro"):
     b, l = options.batch_shape
     mask = None if layer.mask is None else layer.mask.reshape(b, l)
+    micro = options.lbl_micro_sequences if options.lbl_scope == "micro" else None
     return losses.load_balancing(r.probs.reshape(b, l, -1), r.expert_index.reshape(b, l, -1),
-                                 scope="sequence", mask=mask)
+                                 scope=options.lbl_scope, mask=mask, micro_sequences=micro)
   scope = "batch" if layer.expert_fraction is None else options.lbl_scope
   return losses.load_balancing(r.probs, r.expert_index, scope=scope, mask=layer.mask,
                                expert_fraction=layer.expert_fraction)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from simbal_jax import _checks
 from simbal_jax import routing
 
-SCOPES = ("sequence", "batch", "global")
+SCOPES = ("sequence", "batch", "global", "micro")
 SIMBAL_NORMS = ("l1", "fro2")
 SIMBAL_REDUCTIONS = ("sum", "mean")
 
@@ -153,13 +153,20 @@ def lbl_from_stats(stats, top_k, *, expert_fraction=None, total_tokens=None):
 
 
 def load_balancing(probs, expert_index, *, scope="batch", axis_name=None, mask=None,
-                   expert_fraction=None, return_stats=False):
+                   expert_fraction=None, return_stats=False, micro_sequences=None):
   """Switch / OLMoE load-balancing loss `E * sum_i f_i * P_i` (1.0 for a uniform router).
 
   Scopes (where f and P are averaged):
 
   * "sequence": `probs` float[B, L, E], `expert_index` int[B, L, K], `mask` [B, L]: the loss of
     each sequence from its own f and P, then the mean over sequences that have a token.
+  * "micro": the same shapes; the B sequences are cut into B / m groups of m = `micro_sequences`
+    consecutive sequences (sequences 0..m-1, m..2m-1, ...), the loss of each group from its own
+    f and P over its m * L tokens, then the mean over groups that have a token. m = 1 is
+    "sequence", m = B is "batch". This is the LBL of data-parallel training that computes it on
+    each device's micro-batch of m sequences (OLMoE), but defined by the sequences alone, so
+    the value does not change with the mesh or the number of devices. B must be a multiple of
+    m (else ValueError).
   * "batch": all tokens given, any leading shape `probs` [..., E], `expert_index` [..., K]. Under
     `jit` on globally sharded arrays this already is the global batch; inside `shard_map` /
     `pmap` it is the local shard (a micro-batch).
@@ -184,7 +191,9 @@ def load_balancing(probs, expert_index, *, scope="batch", axis_name=None, mask=N
     mask: bool/float[...] token weights with the leading shape of `probs`, or None.
     expert_fraction: float32[E] externally computed f (stop-gradient), e.g. the global-batch f
       under gradient accumulation; "batch" and "global" scopes only.
-    return_stats: also return the LBLStats used (per sequence, leading [B], for "sequence").
+    return_stats: also return the LBLStats used (per sequence, leading [B], for "sequence";
+      per group, leading [B / m], for "micro").
+    micro_sequences: static int m >= 1 dividing B, sequences per group; only with scope "micro".
 
   Returns:
     float32[] loss, or (loss, LBLStats) with `return_stats=True`.
@@ -192,19 +201,33 @@ def load_balancing(probs, expert_index, *, scope="batch", axis_name=None, mask=N
   _checks.check_name("scope", scope, SCOPES)
   if axis_name is not None and scope != "global":
     raise ValueError(f"axis_name is only used with scope='global', got scope={scope!r}.")
+  per_seq = scope in ("sequence", "micro")
   shape, index_shape = jnp.shape(probs), jnp.shape(expert_index)
-  min_rank = 3 if scope == "sequence" else 2
-  if len(shape) < min_rank or (scope == "sequence" and len(shape) != 3):
-    want = "rank 3 [B, L, E]" if scope == "sequence" else "rank >= 2 [..., E]"
+  if len(shape) < 2 or (per_seq and len(shape) != 3):
+    want = "rank 3 [B, L, E]" if per_seq else "rank >= 2 [..., E]"
     raise ValueError(f"probs must have {want} for scope={scope!r}, got shape {shape}.")
   if len(index_shape) != len(shape) or index_shape[:-1] != shape[:-1]:
     raise ValueError(f"expert_index must have shape {shape[:-1]} + (K,), got {index_shape}.")
   top_k = index_shape[-1]
   _checks.check_mask("mask", mask, shape[:-1])
-  if expert_fraction is not None and scope == "sequence":
+  if expert_fraction is not None and per_seq:
     raise ValueError("expert_fraction is only supported for scopes 'batch' and 'global'.")
+  if scope != "micro" and micro_sequences is not None:
+    raise ValueError(f"micro_sequences is only used with scope='micro', got scope={scope!r}.")
+  if scope == "micro":
+    if micro_sequences is None:
+      raise ValueError("micro_sequences must be given for scope='micro' (sequences per group).")
+    m = _checks.static_int("micro_sequences", micro_sequences, 1)
+    b, l = shape[:2]
+    if b % m:
+      raise ValueError(f"micro_sequences={m} does not divide the batch's {b} sequences: the "
+                       "groups of m consecutive sequences would be uneven.")
+    # Each group of m sequences becomes one "sequence" of m * L tokens (sequence-major order).
+    probs = jnp.reshape(probs, (b // m, m * l, shape[-1]))
+    expert_index = jnp.reshape(expert_index, (b // m, m * l, top_k))
+    mask = None if mask is None else jnp.reshape(mask, (b // m, m * l))
 
-  if scope == "sequence":
+  if per_seq:
     stats = jax.vmap(lbl_stats)(probs, expert_index, mask)
     per_seq_B = lbl_from_stats(stats, top_k)
     has_tokens_B = (stats.tokens > 0).astype(jnp.float32)

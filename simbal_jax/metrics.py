@@ -9,6 +9,9 @@ boolean (or 0/1) arrays; masked-out tokens are excluded from every count and mea
 Load metrics take a per-expert load vector (fractions or counts: CV, MaxVio and dead experts are
 scale invariant) and reduce over its last axis, so a stacked `[Lm, E]` gives one value per layer.
 
+Change over training (`routing_churn`, `expert_movement`, `stagnant_experts`) compares the same
+tokens' routing, or the same experts' weights, at two points of training.
+
 The expert-diversity metrics (PES exact and sampled, routing consistency, domain
 specialisation) live in `simbal_jax.specialization`.
 """
@@ -166,6 +169,96 @@ def orthogonality_gap(kernel_DxE):
   kernel = jnp.asarray(kernel_DxE).astype(jnp.float32)
   return OrthoGap(l1=losses.simbal(kernel, norm="l1"),
                   mse=losses.simbal(kernel, norm="fro2", reduction="mean"))
+
+
+# ------------------------------------------------------------------- change over training
+
+
+def routing_churn(expert_index_a, expert_index_b, mask=None):
+  """How much the top-k expert sets of the same tokens changed between two points of training.
+
+  `churn = 1 - mean over tokens t of |S_a(t) & S_b(t)| / K`, with S(t) the set of experts in row
+  t of an index array. 0 when every token keeps its experts (in any order), 1 when no token
+  keeps any. Rows are top-k choices, so each holds K distinct experts; for a row with repeats,
+  |S_a & S_b| counts the entries of a that occur in b.
+
+  Args:
+    expert_index_a: int[..., K] chosen experts of T tokens (any leading shape, e.g. [T] or
+      [B, L]) at the first point, e.g. `RouterOutput.expert_index`.
+    expert_index_b: int[..., K] the same tokens' chosen experts at the second point (same
+      shape).
+    mask: optional bool[...] (the leading shape); False tokens are left out of the mean.
+
+  Returns:
+    float32[] in [0, 1]; 0 when no token is valid. Vmap over a leading layer axis for one value
+    per layer.
+  """
+  a = _checks.check_min_rank("expert_index_a", expert_index_a, 2, "[..., K]")
+  b = jnp.asarray(expert_index_b)
+  if b.shape != a.shape:
+    raise ValueError(f"expert_index_b must have the shape of expert_index_a {a.shape}, got "
+                     f"{b.shape}.")
+  for name, x in (("expert_index_a", a), ("expert_index_b", b)):
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+      raise ValueError(f"{name} must have an integer dtype, got {x.dtype}.")
+  valid = _checks.bool_mask("mask", mask, a.shape[:-1])
+  shared = jnp.sum(jnp.any(a[..., :, None] == b[..., None, :], axis=-1), axis=-1)
+  overlap = shared.astype(jnp.float32) / a.shape[-1]
+  return jnp.where(jnp.any(valid), 1.0 - _checks.masked_mean(overlap, valid), 0.0)
+
+
+def expert_movement(old, new):
+  """How far each expert's weights moved, relative to their size before.
+
+  `move_e = sqrt(sum over arrays of ||new[e] - old[e]||^2) / sqrt(sum over arrays of
+  ||old[e]||^2)` (Frobenius norms over all of expert e's entries; float32). An expert that no
+  token reaches gets no gradient and moves only by weight decay: a value far below its layer's
+  others marks it stagnant (`stagnant_experts`).
+
+  Args:
+    old: a sequence of arrays float[E, ...] (e.g. one layer's wi_gate, wi_up [E, D, F] and
+      wo [E, F, D]), the expert axis first, at the earlier point.
+    new: the same arrays, same shapes, at the later point.
+
+  Returns:
+    float32[E]; 0 for an expert whose old weights are all zero. Vmap over a leading layer axis
+    for [Lm, E].
+  """
+  old, new = list(old), list(new)
+  if not old or len(old) != len(new):
+    raise ValueError(f"old and new must be non-empty sequences of the same length, got "
+                     f"{len(old)} and {len(new)}.")
+  num_experts = None
+  diff2 = norm2 = 0.0
+  for j, (x, y) in enumerate(zip(old, new)):
+    x = _checks.check_min_rank(f"old[{j}]", x, 1, "[E, ...]").astype(jnp.float32)
+    y = jnp.asarray(y).astype(jnp.float32)
+    if y.shape != x.shape:
+      raise ValueError(f"new[{j}] must have the shape of old[{j}] {x.shape}, got {y.shape}.")
+    if num_experts is not None and x.shape[0] != num_experts:
+      raise ValueError(f"old[{j}] has {x.shape[0]} experts on axis 0, old[0] {num_experts}.")
+    num_experts = x.shape[0]
+    axes = tuple(range(1, x.ndim))
+    diff2 = diff2 + jnp.sum((y - x) ** 2, axis=axes)
+    norm2 = norm2 + jnp.sum(x * x, axis=axes)
+  return _checks.safe_div(jnp.sqrt(diff2), jnp.sqrt(norm2))
+
+
+def stagnant_experts(movement_E, rel=0.1):
+  """Number of experts whose movement is below `rel` times their layer's median movement.
+
+  Args:
+    movement_E: float[..., E] from `expert_movement` (one row per layer).
+    rel: float in (0, 1], the fraction of the median below which an expert counts as stagnant.
+
+  Returns:
+    int32[...], count over the last axis (0 when the median is 0).
+  """
+  move = _checks.check_min_rank("movement_E", jnp.asarray(movement_E, jnp.float32), 1, "[..., E]")
+  if not 0.0 < float(rel) <= 1.0:
+    raise ValueError(f"rel must be in (0, 1], got {rel}.")
+  median = jnp.median(move, axis=-1, keepdims=True)
+  return jnp.sum(move < rel * median, axis=-1).astype(jnp.int32)
 
 
 # ---------------------------------------------------------------------------------- summary

@@ -169,6 +169,42 @@ def loss_vs_tokens(curves, *, reference=None, target=None, title=None):
   return fig
 
 
+def change_vs_tokens(churn, movement=None, *, title=None):
+  """Routing churn (and expert movement) since the previous evaluation against tokens.
+
+  Args:
+    churn: {method: curves of its seeds} as in `loss_vs_tokens`: (tokens, eval/churn) pairs.
+    movement: optional, the same for eval/expert_move (drawn on a log scale in a second panel).
+    title: optional figure title.
+
+  Returns:
+    Figure with one Axes per given quantity; several seeds are drawn as their mean with a
+    min-max band.
+  """
+  panels = [(churn, "routing churn since previous eval", False)]
+  if movement is not None:
+    panels.append((movement, "expert movement ‖ΔW‖/‖W‖", True))
+  fig, axes = _figure(1, len(panels), 6 * len(panels), 4.5, sharex=True)
+  for ax, (curves, ylabel, log_y) in zip(axes[0], panels):
+    for i, (name, by_seed) in enumerate({m: _by_seed(c) for m, c in curves.items()}.items()):
+      runs = [c for c in by_seed.values() if len(c)]
+      if not runs:
+        continue
+      n = min(len(c) for c in runs)
+      y = np.stack([c[:n, 1] for c in runs])
+      ax.plot(runs[0][:n, 0], y.mean(0), color=f"C{i}", marker=".", label=name)
+      if len(runs) > 1:
+        ax.fill_between(runs[0][:n, 0], y.min(0), y.max(0), color=f"C{i}", alpha=0.2)
+    if log_y:
+      ax.set_yscale("log")
+    _token_axis(ax)
+    ax.set_ylabel(ylabel)
+    ax.legend()
+  if title:
+    fig.suptitle(title)
+  return fig
+
+
 def _edges(centres):
   """Cell edges float64[N + 1] around increasing centres (midpoints; half a step beyond)."""
   c = np.asarray(centres, np.float64)

@@ -8,7 +8,9 @@ selection bias (TrainState.expert_bias, state not parameter) after the optimizer
 expert counts of the whole global batch (all micro-batches).
 
 Gradient accumulation (`grad_accum` > 1) scans over micro-batches. Every term sees one
-micro-batch, except the LBL with lbl_scope "global": then a forward-only pass over all
+micro-batch (the LBL with lbl_scope "micro" groups that micro-batch's sequences, a number that
+lbl_micro_sequences must divide, so its mean over micro-batches is the same as without
+accumulation), except the LBL with lbl_scope "global": then a forward-only pass over all
 micro-batches first computes f of the whole global batch, and each micro-batch's LBL uses that f
 with its own P, so the mean over equal-sized micro-batches is exactly the global-batch LBL in
 value and gradient (losses.lbl_from_stats explains why). That costs one extra forward pass.
@@ -85,10 +87,20 @@ class StepConfig:
 
   @classmethod
   def from_config(cls, cfg):
+    """From cfg.balance and cfg.train; checks that balance.lbl_micro_sequences divides the
+    sequences of each accumulation micro-batch when lbl_scope is "micro"."""
     b, t = cfg.balance, cfg.train
+    micro = int(b.get("lbl_micro_sequences", 1))
+    if b.lbl_scope == "micro":
+      per_step = int(t.global_batch_size) // max(int(t.grad_accum), 1)
+      if micro < 1 or per_step % micro:
+        raise ValueError(f"balance.lbl_micro_sequences={micro} must be >= 1 and divide the "
+                         f"{per_step} sequences of each forward pass (train.global_batch_size / "
+                         "train.grad_accum)")
     return cls(terms=balance.parse_terms(b.terms), loss_free=bool(b.loss_free),
                lf_rate=float(b.lf_rate),
-               options=balance.Options(lbl_scope=b.lbl_scope, simbal_norm=b.simbal_norm,
+               options=balance.Options(lbl_scope=b.lbl_scope, lbl_micro_sequences=micro,
+                                       simbal_norm=b.simbal_norm,
                                        simbal_reduction=b.simbal_reduction),
                z_loss=float(t.z_loss), grad_accum=int(t.grad_accum))
 

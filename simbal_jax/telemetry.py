@@ -64,11 +64,16 @@ def split_layer_metrics(metrics, layer_ids):
   return out, load
 
 
-def load_record(step, tokens, split, layer_ids, load):
-  """The LOAD_FILE line of a load float[Lm, E]."""
-  return {"step": int(step), "tokens": int(tokens), "split": split,
-          "layers": [int(i) for i in layer_ids],
-          "load": [[float(x) for x in row] for row in np.asarray(load, np.float64)]}
+def load_record(step, tokens, split, layer_ids, load, movement=None):
+  """The LOAD_FILE line of a load float[Lm, E] (and, at evaluations, "movement": each expert's
+  relative weight movement float[Lm, E] since the previous evaluation,
+  analysis.RoutingTracker)."""
+  rec = {"step": int(step), "tokens": int(tokens), "split": split,
+         "layers": [int(i) for i in layer_ids],
+         "load": [[float(x) for x in row] for row in np.asarray(load, np.float64)]}
+  if movement is not None:
+    rec["movement"] = [[float(x) for x in row] for row in np.asarray(movement, np.float64)]
+  return rec
 
 
 def read_expert_load(workdir, split="train"):

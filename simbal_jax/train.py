@@ -573,18 +573,23 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
       host_eval = eval_set(env)
       eval_batches = EvalBatches(host_eval, env.batch_sharding, int(cfg.train.grad_accum))
       log_routing = eval_telemetry(env, eval_batches, writer)
+      tracker = analysis.RoutingTracker(  # churn and expert movement since the last evaluation
+          env.model, eval_batches, probe_tokens=int(cfg.log.get("churn_tokens", 0)),
+          movement=bool(cfg.log.get("expert_movement", False)), out_sharding=replicated(env))
+      tracker.start(state, start)
 
       def run_eval(st, step, extra=None, final=False):
         kernels = host_router_kernels(env, st.params) if env.mcfg.moe is not None else None
         m, sums = evaluate(env, eval_step, st, eval_batches, kernels)
-        m.update(extra or {})
+        change, movement = tracker(st, step, env.mcfg.moe_layer_ids)
+        m.update(change, **(extra or {}))
         if final and is_main:  # per-sequence losses: paired errors of differences between runs
           write_json(workdir / "eval_seq_loss.json", {"step": step, "ce_seq": [
               float(x) for s in sums for x in np.asarray(s["ce_seq"]).reshape(-1)]})
         writer.write(step, {**m, "train/tokens": step * tokens_per_step(cfg)})
         summary["expert_load"] = analysis.eval_load(sums)
         summary["domain_expert_counts"] = analysis.eval_domain_counts(sums)
-        log_routing(st, step, summary["expert_load"], kernels)
+        log_routing(st, step, summary["expert_load"], kernels, movement)
         logging.info("eval step %d: %s", step, _brief(m))
         return m
 
@@ -664,22 +669,23 @@ class _Logger:
 
 
 def eval_telemetry(env, eval_batches, writer):
-  """A callable(state, step, load, kernels) writing an evaluation's routing telemetry (load:
-  the eval load fractions, kernels: host_router_kernels of the state): the eval load in
-  expert_load.jsonl and, with log.tensorboard, the images and logit histograms
-  (telemetry.log_eval). Every process calls it (the logit histogram is a jitted computation);
-  only the writer of process 0 writes."""
+  """A callable(state, step, load, kernels, movement=None) writing an evaluation's routing
+  telemetry (load: the eval load fractions, kernels: host_router_kernels of the state,
+  movement: each expert's relative weight movement float[Lm, E] since the last evaluation):
+  the eval load and movement in expert_load.jsonl and, with log.tensorboard, the images and
+  logit histograms (telemetry.log_eval). Every process calls it (the logit histogram is a
+  jitted computation); only the writer of process 0 writes."""
   layer_ids = env.mcfg.moe_layer_ids
   logit_fn = None
   if env.mcfg.moe is not None and env.cfg.log.tensorboard and int(env.cfg.log.hist_tokens) > 0:
     logit_fn = telemetry.router_logit_fn(
         env.model, int(env.cfg.log.hist_tokens), replicated(env))
 
-  def log_routing(state, step, load, kernels):
+  def log_routing(state, step, load, kernels, movement=None):
     if env.mcfg.moe is None:
       return
     writer.write_record(telemetry.LOAD_FILE, telemetry.load_record(
-        step, step * tokens_per_step(env.cfg), "eval", layer_ids, load))
+        step, step * tokens_per_step(env.cfg), "eval", layer_ids, load, movement))
     if not env.cfg.log.tensorboard:
       return
     logits = None

@@ -7,6 +7,7 @@ import signal
 import numpy as np
 import pytest
 
+from simbal_jax import writers
 from simbal_jax.experiments import convergence
 
 
@@ -23,6 +24,7 @@ def _write_run(root, method, seed, evals, *, num_steps=10, lr=None, config=True,
       f.write(json.dumps({"step": step, "train/loss": loss + 0.1}) + "\n")
       f.write(json.dumps({"step": step, "eval/loss": loss, "eval/loss_se": 0.01,
                           "eval/maxvio": 0.5 + seed, "eval/layer_0/pes": 0.1 * (seed + 1),
+                          "eval/churn": 0.2 + 0.1 * seed - step / 100,
                           "train/tokens": step * 100}) + "\n")
   if seq is not None:
     with open(os.path.join(d, "eval_seq_loss.json"), "w") as f:
@@ -86,8 +88,15 @@ def test_aggregate_hand_worked(tmp_path):
   assert none["fewer_tokens_pct"]["mean"] is None
   assert sim["metrics"]["maxvio"] == {"mean": 1.0, "std": pytest.approx(np.sqrt(0.5))}
   assert sim["per_layer"]["pes"]["layer_0"]["mean"] == pytest.approx(0.15)
+  # Churn at 500 tokens: seeds 0.15 and 0.25; at 1000: 0.10 and 0.20 (no expert movement).
+  churn = sim["change_vs_tokens"]["churn"]
+  assert churn["tokens"] == [500, 1000]
+  assert churn["mean"] == pytest.approx([0.2, 0.15])
+  assert churn["std"] == pytest.approx([np.sqrt(0.005)] * 2)
+  assert "expert_move" not in sim["change_vs_tokens"]
   md = convergence.format_table(t)
   assert "not reached" in md and "none/seed2" in md and "+33.3" in md
+  assert "| simbal | 0.2000 | 0.1500 |" in md
 
 
 def test_best_learning_rate_per_method(tmp_path):
@@ -148,3 +157,22 @@ def test_half_finished_matrix_resumes_without_retraining(tmp_path, monkeypatch):
   assert len(seqs[0]) == len(seqs[1]) == 8
   assert table["methods"]["simbal"]["diff_vs_reference"]["eval_se"] > 0
   assert "PES min" in md and -1 <= table["methods"]["lbl"]["metrics"]["pes_min"]["mean"] <= 1
+  # Churn and expert movement at every evaluation (steps 2 and 4), per layer and averaged; the
+  # resumed run's final one is since its restart at step 3.
+  for m in ("lbl", "simbal"):
+    evals = [r for r in writers.read_jsonl(os.path.join(work, m, "seed0", "metrics.jsonl"))
+             if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    for r in evals:
+      for name in ("churn", "expert_move", "expert_move_min", "stagnant"):
+        assert 0 <= r[f"eval/{name}"] == pytest.approx(
+            (r[f"eval/layer_0/{name}"] + r[f"eval/layer_1/{name}"]) / 2)
+      assert 0 < r["eval/expert_move"] and 0 <= r["eval/churn"] <= 1
+    assert [r["eval/churn_since_step"] for r in evals] == ([0, 2] if m == "lbl" else [0, 3])
+    loads = [r for r in writers.read_jsonl(os.path.join(work, m, "seed0", "expert_load.jsonl"))
+             if r["split"] == "eval"]
+    assert [np.shape(r["movement"]) for r in loads] == [(2, 4), (2, 4)]
+  for name in ("churn", "expert_move", "stagnant"):
+    assert table["methods"]["simbal"]["change_vs_tokens"][name]["tokens"] == [256, 512]
+  assert "Routing churn since the previous evaluation" in md
+  assert os.path.getsize(os.path.join(work, "churn_vs_tokens.png")) > 0

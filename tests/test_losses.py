@@ -1,5 +1,7 @@
 """Tests for simbal_jax.losses against NumPy float64 references, hand cases and sharded runs."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,6 +80,69 @@ def test_lbl_batch_and_sequence_scopes_vs_numpy():
              for s in range(2)]
   np.testing.assert_allclose(got, np.mean(per_seq), rtol=1e-5)
   assert abs(float(got) - _np_lbl(probs, idx, mask)) > 1e-3  # scopes really differ
+
+
+def _np_lbl_micro(probs_bl, idx_bl, mask_bl, m):
+  """Mean over groups of m consecutive sequences (with a token) of each group's LBL, float64."""
+  b, l = mask_bl.shape
+  values = []
+  for g in range(b // m):
+    rows = slice(g * m, (g + 1) * m)
+    w = mask_bl[rows].reshape(-1)
+    if w.sum() > 0:
+      values.append(_np_lbl(probs_bl[rows].reshape(m * l, -1), idx_bl[rows].reshape(m * l, -1),
+                            w))
+  return np.mean(values)
+
+
+def test_lbl_micro_scope_vs_numpy_groups_and_limits():
+  rng = np.random.default_rng(11)
+  b, l = 8, 6
+  _, probs, idx = _random_routing(rng, b * l)
+  mask = rng.uniform(size=b * l) < 0.75
+  mask[2 * l:4 * l] = False  # sequences 2 and 3: the whole second group of m = 2 is padding
+  probs_bl, idx_bl = probs.reshape(b, l, E), idx.reshape(b, l, K)
+  mask_bl = mask.reshape(b, l)
+  lbl = lambda m, msk=mask_bl, **kw: float(losses.load_balancing(
+      jnp.asarray(probs_bl), jnp.asarray(idx_bl), scope="micro", micro_sequences=m,
+      mask=None if msk is None else jnp.asarray(msk), **kw))
+  for m in (1, 2, 4, 8):
+    np.testing.assert_allclose(lbl(m), _np_lbl_micro(probs_bl, idx_bl, mask_bl, m), rtol=1e-5)
+    np.testing.assert_allclose(lbl(m, None), _np_lbl_micro(
+        probs_bl, idx_bl, np.ones((b, l), bool), m), rtol=1e-5)
+  values = [lbl(m) for m in (1, 2, 4, 8)]
+  assert len({round(v, 5) for v in values}) == 4  # the scopes really differ
+  # m = 1 is "sequence", m = B is "batch".
+  args = (jnp.asarray(probs_bl), jnp.asarray(idx_bl))
+  assert lbl(1) == pytest.approx(float(losses.load_balancing(
+      *args, scope="sequence", mask=jnp.asarray(mask_bl))), rel=1e-6)
+  assert lbl(b) == pytest.approx(float(losses.load_balancing(
+      *args, scope="batch", mask=jnp.asarray(mask_bl))), rel=1e-6)
+  # Per-group stats, jit with a static m, and the gradient d/dprobs = E f_g / T_g / groups.
+  loss, stats = losses.load_balancing(*args, scope="micro", micro_sequences=4, return_stats=True)
+  assert stats.tokens.shape == (2,) and np.allclose(stats.tokens, [4 * l, 4 * l])
+  jitted = jax.jit(functools.partial(losses.load_balancing, scope="micro", micro_sequences=4))
+  np.testing.assert_allclose(jitted(*args), loss, rtol=1e-6)
+  grad = np.asarray(jax.grad(lambda p: losses.load_balancing(
+      p, args[1], scope="micro", micro_sequences=4))(args[0]))
+  for g in range(2):
+    f = np.bincount(idx_bl[4 * g:4 * g + 4].ravel(), minlength=E) / (K * 4 * l)
+    np.testing.assert_allclose(grad[4 * g:4 * g + 4], np.broadcast_to(E * f / (4 * l) / 2,
+                                                                       (4, l, E)), rtol=1e-5)
+
+
+def test_lbl_micro_scope_refuses_uneven_groups_and_misuse():
+  probs, idx = jnp.full((6, 3, E), 1.0 / E), jnp.zeros((6, 3, K), jnp.int32)
+  with pytest.raises(ValueError, match="micro_sequences=4 does not divide the batch's 6 "):
+    losses.load_balancing(probs, idx, scope="micro", micro_sequences=4)
+  with pytest.raises(ValueError, match="micro_sequences must be given"):
+    losses.load_balancing(probs, idx, scope="micro")
+  with pytest.raises(ValueError, match="micro_sequences must be >= 1"):
+    losses.load_balancing(probs, idx, scope="micro", micro_sequences=0)
+  with pytest.raises(ValueError, match="only used with scope='micro'"):
+    losses.load_balancing(probs, idx, scope="sequence", micro_sequences=2)
+  with pytest.raises(ValueError, match="rank 3"):
+    losses.load_balancing(probs[0], idx[0], scope="micro", micro_sequences=1)
 
 
 def test_lbl_gradient_formula_and_finite_differences():

@@ -292,6 +292,61 @@ def test_jit_matches_eager():
     np.testing.assert_allclose(fn(load), jax.jit(fn)(load), rtol=1e-6)
 
 
+# ------------------------------------------------------------------- change over training
+
+
+def _np_churn(a, b, mask=None):
+  """1 - mean over valid tokens of |set(a_t) & set(b_t)| / K, with Python sets."""
+  a, b = np.asarray(a).reshape(-1, a.shape[-1]), np.asarray(b).reshape(-1, b.shape[-1])
+  w = np.ones(len(a), bool) if mask is None else np.asarray(mask).reshape(-1)
+  overlaps = [len(set(x) & set(y)) / a.shape[1] for x, y, ok in zip(a, b, w) if ok]
+  return 1.0 - np.mean(overlaps) if overlaps else 0.0
+
+
+def test_routing_churn_hand_case_identity_and_disjoint():
+  a = np.array([[0, 1], [2, 3], [4, 5]], np.int32)
+  b = np.array([[1, 0], [2, 7], [6, 5]], np.int32)  # overlaps 2/2 (order ignored), 1/2, 1/2
+  assert float(metrics.routing_churn(a, b)) == pytest.approx(1 - (1 + 0.5 + 0.5) / 3)
+  assert float(metrics.routing_churn(a, b, np.array([False, True, True]))) == pytest.approx(0.5)
+  assert float(metrics.routing_churn(a, a[:, ::-1])) == 0.0  # identical sets
+  assert float(metrics.routing_churn(a, (a + 6) % 12)) == 1.0  # disjoint sets
+  assert float(metrics.routing_churn(a, b, np.zeros(3, bool))) == 0.0  # no valid token
+
+
+def test_routing_churn_random_vs_numpy_with_mask_jit_and_layers():
+  rng = _rng(7)
+  a = _random_topk(rng, (3, 5, 40), num_experts=16, top_k=4)  # [Lm, B, L, K]
+  b = np.where(rng.random(a.shape[:-1] + (1,)) < 0.6, a,
+               _random_topk(rng, (3, 5, 40), num_experts=16, top_k=4))
+  mask = rng.random((5, 40)) < 0.8
+  for layer in range(3):
+    np.testing.assert_allclose(metrics.routing_churn(a[layer], b[layer], mask),
+                               _np_churn(a[layer], b[layer], mask), rtol=1e-6)
+  per_layer = jax.jit(jax.vmap(lambda x, y: metrics.routing_churn(x, y, mask)))(a, b)
+  np.testing.assert_allclose(per_layer, [_np_churn(a[i], b[i], mask) for i in range(3)],
+                             rtol=1e-6)
+  assert 0.2 < float(per_layer.mean()) < 0.6  # 40 % of tokens re-drawn
+
+
+def test_expert_movement_and_stagnant_vs_numpy():
+  rng = _rng(8)
+  old = [rng.normal(size=(6, 4, 3)), rng.normal(size=(6, 3, 4))]
+  step = np.array([1.0, 0.5, 0.2, 1e-3, 0.0, 0.3])[:, None, None]
+  new = [(x + step * rng.normal(size=x.shape)).astype(np.float32) for x in old]
+  old = [x.astype(np.float32) for x in old]
+  want = [np.sqrt(sum(np.sum((y[e].astype(np.float64) - x[e]) ** 2) for x, y in zip(old, new)))
+          / np.sqrt(sum(np.sum(x[e].astype(np.float64) ** 2) for x in old)) for e in range(6)]
+  got = metrics.expert_movement(old, new)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  assert float(got[4]) == 0.0
+  # Median of the six movements lies between experts 2 and 5 (~0.1..0.2): experts 3 (1e-3
+  # relative step) and 4 (unmoved) are below a tenth of it.
+  assert int(metrics.stagnant_experts(got)) == 2
+  assert list(np.asarray(metrics.stagnant_experts(np.stack([got, np.ones(6)])))) == [2, 0]
+  zeros = [np.zeros((2, 3), np.float32)]
+  assert list(np.asarray(metrics.expert_movement(zeros, zeros))) == [0.0, 0.0]
+
+
 # ----------------------------------------------------------------------------------- errors
 
 
@@ -314,6 +369,15 @@ def test_jit_matches_eager():
     (lambda: specialization.routing_consistency(jax.random.key(0), np.ones((5, 3)),
                                          np.zeros((5, 2), np.int32), 1), "num_pairs"),
     (lambda: specialization.spearman(np.ones(3), np.ones(4)), "equal size"),
+    (lambda: metrics.routing_churn(np.zeros((4, 2), np.int32), np.zeros((4, 3), np.int32)),
+     "expert_index_b must have the shape"),
+    (lambda: metrics.routing_churn(np.zeros((4, 2)), np.zeros((4, 2))), "integer dtype"),
+    (lambda: metrics.routing_churn(np.zeros(4, np.int32), np.zeros(4, np.int32)), "rank >= 2"),
+    (lambda: metrics.routing_churn(np.zeros((4, 2), np.int32), np.zeros((4, 2), np.int32),
+                                   np.ones(3, bool)), "mask must have shape"),
+    (lambda: metrics.expert_movement([np.ones((2, 3))], [np.ones((2, 4))]), "new\\[0\\]"),
+    (lambda: metrics.expert_movement([], []), "non-empty"),
+    (lambda: metrics.stagnant_experts(np.ones(4), rel=0.0), "rel must be in"),
 ])
 def test_bad_arguments_raise(call, match):
   with pytest.raises(ValueError, match=match):

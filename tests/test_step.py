@@ -193,6 +193,59 @@ def test_global_lbl_scope_with_grad_accum_is_exact():
   np.testing.assert_allclose(float(metrics["train/lbl"]), want_lbl, rtol=1e-5)
 
 
+def test_micro_lbl_scope_is_the_same_with_grad_accum_and_in_the_train_step():
+  """lbl_scope='micro' (groups of 2 sequences) through the term registry equals the float64
+  NumPy mean over groups of each group's LBL, with and without 2 accumulation micro-batches;
+  the train step logs it as train/lbl."""
+  model, b, l, v = _tiny_moe(), 8, 6, 32
+  ks = jax.random.split(jax.random.key(3), 3)
+  batch = {"inputs": jax.random.randint(ks[0], (b, l), 0, v),
+           "targets": jax.random.randint(ks[1], (b, l), 0, v)}
+  params = nn.unbox(model.init(ks[2], batch["inputs"])["params"])
+  bias = jnp.zeros((2, 4))
+  _, aux = model.apply({"params": params}, batch["inputs"], expert_bias=bias)
+  probs = np.asarray(aux.router.probs, np.float64).reshape(2, b, l, 4)  # [Lm, B, L, E]
+  index = np.asarray(aux.router.expert_index).reshape(2, b, l, 2)
+  want = []
+  for layer in range(2):
+    groups = []
+    for g in range(b // 2):
+      p = probs[layer, 2 * g:2 * g + 2].reshape(-1, 4)
+      f = np.bincount(index[layer, 2 * g:2 * g + 2].ravel(), minlength=4) / (2 * p.shape[0])
+      groups.append(4 * np.sum(f * p.mean(0)))
+    want.append(np.mean(groups))
+  want = float(np.mean(want))  # mean over the MoE layers
+  options = balance.Options(lbl_scope="micro", lbl_micro_sequences=2)
+  import optax  # pylint: disable=g-import-not-at-top
+  tx = optax.sgd(0.0)
+  state = step_lib.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
+                              expert_bias=bias)
+  for accum in (1, 2):
+    sc = step_lib.StepConfig(terms=(("lbl", 1.0),), options=options, grad_accum=accum,
+                             z_loss=0.0)
+    _, metrics = jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx, sc=sc))(
+        state, batch)
+    np.testing.assert_allclose(float(metrics["train/lbl"]), want, rtol=1e-5)
+
+
+def test_micro_lbl_scope_config_is_checked():
+  cfg = demo.get_config("lbl_micro3")
+  assert (cfg.balance.terms, cfg.balance.lbl_scope, cfg.balance.lbl_micro_sequences) == (
+      "lbl:0.01", "micro", 3)
+  cfg.train.global_batch_size = 16
+  with pytest.raises(ValueError, match="balance.lbl_micro_sequences=3 must be >= 1 and divide "
+                     "the 16 sequences"):
+    step_lib.StepConfig.from_config(cfg)
+  cfg.train.global_batch_size, cfg.train.grad_accum = 12, 2  # 6 sequences per forward pass
+  assert step_lib.StepConfig.from_config(cfg).options.lbl_micro_sequences == 3
+  with pytest.raises(ValueError, match="expected lbl_micro<m>"):
+    demo.get_config("lbl_micro0")
+  with pytest.raises(ValueError, match="lbl_micro_sequences must be an int >= 1"):
+    balance.Options(lbl_scope="micro", lbl_micro_sequences=0)
+  # The default scope of every existing method stays the global batch.
+  assert demo.get_config("lbl").balance.lbl_scope == "batch"
+
+
 def test_new_term_with_one_function_and_one_registry_line(tmp_path):
   """A term added in the test (one pure function + one registry line) trains and is logged."""
   def top_prob(layer, options):  # mean top-1 router probability of the layer

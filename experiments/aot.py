@@ -37,11 +37,18 @@ from simbal_jax import step as step_lib
 from simbal_jax import train
 from simbal_jax.experiments import bench_lib
 
-_TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x2", "TPU topology, e.g. v5e:2x4, v5p:2x2x2, "
-                                "v6e:8x8, v4:2x2x2 (generation:chips per axis).")
-_EVAL = flags.DEFINE_bool("eval", True, "Also compile the eval step.")
-_OUT = flags.DEFINE_string("out", "", "Also write the JSON object to this file.")
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (as simbal-train).")
+
+def _define_flags():
+  """The command line's flags, defined when run as a program only: importing this module (the
+  tests, or beside experiments/benchmark.py) defines none."""
+  return dict(
+      topology=flags.DEFINE_string("topology", "v5e:2x2", "TPU topology, e.g. v5e:2x4, "
+                                   "v5p:2x2x2, v6e:8x8, v4:2x2x2 (generation:chips per axis)."),
+      eval=flags.DEFINE_bool("eval", True, "Also compile the eval step."),
+      out=flags.DEFINE_string("out", "", "Also write the JSON object to this file."),
+      config=config_flags.DEFINE_config_file("config", None,
+                                             "Experiment config (as simbal-train)."))
+
 
 GIB = 2.0 ** 30
 # Per chip, from the vendor's datasheets: peak dense bf16 FLOP/s, HBM (GiB), HBM bandwidth
@@ -316,26 +323,27 @@ def report(config, topology, *, with_eval=True):
   return row
 
 
-def main(argv):
+def main(argv, fl):
   del argv
   # Nothing runs on a TPU here: let several compiles share the host (libtpu's lockfile
   # otherwise refuses a second process).
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  if _CONFIG.value is None:
+  if fl["config"].value is None:
     raise app.UsageError(f"--config is required (e.g. {config_files.DIR}/moe_m.py:simbal)")
   try:
     import libtpu  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
   except ImportError:
     sys.exit("the TPU compiler is missing: pip install -e .[aot] (jax[tpu], libtpu)")
   logging.info("compiling for %s (this takes minutes for MoE-M on a small CPU host)",
-               _TOPOLOGY.value)
-  row = report(_CONFIG.value, _TOPOLOGY.value, with_eval=_EVAL.value)
+               fl["topology"].value)
+  row = report(fl["config"].value, fl["topology"].value, with_eval=fl["eval"].value)
   line = json.dumps(row, sort_keys=True, default=float)
-  if _OUT.value:
-    with open(_OUT.value, "w") as f:
+  if fl["out"].value:
+    with open(fl["out"].value, "w") as f:
       f.write(line + "\n")
   print(line)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _flags = _define_flags()
+  app.run(lambda argv: main(argv, _flags))

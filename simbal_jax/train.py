@@ -198,18 +198,20 @@ class EvalBatches(collections.abc.Sequence):
   The host keeps the whole set; the devices hold one micro-batch at a time, of the train step's
   micro-batch size (each host batch split into `micro` consecutive parts, in order), so the
   eval step fits wherever the train step does and a large eval set (MoE-M: 67M tokens) is never
-  on the devices at once.
+  on the devices at once. Where a part would not split over the batch shards (a micro-batch
+  smaller than the mesh), the largest number of parts below `micro` that does is used.
   """
 
   def __init__(self, host_batches, batch_sharding, micro=1):
     self._sharding = batch_sharding
     self._parts = []
+    mesh = batch_sharding.mesh
+    shards = math.prod(mesh.shape[a] for a in jax.tree.leaves(batch_sharding.spec[0]))
     for b in host_batches:
       rows = len(next(iter(b.values())))
-      if rows % micro:
-        raise ValueError(f"a host's eval batch of {rows} sequences does not split into "
-                         f"train.grad_accum={micro} micro-batches")
-      step = rows // micro
+      parts = next(m for m in range(max(int(micro), 1), 0, -1)
+                   if rows % m == 0 and (rows // m * jax.process_count()) % shards == 0)
+      step = rows // parts
       self._parts += [{k: v[i:i + step] for k, v in b.items()} for i in range(0, rows, step)]
 
   def __len__(self):

@@ -179,7 +179,7 @@ def get_config(arg=None):
 
 def paper_config(*, d_model, num_layers, num_heads, rope_theta, peak_lr, global_batch_size,
                  token_budget):
-  """The SimBal paper's MoE recipe (DESIGN.md section 1) at one model size.
+  """The SimBal paper's MoE recipe (arXiv 2506.14038, its model table) at one model size.
 
   32 experts top-4 with expert d_ff = d_model, every FFN an MoE (Dense variant: 4 * d_model),
   cl100k vocabulary, bf16 compute (float32 master weights), AdamW with warm-up over 2000 steps,

@@ -147,15 +147,21 @@ def _tiny_moe(e=4, k=2, v=32):
   return model_lib.Transformer(mcfg)
 
 
-def test_global_lbl_scope_with_grad_accum_is_exact():
-  """lbl_scope='global' with 4 micro-batches: the LBL value and every gradient equal those of
-  one pass over the whole batch; per-micro-batch 'batch' scope differs (its f is local)."""
-  model, b, l, v = _tiny_moe(), 8, 6, 32
-  ks = jax.random.split(jax.random.key(1), 3)
+def _tiny_moe_setup(seed, b=8, l=6, v=32):
+  """(`_tiny_moe()`, a random batch of b sequences of l tokens, its parameters, zero bias)."""
+  model = _tiny_moe()
+  ks = jax.random.split(jax.random.key(seed), 3)
   batch = {"inputs": jax.random.randint(ks[0], (b, l), 0, v),
            "targets": jax.random.randint(ks[1], (b, l), 0, v)}
   params = nn.unbox(model.init(ks[2], batch["inputs"])["params"])
-  bias = jnp.zeros((2, 4))
+  return model, batch, params, jnp.zeros((2, 4))
+
+
+def test_global_lbl_scope_with_grad_accum_is_exact():
+  """lbl_scope='global' with 4 micro-batches: the LBL value and every gradient equal those of
+  one pass over the whole batch; per-micro-batch 'batch' scope differs (its f is local)."""
+  model, batch, params, bias = _tiny_moe_setup(1)
+  b, l = batch["inputs"].shape
   terms = (("lbl", 1.0),)
 
   def grads_and_lbl(scope, accum):
@@ -197,12 +203,8 @@ def test_micro_lbl_scope_is_the_same_with_grad_accum_and_in_the_train_step():
   """lbl_scope='micro' (groups of 2 sequences) through the term registry equals the float64
   NumPy mean over groups of each group's LBL, with and without 2 accumulation micro-batches;
   the train step logs it as train/lbl."""
-  model, b, l, v = _tiny_moe(), 8, 6, 32
-  ks = jax.random.split(jax.random.key(3), 3)
-  batch = {"inputs": jax.random.randint(ks[0], (b, l), 0, v),
-           "targets": jax.random.randint(ks[1], (b, l), 0, v)}
-  params = nn.unbox(model.init(ks[2], batch["inputs"])["params"])
-  bias = jnp.zeros((2, 4))
+  model, batch, params, bias = _tiny_moe_setup(3)
+  b, l = batch["inputs"].shape
   _, aux = model.apply({"params": params}, batch["inputs"], expert_bias=bias)
   probs = np.asarray(aux.router.probs, np.float64).reshape(2, b, l, 4)  # [Lm, B, L, E]
   index = np.asarray(aux.router.expert_index).reshape(2, b, l, 2)

@@ -143,7 +143,7 @@ def get_config(arg=None):
   c.init_from = ""  # checkpoint dir to take parameters only from (fresh optimizer)
   # Resume although these fields differ from the checkpoint's config (logged): "" (none), "all",
   # or comma-separated fields / groups ("opt.peak_lr,train.num_steps", "balance"). Fields that
-  # change state shapes or the data order (simbal_jax/rundir.py STRUCTURAL) can never change.
+  # change state shapes or the data order (simbal_jax/runio/rundir.py STRUCTURAL) can never change.
   c.allow_config_change = ""
   # When the workdir's checkpoints cannot be resumed (all damaged, another config): move them
   # and a copy of metrics.jsonl to checkpoints/replaced.<time>/ and start at step 0 (else: error).

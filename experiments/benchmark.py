@@ -424,7 +424,7 @@ def main(argv):
   if report["peak_tflops"] is None and _WHAT.value != "memory":
     print("MFU: n/a (no --peak_tflops for this platform)")
   if _OUT.value:
-    from simbal_jax import paths  # pylint: disable=g-import-not-at-top
+    from simbal_jax.runio import paths  # pylint: disable=g-import-not-at-top
     out = paths.resolve(_OUT.value)  # local or gs://
     out.parent.mkdir(parents=True, exist_ok=True)
     paths.write_text(out, json.dumps(report, indent=1, default=str))

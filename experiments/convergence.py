@@ -63,9 +63,9 @@ import re
 import sys
 import time
 
-from simbal_jax import paths
+from simbal_jax.runio import paths
 from simbal_jax import plots
-from simbal_jax import writers
+from simbal_jax.runio import writers
 from simbal_jax.experiments.convergence_table import (  # the statistics, re-exported
     CHANGE_METRICS, aggregate, format_table, group_runs, mean_ci, mean_std, t975,
     tokens_to_target)

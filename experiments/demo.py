@@ -41,7 +41,7 @@ def _load_heatmap(workdir, dirs, seed):
   except FileNotFoundError as e:  # runs made before the load log existed
     _say(f"no load heatmap: {e}")
     return None
-  from simbal_jax import paths  # pylint: disable=g-import-not-at-top
+  from simbal_jax.runio import paths  # pylint: disable=g-import-not-at-top
   path = paths.resolve(workdir) / "load_heatmap.png"
   fig = plots.load_heatmaps(loads, title=f"Expert load over training (training batches, seed "
                             f"{seed})")
@@ -53,7 +53,7 @@ def _load_heatmap(workdir, dirs, seed):
 def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
-  from simbal_jax import paths  # pylint: disable=g-import-not-at-top
+  from simbal_jax.runio import paths  # pylint: disable=g-import-not-at-top
   from simbal_jax.experiments import convergence  # pylint: disable=g-import-not-at-top
   from simbal_jax.configs import demo as demo_config  # pylint: disable=g-import-not-at-top
 

@@ -154,7 +154,7 @@ def main(argv):
   fv = flags.FLAGS
   res = evaluate(fv.run, fv.tasks, include_path=fv.include_path, limit=fv.limit,
                  num_fewshot=fv.num_fewshot, batch_size=fv.batch_size)
-  from simbal_jax import paths  # pylint: disable=g-import-not-at-top
+  from simbal_jax.runio import paths  # pylint: disable=g-import-not-at-top
   paths.write_text(paths.resolve(fv.run) / "downstream.json",
                    json.dumps(res["results"], indent=1, default=str))
   for task, metrics in res["results"].items():

@@ -71,9 +71,9 @@ def pes_rows(env, state, num_tokens, num_pairs, seed=0):
 
 def main(argv):
   del argv
-  from simbal_jax import paths  # pylint: disable=g-import-not-at-top
+  from simbal_jax.runio import paths  # pylint: disable=g-import-not-at-top
   from simbal_jax import train  # pylint: disable=g-import-not-at-top
-  from simbal_jax import writers  # pylint: disable=g-import-not-at-top
+  from simbal_jax.runio import writers  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS.run:
     raise app.UsageError("--run is required")
   env, state = train.restore_run(flags.FLAGS.run)

@@ -69,9 +69,9 @@ def prune_table(env, state, thresholds, passes=3):
 
 def main(argv):
   del argv
-  from simbal_jax import paths  # pylint: disable=g-import-not-at-top
+  from simbal_jax.runio import paths  # pylint: disable=g-import-not-at-top
   from simbal_jax import train  # pylint: disable=g-import-not-at-top
-  from simbal_jax import writers  # pylint: disable=g-import-not-at-top
+  from simbal_jax.runio import writers  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS.run:
     raise app.UsageError("--run is required")
   env, state = train.restore_run(flags.FLAGS.run)

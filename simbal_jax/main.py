@@ -9,7 +9,7 @@ and a divergence or a failed save (disk full, permission, I/O) end in one messag
 traceback (`--verbosity=1` logs it). Logs: this package's INFO lines and every library's
 warnings; the libraries' INFO lines (Orbax, absl, TFDS, grain) only when `--verbosity` is given.
 The workdir may be a cloud path (`--workdir=gs://bucket/run` on a TPU VM): it stays one (see
-simbal_jax/paths.py).
+simbal_jax/runio/paths.py).
 """
 
 import difflib
@@ -112,7 +112,7 @@ def _fields(argv):
   saved, sys.argv = sys.argv, [argv[0], arg]  # config_flags reads overrides from sys.argv
   try:
     fv([argv[0], arg])
-    from simbal_jax import rundir  # pylint: disable=g-import-not-at-top
+    from simbal_jax.runio import rundir  # pylint: disable=g-import-not-at-top
     return list(rundir.flatten(holder.value.to_dict()))
   except Exception:  # pylint: disable=broad-except
     return []
@@ -155,7 +155,7 @@ def _parse_flags(argv):
     _ = flags.FLAGS.config.mesh  # a config file that failed to load raises here, not above
   except Exception as e:  # pylint: disable=broad-except
     _fail(argv[0], explain_flag_error(e, argv), 2)
-  from simbal_jax import paths  # pylint: disable=g-import-not-at-top
+  from simbal_jax.runio import paths  # pylint: disable=g-import-not-at-top
   try:
     paths.check_dir_path(flags.FLAGS.workdir, "workdir")  # empty, or a file in the way
   except ValueError as e:
@@ -168,9 +168,9 @@ def main(argv):
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     quiet_library_logs()
-  from simbal_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from simbal_jax.runio import checkpoint  # pylint: disable=g-import-not-at-top
   from simbal_jax import data  # pylint: disable=g-import-not-at-top
-  from simbal_jax import rundir  # pylint: disable=g-import-not-at-top
+  from simbal_jax.runio import rundir  # pylint: disable=g-import-not-at-top
   from simbal_jax import sharding  # pylint: disable=g-import-not-at-top
   from simbal_jax import train  # pylint: disable=g-import-not-at-top
   try:

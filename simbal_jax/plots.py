@@ -17,8 +17,8 @@ import re
 
 import numpy as np
 
-from simbal_jax import paths
-from simbal_jax import writers
+from simbal_jax.runio import paths
+from simbal_jax.runio import writers
 
 _LAYER_PES = re.compile(r"^eval/layer_(\d+)/pes$")
 

@@ -28,9 +28,9 @@ import time
 import jax
 import numpy as np
 
-from simbal_jax import paths
-from simbal_jax import rundir
-from simbal_jax import writers
+from simbal_jax.runio import paths
+from simbal_jax.runio import rundir
+from simbal_jax.runio import writers
 
 LOAD_FILE = "expert_load.jsonl"
 HPARAM_METRICS = ("eval/loss", "eval/maxvio", "eval/load_cv", "eval/ortho_l1", "eval/pes_min")

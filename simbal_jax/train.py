@@ -21,20 +21,20 @@ import ml_collections
 import numpy as np
 
 from simbal_jax import analysis
-from simbal_jax import checkpoint
+from simbal_jax.runio import checkpoint
 from simbal_jax import data as data_lib
 from simbal_jax import experts
 from simbal_jax import memory
 from simbal_jax import model as model_lib
 from simbal_jax import optim
-from simbal_jax import paths
-from simbal_jax import rundir
+from simbal_jax.runio import paths
+from simbal_jax.runio import rundir
 from simbal_jax import sharding
 from simbal_jax import step as step_lib
-from simbal_jax import storage
+from simbal_jax.runio import storage
 from simbal_jax import telemetry
 from simbal_jax import validate
-from simbal_jax import writers
+from simbal_jax.runio import writers
 
 
 class NonFiniteLossError(FloatingPointError):

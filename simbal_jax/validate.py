@@ -11,7 +11,7 @@ by `sharding.validate`, and the model's structure by `model.ModelConfig`.
 import difflib
 import math
 
-from simbal_jax import rundir
+from simbal_jax.runio import rundir
 
 INF = math.inf
 

@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from simbal_jax import checkpoint
-from simbal_jax import integrity
-from simbal_jax import rundir
+from simbal_jax.runio import checkpoint
+from simbal_jax.runio import integrity
+from simbal_jax.runio import rundir
 
 
 def _state(v, step):
@@ -226,7 +226,7 @@ import os, sys, time
 import jax
 jax.distributed.initialize(f"localhost:{sys.argv[2]}", num_processes=2,
                            process_id=int(sys.argv[1]))
-from simbal_jax import checkpoint
+from simbal_jax.runio import checkpoint
 with checkpoint.PreemptionHandler() as h:
   print("ready", flush=True)
   for step in range(1, 6000):

@@ -21,12 +21,12 @@ import numpy as np
 from orbax.checkpoint._src.path import gcs_utils
 import pytest
 
-from simbal_jax import paths
+from simbal_jax.runio import paths
 from simbal_jax import plots
-from simbal_jax import rundir
+from simbal_jax.runio import rundir
 from simbal_jax import telemetry
 from simbal_jax import train
-from simbal_jax import writers
+from simbal_jax.runio import writers
 from simbal_jax.data import pipeline
 from test_train import tiny_config
 

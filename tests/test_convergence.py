@@ -7,7 +7,7 @@ import signal
 import numpy as np
 import pytest
 
-from simbal_jax import writers
+from simbal_jax.runio import writers
 from simbal_jax.experiments import convergence
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from simbal_jax import train
-from simbal_jax import writers
+from simbal_jax.runio import writers
 from tests.test_train import tiny_config
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")

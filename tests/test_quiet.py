@@ -14,7 +14,7 @@ def _record(level, pathname):
 
 def test_library_info_is_dropped_and_the_package_info_kept():
   lib = os.path.join(os.sep, "venv", "lib", "python3.11", "site-packages", "orbax", "x.py")
-  pkg = os.path.join(os.path.dirname(main.__file__), "checkpoint.py")
+  pkg = os.path.join(os.path.dirname(main.__file__), "runio", "checkpoint.py")
   script = os.path.join(os.sep, "home", "me", "experiments", "run.py")
   f = main.LibraryInfoFilter()
   assert not f.filter(_record(logging.INFO, lib))

@@ -12,8 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from simbal_jax import checkpoint
-from simbal_jax import rundir
+from simbal_jax.runio import checkpoint
+from simbal_jax.runio import rundir
 from simbal_jax import train
 from test_train import _params as state_of
 from test_train import losses_of as losses
@@ -127,7 +127,7 @@ def test_all_damaged_stops_then_start_over_on_request(straight, tmp_path):
 
 _HOLD = """
 import sys
-from simbal_jax import rundir
+from simbal_jax.runio import rundir
 lock = rundir.WorkdirLock(sys.argv[1])
 print("held", flush=True)
 sys.stdin.read()

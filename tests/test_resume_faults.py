@@ -15,10 +15,10 @@ import jax
 import numpy as np
 import pytest
 
-from simbal_jax import checkpoint
-from simbal_jax import rundir
+from simbal_jax.runio import checkpoint
+from simbal_jax.runio import rundir
 from simbal_jax import train
-from simbal_jax import writers
+from simbal_jax.runio import writers
 from test_reliability import _flip
 from test_reliability import _state_files
 from test_train import _params as state_of
@@ -147,7 +147,7 @@ def test_full_disk_is_one_line_and_a_later_run_resumes(straight, tmp_path, monke
 _RESTORE = """
 import os, sys
 import jax, jax.numpy as jnp
-from simbal_jax import checkpoint
+from simbal_jax.runio import checkpoint
 ck = checkpoint.Checkpointer(sys.argv[1], every=1)
 try:
   ck.restore(jax.eval_shape(lambda: {"w": jnp.zeros((64, 64)), "step": jnp.int32(0)}))

@@ -278,7 +278,7 @@ def test_new_term_with_one_function_and_one_registry_line(tmp_path):
 
 
 def writers_read(path):
-  from simbal_jax import writers  # pylint: disable=g-import-not-at-top
+  from simbal_jax.runio import writers  # pylint: disable=g-import-not-at-top
   return writers.read_jsonl(path)
 
 

@@ -12,7 +12,7 @@ import pytest
 from simbal_jax import model as model_lib
 from simbal_jax import telemetry
 from simbal_jax import train
-from simbal_jax import writers
+from simbal_jax.runio import writers
 from tests.test_train import tiny_config
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")

@@ -12,7 +12,7 @@ import pytest
 
 from simbal_jax.configs import demo
 from simbal_jax import train
-from simbal_jax import writers
+from simbal_jax.runio import writers
 
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")

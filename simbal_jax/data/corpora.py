@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 
 from etils import epath
 
-from simbal_jax import paths
+from simbal_jax.runio import paths
 from simbal_jax.data import records
 from simbal_jax.data import shards
 from simbal_jax.data import sources

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from simbal_jax import paths
+from simbal_jax.runio import paths
 from simbal_jax.data import packing
 from simbal_jax.data import sources
 from simbal_jax.data import tokenizers

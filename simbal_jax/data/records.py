@@ -16,7 +16,7 @@ import io
 import json
 from typing import Iterator
 
-from simbal_jax import paths
+from simbal_jax.runio import paths
 from simbal_jax.data import sources
 
 FORMATS = ("jsonl", "parquet")

@@ -21,7 +21,7 @@ from typing import NamedTuple
 from etils import epath
 import numpy as np
 
-from simbal_jax import paths
+from simbal_jax.runio import paths
 
 SOURCES = ("stdlib", "text_files", "tfds", "synthetic", "jsonl", "parquet")
 _SKIP_DIRS = ("site-packages", "dist-packages", "__pycache__")

@@ -17,7 +17,7 @@ import logging
 import os
 import time
 
-from simbal_jax import paths
+from simbal_jax.runio import paths
 from simbal_jax.data import sources
 
 BUILDER_NAME = "simbal_text_corpus"

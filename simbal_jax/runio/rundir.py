@@ -22,7 +22,7 @@ import time
 from absl import logging
 from etils import epath
 
-from simbal_jax import paths
+from simbal_jax.runio import paths
 
 LOCK_NAME = "run.lock"
 

@@ -36,12 +36,12 @@ import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
-from simbal_jax import integrity
-from simbal_jax import paths
-from simbal_jax.preemption import PreemptionHandler  # noqa: F401  (checkpoint.PreemptionHandler)
-from simbal_jax import rundir
-from simbal_jax import storage
-from simbal_jax.warmstart import restore_params_only  # noqa: F401  (checkpoint.restore_params_only)
+from simbal_jax.runio import integrity
+from simbal_jax.runio import paths
+from simbal_jax.runio.preemption import PreemptionHandler  # noqa: F401  (checkpoint.PreemptionHandler)
+from simbal_jax.runio import rundir
+from simbal_jax.runio import storage
+from simbal_jax.runio.warmstart import restore_params_only  # noqa: F401  (checkpoint.restore_params_only)
 
 
 class CheckpointError(RuntimeError):

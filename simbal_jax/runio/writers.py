@@ -20,7 +20,7 @@ from absl import logging
 from etils import epath
 import numpy as np
 
-from simbal_jax import paths
+from simbal_jax.runio import paths
 
 
 def _scalar(v):

@@ -17,8 +17,8 @@ from absl import logging
 import jax
 import numpy as np
 
-from simbal_jax import integrity
-from simbal_jax import paths
+from simbal_jax.runio import integrity
+from simbal_jax.runio import paths
 
 
 def tree_bytes(tree):

@@ -6,8 +6,8 @@ from absl import logging
 import jax
 import orbax.checkpoint as ocp
 
-from simbal_jax import integrity
-from simbal_jax import paths
+from simbal_jax.runio import integrity
+from simbal_jax.runio import paths
 
 
 def _params_digests(record):

@@ -12,7 +12,8 @@ import ml_collections
 def get_config(arg=None):
   """Returns the base ConfigDict (a small CPU-sized MoE on the stdlib corpus)."""
   cfg = ml_collections.ConfigDict()
-  cfg.seed = 0  # one seed, split into init / train / eval keys
+  cfg.seed = 0  # root key: split into the init key and the train key (state.rng, split per step
+  # and per use: step.step_keys); PES samples its eval tokens with the root key itself
 
   cfg.model = m = ml_collections.ConfigDict()
   m.vocab_size = 0  # 0: take the tokenizer's vocabulary size

@@ -29,12 +29,12 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
+from simbal_jax import env as env_lib
 from simbal_jax import configs as config_files
 from simbal_jax import memory
 from simbal_jax import model as model_lib
 from simbal_jax import sharding
 from simbal_jax import step as step_lib
-from simbal_jax import train
 from simbal_jax.experiments import bench_lib
 
 
@@ -260,7 +260,7 @@ def report(config, topology, *, with_eval=True):
   (cost model), collectives (bytes per kind per step per chip), kernels (custom calls), roofline
   (step seconds = max of compute, HBM and ICI time; tokens/s and MFU at that bound),
   estimate_gib (`memory.memory_estimate`, and its ratio to the compiler's total), eval (the eval
-  step's memory, on one micro-batch as `train.EvalBatches` feeds it), compile_s; on a compile
+  step's memory, on one micro-batch as `evaluate.EvalBatches` feeds it), compile_s; on a compile
   out of memory: fits false and compiler_error /
   compiler_used_gib / compiler_limit_gib.
   """
@@ -284,7 +284,7 @@ def report(config, topology, *, with_eval=True):
   row["estimate_gib"] = est_total / GIB
   start = time.time()
   with sharding.mesh_rules(env.mesh, env.rules):
-    compiled, error = _compile(train.make_train_step(env), env.abstract, abstract_batch(env))
+    compiled, error = _compile(env_lib.make_train_step(env), env.abstract, abstract_batch(env))
     row["compile_s"] = time.time() - start
     if compiled is None:
       used, limit = _oom_figure(error)
@@ -315,7 +315,7 @@ def report(config, topology, *, with_eval=True):
       eval_fn = jax.jit(lambda p, b, x: step_lib.eval_step(p, b, x, model=env.model),
                         in_shardings=(env.shardings.params, env.shardings.expert_bias,
                                       env.batch_sharding),
-                        out_shardings=train.replicated(env))
+                        out_shardings=sharding.replicated(env.mesh))
       compiled_eval, error = _compile(eval_fn, env.abstract.params, env.abstract.expert_bias,
                                       abstract_batch(env, micro=True))
       row["eval"] = (_memory(compiled_eval) if compiled_eval is not None else

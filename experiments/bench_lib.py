@@ -163,8 +163,8 @@ def vocab_size(cfg):
 
 
 def build_env(config, devices=None):
-  """`train.build(data=False)` for a config whose vocabulary is derived without loading data."""
-  from simbal_jax import train  # pylint: disable=g-import-not-at-top
-  cfg = train.prepare_config(config)
+  """`env_lib.build(data=False)` for a config whose vocabulary is derived without loading data."""
+  from simbal_jax import env as env_lib  # pylint: disable=g-import-not-at-top
+  cfg = env_lib.prepare_config(config)
   cfg.model.vocab_size = vocab_size(cfg)
-  return train.build(cfg, devices=devices, data=False)
+  return env_lib.build(cfg, devices=devices, data=False)

@@ -164,7 +164,8 @@ def train_step_runner(config, *, input_sets=2, devices=None, seed=0):
   """(call(i) running one train step on rotating random-token batches, env). Call it inside
   `sharding.mesh_rules(env.mesh, env.rules)`."""
   from simbal_jax import step as step_lib  # pylint: disable=g-import-not-at-top
-  from simbal_jax import train  # pylint: disable=g-import-not-at-top
+  from simbal_jax import env as env_lib  # pylint: disable=g-import-not-at-top
+  from simbal_jax import sharding  # pylint: disable=g-import-not-at-top
   env = build_env(config, devices)
   cfg, t = env.cfg, env.cfg.train
   b, l = int(t.global_batch_size), int(t.seq_len)
@@ -172,11 +173,11 @@ def train_step_runner(config, *, input_sets=2, devices=None, seed=0):
   batches = []
   for _ in range(input_sets):
     toks = rng.integers(0, cfg.model.vocab_size, size=(b, l + 1), dtype=np.int32)
-    batches.append(train.to_global({"inputs": toks[:, :-1], "targets": toks[:, 1:]},
+    batches.append(sharding.to_global({"inputs": toks[:, :-1], "targets": toks[:, 1:]},
                                    env.batch_sharding))
   state = jax.jit(lambda k: step_lib.unbox(env.init(k)),
                   out_shardings=env.shardings)(jax.random.key(seed))
-  train_step = train.make_train_step(env)
+  train_step = env_lib.make_train_step(env)
   box = {"state": state}
 
   def call(i):
@@ -241,7 +242,7 @@ def bench_memory(config, devices=None, run_steps=3, seed=0):
   """
   from simbal_jax import memory  # pylint: disable=g-import-not-at-top
   from simbal_jax import sharding  # pylint: disable=g-import-not-at-top
-  from simbal_jax import train  # pylint: disable=g-import-not-at-top
+  from simbal_jax import env as env_lib  # pylint: disable=g-import-not-at-top
   env = build_env(config, devices)
   t = env.cfg.train
   b, l = int(t.global_batch_size), int(t.seq_len)
@@ -250,7 +251,7 @@ def bench_memory(config, devices=None, run_steps=3, seed=0):
   batch = {k: jax.ShapeDtypeStruct((b, l), jnp.int32, sharding=env.batch_sharding)
            for k in ("inputs", "targets")}
   with sharding.mesh_rules(env.mesh, env.rules):
-    ma = train.make_train_step(env).lower(env.abstract, batch).compile().memory_analysis()
+    ma = env_lib.make_train_step(env).lower(env.abstract, batch).compile().memory_analysis()
   gib = lambda x: float(x) / 2**30
   state = est["params"] + est["grads"] + est["opt_state"]
   acts = est["activations_remat"] if env.mcfg.remat else est["activations"]

@@ -13,7 +13,8 @@ import re
 
 import numpy as np
 
-_ROUTING = ("maxvio", "load_cv", "seu", "entropy", "dead", "ortho_l1", "ortho_mse", "pes_min")
+from simbal_jax import eval_metrics
+
 # Logged at every evaluation (change since the previous one): eval/<name>, mean over layers.
 CHANGE_METRICS = ("churn", "expert_move", "stagnant")
 # Two-sided 95 % Student t quantiles t_{0.975, df} for df = 1..30 (larger df: normal 1.96).
@@ -136,8 +137,8 @@ def aggregate(runs, incomplete=(), reference="lbl"):
     pct = [None if t is None else 100.0 * (1.0 - t / ref_tokens) for t in ttt]
     pm, pci = mean_ci(pct) if reached and len(reached) == len(ttt) else (None, None)
     entry["fewer_tokens_pct"] = {"per_seed": pct, "mean": pm, "ci95": pci}
-    entry["metrics"] = {k: mean_std([by_seed[s]["final"].get(f"eval/{k}") for s in seeds])
-                        for k in _ROUTING}
+    entry["metrics"] = {m.name: mean_std([by_seed[s]["final"].get(m.key) for s in seeds])
+                        for m in eval_metrics.table_metrics()}
     per_layer = {}
     for key in sorted(by_seed[seeds[0]]["final"]):
       mm = re.match(r"^eval/(layer_\d+)/(\w+)$", key)
@@ -204,12 +205,12 @@ def format_table(table):
                  f"{_pm(e['final_loss'])} | {_pm(e['final_ppl'], '.3f')} | "
                  f"{_ci(d['mean'], d['ci95']) if name != ref else '(reference)'} | "
                  f"{_fmt(d['eval_se'])} | {tt} ({t['reached']}/{len(e['seeds'])}) | {pct_s} |")
-  lines += ["", "| method | MaxVio | load CV | SEU | entropy | dead | ‖RᵀR−I‖₁ | mean (RᵀR−I)² |"
-            " PES min |", "|---|---|---|---|---|---|---|---|---|"]
+  columns = eval_metrics.table_metrics()
+  lines += ["", "| method | " + " | ".join(c.table for c in columns) + " |",
+            "|---" * (len(columns) + 1) + "|"]
   for name, e in table["methods"].items():
     m = e["metrics"]
-    lines.append(f"| {name} | " + " | ".join(
-        _pm(m[k], ".2e" if k == "ortho_mse" else ".4f") for k in _ROUTING) + " |")
+    lines.append(f"| {name} | " + " | ".join(_pm(m.get(c.name, {"mean": None}), c.fmt) for c in columns) + " |")
   lines += format_change(table)
   others = [(n, lr, v) for n, e in table["methods"].items() for lr, v in e["other_lrs"].items()]
   if others:

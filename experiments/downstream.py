@@ -27,7 +27,7 @@ class SimbalLM(LM):
   """lm-eval model of a simbal_jax run (an Env and its TrainState).
 
   Args:
-    env: train.Env of the run (its tokenizer, model and mesh).
+    env: env_lib.Env of the run (its tokenizer, model and mesh).
     state: the restored TrainState.
     batch_size: sequences per forward pass.
     max_gen_toks: generation limit of `generate_until`.
@@ -52,8 +52,8 @@ class SimbalLM(LM):
 
   @classmethod
   def from_run(cls, run_dir, **kwargs):
-    from simbal_jax import train  # pylint: disable=g-import-not-at-top
-    env, state = train.restore_run(run_dir)
+    from simbal_jax import env as env_lib  # pylint: disable=g-import-not-at-top
+    env, state = env_lib.restore_run(run_dir)
     return cls(env, state, **kwargs)
 
   def _forward(self, rows):

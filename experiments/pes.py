@@ -34,8 +34,8 @@ def pes_rows(env, state, num_tokens, num_pairs, seed=0):
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   from simbal_jax import analysis  # pylint: disable=g-import-not-at-top
   from simbal_jax import specialization  # pylint: disable=g-import-not-at-top
-  from simbal_jax import train  # pylint: disable=g-import-not-at-top
-  tokens = np.concatenate([b["inputs"] for b in train.eval_set(env)])
+  from simbal_jax import evaluate  # pylint: disable=g-import-not-at-top
+  tokens = np.concatenate([b["inputs"] for b in evaluate.eval_set(env)])
   captured = analysis.capture_moe_inputs(env.model, state.params, jnp.asarray(tokens),
                                          state.expert_bias)
   total = tokens.size
@@ -72,11 +72,11 @@ def pes_rows(env, state, num_tokens, num_pairs, seed=0):
 def main(argv):
   del argv
   from simbal_jax.runio import paths  # pylint: disable=g-import-not-at-top
-  from simbal_jax import train  # pylint: disable=g-import-not-at-top
+  from simbal_jax import env as env_lib  # pylint: disable=g-import-not-at-top
   from simbal_jax.runio import writers  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS.run:
     raise app.UsageError("--run is required")
-  env, state = train.restore_run(flags.FLAGS.run)
+  env, state = env_lib.restore_run(flags.FLAGS.run)
   rows = pes_rows(env, state, flags.FLAGS.tokens, flags.FLAGS.pairs, flags.FLAGS.seed)
   paths.write_text(paths.resolve(flags.FLAGS.run) / "pes.json", json.dumps(
       {"layers": rows, "min_exact": min(r["exact"] for r in rows)}, indent=1))

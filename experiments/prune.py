@@ -28,15 +28,16 @@ def prune_table(env, state, thresholds, passes=3):
   """Rows {threshold, loss, ppl, experts_per_token, tokens_per_second} on the run's eval set."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from simbal_jax import analysis  # pylint: disable=g-import-not-at-top
+  from simbal_jax import eval_metrics  # pylint: disable=g-import-not-at-top
   from simbal_jax import losses  # pylint: disable=g-import-not-at-top
   from simbal_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   from simbal_jax import sharding  # pylint: disable=g-import-not-at-top
-  from simbal_jax import train  # pylint: disable=g-import-not-at-top
+  from simbal_jax import env as env_lib  # pylint: disable=g-import-not-at-top
+  from simbal_jax import evaluate  # pylint: disable=g-import-not-at-top
   if env.mcfg.moe is None:
     raise ValueError("prune: the run's model has no MoE layer")
-  host = train.eval_set(env)
-  batches = [train.to_global(b, env.batch_sharding) for b in host]
+  host = evaluate.eval_set(env)
+  batches = [sharding.to_global(b, env.batch_sharding, env_lib.TRAIN_KEYS) for b in host]
   rows = []
   for thr in thresholds:
     mcfg = dataclasses.replace(env.mcfg, moe=dataclasses.replace(env.mcfg.moe, min_gate=thr))
@@ -60,7 +61,7 @@ def prune_table(env, state, thresholds, passes=3):
         times.append(time.perf_counter() - t0)
     tokens = sum(float(s["tokens"]) for s in sums)
     loss = sum(float(s["ce_sum"]) for s in sums) / tokens
-    m = analysis.eval_metrics(sums)
+    m = eval_metrics.compute(sums)
     rows.append(dict(threshold=thr, loss=loss, ppl=m["eval/ppl"],
                      experts_per_token=sum(float(s["kept_sum"]) for s in sums) / tokens,
                      tokens_per_second=tokens / statistics.median(times), eval_tokens=tokens))
@@ -70,11 +71,11 @@ def prune_table(env, state, thresholds, passes=3):
 def main(argv):
   del argv
   from simbal_jax.runio import paths  # pylint: disable=g-import-not-at-top
-  from simbal_jax import train  # pylint: disable=g-import-not-at-top
+  from simbal_jax import env as env_lib  # pylint: disable=g-import-not-at-top
   from simbal_jax.runio import writers  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS.run:
     raise app.UsageError("--run is required")
-  env, state = train.restore_run(flags.FLAGS.run)
+  env, state = env_lib.restore_run(flags.FLAGS.run)
   rows = prune_table(env, state, [float(t) for t in flags.FLAGS.thresholds])
   paths.write_text(paths.resolve(flags.FLAGS.run) / "prune.json", json.dumps(rows, indent=1))
   print(writers.format_table(

@@ -1,13 +1,6 @@
-"""Eval-time analysis: aggregate routing metrics over eval batches, and PES.
+"""Eval-time analysis of a model's routing and experts: PES and the change between evaluations.
 
-`eval_metrics` turns the additive per-batch sums of `step.eval_step` into the flat eval dict:
-eval/loss (mean over tokens), eval/loss_se (its standard error over the evaluation sequences),
-eval/ppl, and per-MoE-layer routing metrics (`eval/layer_<i>/maxvio`, i = block index) plus their
-means over layers (`eval/maxvio`). Load metrics use the expert counts of all eval batches
-together; so does domain specialisation (`eval/domain_mi_norm`, I(expert; domain) / H(domain),
-when the eval batches carry domain labels: the synthetic source). The metric names are defined
-once here (`ROUTING_METRICS`, `SUMMARY_COLUMNS`) for the writer, the summaries and the
-experiments.
+(The metrics computed from the eval step's sums live in the registry `eval_metrics`.)
 
 `RoutingTracker` measures, at every evaluation, how much routing and experts changed since the
 previous one: the routing churn of a fixed probe set of eval tokens (`metrics.routing_churn`)
@@ -31,91 +24,6 @@ from simbal_jax import metrics as metrics_lib
 from simbal_jax import model as model_lib
 from simbal_jax import moe
 from simbal_jax import specialization
-from simbal_jax import telemetry
-
-
-# Per-layer routing metrics of an evaluation: eval/<name> (mean over MoE layers) and
-# eval/layer_<i>/<name>.
-ROUTING_METRICS = ("maxvio", "load_cv", "dead", "seu", "entropy", "ortho_l1", "ortho_mse",
-                   "domain_mi", "domain_mi_norm", "churn", "expert_move", "expert_move_min",
-                   "stagnant")
-# (header, key) of the final-metrics tables (trainer summary, demo, convergence).
-SUMMARY_COLUMNS = (("val loss", "eval/loss"), ("± se", "eval/loss_se"), ("val ppl", "eval/ppl"),
-                   ("MaxVio", "eval/maxvio"), ("load CV", "eval/load_cv"), ("SEU", "eval/seu"),
-                   ("entropy", "eval/entropy"), ("dead", "eval/dead"),
-                   ("ortho L1", "eval/ortho_l1"), ("ortho MSE", "eval/ortho_mse"),
-                   ("domain MI", "eval/domain_mi_norm"), ("PES min", "eval/pes_min"))
-
-
-# A run's per-expert load over training (expert_load.jsonl), beside the other run readers.
-read_expert_load = telemetry.read_expert_load
-
-
-def eval_load(sums):
-  """Expert load fractions float64[Lm, E] from the summed eval counts (None for dense)."""
-  if "counts" not in sums[0]:
-    return None
-  counts = np.sum([np.asarray(s["counts"], np.float64) for s in sums], axis=0)
-  return counts / np.maximum(counts.sum(-1, keepdims=True), 1.0)
-
-
-def eval_domain_counts(sums):
-  """Summed (domain, expert) counts float64[Lm, D, E] of the eval batches (None without)."""
-  if "domain_counts" not in sums[0]:
-    return None
-  return np.sum([np.asarray(s["domain_counts"], np.float64) for s in sums], axis=0)
-
-
-def eval_metrics(sums, router_kernels=None, layer_ids=None):
-  """Flat eval metrics from per-batch sums.
-
-  Args:
-    sums: list of dicts from step.eval_step (host numpy): ce_sum, tokens, seqs, and for MoE
-      counts float32[Lm, E], entropy_sum float32[Lm], seu_sum float32[Lm], and with domain
-      labels domain_counts float32[Lm, D, E] (gives domain_mi and domain_mi_norm).
-    router_kernels: float32[Lm, D, E] or None (orthogonality gap).
-    layer_ids: block index of each MoE layer (default 0..Lm-1), used in the metric names.
-  Returns:
-    dict of python floats.
-  """
-  tot = lambda k: float(np.sum([np.asarray(s[k], np.float64) for s in sums]))
-  tokens = tot("tokens")
-  loss = tot("ce_sum") / max(tokens, 1.0)
-  out = {"eval/loss": loss, "eval/ppl": float(np.exp(min(loss, 80.0))), "eval/tokens": tokens}
-  if "ce_seq" in sums[0]:
-    # Every sequence has the same length, so the token mean is the mean of sequence means and
-    # its standard error is that of the sequence means (tokens within one are correlated).
-    seq = np.concatenate([np.asarray(s["ce_seq"], np.float64).reshape(-1) for s in sums])
-    out["eval/sequences"] = float(seq.size)
-    out["eval/loss_se"] = float(seq.std(ddof=1) / np.sqrt(seq.size)) if seq.size > 1 else 0.0
-  load = eval_load(sums)
-  if load is None:
-    return out
-  n_moe = load.shape[0]
-  layer_ids = list(range(n_moe)) if layer_ids is None else list(layer_ids)
-  load_j = jnp.asarray(load, jnp.float32)
-  per = {
-      "load_cv": np.asarray(metrics_lib.load_cv(load_j)),
-      "maxvio": np.asarray(metrics_lib.max_vio(load_j)),
-      "dead": np.asarray(jax.vmap(metrics_lib.dead_experts)(load_j), np.float64),
-      "entropy": np.sum([np.asarray(s["entropy_sum"], np.float64) for s in sums], 0) / tokens,
-      "seu": np.sum([np.asarray(s["seu_sum"], np.float64) for s in sums], 0) / max(
-          tot("seqs"), 1.0),
-  }
-  if router_kernels is not None:
-    gap = metrics_lib.orthogonality_gap(jnp.asarray(router_kernels, jnp.float32))
-    per["ortho_l1"], per["ortho_mse"] = np.asarray(gap.l1), np.asarray(gap.mse)
-  domain_counts = eval_domain_counts(sums)
-  if domain_counts is not None:
-    spec = specialization.specialization_from_counts(domain_counts)
-    per["domain_mi"], per["domain_mi_norm"] = np.asarray(spec.mutual_info), np.asarray(
-        spec.normalized)
-  for name, values in per.items():
-    values = np.asarray(values, np.float64).reshape(n_moe)
-    for i, v in zip(layer_ids, values):
-      out[f"eval/layer_{i}/{name}"] = float(v)
-    out[f"eval/{name}"] = float(values.mean())
-  return out
 
 
 def capture_moe_inputs(model, params, tokens_BxL, expert_bias=None):
@@ -215,8 +123,8 @@ class RoutingTracker:
 
   `start(state, step)` takes the reference: the top-k experts of every MoE layer for the probe
   tokens (the first `probe_tokens` tokens of the evaluation batches, sequence-major, or all of
-  them when there are fewer: the same tokens for every run with the same data settings) and a copy of every expert's weights (one extra
-  copy of the expert parameters on the devices). Each call `tracker(state, step)` compares the
+  them when there are fewer: the same tokens for every run with the same data settings) and a
+  copy of every expert's weights (one extra copy of the expert parameters on the devices). Each call `tracker(state, step)` compares the
   state with the reference, returns the metrics and makes the state the new reference. The
   reference of a run's first evaluation is its start: step 0, or the step a resumed run
   restarts from (the previous evaluation's state when a checkpoint was written at it, as at the

@@ -172,9 +172,10 @@ def main(argv):
   from simbal_jax import data  # pylint: disable=g-import-not-at-top
   from simbal_jax.runio import rundir  # pylint: disable=g-import-not-at-top
   from simbal_jax import sharding  # pylint: disable=g-import-not-at-top
+  from simbal_jax import env as env_lib  # pylint: disable=g-import-not-at-top
   from simbal_jax import train  # pylint: disable=g-import-not-at-top
   try:
-    cfg = train.prepare_config(flags.FLAGS.config)  # config mistakes before any device is touched
+    cfg = env_lib.prepare_config(flags.FLAGS.config)  # config mistakes before any device is touched
     data.resolve_config(cfg.data)  # e.g. a data source without its dataset or files
     sharding.initialize_distributed(bool(flags.FLAGS.config.mesh.multihost))
     logging.info("process %d of %d; %d local / %d global devices (%s)", jax.process_index(),

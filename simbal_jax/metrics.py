@@ -61,7 +61,13 @@ def _expert_load(index_TxK, mask_T, num_experts):
   # Masked assignments go to a sentinel bin E that is dropped; int32 counts stay exact.
   index = jnp.where(mask_T[:, None], index_TxK, num_experts).reshape(-1)
   counts = jnp.bincount(index, length=num_experts + 1)[:num_experts].astype(jnp.float32)
-  return counts / jnp.maximum(jnp.sum(counts), 1.0)
+  return load_fractions(counts)
+
+
+def load_fractions(counts_E):
+  """Per-expert counts float[..., E] -> fractions of the routed assignments (rows sum to 1;
+  an all-zero row stays 0)."""
+  return counts_E / jnp.maximum(jnp.sum(counts_E, axis=-1, keepdims=True), 1.0)
 
 
 def load_cv(load_E):

@@ -71,12 +71,12 @@ def layer_pes(metrics):
 
 def read_expert_loads(run_dirs, split="train"):
   """{method: (tokens int[N], layers list, load float[N, Lm, E])} of each run's
-  `expert_load.jsonl` (`analysis.read_expert_load`, which raises FileNotFoundError for a run
+  `expert_load.jsonl` (`telemetry.read_expert_load`, which raises FileNotFoundError for a run
   without one); the input of `load_heatmaps`."""
-  from simbal_jax import analysis  # pylint: disable=g-import-not-at-top
+  from simbal_jax import telemetry  # pylint: disable=g-import-not-at-top
   out = {}
   for method, d in run_dirs.items():
-    _, tokens, layers, load = analysis.read_expert_load(d, split=split)
+    _, tokens, layers, load = telemetry.read_expert_load(d, split=split)
     out[method] = (tokens, layers, load)
   return out
 

@@ -21,6 +21,7 @@ import math
 
 import flax.linen as nn
 import jax
+import numpy as np
 
 MESH_AXES = ("data", "fsdp", "expert", "model")
 # Mesh axes the batch (and the MoE routing groups) are split over.
@@ -183,3 +184,15 @@ def state_shardings(abstract_tree, mesh, rules):
   """
   specs = nn.get_partition_spec(abstract_tree)
   return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def to_global(batch, batch_sharding, keys):
+  """Host-local numpy batch -> global jax arrays (those named in `keys`) sharded over the
+  batch axis (`jax.make_array_from_process_local_data`: each process passes its own rows)."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
+          for k, v in batch.items() if k in keys}
+
+
+def replicated(mesh):
+  """The sharding of a value every process holds whole (small results read on the host)."""
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

@@ -42,14 +42,28 @@ class TrainState:
     params: model parameters (unboxed).
     opt_state: optax state.
     expert_bias: float32[Lm, E] Loss-Free selection bias ([0, 0] for a dense model).
-
-  The step is deterministic (no dropout or router noise), so the state holds no RNG key; a
-  stochastic addition would add one here and use `fold_in(key, step)` inside the step.
+    rng: uint32[2] raw data of the train PRNG key (`jax.random.key_data`; raw so that every
+      checkpoint format stores it). Each step splits it into the next state's key and the
+      step's key, and the step's key into one key per use (`step_keys`): anything stochastic
+      in training (router noise, dropout) takes its own key from there, never the init key.
   """
   step: jax.Array
   params: Any
   opt_state: Any
   expert_bias: jax.Array
+  rng: jax.Array
+
+
+# The uses of a step's key (`step_keys`), in a fixed order: a new use is appended, so the keys
+# of the others do not change.
+STEP_KEY_USES = ("router", "dropout")
+
+
+def step_keys(rng):
+  """(next state's rng uint32[2], {use: PRNG key} of this step) from a state's `rng`."""
+  nxt, this = jax.random.split(jax.random.wrap_key_data(rng))
+  keys = jax.random.split(this, len(STEP_KEY_USES))
+  return jax.random.key_data(nxt), dict(zip(STEP_KEY_USES, keys))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,24 +126,26 @@ def init_state(key, model, tx):
   one dummy sequence of `num_groups` tokens: divisible by the MoE routing groups, and cheap.
 
   Args:
-    key: PRNG key for the parameters.
+    key: the run's root PRNG key (`jax.random.key(cfg.seed)`), split into the parameters' key
+      and the train key (the state's `rng`).
     model: model.Transformer.
     tx: optax transformation.
   """
   mcfg = model.config
   dummy_len = mcfg.moe.num_groups if mcfg.moe else 1
-  init_key, _ = jax.random.split(key)  # the second half was the (unused) train key
+  init_key, train_key = jax.random.split(key)
   params = model.init(init_key, jnp.zeros((1, dummy_len), jnp.int32))["params"]
   bias_shape = (mcfg.num_moe_layers, mcfg.moe.num_experts) if mcfg.moe else (0, 0)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    expert_bias=jnp.zeros(bias_shape, jnp.float32))
+                    expert_bias=jnp.zeros(bias_shape, jnp.float32),
+                    rng=jax.random.key_data(train_key))
 
 
 def _bias_arg(model, expert_bias):
   return expert_bias if model.config.moe is not None else None
 
 
-def loss_fn(params, batch, expert_bias, *, model, sc, expert_fraction=None):
+def loss_fn(params, batch, expert_bias, *, model, sc, expert_fraction=None, rngs=None):
   """Total loss of one (micro-)batch.
 
   Args:
@@ -140,13 +156,15 @@ def loss_fn(params, batch, expert_bias, *, model, sc, expert_fraction=None):
     model: model.Transformer. sc: StepConfig.
     expert_fraction: float32[Lm, E] f of the whole global batch (lbl_scope "global" under
       gradient accumulation), or None.
+    rngs: {use: PRNG key} of this (micro-)batch (`step_keys`), passed to the model as Flax
+      RNG streams; None for a deterministic call.
   Returns:
     (loss float32[], (aux dict of float32[] scalars, counts float32[Lm, E] or None)).
   """
   mcfg = model.config
   logits, aux = model.apply({"params": params}, batch["inputs"],
                             expert_bias=_bias_arg(model, expert_bias),
-                            segment_ids=batch.get("segment_ids"))
+                            segment_ids=batch.get("segment_ids"), rngs=rngs)
   ce, z = losses.cross_entropy(logits, batch["targets"], batch.get("mask"))
   loss = ce + sc.z_loss * z
   out = {"ce": ce, "z_loss": z}
@@ -209,8 +227,9 @@ def train_step(state, batch, *, model, tx, sc, schedule=None):
   """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   kw = dict(model=model, sc=sc)
+  rng, rngs = step_keys(state.rng)
   if sc.grad_accum == 1:
-    (_, (out, counts)), grads = grad_fn(state.params, batch, state.expert_bias, **kw)
+    (_, (out, counts)), grads = grad_fn(state.params, batch, state.expert_bias, rngs=rngs, **kw)
   else:
     a = sc.grad_accum
     micro = jax.tree.map(lambda x: x.reshape(a, x.shape[0] // a, *x.shape[1:]), batch)
@@ -218,15 +237,17 @@ def train_step(state, batch, *, model, tx, sc, schedule=None):
       kw["expert_fraction"] = global_expert_fraction(state.params, micro, state.expert_bias,
                                                      model=model)
 
-    def body(carry, mb):
-      (_, (o, c)), g = grad_fn(state.params, mb, state.expert_bias, **kw)
+    def body(carry, xs):
+      i, mb = xs  # each micro-batch its own keys
+      keys = {u: jax.random.fold_in(k, i) for u, k in rngs.items()}
+      (_, (o, c)), g = grad_fn(state.params, mb, state.expert_bias, rngs=keys, **kw)
       return jax.tree.map(jnp.add, carry, (g, o, c)), None
 
     (_, (o0, c0)), g0 = jax.eval_shape(
         lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), state.expert_bias,
                         **kw))
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (g0, o0, c0))
-    (grads, out, counts), _ = jax.lax.scan(body, zeros, micro)
+    (grads, out, counts), _ = jax.lax.scan(body, zeros, (jnp.arange(a), micro))
     grads = jax.tree.map(lambda g: g / a, grads)
     out = jax.tree.map(lambda v: v / a, out)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -240,7 +261,7 @@ def train_step(state, batch, *, model, tx, sc, schedule=None):
   if schedule is not None:
     metrics["train/lr"] = schedule(state.step)
   if counts is not None:
-    load = counts / jnp.maximum(jnp.sum(counts, axis=-1, keepdims=True), 1.0)
+    load = metrics_lib.load_fractions(counts)
     layer_maxvio = jax.vmap(metrics_lib.max_vio)(load)
     metrics["train/maxvio"] = jnp.mean(layer_maxvio)
     metrics["train/layer_maxvio"] = layer_maxvio
@@ -248,7 +269,7 @@ def train_step(state, batch, *, model, tx, sc, schedule=None):
     if sc.loss_free:
       metrics["train/bias_absmax"] = jnp.max(jnp.abs(bias))
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                            expert_bias=bias)
+                            expert_bias=bias, rng=rng)
   return new_state, metrics
 
 

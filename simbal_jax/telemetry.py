@@ -1,4 +1,8 @@
-"""Routing telemetry of a training run, on the host: what the trainer writes besides the loss.
+"""What a training run reports on the host: per-step logging, throughput, routing telemetry.
+
+`StepLogger` checks each step's loss (a NaN or Inf stops the run: `NonFiniteLossError`) and
+writes the log steps' records; `Timer` measures the compiled step's throughput; `summary_table`
+is the final table of a run.
 
 At every log step (`log.every`), metrics.jsonl gets per MoE layer i (block index)
 `train/layer_<i>/maxvio`, `train/layer_<i>/load_cv` and `train/layer_<i>/entropy` (of that
@@ -23,17 +27,21 @@ logits of the first `log.hist_tokens` tokens of the evaluation set. At the end o
 HParams (the config's scalar fields against the final eval metrics).
 """
 
+import math
 import time
 
 import jax
 import numpy as np
 
+from simbal_jax import eval_metrics
+from simbal_jax import memory
+from simbal_jax import metrics as metrics_lib
+from simbal_jax import model as model_lib
 from simbal_jax.runio import paths
 from simbal_jax.runio import rundir
 from simbal_jax.runio import writers
 
 LOAD_FILE = "expert_load.jsonl"
-HPARAM_METRICS = ("eval/loss", "eval/maxvio", "eval/load_cv", "eval/ortho_l1", "eval/pes_min")
 
 
 def split_layer_metrics(metrics, layer_ids):
@@ -58,8 +66,7 @@ def split_layer_metrics(metrics, layer_ids):
       raise ValueError(f"train metric {k!r} has shape {v.shape}; only train/layer_* may be "
                        "arrays")
   if load is not None:
-    mean = load.mean(-1)
-    cv = np.where(mean > 0, load.std(-1) / np.where(mean > 0, mean, 1.0), 0.0)
+    cv = np.asarray(metrics_lib.load_cv(load.astype(np.float32)))
     out.update({f"train/layer_{i}/load_cv": float(x) for i, x in zip(layer_ids, cv)})
   return out, load
 
@@ -201,3 +208,88 @@ def hparams(config_dict):
   return {k: v if isinstance(v, (bool, int, float, str)) else str(v)
           for k, v in rundir.flatten(config_dict).items()
           if v is None or isinstance(v, (bool, int, float, str, list, tuple))}
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Raised when the training loss is NaN or Inf; `.step` is the offending step."""
+
+  def __init__(self, step, value, resumed_from=None, what="training loss"):
+    msg = (f"non-finite {what} {value} at step {step}; stopping (no checkpoint is written "
+           "for this step; earlier ones are kept)")
+    if resumed_from:  # the run loaded a checkpoint: name it, without vouching for it
+      msg += (f". This run started from {resumed_from}; if the loss diverged soon after, that "
+              "checkpoint's state may be the cause")
+    super().__init__(msg)
+    self.step, self.value, self.what = step, value, what
+
+
+class Timer:
+  """Training throughput of the compiled step: time after the first (compiling) step less the
+  evaluations and checkpoint saves inside the loop."""
+
+  def __init__(self, start_step):
+    self.start_step = start_step
+    self.t_loop = self.t_first = time.time()
+    self.paused = 0.0
+
+  def first_step_done(self):
+    self.t_first = time.time()
+
+  def result(self, step, tokens_per_step):
+    timed_steps = step - self.start_step - 1  # steps after the compiling one
+    train_seconds = time.time() - self.t_first - self.paused
+    if timed_steps < 1:  # a one-step run: only the compiling step to measure
+      timed_steps, train_seconds = step - self.start_step, self.t_first - self.t_loop
+    return dict(first_step_seconds=self.t_first - self.t_loop, train_seconds=train_seconds,
+                eval_ckpt_seconds=self.paused,
+                tokens_per_second=timed_steps * tokens_per_step / max(train_seconds, 1e-9))
+
+
+class StepLogger:
+  """Checks each step's loss (NaN/Inf stops the run) and writes the log steps' records:
+  metrics.jsonl with per-layer routing metrics, tokens, tokens/s and MFU, and the per-expert
+  load in expert_load.jsonl."""
+
+  def __init__(self, env, writer, progress, timer):
+    t = env.cfg.train
+    self.every, self.num_steps = max(int(env.cfg.log.every), 1), int(t.num_steps)
+    self.tokens_per_step = int(t.global_batch_size) * int(t.seq_len)
+    self.writer, self.progress, self.timer = writer, progress, timer
+    self.layer_ids = env.mcfg.moe_layer_ids
+    peak = memory.device_peak_tflops(override=float(env.cfg.log.peak_tflops))
+    self.throughput = Throughput(
+        self.tokens_per_step, model_lib.flops_per_token(env.mcfg, int(t.seq_len)),
+        peak * 1e12 * len(env.mesh.devices.flat) if peak else None)
+
+  def __call__(self, pending):
+    step, metrics = pending
+    m, load = split_layer_metrics(jax.device_get(metrics), self.layer_ids)
+    loss = m["train/loss"]
+    if not math.isfinite(loss):
+      raise NonFiniteLossError(step, loss)
+    if not math.isfinite(m.get("train/grad_norm", 0.0)):  # the update of this step diverged
+      raise NonFiniteLossError(step, m["train/grad_norm"], what="gradient norm")
+    self.progress.update(step, loss)
+    if step % self.every == 0 or step == self.num_steps:
+      m["train/tokens"] = tokens = step * self.tokens_per_step
+      m.update(self.throughput.mark(step, self.timer.paused))
+      self.writer.write(step, m)
+      if load is not None:
+        self.writer.write_record(LOAD_FILE, load_record(
+            step, tokens, "train", self.layer_ids, load))
+
+
+def brief(m):
+  """One line of the final-table metrics of an evaluation (the log line)."""
+  return ", ".join(f"{k}={m[k]:.4g}" for _, k in eval_metrics.summary_columns() if k in m)
+
+
+def summary_table(summary):
+  """A small table of the final metrics (eval_metrics.summary_columns and throughput)."""
+  rows = [(k, summary[k]) for _, k in eval_metrics.summary_columns() if k in summary]
+  rows += [(k, summary[k]) for k in ("tokens_per_second", "wall_seconds") if k in summary]
+  width = max([len(k) for k, _ in rows] + [6])
+  lines = [f"{'metric'.ljust(width)}  value", "-" * (width + 14)]
+  lines += [f"{k.ljust(width)}  {v:.6g}" for k, v in rows]
+  lines.append(f"{'status'.ljust(width)}  {summary.get('status')} at step {summary.get('step')}")
+  return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Range checks of the config's counts, intervals and coefficients (train.prepare_config).
+"""Range checks of the config's counts, intervals and coefficients (env.prepare_config).
 
 Each field of `RANGES` is checked before anything is built: an error is one line naming the
 field, its value and its range. 0 is accepted only where configs/base.py documents it as "off"

@@ -5,6 +5,7 @@ import pytest
 
 from simbal_jax.experiments import pes as pes_tool
 from simbal_jax.experiments import prune
+from simbal_jax import env as env_lib
 from simbal_jax import model as model_lib
 from simbal_jax import train
 from simbal_jax.configs import moe_m
@@ -25,7 +26,7 @@ def trained(tmp_path_factory, fast_compiles):
                   eval_fraction=0.2)
   workdir = str(tmp_path_factory.mktemp("run"))
   summary, _ = train.train_and_evaluate(cfg, workdir, devices=jax.devices()[:1])
-  env, state = train.restore_run(workdir, devices=jax.devices()[:1])
+  env, state = env_lib.restore_run(workdir, devices=jax.devices()[:1])
   return summary, env, state
 
 

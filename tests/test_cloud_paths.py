@@ -21,6 +21,7 @@ import numpy as np
 from orbax.checkpoint._src.path import gcs_utils
 import pytest
 
+from simbal_jax import env as env_lib
 from simbal_jax.runio import paths
 from simbal_jax import plots
 from simbal_jax.runio import rundir
@@ -223,7 +224,7 @@ def test_training_on_a_gs_workdir_writes_the_bucket_and_resumes(fake_gcs):
   assert list(steps) == [1, 2, 3, 4]  # expert_load.jsonl in the bucket, trimmed and continued
   assert plots.read_eval_curve(WORKDIR).shape == (1, 2)  # the final evaluation
 
-  env, restored = train.restore_run(WORKDIR, devices=one)
+  env, restored = env_lib.restore_run(WORKDIR, devices=one)
   assert env.cfg.train.num_steps == 4
   np.testing.assert_array_equal(np.asarray(restored.step), np.asarray(state.step))
 

@@ -6,7 +6,7 @@ from ml_collections import config_flags
 import pytest
 
 from simbal_jax.configs import base, demo, dense_l, dense_m, moe_l, moe_m
-from simbal_jax import train
+from simbal_jax import env as env_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,7 +52,7 @@ def test_paper_values():
     assert c.train.global_batch_size // c.train.grad_accum == (16 if c is m else 8)
     # steps cover the token budget and no more than one extra step
     assert c.train.num_steps == 0  # derived from the budget after command-line overrides
-    steps = train.prepare_config(c).train.num_steps
+    steps = env_lib.prepare_config(c).train.num_steps
     tokens = steps * c.train.global_batch_size * c.train.seq_len
     assert c.train.token_budget <= tokens < c.train.token_budget + (
         c.train.global_batch_size * c.train.seq_len)
@@ -86,7 +86,7 @@ def test_bad_variant_names_the_problem(variant, match):
 def test_budget_follows_batch_overrides():
   c = moe_m.get_config()
   c.train.global_batch_size = 256  # a command-line override, applied after get_config
-  steps = train.prepare_config(c).train.num_steps
+  steps = env_lib.prepare_config(c).train.num_steps
   assert steps == -(-19_900_000_000 // (256 * 2048))  # ceil, computed independently
 
 

@@ -3,10 +3,10 @@ import jax
 import pytest
 
 from simbal_jax.configs import demo
+from simbal_jax import env as env_lib
 from simbal_jax import memory
 from simbal_jax import sharding
 from simbal_jax import step as step_lib
-from simbal_jax import train
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
@@ -24,7 +24,7 @@ def test_estimate_matches_sharded_state_bytes(mesh):
   cfg.moe.num_experts, cfg.moe.d_ff, cfg.moe.num_groups = 8, 16, 0
   cfg.train.seq_len, cfg.train.global_batch_size = 8, 8
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.expert, cfg.mesh.model = mesh
-  env = train.build(cfg, devices=jax.devices()[:8], data=False)
+  env = env_lib.build(cfg, devices=jax.devices()[:8], data=False)
   with sharding.mesh_rules(env.mesh, env.rules):
     state = jax.jit(lambda k: step_lib.unbox(env.init(k)),
                     out_shardings=env.shardings)(jax.random.key(0))
@@ -50,8 +50,8 @@ def test_trainer_refuses_a_state_that_cannot_fit(tmp_path, monkeypatch):
   from simbal_jax import memory, train  # pylint: disable=g-import-not-at-top
   from test_train import tiny_config  # pylint: disable=g-import-not-at-top
   cfg = tiny_config("lbl", steps=2)
-  env = train.build(cfg, str(tmp_path), devices=jax.devices()[:1])
-  est = train.check_memory(env)  # CPU: no device limit, nothing raised
+  env = env_lib.build(cfg, str(tmp_path), devices=jax.devices()[:1])
+  est = env_lib.check_memory(env)  # CPU: no device limit, nothing raised
   state = est["params"] + est["grads"] + est["opt_state"]
   monkeypatch.setattr(memory, "device_memory_bytes", lambda device=None: int(state * 0.9))
   compiled = []
@@ -61,4 +61,4 @@ def test_trainer_refuses_a_state_that_cannot_fit(tmp_path, monkeypatch):
   assert not compiled
   monkeypatch.setattr(memory, "device_memory_bytes",
                       lambda device=None: int(state + 0.5 * (est["total"] - state)))
-  train.check_memory(env)  # activations over the limit: a warning, not an error
+  env_lib.check_memory(env)  # activations over the limit: a warning, not an error

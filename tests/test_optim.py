@@ -8,8 +8,8 @@ import optax
 import pytest
 
 from simbal_jax.configs import moe_m
+from simbal_jax import env as env_lib
 from simbal_jax import optim
-from simbal_jax import train
 
 
 def _ref_lr(step, peak, warm, total, init=0.1, final=0.1):
@@ -20,7 +20,7 @@ def _ref_lr(step, peak, warm, total, init=0.1, final=0.1):
 
 
 def test_paper_schedule():
-  cfg = train.prepare_config(moe_m.get_config())  # derives num_steps from the token budget
+  cfg = env_lib.prepare_config(moe_m.get_config())  # derives num_steps from the token budget
   sched = optim.make_schedule(cfg.opt, cfg.train.num_steps)
   n = cfg.train.num_steps
   assert n == 18_979

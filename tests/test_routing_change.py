@@ -4,9 +4,10 @@ import jax
 import numpy as np
 import pytest
 
+from simbal_jax import evaluate
+from simbal_jax import env as env_lib
 from simbal_jax import analysis
 from simbal_jax import sharding
-from simbal_jax import train
 from test_train import tiny_config
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
@@ -16,11 +17,11 @@ def test_tracker_churn_and_movement_vs_independent_computation(tmp_path):
   cfg = tiny_config("lbl")
   cfg.train.eval_tokens = 256  # two eval batches of 8 x 16 tokens
   cfg.data.synthetic.num_docs = 1024  # enough held-out documents for them
-  env = train.build(cfg, str(tmp_path), devices=jax.devices()[:1])
+  env = env_lib.build(cfg, str(tmp_path), devices=jax.devices()[:1])
   with sharding.mesh_rules(env.mesh, env.rules):
-    state, _, _ = train.initial_state(env, None)
-    batches = [train.to_global(b, env.batch_sharding, train.EVAL_KEYS)
-               for b in train.eval_set(env)]
+    state, _, _ = env_lib.initial_state(env, None)
+    batches = [sharding.to_global(b, env.batch_sharding, evaluate.EVAL_KEYS)
+               for b in evaluate.eval_set(env)]
     assert len(batches) == 2
     # A second state: the experts of layer 1 expert 2 unchanged, everything else perturbed.
     keys = iter(jax.random.split(jax.random.key(5), 100))
@@ -31,7 +32,7 @@ def test_tracker_churn_and_movement_vs_independent_computation(tmp_path):
       params2["layers_1"]["ffn"][name] = w.at[2].set(state.params["layers_1"]["ffn"][name][2])
     state2 = state.replace(params=params2)
     tracker = analysis.RoutingTracker(env.model, batches, probe_tokens=200,
-                                      out_sharding=train.replicated(env))
+                                      out_sharding=sharding.replicated(env.mesh))
     tracker.start(state, 0)
     got, move = tracker(state2, 7, layer_ids=[0, 1])
 
@@ -73,13 +74,13 @@ def test_tracker_churn_and_movement_vs_independent_computation(tmp_path):
 def test_dense_model_or_switched_off_logs_nothing(tmp_path):
   cfg = tiny_config("dense")
   cfg.moe.num_experts = 0
-  env = train.build(cfg, str(tmp_path), devices=jax.devices()[:1])
-  batches = [train.to_global(b, env.batch_sharding, train.EVAL_KEYS)
-             for b in train.eval_set(env)]
+  env = env_lib.build(cfg, str(tmp_path), devices=jax.devices()[:1])
+  batches = [sharding.to_global(b, env.batch_sharding, evaluate.EVAL_KEYS)
+             for b in evaluate.eval_set(env)]
   tracker = analysis.RoutingTracker(env.model, batches, probe_tokens=64)
   assert not tracker.enabled
   tracker.start(None, 0)
   assert tracker(None, 1) == ({}, None)
-  moe_env = train.build(tiny_config("lbl"), str(tmp_path / "moe"), devices=jax.devices()[:1])
+  moe_env = env_lib.build(tiny_config("lbl"), str(tmp_path / "moe"), devices=jax.devices()[:1])
   off = analysis.RoutingTracker(moe_env.model, batches, probe_tokens=0, movement=False)
   assert not off.enabled and off(None, 1) == ({}, None)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from simbal_jax.configs import demo
+from simbal_jax import env as env_lib
 from simbal_jax import model
 from simbal_jax import sharding
 from simbal_jax import step as step_lib
-from simbal_jax import train
 from simbal_jax.moe import MoEConfig
 
 P = jax.sharding.PartitionSpec
@@ -142,11 +142,11 @@ def _fsdp_train_config():
 
 
 def _one_step(cfg, devices, batch):
-  env = train.build(cfg, devices=devices, data=False)
+  env = env_lib.build(cfg, devices=devices, data=False)
   with sharding.mesh_rules(env.mesh, env.rules):
     state = jax.jit(lambda k: step_lib.unbox(env.init(k)),
                     out_shardings=env.shardings)(jax.random.key(0))
-    new_state, metrics = train.make_train_step(env)(state, train.to_global(batch,
+    new_state, metrics = env_lib.make_train_step(env)(state, sharding.to_global(batch,
                                                                            env.batch_sharding))
   return env, state, new_state, metrics
 

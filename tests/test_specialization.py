@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from simbal_jax import analysis
+from simbal_jax import evaluate
+from simbal_jax import env as env_lib
+from simbal_jax import eval_metrics
 from simbal_jax import specialization
 
 E, D, K = 6, 3, 2
@@ -158,14 +160,14 @@ def test_eval_metrics_reports_domain_mi_per_layer():
                      np.ones((D, E), np.float32)])  # domain-blind layer
   sums = [{"ce_sum": 10.0, "tokens": 200.0, "seqs": 10.0, "counts": counts.sum(1) / 2,
            "entropy_sum": np.zeros(2), "seu_sum": np.zeros(2), "domain_counts": counts / 2}] * 2
-  out = analysis.eval_metrics(sums, layer_ids=[1, 3])
+  out = eval_metrics.compute(sums, layer_ids=[1, 3])
   expected = reference(index, domain)[1]
   np.testing.assert_allclose(out["eval/layer_1/domain_mi_norm"], expected, rtol=1e-5)
   np.testing.assert_allclose(out["eval/layer_3/domain_mi_norm"], 0.0, atol=1e-6)
   np.testing.assert_allclose(out["eval/domain_mi_norm"], expected / 2, rtol=1e-5)
   assert "eval/domain_mi" in out
   no_domain = [{k: v for k, v in s.items() if k != "domain_counts"} for s in sums]
-  assert not any("domain" in k for k in analysis.eval_metrics(no_domain))
+  assert not any("domain" in k for k in eval_metrics.compute(no_domain))
 
 
 # ------------------------------------------------------------------------------ end to end
@@ -195,19 +197,19 @@ def test_trained_router_specialises_on_synthetic_domains(tmp_path):
   devices = jax.devices()[:1]
   key = "eval/domain_mi_norm"
 
-  env = train.build(cfg, str(tmp_path), devices)
-  raw = train.eval_set(env)
+  env = env_lib.build(cfg, str(tmp_path), devices)
+  raw = evaluate.eval_set(env)
   labels = np.random.default_rng(0).permutation(np.concatenate([b["domain"] for b in raw]))
   shuffled = [dict(b, domain=part) for b, part in zip(raw, np.split(labels, len(raw)))]
   with sharding.mesh_rules(env.mesh, env.rules):
-    state, _, _ = train.initial_state(env, None)
-    eval_step = train.make_eval_step(env)
-    shuffled = [train.to_global(b, env.batch_sharding, train.EVAL_KEYS) for b in shuffled]
-    initial = train.evaluate(env, eval_step, state, [
-        train.to_global(b, env.batch_sharding, train.EVAL_KEYS) for b in raw])[0]
+    state, _, _ = env_lib.initial_state(env, None)
+    eval_step = evaluate.make_eval_step(env)
+    shuffled = [sharding.to_global(b, env.batch_sharding, evaluate.EVAL_KEYS) for b in shuffled]
+    initial = evaluate.evaluate(env, eval_step, state, [
+        sharding.to_global(b, env.batch_sharding, evaluate.EVAL_KEYS) for b in raw])[0]
   summary, final_state = train.train_and_evaluate(cfg, str(tmp_path), devices=devices)
   with sharding.mesh_rules(env.mesh, env.rules):
-    baseline = train.evaluate(env, eval_step, final_state, shuffled)[0][key]
+    baseline = evaluate.evaluate(env, eval_step, final_state, shuffled)[0][key]
 
   assert summary["eval/tokens"] == 8 * 8 * 32
   for name in (key, "eval/layer_0/domain_mi_norm", "eval/layer_1/domain_mi_norm"):

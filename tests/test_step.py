@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from simbal_jax.configs import demo
+from simbal_jax import env as env_lib
 from simbal_jax import analysis
 from simbal_jax import balance
 from simbal_jax import model as model_lib
@@ -27,9 +28,9 @@ def test_steps_compile_once(tmp_path, method):
   cfg.data.source, cfg.data.synthetic.num_docs = "synthetic", 256
   cfg.data.synthetic.vocab_size = 64
   cfg.train.seq_len, cfg.train.global_batch_size, cfg.train.num_steps = 16, 8, 4
-  env = train.build(cfg, str(tmp_path), devices=jax.devices()[:1])
+  env = env_lib.build(cfg, str(tmp_path), devices=jax.devices()[:1])
   with sharding.mesh_rules(env.mesh, env.rules):
-    state, _, source = train.initial_state(env, None)
+    state, _, source = env_lib.initial_state(env, None)
     assert source == "scratch"
     chex.clear_trace_counter()
 
@@ -48,9 +49,9 @@ def test_steps_compile_once(tmp_path, method):
     it = env.datasets.train_iter()
     bias0 = np.asarray(state.expert_bias)
     for _ in range(3):  # a second trace would raise inside chex
-      state, metrics = train_step(state, train.to_global(next(it), env.batch_sharding))
+      state, metrics = train_step(state, sharding.to_global(next(it), env.batch_sharding, env_lib.TRAIN_KEYS))
     for batch in env.datasets.eval_batches(2):
-      eval_step(state.params, state.expert_bias, train.to_global(batch, env.batch_sharding))
+      eval_step(state.params, state.expert_bias, sharding.to_global(batch, env.batch_sharding, env_lib.TRAIN_KEYS))
   assert int(state.step) == 3
   # Scalars, except the per-layer arrays (train/layer_*) that the host splits per layer.
   shapes = {k: np.shape(v) for k, v in metrics.items()}
@@ -193,7 +194,7 @@ def test_global_lbl_scope_with_grad_accum_is_exact():
   import optax  # pylint: disable=g-import-not-at-top
   tx = optax.sgd(0.0)
   state = step_lib.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
-                              expert_bias=bias)
+                              expert_bias=bias, rng=jax.random.key_data(jax.random.key(0)))
   _, metrics = jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx, sc=sc))(
       state, batch)
   np.testing.assert_allclose(float(metrics["train/lbl"]), want_lbl, rtol=1e-5)
@@ -221,7 +222,7 @@ def test_micro_lbl_scope_is_the_same_with_grad_accum_and_in_the_train_step():
   import optax  # pylint: disable=g-import-not-at-top
   tx = optax.sgd(0.0)
   state = step_lib.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
-                              expert_bias=bias)
+                              expert_bias=bias, rng=jax.random.key_data(jax.random.key(0)))
   for accum in (1, 2):
     sc = step_lib.StepConfig(terms=(("lbl", 1.0),), options=options, grad_accum=accum,
                              z_loss=0.0)
@@ -301,5 +302,18 @@ def test_auto_groups_one_per_batch_shard(dispatch, groups):
   cfg.model.vocab_size, cfg.model.d_model, cfg.model.num_heads = 64, 32, 2
   cfg.moe.num_experts, cfg.moe.d_ff, cfg.moe.dispatch, cfg.moe.num_groups = 4, 32, dispatch, 0
   cfg.mesh.data, cfg.mesh.expert = 2, 4  # 8 batch shards on the 8 fake devices
-  env = train.build(cfg, devices=jax.devices()[:8], data=False)
+  env = env_lib.build(cfg, devices=jax.devices()[:8], data=False)
   assert env.mcfg.moe.num_groups == groups
+
+
+def test_step_keys_split_per_step_and_per_use():
+  rng = jax.random.key_data(jax.random.key(3))
+  nxt, keys = step_lib.step_keys(rng)
+  carry, this = jax.random.split(jax.random.key(3))  # by hand: next state's key, this step's
+  np.testing.assert_array_equal(nxt, jax.random.key_data(carry))
+  assert tuple(keys) == step_lib.STEP_KEY_USES == ("router", "dropout")
+  for want, use in zip(jax.random.split(this, 2), ("router", "dropout")):
+    np.testing.assert_array_equal(jax.random.key_data(keys[use]), jax.random.key_data(want))
+  data = {np.asarray(jax.random.key_data(k)).tobytes() for k in keys.values()}
+  data.add(np.asarray(nxt).tobytes())
+  assert len(data) == 3  # every use (and the next step) its own key

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from simbal_jax.configs import demo
+from simbal_jax import evaluate
+from simbal_jax import env as env_lib
 from simbal_jax import train
 from simbal_jax.runio import writers
 
@@ -39,7 +41,7 @@ def tiny_config(method="lbl", steps=8, **train_kw):
 def nan_loss_at_step(monkeypatch, bad_step):
   """Makes the trainer's step report a NaN loss at `bad_step` (the fault is injected here, not
   by a hook in production code)."""
-  real_make_train_step = train.make_train_step
+  real_make_train_step = env_lib.make_train_step
 
   def poisoned_make_train_step(env):
     step_fn = real_make_train_step(env)
@@ -51,7 +53,7 @@ def nan_loss_at_step(monkeypatch, bad_step):
       return state, metrics
     return poisoned
 
-  monkeypatch.setattr(train, "make_train_step", poisoned_make_train_step)
+  monkeypatch.setattr(env_lib, "make_train_step", poisoned_make_train_step)
 
 
 def losses_of(workdir):
@@ -86,6 +88,12 @@ def test_sigterm_then_resume_is_bit_exact(tmp_path):
   a, b = _params(straight_state), _params(resumed_state)
   jax.tree.map(np.testing.assert_array_equal, a, b)
   assert np.abs(a.expert_bias).max() > 0  # the Loss-Free bias moved and was checkpointed
+  # The train key: split off the root key at init, split once per step, checkpointed.
+  key = jax.random.split(jax.random.key(int(cfg.seed)))[1]
+  for _ in range(2 * k):
+    key = jax.random.split(key)[0]
+  np.testing.assert_array_equal(straight_state.rng, jax.random.key_data(key))
+  np.testing.assert_array_equal(resumed_state.rng, jax.random.key_data(key))
 
 
 def test_corrupt_latest_checkpoint_is_skipped(tmp_path):
@@ -108,11 +116,11 @@ def test_nan_stops_then_resume_keeps_metrics_monotonic_and_times_training(tmp_pa
                                                                           monkeypatch):
   cfg = tiny_config("lbl", steps=8)
   cfg.ckpt.every = 4
-  real_make_train_step = train.make_train_step
+  real_make_train_step = env_lib.make_train_step
   nan_loss_at_step(monkeypatch, 6)
   with pytest.raises(train.NonFiniteLossError, match="at step 6") as err:
     train.train_and_evaluate(cfg, str(tmp_path))
-  monkeypatch.setattr(train, "make_train_step", real_make_train_step)
+  monkeypatch.setattr(env_lib, "make_train_step", real_make_train_step)
   assert err.value.step == 6
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]  # last good one kept
   assert max(losses_of(tmp_path)) == 5
@@ -122,13 +130,13 @@ def test_nan_stops_then_resume_keeps_metrics_monotonic_and_times_training(tmp_pa
   # Timing bookkeeping, without speed thresholds: each eval sleeps 0.2 s (eval at step 6 in
   # the loop, at 8 after it; a save at 8), so the in-loop eval/checkpoint time is >= 0.2 s and
   # the disjoint intervals (first step, timed steps 6..8, evals and saves) fit in the wall time.
-  original = train.evaluate
+  original = evaluate.evaluate
 
   def slow_evaluate(*args, **kwargs):
     time.sleep(0.2)
     return original(*args, **kwargs)
 
-  monkeypatch.setattr(train, "evaluate", slow_evaluate)
+  monkeypatch.setattr(evaluate, "evaluate", slow_evaluate)
   cfg.train.eval_every = 2
   out, _ = train.train_and_evaluate(cfg, str(tmp_path))
   assert out["start_step"] == 4 and out["status"] == "done"
@@ -294,13 +302,13 @@ def test_eval_schedule_and_config_json(tmp_path):
   t = tiny_config(steps=100).train
   t.num_evals = 8
   # linspace(12.5, 100, 8) rounded half to even
-  assert train.eval_steps(t) == [12, 25, 38, 50, 62, 75, 88, 100]
+  assert evaluate.eval_steps(t) == [12, 25, 38, 50, 62, 75, 88, 100]
   t.num_evals, t.eval_spacing = 5, "log"
-  assert train.eval_steps(t) == [1, 3, 10, 32, 100]
+  assert evaluate.eval_steps(t) == [1, 3, 10, 32, 100]
   t.num_evals = 0
-  assert train.eval_steps(t) == [100]
+  assert evaluate.eval_steps(t) == [100]
   t.eval_every = 30
-  assert train.eval_steps(t) == [30, 60, 90, 100]
+  assert evaluate.eval_steps(t) == [30, 60, 90, 100]
 
   cfg = tiny_config("simbal", steps=6)
   cfg.train.num_evals, cfg.ckpt.enabled = 3, False
@@ -311,11 +319,11 @@ def test_eval_schedule_and_config_json(tmp_path):
   assert summary["eval/loss_se"] > 0 and summary["eval/sequences"] == 8
   saved = json.loads((tmp_path / "a" / "config.json").read_text())
   assert saved["balance"]["terms"] == "simbal:0.1" and saved["train"]["num_steps"] == 6
-  env_a = train.build(cfg, str(tmp_path / "a"))
+  env_a = env_lib.build(cfg, str(tmp_path / "a"))
   cfg_b = tiny_config("lbl", steps=6)
   cfg_b.seed = 3
-  env_b = train.build(cfg_b, str(tmp_path / "b"))
-  ea, eb = train.eval_set(env_a), train.eval_set(env_b)
+  env_b = env_lib.build(cfg_b, str(tmp_path / "b"))
+  ea, eb = evaluate.eval_set(env_a), evaluate.eval_set(env_b)
   np.testing.assert_array_equal(np.concatenate([b["inputs"] for b in ea]),
                                 np.concatenate([b["inputs"] for b in eb]))
   idx = env_a.datasets.eval_indices(8)
@@ -348,7 +356,7 @@ def test_eval_batches_are_micro_batches_made_on_access():
   sharding_ = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   host = [{"inputs": np.arange(16 * 3).reshape(16, 3) + 100 * i,
            "targets": np.zeros((16, 3), np.int32), "other": np.ones(16)} for i in range(2)]
-  batches = train.EvalBatches(host, sharding_, micro=2)
+  batches = evaluate.EvalBatches(host, sharding_, micro=2)
   assert len(batches) == 4
   got = np.concatenate([np.asarray(b["inputs"]) for b in batches])
   np.testing.assert_array_equal(got, np.concatenate([h["inputs"] for h in host]))
@@ -356,5 +364,5 @@ def test_eval_batches_are_micro_batches_made_on_access():
   assert set(first) == {"inputs", "targets"} and first["inputs"].shape == (8, 3)
   assert first["inputs"].sharding == sharding_
   # 3 parts do not divide 16 rows, 4 parts of 4 rows do not split over 8 devices: 2 parts
-  assert len(train.EvalBatches(host, sharding_, micro=3)) == 4
-  assert len(train.EvalBatches(host, sharding_, micro=4)) == 4
+  assert len(evaluate.EvalBatches(host, sharding_, micro=3)) == 4
+  assert len(evaluate.EvalBatches(host, sharding_, micro=4)) == 4

@@ -10,6 +10,7 @@ say what they do instead (`writers.MetricWriter`, `rundir.WorkdirLock`,
 TensorFlow, and Orbax also needs `google-cloud-storage`; neither is a dependency here.
 """
 
+import json
 import os
 import posixpath
 import re
@@ -88,6 +89,11 @@ def write_text(path, text: str) -> None:
     f.flush()
     os.fsync(f.fileno())
   os.replace(tmp, path)
+
+
+def write_json(path, obj) -> None:
+  """Writes `obj` as JSON (indented, sorted keys) to `path` atomically (`write_text`)."""
+  write_text(path, json.dumps(obj, indent=1, sort_keys=True, default=str))
 
 
 def copy_file(src, dst) -> None:

@@ -30,9 +30,11 @@ The export is dropless: every token reaches its K experts. A run trained with
 dispatch="capacity" and capacity_factor > 0 (or a ragged expert buffer, expert_buffer_factor > 0)
 dropped assignments beyond capacity depending on the batch; the export then equals the run's
 model evaluated dropless (logged). Documents are not masked from each other (one document per
-sequence, as Hugging Face models read them). Written: `config.json`, `model.safetensors`
-(float32 by default), `simbal_export.json` (the tokenizer kind, vocabulary sizes, EOS id, the
-source run and step) and, for a SentencePiece run, its `tokenizer.model`.
+sequence, as Hugging Face models read them). Written: `config.json` (`max_position_embeddings`
+= the training length), `model.safetensors` (float32 by default), `simbal_export.json` (the
+tokenizer kind, vocabulary sizes, EOS id, the source run and step) and the tokenizer: a Hugging
+Face one (`tokenizer.json`: ids = UTF-8 bytes, EOS 256) for a byte-level run, the run's
+`tokenizer.model` for a SentencePiece one, none for cl100k (`simbal_export.json` names it).
 """
 
 import json
@@ -229,10 +231,55 @@ def _to_numpy(tree):
   return jax.tree.map(lambda a: np.asarray(a, np.float32), jax.device_get(nn.unbox(tree)))
 
 
-def tokenizer_info(tok, mcfg):
-  """What a user needs to tokenize for the export: kind, vocabulary sizes, EOS id."""
-  return {"kind": tok.name, "vocab_size": int(tok.vocab_size), "eos_id": int(tok.eos_id),
+def _byte_chars():
+  """GPT-2's byte -> printable character map (what the ByteLevel pre-tokenizer emits)."""
+  keep = {*range(33, 127), *range(161, 173), *range(174, 256)}
+  extra = iter(range(256, 512))
+  return {b: chr(b if b in keep else next(extra)) for b in range(256)}
+
+
+def bytes_hf_tokenizer(eos_id, max_len):
+  """A Hugging Face fast tokenizer whose ids are the UTF-8 bytes (0..255), EOS `eos_id` (256).
+
+  Like `data.tokenizers.BytesTokenizer`, except that the text "<|endoftext|>" becomes EOS.
+  """
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  vocab = {c: b for b, c in _byte_chars().items()}
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                          use_regex=False)
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  tok.add_special_tokens(["<|endoftext|>"])
+  if tok.token_to_id("<|endoftext|>") != eos_id:
+    raise ValueError(f"bytes tokenizer: EOS id {eos_id} is not 256")
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                              model_max_length=int(max_len))
+
+
+def write_tokenizer(tok, mcfg, out, max_len):
+  """Writes what a user needs to tokenize for the export; returns its description.
+
+  Bytes: a Hugging Face tokenizer (tokenizer.json, so `AutoTokenizer` and lm-eval read it).
+  SentencePiece: the run's model file as `tokenizer.model`. cl100k and synthetic: nothing (the
+  description names them).
+
+  Args:
+    tok: the run's tokenizer (`data.tokenizers`). mcfg: model.ModelConfig. out: directory.
+    max_len: the training sequence length (the tokenizer's model_max_length).
+
+  Returns:
+    dict: kind, vocab_size, eos_id, model_vocab_size and, where written, files.
+  """
+  info = {"kind": tok.name, "vocab_size": int(tok.vocab_size), "eos_id": int(tok.eos_id),
           "model_vocab_size": mcfg.vocab_size}
+  if tok.name == "bytes":
+    hf = bytes_hf_tokenizer(int(tok.eos_id), max_len)
+    info["files"] = sorted(os.path.basename(f) for f in hf.save_pretrained(out))
+  elif tok.name == "sentencepiece":
+    shutil.copyfile(tok.model_path, os.path.join(out, "tokenizer.model"))
+    info["files"] = ["tokenizer.model"]
+  return info
 
 
 def _import_export_libs():
@@ -296,8 +343,7 @@ def export_run(workdir, out, dtype="float32", devices=None):
   config = hf_config(mcfg, arch, max_len=int(cfg.train.seq_len), eos_id=int(tok.eos_id),
                      dtype=dtype)
   meta = {"architecture": arch, "dtype": dtype, "transformers_version": transformers.__version__,
-          "run": str(workdir), "step": int(_host(state.step)),
-          "tokenizer": tokenizer_info(tok, mcfg)}
+          "run": str(workdir), "step": int(_host(state.step))}
 
   os.makedirs(out, exist_ok=True)
   torch_dtype = getattr(torch, dtype)
@@ -306,9 +352,7 @@ def export_run(workdir, out, dtype="float32", devices=None):
       {n: torch.from_numpy(w).to(torch.float32 if n.endswith(keep_fp32) else torch_dtype)
        for n, w in tensors.items()}, os.path.join(out, "model.safetensors"),
       metadata={"format": "pt"})
-  if tok.name == "sentencepiece":
-    shutil.copyfile(tok.model_path, os.path.join(out, "tokenizer.model"))
-    meta["tokenizer"]["file"] = "tokenizer.model"
+  meta["tokenizer"] = write_tokenizer(tok, mcfg, out, int(cfg.train.seq_len))
   for name, obj in (("config.json", config), (META_FILE, meta)):
     with open(os.path.join(out, name), "w", encoding="utf-8") as f:
       json.dump(obj, f, indent=2)

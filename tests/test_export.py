@@ -1,5 +1,7 @@
 """experiments/export.py: a tiny trained run, exported, loaded by `transformers`, gives the logits
-of the project's forward pass (float32, CPU); configs no architecture represents are refused."""
+of the project's forward pass (float32, CPU); a byte-level run's export carries a Hugging Face
+tokenizer that lm-eval's `hf` model uses to score like the run; configs no architecture
+represents are refused before anything is written."""
 import json
 import os
 import subprocess
@@ -39,6 +41,7 @@ def _config(variant, **moe):
 RUNS = {
     # softmax then top-k, dense block 0 and MoE block 1: Qwen2-MoE with decoder_sparse_step 2
     "softmax_topk_dense_moe": ("lbl", dict(moe_every=2), export.QWEN2_MOE),
+    # trained on a byte-level text corpus (BYTES_RUN): its export has a Hugging Face tokenizer
     "softmax_topk_renorm": ("simbal", dict(renormalize=True), export.QWEN2_MOE),
     "topk_softmax": ("lbl", dict(gating="topk_softmax"), export.MIXTRAL),
     # sigmoid gating, Loss-Free bias (non-zero after 2 steps) and a shared expert of width
@@ -46,6 +49,7 @@ RUNS = {
     "sigmoid_lf_shared": ("lf_simbal_sigmoid", dict(shared_expert_d_ff=48), export.GLM4_MOE),
     "dense": ("dense", dict(num_experts=0), export.LLAMA),
 }
+BYTES_RUN = "softmax_topk_renorm"
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +65,12 @@ def exported(tmp_path_factory, fast_compiles):
       workdir = str(tmp_path_factory.mktemp(name))
       devices = jax.devices()[:1]
       cfg = _config(variant, **overrides)
+      if name == BYTES_RUN:
+        docs = tmp_path_factory.mktemp("docs")
+        for i in range(40):
+          (docs / f"doc{i}.txt").write_text(f"q{i}: a b x y zz a b a \u00e9\n" * (5 + i % 7))
+        cfg.data.update(source="text_files", globs=str(docs / "*.txt"), tokenizer="bytes",
+                        eval_fraction=0.2)
       # A dense run's checkpoint fails to save (its expert_bias [0, 0] is an array of zero size,
       # which Orbax refuses): its final state is exported as a restored one would be.
       cfg.ckpt.enabled = name != "dense"
@@ -105,8 +115,13 @@ def test_transformers_logits_equal_the_projects(exported, name):
   assert got.shape == want.shape and diff <= ATOL
   meta = json.loads(open(os.path.join(out, export.META_FILE), encoding="utf-8").read())
   assert meta["architecture"] == arch and meta["step"] == 2
-  assert meta["tokenizer"] == {"kind": "synthetic", "vocab_size": 65, "eos_id": 64,
-                               "model_vocab_size": 65}
+  if name == BYTES_RUN:
+    assert meta["tokenizer"] == {"kind": "bytes", "vocab_size": 257, "eos_id": 256,
+                                 "model_vocab_size": 257, "files": meta["tokenizer"]["files"]}
+    assert "tokenizer.json" in meta["tokenizer"]["files"]
+  else:
+    assert meta["tokenizer"] == {"kind": "synthetic", "vocab_size": 65, "eos_id": 64,
+                                 "model_vocab_size": 65}
   if name == "sigmoid_lf_shared":  # the Loss-Free bias moved: the test covers the choice
     assert np.any(np.asarray(state.expert_bias))
 
@@ -133,6 +148,54 @@ def test_nonzero_loss_free_bias_with_softmax_is_refused(exported, tmp_path, monk
   with pytest.raises(ValueError, match="Loss-Free expert bias is non-zero") as e:
     export.export_run(workdir, str(out))
   assert "\n" not in str(e.value) and not out.exists()
+
+
+def test_bytes_tokenizer_gives_the_runs_ids(tmp_path):
+  from simbal_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+  text = "def f(x):\n\treturn x  # caf\u00e9 \u2603 \U0001f600\r\n  end "
+  want = tokenizers.BytesTokenizer().encode(text)
+  export.bytes_hf_tokenizer(256, 64).save_pretrained(str(tmp_path))
+  hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+  assert hf.encode(text) == want and hf.eos_token_id == 256 and hf.model_max_length == 64
+  assert hf.decode(want) == text
+
+
+def test_sentencepiece_model_file_is_written(tmp_path):
+  from simbal_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+  model = tokenizers.train_sentencepiece(
+      [f"line {i}: alpha beta gamma {i * 7}" for i in range(300)], str(tmp_path / "sp.model"),
+      vocab_size=300)
+  tok = tokenizers.SentencePieceTokenizer(model)
+  out = tmp_path / "out"
+  out.mkdir()
+  mcfg = type("M", (), {"vocab_size": 320})()
+  info = export.write_tokenizer(tok, mcfg, str(out), 64)
+  assert info == {"kind": "sentencepiece", "vocab_size": tok.vocab_size, "eos_id": 1,
+                  "model_vocab_size": 320, "files": ["tokenizer.model"]}
+  again = tokenizers.SentencePieceTokenizer(str(out / "tokenizer.model"))
+  assert again.encode("line 3: alpha") == tok.encode("line 3: alpha")
+
+
+def test_lm_eval_hf_model_scores_the_export_like_the_run(exported, tmp_path, monkeypatch):
+  """`lm_eval --model hf --model_args pretrained=OUT` (its HFLM, built from the same argument
+  string) gives the log-likelihoods that lm-eval gets from the run itself
+  (experiments/downstream.SimbalLM, checked there against an independent scoring)."""
+  pytest.importorskip("lm_eval")
+  pytest.importorskip("accelerate", reason="lm-eval's hf model needs accelerate "
+                      "(pip install lm-eval[hf])")
+  from lm_eval.api.instance import Instance  # pylint: disable=g-import-not-at-top
+  from lm_eval.models.huggingface import HFLM  # pylint: disable=g-import-not-at-top
+  from simbal_jax.experiments import downstream  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+  env, state, _, out = exported(BYTES_RUN)
+  pairs = [("q1: a b", " x y"), ("q2: a b", " zz"), ("", "a b a"), ("q3: a b x y", " zz a\u00e9")]
+  hf = HFLM.create_from_arg_string(f"pretrained={out},dtype=float32",
+                                   {"batch_size": 2, "device": "cpu"})
+  got = hf.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])
+  want = downstream.SimbalLM(env, state, batch_size=2).score(pairs)
+  np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], atol=1e-4)
+  assert [g[1] for g in got] == [w[1] for w in want]
 
 
 REFUSED = [

@@ -73,6 +73,8 @@ def choose_architecture(mcfg):
     raise ValueError(f"moe.min_gate={m.min_gate} (dynamic-K pruning) has no Hugging Face "
                      "equivalent")
   if m.gating == "sigmoid":
+    if m.num_experts < 2:  # Glm4Moe scores groups by their top-2 experts
+      raise ValueError("sigmoid gating with one expert: Glm4Moe needs moe.num_experts >= 2")
     moe_ids = mcfg.moe_layer_ids
     if moe_ids != list(range(moe_ids[0], mcfg.num_layers)):
       raise ValueError(f"sigmoid gating with MoE layers {moe_ids} of {mcfg.num_layers}: "
@@ -373,7 +375,8 @@ def main(argv):
 
 
 def _define_flags():
-  flags.DEFINE_string("workdir", None, "Run directory (config.json + checkpoints/), local or gs://.")
+  flags.DEFINE_string("workdir", None,
+                      "Run directory (config.json + checkpoints/), local or gs://.")
   flags.DEFINE_string("out", None, "Output directory (local) of the Hugging Face export.")
   flags.DEFINE_enum("dtype", "float32", DTYPES, "dtype of the stored weights.")
 

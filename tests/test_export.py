@@ -21,7 +21,8 @@ pytestmark = pytest.mark.usefixtures("fast_compiles")
 torch = pytest.importorskip("torch", reason="export tests need torch (pip install -e .[export])")
 transformers = pytest.importorskip(
     "transformers", reason="export tests need transformers (pip install -e .[export])")
-pytest.importorskip("safetensors", reason="export tests need safetensors (pip install -e .[export])")
+pytest.importorskip("safetensors",
+                    reason="export tests need safetensors (pip install -e .[export])")
 
 ATOL = 1e-4
 

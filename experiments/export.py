@@ -367,6 +367,9 @@ def main(argv):
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
   if not flags.FLAGS.workdir or not flags.FLAGS.out:
     raise app.UsageError("--workdir and --out are required")
+  if not flags.FLAGS["verbosity"].present:  # the libraries' INFO lines only with --verbosity
+    from simbal_jax import main as main_lib  # pylint: disable=g-import-not-at-top
+    main_lib.quiet_library_logs()
   try:
     meta = export_run(flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.dtype)
   except (ValueError, ImportError, FileNotFoundError) as e:

@@ -259,7 +259,7 @@ def bytes_hf_tokenizer(eos_id, max_len):
                                               model_max_length=int(max_len))
 
 
-def write_tokenizer(tok, mcfg, out, max_len):
+def write_tokenizer(tok, mcfg, out, hf_tok=None):
   """Writes what a user needs to tokenize for the export; returns its description.
 
   Bytes: a Hugging Face tokenizer (tokenizer.json, so `AutoTokenizer` and lm-eval read it).
@@ -268,16 +268,15 @@ def write_tokenizer(tok, mcfg, out, max_len):
 
   Args:
     tok: the run's tokenizer (`data.tokenizers`). mcfg: model.ModelConfig. out: directory.
-    max_len: the training sequence length (the tokenizer's model_max_length).
+    hf_tok: `bytes_hf_tokenizer(...)` for a byte-level run (built before anything is written).
 
   Returns:
     dict: kind, vocab_size, eos_id, model_vocab_size and, where written, files.
   """
   info = {"kind": tok.name, "vocab_size": int(tok.vocab_size), "eos_id": int(tok.eos_id),
           "model_vocab_size": mcfg.vocab_size}
-  if tok.name == "bytes":
-    hf = bytes_hf_tokenizer(int(tok.eos_id), max_len)
-    info["files"] = sorted(os.path.basename(f) for f in hf.save_pretrained(out))
+  if hf_tok is not None:
+    info["files"] = sorted(os.path.basename(f) for f in hf_tok.save_pretrained(out))
   elif tok.name == "sentencepiece":
     shutil.copyfile(tok.model_path, os.path.join(out, "tokenizer.model"))
     info["files"] = ["tokenizer.model"]
@@ -341,9 +340,9 @@ def export_run(workdir, out, dtype="float32", devices=None):
                       "dropless (equal to the run's model with moe.capacity_factor=0)")
   bias = _host(state.expert_bias) if arch == GLM4_MOE else None
   tensors = hf_tensors(state.params, mcfg, arch, bias)
-  tok = env.datasets.tokenizer
-  config = hf_config(mcfg, arch, max_len=int(cfg.train.seq_len), eos_id=int(tok.eos_id),
-                     dtype=dtype)
+  tok, max_len = env.datasets.tokenizer, int(cfg.train.seq_len)
+  config = hf_config(mcfg, arch, max_len=max_len, eos_id=int(tok.eos_id), dtype=dtype)
+  hf_tok = bytes_hf_tokenizer(int(tok.eos_id), max_len) if tok.name == "bytes" else None
   meta = {"architecture": arch, "dtype": dtype, "transformers_version": transformers.__version__,
           "run": str(workdir), "step": int(_host(state.step))}
 
@@ -354,7 +353,7 @@ def export_run(workdir, out, dtype="float32", devices=None):
       {n: torch.from_numpy(w).to(torch.float32 if n.endswith(keep_fp32) else torch_dtype)
        for n, w in tensors.items()}, os.path.join(out, "model.safetensors"),
       metadata={"format": "pt"})
-  meta["tokenizer"] = write_tokenizer(tok, mcfg, out, int(cfg.train.seq_len))
+  meta["tokenizer"] = write_tokenizer(tok, mcfg, out, hf_tok)
   for name, obj in (("config.json", config), (META_FILE, meta)):
     with open(os.path.join(out, name), "w", encoding="utf-8") as f:
       json.dump(obj, f, indent=2)

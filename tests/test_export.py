@@ -170,7 +170,7 @@ def test_sentencepiece_model_file_is_written(tmp_path):
   out = tmp_path / "out"
   out.mkdir()
   mcfg = type("M", (), {"vocab_size": 320})()
-  info = export.write_tokenizer(tok, mcfg, str(out), 64)
+  info = export.write_tokenizer(tok, mcfg, str(out))
   assert info == {"kind": "sentencepiece", "vocab_size": tok.vocab_size, "eos_id": 1,
                   "model_vocab_size": 320, "files": ["tokenizer.model"]}
   again = tokenizers.SentencePieceTokenizer(str(out / "tokenizer.model"))

@@ -186,11 +186,12 @@ def state_shardings(abstract_tree, mesh, rules):
   return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
-def to_global(batch, batch_sharding, keys):
-  """Host-local numpy batch -> global jax arrays (those named in `keys`) sharded over the
-  batch axis (`jax.make_array_from_process_local_data`: each process passes its own rows)."""
+def to_global(batch, batch_sharding, keys=None):
+  """Host-local numpy batch -> global jax arrays (those named in `keys`, default all) sharded
+  over the batch axis (`jax.make_array_from_process_local_data`: each process passes its own
+  rows)."""
   return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
-          for k, v in batch.items() if k in keys}
+          for k, v in batch.items() if keys is None or k in keys}
 
 
 def replicated(mesh):

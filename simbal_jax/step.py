@@ -41,7 +41,8 @@ class TrainState:
     step: int32[] optimizer steps done.
     params: model parameters (unboxed).
     opt_state: optax state.
-    expert_bias: float32[Lm, E] Loss-Free selection bias ([0, 0] for a dense model).
+    expert_bias: float32[Lm, E] Loss-Free selection bias (a dense model: one unused 0 of shape
+      [1, 1]; a zero-size array cannot be checkpointed).
     rng: uint32[2] raw data of the train PRNG key (`jax.random.key_data`; raw so that every
       checkpoint format stores it). Each step splits it into the next state's key and the
       step's key, and the step's key into one key per use (`step_keys`): anything stochastic
@@ -135,7 +136,7 @@ def init_state(key, model, tx):
   dummy_len = mcfg.moe.num_groups if mcfg.moe else 1
   init_key, train_key = jax.random.split(key)
   params = model.init(init_key, jnp.zeros((1, dummy_len), jnp.int32))["params"]
-  bias_shape = (mcfg.num_moe_layers, mcfg.moe.num_experts) if mcfg.moe else (0, 0)
+  bias_shape = (mcfg.num_moe_layers, mcfg.moe.num_experts) if mcfg.moe else (1, 1)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     expert_bias=jnp.zeros(bias_shape, jnp.float32),
                     rng=jax.random.key_data(train_key))

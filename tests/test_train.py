@@ -366,3 +366,15 @@ def test_eval_batches_are_micro_batches_made_on_access():
   # 3 parts do not divide 16 rows, 4 parts of 4 rows do not split over 8 devices: 2 parts
   assert len(evaluate.EvalBatches(host, sharding_, micro=3)) == 4
   assert len(evaluate.EvalBatches(host, sharding_, micro=4)) == 4
+
+
+def test_a_dense_run_checkpoints_and_restores(tmp_path):
+  """A dense model (no experts, no balancing) saves its state and restores it bit-exactly."""
+  cfg = tiny_config("none", steps=2)
+  cfg.moe.num_experts, cfg.balance.terms, cfg.balance.loss_free = 0, "", False
+  cfg.ckpt.every = 1
+  summary, state = train.train_and_evaluate(cfg, str(tmp_path))
+  assert summary["status"] == "done" and "eval/maxvio" not in summary
+  assert os.path.isdir(tmp_path / "checkpoints" / "2")
+  _, restored = env_lib.restore_run(str(tmp_path))
+  jax.tree.map(np.testing.assert_array_equal, _params(state), _params(restored))

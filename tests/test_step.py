@@ -59,6 +59,11 @@ def test_steps_compile_once(tmp_path, method):
   assert shapes.pop("train/layer_maxvio") == shapes.pop("train/layer_entropy") == (n_moe,)
   assert all(s == () for s in shapes.values())
   assert all(k.startswith("train/") for k in metrics)
+  # A balancing term may not take the name of a metric the step emits itself.
+  own = {k[len("train/"):] for k in metrics} - {name for name, _ in env.sc.terms}
+  assert {n for n in own if n.startswith(balance.RESERVED_PREFIX)} == {
+      "layer_load", "layer_maxvio", "layer_entropy"}
+  assert {n for n in own if not n.startswith(balance.RESERVED_PREFIX)} <= set(balance.RESERVED)
   expected = {"lbl": "train/lbl", "lf_simbal": "train/simbal"}[method]
   assert expected in metrics and np.isfinite(float(metrics[expected]))
   # The Loss-Free bias moves only when the method uses it.

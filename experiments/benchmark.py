@@ -11,7 +11,7 @@ Modes:
   moe_layer   `moe.MoEBlock` forward+backward against a dense SwiGLU `moe.MLP` with
               d_ff = K * expert d_ff (the same useful FLOPs). Useful FLOPs count only the K routed
               expert matmuls: 6 * T * K * 3 * D * F (fwd + bwd); capacity padding is not useful.
-  train_step  the jitted train step of `train.make_steps` on synthetic random tokens (no data
+  train_step  the jitted train step of `simbal_jax.train` on synthetic random tokens (no data
               pipeline): step ms, tokens/s, MFU from `model.flops_per_token`.
   memory      the per-device memory estimate (`memory.memory_estimate`, what the trainer checks
               before compiling) against XLA's memory analysis of the compiled train step

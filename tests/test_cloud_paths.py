@@ -28,7 +28,7 @@ from simbal_jax import telemetry
 from simbal_jax import train
 from simbal_jax.runio import writers
 from simbal_jax.data import pipeline
-from test_train import tiny_config
+from conftest import tiny_config
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 

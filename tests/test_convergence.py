@@ -126,7 +126,7 @@ def test_missing_reference_is_a_clear_error(tmp_path):
 def test_half_finished_matrix_resumes_without_retraining(tmp_path, monkeypatch):
   import jax  # pylint: disable=g-import-not-at-top
   from simbal_jax import train  # pylint: disable=g-import-not-at-top
-  from test_train import tiny_config  # pylint: disable=g-import-not-at-top
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
   cfg = tiny_config("lbl", steps=4)
   cfg.train.num_evals, cfg.train.pes_tokens, cfg.ckpt.every = 2, 16, 2
   real = train.train_and_evaluate

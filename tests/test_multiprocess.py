@@ -14,7 +14,7 @@ import pytest
 
 from simbal_jax import train
 from simbal_jax.runio import writers
-from tests.test_train import tiny_config
+from tests.conftest import tiny_config  # importable by the worker processes too
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 

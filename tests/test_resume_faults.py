@@ -21,9 +21,9 @@ from simbal_jax import train
 from simbal_jax.runio import writers
 from test_reliability import _flip
 from test_reliability import _state_files
-from test_train import _params as state_of
-from test_train import losses_of as losses
-from test_train import tiny_config as tiny  # d 32, 4 experts, synthetic data, ckpt every 4
+from conftest import losses_of as losses
+from conftest import state_of
+from conftest import tiny_config as tiny  # d 32, 4 experts, synthetic data, ckpt every 4
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

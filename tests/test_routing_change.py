@@ -7,7 +7,7 @@ import pytest
 from simbal_jax import analysis
 from simbal_jax import sharding
 from simbal_jax import train
-from test_train import tiny_config
+from conftest import tiny_config
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 

@@ -184,7 +184,7 @@ def test_trained_router_specialises_on_synthetic_domains(tmp_path):
   """
   from simbal_jax import sharding  # pylint: disable=g-import-not-at-top
   from simbal_jax import train  # pylint: disable=g-import-not-at-top
-  from test_train import tiny_config  # pylint: disable=g-import-not-at-top
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
   cfg = tiny_config("simbal", steps=300)
   cfg.ckpt.enabled, cfg.log.every = False, 50
   cfg.moe.top_k = 1

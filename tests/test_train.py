@@ -6,61 +6,16 @@ import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from simbal_jax.configs import demo
 from simbal_jax import train
 from simbal_jax.runio import writers
 
+from conftest import losses_of, nan_loss_at_step, state_of, tiny_config
+
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
-
-
-def tiny_config(method="lbl", steps=8, **train_kw):
-  """The demo config shrunk: 2 layers, d 32, 4 experts top-2, synthetic corpus."""
-  cfg = demo.get_config(method)
-  cfg.model.d_model, cfg.model.num_heads, cfg.model.d_ff = 32, 2, 64
-  cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.d_ff = 4, 2, 32
-  cfg.data.source = "synthetic"
-  cfg.data.synthetic.vocab_size = 64
-  cfg.data.synthetic.num_docs = 256
-  cfg.train.seq_len, cfg.train.global_batch_size = 16, 8
-  cfg.train.num_steps, cfg.train.num_evals, cfg.train.eval_tokens = steps, 0, 128
-  cfg.opt.warmup_steps = 2
-  cfg.ckpt.every, cfg.ckpt.async_save = 4, True
-  cfg.log.every, cfg.log.progress, cfg.log.tensorboard = 1, False, False
-  for k, v in train_kw.items():
-    cfg.train[k] = v
-  return cfg
-
-
-def nan_loss_at_step(monkeypatch, bad_step):
-  """Makes the trainer's step report a NaN loss at `bad_step` (the fault is injected here, not
-  by a hook in production code)."""
-  real_make_train_step = train.make_train_step
-
-  def poisoned_make_train_step(env):
-    step_fn = real_make_train_step(env)
-
-    def poisoned(state, batch):
-      state, metrics = step_fn(state, batch)
-      if int(state.step) == bad_step:
-        metrics = dict(metrics, **{"train/loss": jnp.float32(jnp.nan)})
-      return state, metrics
-    return poisoned
-
-  monkeypatch.setattr(train, "make_train_step", poisoned_make_train_step)
-
-
-def losses_of(workdir):
-  return {r["step"]: r["train/loss"] for r in writers.read_jsonl(
-      os.path.join(workdir, "metrics.jsonl")) if "train/loss" in r}
-
-
-def _params(state):
-  return jax.tree.map(np.asarray, jax.device_get(state))
 
 
 def test_sigterm_then_resume_is_bit_exact(tmp_path):
@@ -83,7 +38,7 @@ def test_sigterm_then_resume_is_bit_exact(tmp_path):
   la, lb = losses_of(tmp_path / "a"), losses_of(tmp_path / "b")
   assert sorted(la) == sorted(lb) == list(range(1, 2 * k + 1))
   assert [la[s] for s in sorted(la)] == [lb[s] for s in sorted(lb)]  # bit-exact
-  a, b = _params(straight_state), _params(resumed_state)
+  a, b = state_of(straight_state), state_of(resumed_state)
   jax.tree.map(np.testing.assert_array_equal, a, b)
   assert np.abs(a.expert_bias).max() > 0  # the Loss-Free bias moved and was checkpointed
 
@@ -284,7 +239,7 @@ def test_grad_accumulation_matches_full_batch(tmp_path):
   lf, la = losses_of(tmp_path / "full"), losses_of(tmp_path / "accum")
   np.testing.assert_allclose([la[s] for s in (1, 2, 3)], [lf[s] for s in (1, 2, 3)], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               _params(full).params, _params(accum).params)
+               state_of(full).params, state_of(accum).params)
 
 
 def test_eval_schedule_and_config_json(tmp_path):

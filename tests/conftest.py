@@ -1,17 +1,31 @@
 """Test setup and shared helpers.
 
-Set before jax is imported anywhere: 8 fake CPU devices.
+Set before jax is imported anywhere: 8 fake CPU devices, and one persistent XLA compilation
+cache for the whole session (a temporary directory made by the first pytest process and
+inherited through the environment by the xdist workers and by the subprocesses tests start):
+the tests compile the same tiny models again and again (fresh closures, fresh processes), and
+a repeated compile becomes a file read. The directory is removed when that process ends.
 
 `tiny_config` is the one tiny training config the end-to-end tests derive theirs from,
 `tiny_model_config` the model-level tests' tiny model;
 `losses_of` and `state_of` read a finished run back; `nan_loss_at_step` injects a divergence.
 """
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _CACHE = tempfile.mkdtemp(prefix="simbal_jax_tests_xla_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+  # Every computation, however small or quick to compile, is written to the cache.
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import jax  # noqa: E402
 

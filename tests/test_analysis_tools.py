@@ -86,6 +86,7 @@ metric_list:
 """
 
 
+@pytest.mark.slow
 def test_lm_eval_scores_a_local_multiple_choice_task(trained, tmp_path, monkeypatch):
   """lm-eval runs a task defined here on a local file through
   simbal_jax.experiments.downstream.SimbalLM; its accuracy equals an independent float64 scoring

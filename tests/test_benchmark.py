@@ -67,6 +67,7 @@ def test_train_step_mfu():
   assert abs(row["tokens_per_s"] - 64 / (row["step_ms"] * 1e-3)) < 1e-6 * row["tokens_per_s"]
 
 
+@pytest.mark.slow
 def test_routing_modes():
   report = benchmark.run("routing", settings(), tiny_config())
   _check_env(report)

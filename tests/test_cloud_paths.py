@@ -191,6 +191,7 @@ def test_data_cache_of_a_cloud_workdir_is_local_and_logged(fake_gcs, tmp_path, m
   assert next(ds.train_iter())["inputs"].shape == (4, 32)
 
 
+@pytest.mark.slow
 def test_training_on_a_gs_workdir_writes_the_bucket_and_resumes(fake_gcs):
   cfg = tiny_config("lbl", steps=4)
   cfg.ckpt.every, cfg.log.tensorboard, cfg.train.pes_tokens = 2, True, 0

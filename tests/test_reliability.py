@@ -167,6 +167,7 @@ def test_lock_of_another_host_counts_until_its_heartbeat_is_stale(tmp_path):
   rundir.WorkdirLock(tmp_path).release()
 
 
+@pytest.mark.slow
 def test_moved_workdir_resumes_exactly(tmp_path):
   docs = tmp_path / "docs"
   docs.mkdir()

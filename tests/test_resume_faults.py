@@ -113,6 +113,7 @@ def test_divergence_leaves_no_non_finite_checkpoint(tmp_path):
   manager.close()
 
 
+@pytest.mark.slow
 def test_full_disk_is_one_line_and_a_later_run_resumes(straight, tmp_path, monkeypatch, capfd):
   """The writes of step 8's checkpoint fail with ENOSPC in Orbax's save thread (its JSON items
   go through epath): the run ends in one CheckpointSaveError line; step 4 is intact, nothing of

@@ -147,6 +147,7 @@ def _one_step(cfg, devices, batch):
   return env, state, new_state, metrics
 
 
+@pytest.mark.slow
 def test_fsdp_train_step_matches_single_device():
   """2 data x 2 fsdp x 2 expert == 1 device: loss, gradients (AdamW's first moment after one
   step is (1 - b1) * grad), updated parameters; parameters and optimizer state really shard."""

@@ -18,6 +18,7 @@ from conftest import losses_of, nan_loss_at_step, state_of, tiny_config
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_is_bit_exact(tmp_path):
   k = 4
   cfg = tiny_config("lf_lbl", steps=2 * k)  # LBL + Loss-Free bias state
@@ -43,6 +44,7 @@ def test_sigterm_then_resume_is_bit_exact(tmp_path):
   assert np.abs(a.expert_bias).max() > 0  # the Loss-Free bias moved and was checkpointed
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_is_skipped(tmp_path):
   cfg = tiny_config("simbal", steps=8)
   cfg.ckpt.every = 4
@@ -179,6 +181,7 @@ def test_bad_text_file_raises_before_training(tmp_path, make_bad):
   assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
 
 
+@pytest.mark.slow
 def test_sharded_step_matches_single_device(tmp_path):
   assert jax.device_count() == 8
   cfg = tiny_config("lbl", steps=2)
@@ -192,6 +195,7 @@ def test_sharded_step_matches_single_device(tmp_path):
   np.testing.assert_allclose(sharded["eval/loss"], single["eval/loss"], rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_loss_falls_and_balancing_matters(tmp_path):
   """Synthetic corpus, 200 steps: the train CE falls with LBL and SimBal; without balancing the
   eval load ends up far less even than with LBL.
@@ -229,6 +233,7 @@ def test_loss_falls_and_balancing_matters(tmp_path):
   assert out["simbal"]["eval/ortho_l1"] < out["none"]["eval/ortho_l1"]
 
 
+@pytest.mark.slow
 def test_grad_accumulation_matches_full_batch(tmp_path):
   """SimBal + CE + z-loss are means over tokens: 2 micro-batches == the full batch."""
   cfg = tiny_config("simbal", steps=3)
@@ -277,6 +282,7 @@ def test_eval_schedule_and_config_json(tmp_path):
   assert idx[0] == 0 and idx[-1] == len(env_a.datasets.eval) - 1  # spans the whole split
 
 
+@pytest.mark.slow
 def test_document_mask_reaches_the_train_step(tmp_path):
   """data.document_mask=True: the batches' segment ids reach the model in the train step (the
   first loss differs from the unmasked run on the same batches; packing makes boundaries)."""

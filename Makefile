@@ -36,7 +36,7 @@ MIN_TESTS ?= tests/test_losses.py tests/test_routing.py tests/test_balance.py \
 	"tests/test_moe.py::test_ragged_impl_resolution_and_tokamax_use" \
 	tests/test_train.py::test_corrupt_latest_checkpoint_is_skipped
 
-.PHONY: install test demo min-versions aot clean
+.PHONY: install test test-quick demo min-versions aot clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,10 @@ install: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 tests $(PYTEST_ARGS)
+
+# Everything but the tests marked slow (setup.cfg's markers): whole training runs, subprocesses.
+test-quick: $(VENV)/.installed
+	$(PY) -m pytest -q -n 2 -m "not slow" tests $(PYTEST_ARGS)
 
 $(VENV_MIN)/.installed: setup.cfg pyproject.toml tools/min_requirements.py
 	rm -rf $(VENV_MIN)

@@ -12,21 +12,17 @@ import math
 import re
 
 import numpy as np
+import scipy.stats
 
 from simbal_jax import eval_metrics
 
 # Logged at every evaluation (change since the previous one): eval/<name>, mean over layers.
 CHANGE_METRICS = ("churn", "expert_move", "stagnant")
-# Two-sided 95 % Student t quantiles t_{0.975, df} for df = 1..30 (larger df: normal 1.96).
-_T975 = (12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004,
-         2.262157, 2.228139, 2.200985, 2.178813, 2.160369, 2.144787, 2.131450, 2.119905,
-         2.109816, 2.100922, 2.093024, 2.085963, 2.079614, 2.073873, 2.068658, 2.063899,
-         2.059539, 2.055529, 2.051831, 2.048407, 2.045230, 2.042272)
 
 
 def t975(df):
   """The 0.975 quantile of Student's t with `df` degrees of freedom (df >= 1)."""
-  return _T975[df - 1] if df <= len(_T975) else 1.959964
+  return float(scipy.stats.t.ppf(0.975, df))
 
 
 def mean_ci(values):

@@ -99,16 +99,20 @@ class Term(NamedTuple):
 
 
 TERMS: dict[str, Term] = {}
-# Metric names the trainer uses itself; a term may not shadow them (`train/<name>`).
-RESERVED = ("loss", "ce", "z_loss", "grad_norm", "param_norm", "lr", "tokens", "maxvio",
-            "dropped", "bias_absmax")
+# Names the trainer logs itself as `train/<name>`, which a term (logged as `train/<term>`) may
+# not shadow: step.train_step's scalars, the train loop's `tokens`, telemetry's throughput;
+# `layer_*` is the per-layer namespace (train_step's layer_load, layer_maxvio, layer_entropy
+# arrays, split by the host into `train/layer_<i>/...`). tests/test_step.py checks the step's.
+RESERVED = ("loss", "ce", "z_loss", "dropped", "grad_norm", "param_norm", "lr", "maxvio",
+            "bias_absmax", "tokens", "tokens_per_second", "mfu")
+RESERVED_PREFIX = "layer_"
 
 
 def register(name: str, fn: Callable, default_coef: float) -> Term:
   """Registers `fn` under `name` (replacing an earlier registration) and returns the Term."""
-  if not name.isidentifier() or name in RESERVED:
-    raise ValueError(f"balancing term name {name!r} must be an identifier and not one of "
-                     f"{', '.join(RESERVED)}")
+  if not name.isidentifier() or name in RESERVED or name.startswith(RESERVED_PREFIX):
+    raise ValueError(f"balancing term name {name!r} must be an identifier, not one of "
+                     f"{', '.join(RESERVED)} and not start with {RESERVED_PREFIX!r}")
   TERMS[name] = Term(name, fn, float(default_coef))
   return TERMS[name]
 

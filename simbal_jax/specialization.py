@@ -175,14 +175,6 @@ def _pes_sampled(outputs, token_N, first_NxP, second_NxP, eps):
 # ---------------------------------------------------------------------- routing consistency
 
 
-def _average_ranks(values_N):
-  """1-based ranks of float32[N] with ties given their average rank (as scipy's rankdata)."""
-  sorted_N = jnp.sort(values_N)
-  below = jnp.searchsorted(sorted_N, values_N, side="left")
-  through = jnp.searchsorted(sorted_N, values_N, side="right")
-  return (below + through + 1).astype(jnp.float32) / 2.0
-
-
 def spearman(a_N, b_N):
   """Spearman rank correlation of two samples (Pearson correlation of average-tie ranks).
 
@@ -202,7 +194,8 @@ def spearman(a_N, b_N):
 
 @jax.jit
 def _spearman(a, b):
-  ra, rb = _average_ranks(a), _average_ranks(b)
+  # Ties get their average 1-based rank (as scipy's rankdata); a NaN makes all ranks NaN (-> 0).
+  ra, rb = (jax.scipy.stats.rankdata(v, method="average").astype(jnp.float32) for v in (a, b))
   ra, rb = ra - jnp.mean(ra), rb - jnp.mean(rb)
   denom = jnp.sqrt(jnp.sum(jnp.square(ra)) * jnp.sum(jnp.square(rb)))
   return jnp.where(denom > 0, jnp.sum(ra * rb) / jnp.where(denom > 0, denom, 1.0), 0.0)

@@ -1,15 +1,38 @@
-"""Test setup: 8 fake CPU devices, set before jax is imported anywhere."""
+"""Test setup and shared helpers.
+
+Set before jax is imported anywhere: 8 fake CPU devices, and one persistent XLA compilation
+cache for the whole session (a temporary directory made by the first pytest process and
+inherited through the environment by the xdist workers and by the subprocesses tests start):
+the tests compile the same tiny models again and again (fresh closures, fresh processes), and
+a repeated compile becomes a file read. The directory is removed when that process ends.
+
+`tiny_config` is the one tiny training config the end-to-end tests derive theirs from,
+`tiny_model_config` the model-level tests' tiny model;
+`losses_of` and `state_of` read a finished run back; `nan_loss_at_step` injects a divergence.
+"""
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _CACHE = tempfile.mkdtemp(prefix="simbal_jax_tests_xla_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+  # Every computation, however small or quick to compile, is written to the cache.
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import jax  # noqa: E402
 
 jax.config.update("jax_platforms", "cpu")
 
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
@@ -23,3 +46,94 @@ def fast_compiles():
   jax.config.update("jax_disable_most_optimizations", True)
   yield
   jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def tiny_config(method="lbl", steps=8, **sections):
+  """configs/demo.py shrunk for end-to-end tests.
+
+  2 layers, d_model 32, 2 heads, dense d_ff 64; 4 experts top-2 with d_ff 32; the synthetic
+  corpus (vocab 64, 256 documents); seq_len 16, global batch 8, `steps` steps, warmup 2; one
+  evaluation (at the end) of 128 tokens; async checkpoints every 4 steps; a metrics record every
+  step, no progress bar, no TensorBoard.
+
+  Args:
+    method: a variant of configs/demo.py ("lbl", "simbal", "lf_lbl", "none", "dense", ...).
+    steps: train.num_steps.
+    **sections: field overrides by config section, applied last, e.g.
+      `tiny_config("lbl", train=dict(seq_len=12), moe=dict(num_groups=8))`.
+
+  Returns:
+    ml_collections.ConfigDict.
+  """
+  from simbal_jax.configs import demo  # pylint: disable=g-import-not-at-top
+  cfg = demo.get_config(method)
+  cfg.model.d_model, cfg.model.num_heads, cfg.model.d_ff = 32, 2, 64
+  cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.d_ff = 4, 2, 32
+  cfg.data.source = "synthetic"
+  cfg.data.synthetic.vocab_size = 64
+  cfg.data.synthetic.num_docs = 256
+  cfg.train.seq_len, cfg.train.global_batch_size = 16, 8
+  cfg.train.num_steps, cfg.train.num_evals, cfg.train.eval_tokens = steps, 0, 128
+  cfg.opt.warmup_steps = 2
+  cfg.ckpt.every, cfg.ckpt.async_save = 4, True
+  cfg.log.every, cfg.log.progress, cfg.log.tensorboard = 1, False, False
+  for section, fields in sections.items():
+    for name, value in fields.items():
+      if name not in cfg[section]:
+        raise KeyError(f"tiny_config: no field {section}.{name}")
+      cfg[section][name] = value
+  return cfg
+
+
+def tiny_model_config(moe=True, **fields):
+  """A tiny model.ModelConfig for model-level tests (no training config).
+
+  Vocab 61, d_model 32, 2 layers, 4 heads, d_ff 48, float32; with `moe` every block is MoE:
+  4 experts top-2 of d_ff 16, dropless, orthogonal router.
+
+  Args:
+    moe: True, False (dense), or a dict of MoEConfig field overrides.
+    **fields: ModelConfig field overrides.
+  """
+  from simbal_jax import model  # pylint: disable=g-import-not-at-top
+  moe_cfg = None
+  if moe:
+    moe_args = dict(num_experts=4, top_k=2, d_ff=16, capacity_factor=0.0,
+                    router_init="orthogonal")
+    moe_args.update(moe if isinstance(moe, dict) else {})
+    moe_cfg = model.MoEConfig(**moe_args)
+  args = dict(vocab_size=61, d_model=32, num_layers=2, num_heads=4, d_ff=48, moe=moe_cfg,
+              dtype="float32")
+  args.update(fields)
+  return model.ModelConfig(**args)
+
+
+def nan_loss_at_step(monkeypatch, bad_step):
+  """Makes the trainer's step report a NaN loss at `bad_step` (the fault is injected here, not
+  by a hook in production code)."""
+  from simbal_jax import env as env_lib  # pylint: disable=g-import-not-at-top
+  real_make_train_step = env_lib.make_train_step
+
+  def poisoned_make_train_step(env):
+    step_fn = real_make_train_step(env)
+
+    def poisoned(state, batch):
+      state, metrics = step_fn(state, batch)
+      if int(state.step) == bad_step:
+        metrics = dict(metrics, **{"train/loss": jnp.float32(jnp.nan)})
+      return state, metrics
+    return poisoned
+
+  monkeypatch.setattr(env_lib, "make_train_step", poisoned_make_train_step)
+
+
+def losses_of(workdir):
+  """{step: train/loss} of the run in `workdir` (its metrics.jsonl)."""
+  from simbal_jax.runio import writers  # pylint: disable=g-import-not-at-top
+  return {r["step"]: r["train/loss"] for r in writers.read_jsonl(
+      os.path.join(workdir, "metrics.jsonl")) if "train/loss" in r}
+
+
+def state_of(state):
+  """A train state as a tree of host NumPy arrays."""
+  return jax.tree.map(np.asarray, jax.device_get(state))

@@ -43,6 +43,7 @@ def test_all_expert_outputs_matches_numpy_swiglu():
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_layer_pes_matches_numpy_and_works_with_remat():
   mcfg = model_lib.ModelConfig(
       vocab_size=32, d_model=16, num_layers=3, num_heads=2, d_ff=32, dtype="float32",

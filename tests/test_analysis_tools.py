@@ -16,12 +16,11 @@ pytestmark = pytest.mark.usefixtures("fast_compiles")
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, fast_compiles):
   del fast_compiles
-  from test_train import tiny_config  # pylint: disable=g-import-not-at-top
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
   docs = tmp_path_factory.mktemp("docs")
   for i in range(40):  # a byte-level text corpus, so lm-eval's text tasks can be tokenized
     (docs / f"doc{i}.txt").write_text(f"q{i}: a b x y zz a b a " * (5 + i % 7))
-  cfg = tiny_config("simbal", steps=6)
-  cfg.moe.num_experts, cfg.moe.top_k = 4, 2
+  cfg = tiny_config("simbal", steps=6)  # 4 experts, top-2
   cfg.data.update(source="text_files", globs=str(docs / "*.txt"), tokenizer="bytes",
                   eval_fraction=0.2)
   workdir = str(tmp_path_factory.mktemp("run"))
@@ -88,6 +87,7 @@ metric_list:
 """
 
 
+@pytest.mark.slow
 def test_lm_eval_scores_a_local_multiple_choice_task(trained, tmp_path, monkeypatch):
   """lm-eval runs a task defined here on a local file through
   simbal_jax.experiments.downstream.SimbalLM; its accuracy equals an independent float64 scoring

@@ -8,6 +8,8 @@ from simbal_jax import balance
 from simbal_jax import losses
 from simbal_jax import routing
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 
 def test_parse_terms_order_defaults_and_round_trip():
   assert balance.parse_terms("simbal:0.1+lbl:0.01") == (("simbal", 0.1), ("lbl", 0.01))
@@ -27,9 +29,16 @@ def test_parse_terms_errors_name_the_field(spec, match):
   assert str(err.value).startswith("balance.terms=")
 
 
-def test_register_rejects_reserved_names():
-  with pytest.raises(ValueError, match="loss"):
-    balance.register("loss", lambda layer, options: 0.0, 0.1)
+# Names the trainer logs as train/<name> (tests/test_step.py checks they are all RESERVED).
+@pytest.mark.parametrize("name", ["loss", "dropped", "bias_absmax", "tokens_per_second", "mfu",
+                                  "layer_load", "layer_entropy", "layer_maxvio"])
+def test_register_rejects_names_of_real_metrics(name):
+  with pytest.raises(ValueError, match="must be an identifier, not one of"):
+    balance.register(name, lambda layer, options: 0.0, 0.1)
+  assert name not in balance.TERMS
+
+
+def test_register_rejects_non_identifiers():
   with pytest.raises(ValueError, match="identifier"):
     balance.register("my-term", lambda layer, options: 0.0, 0.1)
 

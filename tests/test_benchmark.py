@@ -9,8 +9,9 @@ import sys
 import jax
 import pytest
 
-from simbal_jax.configs import demo
 from simbal_jax.experiments import benchmark
+
+import conftest
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
@@ -19,12 +20,9 @@ TINY_SHAPE = "2:4:32:16"  # K:E:D:F
 
 
 def tiny_config(method="lbl"):
-  """The demo config shrunk to one tiny layer (synthetic tokens, no data)."""
-  cfg = demo.get_config(method)
-  cfg.model.d_model, cfg.model.num_layers, cfg.model.num_heads = 32, 1, 2
-  cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.d_ff = 4, 2, 16
-  cfg.train.seq_len, cfg.train.global_batch_size = 16, 4
-  return cfg
+  """The tests' tiny config with one layer, expert d_ff 16, batch 4 (random tokens, no data)."""
+  return conftest.tiny_config(method, model=dict(num_layers=1), moe=dict(d_ff=16),
+                              train=dict(global_batch_size=4))
 
 
 def settings(**kw):
@@ -69,6 +67,7 @@ def test_train_step_mfu():
   assert abs(row["tokens_per_s"] - 64 / (row["step_ms"] * 1e-3)) < 1e-6 * row["tokens_per_s"]
 
 
+@pytest.mark.slow
 def test_routing_modes():
   report = benchmark.run("routing", settings(), tiny_config())
   _check_env(report)

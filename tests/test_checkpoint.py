@@ -15,6 +15,8 @@ from simbal_jax.runio import checkpoint
 from simbal_jax.runio import integrity
 from simbal_jax.runio import rundir
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 
 def _state(v, step):
   return {"params": {"w": jnp.full((3, 4), float(v)), "b": jnp.arange(4.0) * v},

@@ -29,7 +29,7 @@ from simbal_jax import telemetry
 from simbal_jax import train
 from simbal_jax.runio import writers
 from simbal_jax.data import pipeline
-from test_train import tiny_config
+from conftest import tiny_config
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
@@ -192,6 +192,7 @@ def test_data_cache_of_a_cloud_workdir_is_local_and_logged(fake_gcs, tmp_path, m
   assert next(ds.train_iter())["inputs"].shape == (4, 32)
 
 
+@pytest.mark.slow
 def test_training_on_a_gs_workdir_writes_the_bucket_and_resumes(fake_gcs):
   cfg = tiny_config("lbl", steps=4)
   cfg.ckpt.every, cfg.log.tensorboard, cfg.train.pes_tokens = 2, True, 0

@@ -187,6 +187,7 @@ def _text(cell):
   return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
 
 
+@pytest.mark.slow
 def test_notebook_runs_headless_within_the_budget(executed):
   nb, seconds, runs = executed
   print(f"notebook executed in {seconds:.1f} s")
@@ -212,6 +213,7 @@ def test_notebook_runs_headless_within_the_budget(executed):
     assert "TensorBoard is not installed" in tensorboard
 
 
+@pytest.mark.slow  # executes the notebook (fixture `executed`)
 @pytest.mark.parametrize("cid", _PLOTS)
 def test_every_plot_is_drawn(executed, cid):
   outputs = _cell(executed[0], cid).outputs

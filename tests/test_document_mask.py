@@ -14,7 +14,8 @@ import pytest
 
 from simbal_jax import model
 from simbal_jax.data import packing
-from simbal_jax.moe import MoEConfig
+
+from conftest import tiny_model_config
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
@@ -22,10 +23,7 @@ EOS = 60
 
 
 def _cfg(moe):
-  moe_cfg = MoEConfig(num_experts=4, top_k=2, d_ff=16, capacity_factor=0.0,
-                      router_init="orthogonal") if moe else None
-  return model.ModelConfig(vocab_size=61, d_model=32, num_layers=2, num_heads=4, d_ff=48,
-                           moe=moe_cfg, dtype="float32", attention_impl="xla")
+  return tiny_model_config(moe, attention_impl="xla")
 
 
 def _packed(key, length=14, boundaries=(5, 9)):

@@ -2,11 +2,12 @@
 import jax
 import pytest
 
-from simbal_jax.configs import demo
 from simbal_jax import env as env_lib
 from simbal_jax import memory
 from simbal_jax import sharding
 from simbal_jax import step as step_lib
+
+from conftest import tiny_config
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
@@ -19,11 +20,9 @@ def _device0_bytes(tree):
 
 @pytest.mark.parametrize("mesh", [(8, 1, 1, 1), (2, 2, 2, 1), (1, 8, 1, 1), (1, 2, 2, 2)])
 def test_estimate_matches_sharded_state_bytes(mesh):
-  cfg = demo.get_config("lbl")
-  cfg.model.vocab_size, cfg.model.d_model, cfg.model.num_heads, cfg.model.d_ff = 64, 32, 4, 48
-  cfg.moe.num_experts, cfg.moe.d_ff, cfg.moe.num_groups = 8, 16, 0
-  cfg.train.seq_len, cfg.train.global_batch_size = 8, 8
-  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.expert, cfg.mesh.model = mesh
+  cfg = tiny_config("lbl", model=dict(vocab_size=64, num_heads=4, d_ff=48),
+                    moe=dict(num_experts=8, d_ff=16, num_groups=0), train=dict(seq_len=8),
+                    mesh=dict(zip(("data", "fsdp", "expert", "model"), mesh)))
   env = env_lib.build(cfg, devices=jax.devices()[:8], data=False)
   with sharding.mesh_rules(env.mesh, env.rules):
     state = jax.jit(lambda k: step_lib.unbox(env.init(k)),
@@ -48,7 +47,6 @@ def test_trainer_refuses_a_state_that_cannot_fit(tmp_path, monkeypatch):
   """Parameters + gradients + AdamW moments above the device's memory: a clear error before
   anything compiles; the activation estimate alone only warns."""
   from simbal_jax import memory, train  # pylint: disable=g-import-not-at-top
-  from test_train import tiny_config  # pylint: disable=g-import-not-at-top
   cfg = tiny_config("lbl", steps=2)
   env = env_lib.build(cfg, str(tmp_path), devices=jax.devices()[:1])
   est = env_lib.check_memory(env)  # CPU: no device limit, nothing raised

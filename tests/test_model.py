@@ -11,17 +11,10 @@ import pytest
 from simbal_jax import model
 from simbal_jax.moe import MoEConfig
 
+from conftest import tiny_model_config
+
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
-
-
-def _tiny(moe=True, **kw):
-  moe_cfg = MoEConfig(num_experts=4, top_k=2, d_ff=16, capacity_factor=0.0,
-                      router_init="orthogonal") if moe else None
-  args = dict(vocab_size=61, d_model=32, num_layers=2, num_heads=4, d_ff=48, moe=moe_cfg,
-              dtype="float32")
-  args.update(kw)
-  return model.ModelConfig(**args)
 
 
 def _init(cfg, tokens):
@@ -29,7 +22,7 @@ def _init(cfg, tokens):
 
 
 def test_forward_shapes_dtypes_and_aux_stacking():
-  cfg = _tiny(num_layers=3, moe_every=2, dtype="bfloat16")  # only block 1 is MoE
+  cfg = tiny_model_config(num_layers=3, moe_every=2, dtype="bfloat16")  # only block 1 is MoE
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 8), 0, cfg.vocab_size)
   params = _init(cfg, tokens)
   bias = jnp.zeros((1, 4), jnp.float32)
@@ -48,14 +41,14 @@ def test_forward_shapes_dtypes_and_aux_stacking():
 
 
 def test_dense_model_has_no_aux():
-  cfg = _tiny(moe=False)
+  cfg = tiny_model_config(moe=False)
   tokens = jnp.zeros((1, 4), jnp.int32)
   logits, aux = model.Transformer(cfg).apply(_init(cfg, tokens), tokens)
   assert aux is None and logits.shape == (1, 4, 61)
 
 
 def test_causality():
-  cfg = _tiny()
+  cfg = tiny_model_config()
   tokens = jax.random.randint(jax.random.PRNGKey(2), (1, 10), 0, cfg.vocab_size)
   params = _init(cfg, tokens)
   apply = jax.jit(model.Transformer(cfg).apply)
@@ -66,7 +59,7 @@ def test_causality():
 
 
 def test_remat_same_loss_and_grads():
-  cfg = _tiny()
+  cfg = tiny_model_config()
   tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 6), 0, cfg.vocab_size)
   params = _init(cfg, tokens)
 
@@ -76,7 +69,7 @@ def test_remat_same_loss_and_grads():
       return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[..., None], -1))
     return jax.jit(jax.value_and_grad(fn))(params)
 
-  (l1, g1), (l2, g2) = loss(cfg), loss(_tiny(remat=True))
+  (l1, g1), (l2, g2) = loss(cfg), loss(tiny_model_config(remat=True))
   np.testing.assert_allclose(l1, l2, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
@@ -100,7 +93,7 @@ def test_rope_is_relative():
                                 dict(moe=MoEConfig(num_experts=4, top_k=1, d_ff=8,
                                                    shared_expert_d_ff=12))])
 def test_count_params_matches_eval_shape(kw):
-  cfg = _tiny(**kw)
+  cfg = tiny_model_config(**kw)
   shapes = jax.eval_shape(model.Transformer(cfg).init, jax.random.PRNGKey(0),
                           jnp.zeros((1, 4), jnp.int32))
   n_leaves = sum(math.prod(x.shape) for x in jax.tree.leaves(nn.unbox(shapes)))
@@ -153,15 +146,15 @@ def test_from_config_and_validation():
   with pytest.raises(ValueError, match="vocab_size"):
     model.ModelConfig.from_config(cfg)  # vocab_size 0 and no override
   with pytest.raises(ValueError, match="num_heads"):
-    _tiny(num_heads=5)
+    tiny_model_config(num_heads=5)
   with pytest.raises(ValueError, match="attention_impl"):
-    _tiny(attention_impl="flash")
+    tiny_model_config(attention_impl="flash")
   with pytest.raises(ValueError, match="dtype"):
-    _tiny(dtype="float8")
+    tiny_model_config(dtype="float8")
   with pytest.raises(ValueError, match="moe_every"):
-    _tiny(moe_every=3)
+    tiny_model_config(moe_every=3)
   assert model.resolve_attention_impl("auto", jnp.bfloat16, 64) == "xla"  # CPU
-  cfg_t = _tiny()
+  cfg_t = tiny_model_config()
   with pytest.raises(ValueError, match="expert_bias"):
     model.Transformer(cfg_t).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32),
                                   expert_bias=jnp.zeros((3, 4)))

@@ -14,7 +14,7 @@ import pytest
 
 from simbal_jax import train
 from simbal_jax.runio import writers
-from tests.test_train import tiny_config
+from tests.conftest import tiny_config  # importable by the worker processes too
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
@@ -89,6 +89,7 @@ def _losses(workdir):
       os.path.join(workdir, "metrics.jsonl")) if "train/loss" in r}
 
 
+@pytest.mark.slow
 def test_two_processes_train_stop_together_and_resume_exactly(tmp_path):
   workdir = str(tmp_path / "two")
   procs = _launch(workdir, "signal")

@@ -80,6 +80,7 @@ def test_imports_come_from_the_install(installed):
     assert os.path.realpath(f).startswith(os.path.realpath(site) + os.sep), f
 
 
+@pytest.mark.slow
 def test_config_name_trains_outside_the_checkout(installed):
   workdir = installed[2] / "run"
   got = _run(installed, "--config=demo:simbal", f"--workdir={workdir}", *TINY)

@@ -15,9 +15,10 @@ import pytest
 from simbal_jax.runio import checkpoint
 from simbal_jax.runio import rundir
 from simbal_jax import train
-from test_train import _params as state_of
-from test_train import losses_of as losses
-from test_train import tiny_config as tiny  # d 32, 4 experts, synthetic data, ckpt every 4
+from conftest import losses_of as losses
+from conftest import nan_loss_at_step
+from conftest import state_of
+from conftest import tiny_config as tiny  # d 32, 4 experts, synthetic data, ckpt every 4
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -166,6 +167,7 @@ def test_lock_of_another_host_counts_until_its_heartbeat_is_stale(tmp_path):
   rundir.WorkdirLock(tmp_path).release()
 
 
+@pytest.mark.slow
 def test_moved_workdir_resumes_exactly(tmp_path):
   docs = tmp_path / "docs"
   docs.mkdir()
@@ -210,7 +212,6 @@ def test_config_drift_is_refused_until_allowed(straight, tmp_path, caplog):
 
 
 def test_non_finite_loss_after_resume_names_the_checkpoint(straight, tmp_path, monkeypatch):
-  from test_train import nan_loss_at_step  # pylint: disable=g-import-not-at-top
   workdir = copy_of(straight, tmp_path)
   cfg = tiny(steps=10)
   nan_loss_at_step(monkeypatch, 9)

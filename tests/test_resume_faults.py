@@ -21,9 +21,9 @@ from simbal_jax import train
 from simbal_jax.runio import writers
 from test_reliability import _flip
 from test_reliability import _state_files
-from test_train import _params as state_of
-from test_train import losses_of as losses
-from test_train import tiny_config as tiny  # d 32, 4 experts, synthetic data, ckpt every 4
+from conftest import losses_of as losses
+from conftest import state_of
+from conftest import tiny_config as tiny  # d 32, 4 experts, synthetic data, ckpt every 4
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,6 +113,7 @@ def test_divergence_leaves_no_non_finite_checkpoint(tmp_path):
   manager.close()
 
 
+@pytest.mark.slow
 def test_full_disk_is_one_line_and_a_later_run_resumes(straight, tmp_path, monkeypatch, capfd):
   """The writes of step 8's checkpoint fail with ENOSPC in Orbax's save thread (its JSON items
   go through epath): the run ends in one CheckpointSaveError line; step 4 is intact, nothing of

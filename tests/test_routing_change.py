@@ -8,7 +8,7 @@ from simbal_jax import evaluate
 from simbal_jax import env as env_lib
 from simbal_jax import analysis
 from simbal_jax import sharding
-from test_train import tiny_config
+from conftest import tiny_config
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 

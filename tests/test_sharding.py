@@ -5,12 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from simbal_jax.configs import demo
 from simbal_jax import env as env_lib
 from simbal_jax import model
 from simbal_jax import sharding
 from simbal_jax import step as step_lib
 from simbal_jax.moe import MoEConfig
+
+from conftest import tiny_config, tiny_model_config
 
 P = jax.sharding.PartitionSpec
 
@@ -23,10 +24,8 @@ def _mesh_cfg(data=-1, expert=1, model_axis=1, fsdp=1):
 
 
 def _cfg(num_groups=1, capacity_factor=0.0, dispatch="capacity"):
-  return model.ModelConfig(
-      vocab_size=64, d_model=32, num_layers=2, num_heads=4, d_ff=48, dtype="float32",
-      moe=MoEConfig(num_experts=8, top_k=2, d_ff=16, capacity_factor=capacity_factor,
-                    router_init="orthogonal", num_groups=num_groups, dispatch=dispatch))
+  return tiny_model_config(vocab_size=64, moe=dict(num_experts=8, capacity_factor=capacity_factor,
+                                                   num_groups=num_groups, dispatch=dispatch))
 
 
 def test_make_mesh_shapes_and_axis_types():
@@ -132,13 +131,10 @@ def test_initialize_distributed_disabled_is_noop():
 
 
 def _fsdp_train_config():
-  cfg = demo.get_config("lbl")
-  cfg.model.vocab_size, cfg.model.d_model, cfg.model.num_heads, cfg.model.d_ff = 64, 32, 4, 48
-  cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.d_ff, cfg.moe.num_groups = 8, 2, 16, 0
-  cfg.moe.capacity_factor, cfg.moe.dispatch = 0.0, "buckets"
-  cfg.train.seq_len, cfg.train.global_batch_size, cfg.train.num_steps = 8, 8, 10
-  cfg.opt.warmup_steps = 1
-  return cfg
+  return tiny_config("lbl", steps=10, model=dict(vocab_size=64, num_heads=4, d_ff=48),
+                     moe=dict(num_experts=8, d_ff=16, num_groups=0, capacity_factor=0.0,
+                              dispatch="buckets"),
+                     train=dict(seq_len=8), opt=dict(warmup_steps=1))
 
 
 def _one_step(cfg, devices, batch):
@@ -151,6 +147,7 @@ def _one_step(cfg, devices, batch):
   return env, state, new_state, metrics
 
 
+@pytest.mark.slow
 def test_fsdp_train_step_matches_single_device():
   """2 data x 2 fsdp x 2 expert == 1 device: loss, gradients (AdamW's first moment after one
   step is (1 - b1) * grad), updated parameters; parameters and optimizer state really shard."""

@@ -173,6 +173,7 @@ def test_eval_metrics_reports_domain_mi_per_layer():
 # ------------------------------------------------------------------------------ end to end
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("fast_compiles")
 def test_trained_router_specialises_on_synthetic_domains(tmp_path):
   """Synthetic corpus (4 domains, vocabulary 16), 4 experts top-1, SimBal, 300 steps.
@@ -186,7 +187,7 @@ def test_trained_router_specialises_on_synthetic_domains(tmp_path):
   """
   from simbal_jax import sharding  # pylint: disable=g-import-not-at-top
   from simbal_jax import train  # pylint: disable=g-import-not-at-top
-  from test_train import tiny_config  # pylint: disable=g-import-not-at-top
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
   cfg = tiny_config("simbal", steps=300)
   cfg.ckpt.enabled, cfg.log.every = False, 50
   cfg.moe.top_k = 1

@@ -18,16 +18,14 @@ from simbal_jax import sharding
 from simbal_jax import step as step_lib
 from simbal_jax import train
 
+from conftest import tiny_config
+
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 @pytest.mark.parametrize("method", ["lf_simbal", "lbl"])
 def test_steps_compile_once(tmp_path, method):
-  cfg = demo.get_config(method)
-  cfg.model.d_model, cfg.model.num_heads, cfg.moe.num_experts, cfg.moe.d_ff = 32, 2, 4, 32
-  cfg.data.source, cfg.data.synthetic.num_docs = "synthetic", 256
-  cfg.data.synthetic.vocab_size = 64
-  cfg.train.seq_len, cfg.train.global_batch_size, cfg.train.num_steps = 16, 8, 4
+  cfg = tiny_config(method, steps=4)
   env = env_lib.build(cfg, str(tmp_path), devices=jax.devices()[:1])
   with sharding.mesh_rules(env.mesh, env.rules):
     state, _, source = env_lib.initial_state(env, None)
@@ -49,9 +47,10 @@ def test_steps_compile_once(tmp_path, method):
     it = env.datasets.train_iter()
     bias0 = np.asarray(state.expert_bias)
     for _ in range(3):  # a second trace would raise inside chex
-      state, metrics = train_step(state, sharding.to_global(next(it), env.batch_sharding, env_lib.TRAIN_KEYS))
+      state, metrics = train_step(state, sharding.to_global(next(it), env.batch_sharding))
     for batch in env.datasets.eval_batches(2):
-      eval_step(state.params, state.expert_bias, sharding.to_global(batch, env.batch_sharding, env_lib.TRAIN_KEYS))
+      eval_step(state.params, state.expert_bias,
+                sharding.to_global(batch, env.batch_sharding, env_lib.TRAIN_KEYS))
   assert int(state.step) == 3
   # Scalars, except the per-layer arrays (train/layer_*) that the host splits per layer.
   shapes = {k: np.shape(v) for k, v in metrics.items()}
@@ -60,6 +59,11 @@ def test_steps_compile_once(tmp_path, method):
   assert shapes.pop("train/layer_maxvio") == shapes.pop("train/layer_entropy") == (n_moe,)
   assert all(s == () for s in shapes.values())
   assert all(k.startswith("train/") for k in metrics)
+  # A balancing term may not take the name of a metric the step emits itself.
+  own = {k[len("train/"):] for k in metrics} - {name for name, _ in env.sc.terms}
+  assert {n for n in own if n.startswith(balance.RESERVED_PREFIX)} == {
+      "layer_load", "layer_maxvio", "layer_entropy"}
+  assert {n for n in own if not n.startswith(balance.RESERVED_PREFIX)} <= set(balance.RESERVED)
   expected = {"lbl": "train/lbl", "lf_simbal": "train/simbal"}[method]
   assert expected in metrics and np.isfinite(float(metrics[expected]))
   # The Loss-Free bias moves only when the method uses it.
@@ -89,7 +93,7 @@ def test_loss_fn_golden_simbal_lbl_sequence_scope(masked):
   ks = jax.random.split(jax.random.key(0), 3)
   batch = {"inputs": jax.random.randint(ks[0], (b, l), 0, v),
            "targets": jax.random.randint(ks[1], (b, l), 0, v)}
-  params = nn.unbox(model.init(ks[2], batch["inputs"])["params"])
+  params = nn.unbox(jax.jit(model.init)(ks[2], batch["inputs"])["params"])
   bias = jnp.zeros((mcfg.num_moe_layers, e))
   keep = np.ones((b, l), bool)
   if masked:  # padding tokens must leave every statistic; each sequence keeps some tokens
@@ -98,7 +102,7 @@ def test_loss_fn_golden_simbal_lbl_sequence_scope(masked):
   keep_t = keep.reshape(-1)
   loss, (out, counts) = jax.jit(functools.partial(step_lib.loss_fn, model=model, sc=sc))(
       params, batch, bias)
-  logits, aux = model.apply({"params": params}, batch["inputs"], expert_bias=bias)
+  logits, aux = jax.jit(model.apply)({"params": params}, batch["inputs"], expert_bias=bias)
 
   # Cross-entropy and logit z-loss.
   lg = np.asarray(logits, np.float64).reshape(b * l, v)
@@ -154,7 +158,7 @@ def _tiny_moe_setup(seed, b=8, l=6, v=32):
   ks = jax.random.split(jax.random.key(seed), 3)
   batch = {"inputs": jax.random.randint(ks[0], (b, l), 0, v),
            "targets": jax.random.randint(ks[1], (b, l), 0, v)}
-  params = nn.unbox(model.init(ks[2], batch["inputs"])["params"])
+  params = nn.unbox(jax.jit(model.init)(ks[2], batch["inputs"])["params"])
   return model, batch, params, jnp.zeros((2, 4))
 
 
@@ -171,13 +175,16 @@ def test_global_lbl_scope_with_grad_accum_is_exact():
     f = None
     if sc.global_lbl_accum:
       micro = jax.tree.map(lambda x: x.reshape(accum, b // accum, l), batch)
-      f = step_lib.global_expert_fraction(params, micro, bias, model=model)
+      f = jax.jit(functools.partial(step_lib.global_expert_fraction, model=model))(
+          params, micro, bias)
+    # Jitted (one compile per micro-batch shape), not op by op.
+    lbl_and_grad = jax.jit(jax.value_and_grad(
+        lambda p, mb, f: step_lib.loss_fn(p, mb, bias, model=model, sc=sc, expert_fraction=f)[1][
+            0]["lbl"]))
     outs = []
     for m in range(accum):
       mb = jax.tree.map(lambda x: x[m * b // accum:(m + 1) * b // accum], batch)
-      outs.append(jax.value_and_grad(
-          lambda p: step_lib.loss_fn(p, mb, bias, model=model, sc=sc, expert_fraction=f)[1][0][
-              "lbl"])(params))
+      outs.append(lbl_and_grad(params, mb, f))
     lbl = np.mean([float(o[0]) for o in outs])
     grad = jax.tree.map(lambda *g: sum(g) / accum, *[o[1] for o in outs])
     return lbl, grad
@@ -206,7 +213,7 @@ def test_micro_lbl_scope_is_the_same_with_grad_accum_and_in_the_train_step():
   the train step logs it as train/lbl."""
   model, batch, params, bias = _tiny_moe_setup(3)
   b, l = batch["inputs"].shape
-  _, aux = model.apply({"params": params}, batch["inputs"], expert_bias=bias)
+  _, aux = jax.jit(model.apply)({"params": params}, batch["inputs"], expert_bias=bias)
   probs = np.asarray(aux.router.probs, np.float64).reshape(2, b, l, 4)  # [Lm, B, L, E]
   index = np.asarray(aux.router.expert_index).reshape(2, b, l, 2)
   want = []
@@ -257,14 +264,8 @@ def test_new_term_with_one_function_and_one_registry_line(tmp_path):
 
   balance.register("top_prob", top_prob, default_coef=0.5)
   try:
-    cfg = demo.get_config("lbl")
+    cfg = tiny_config("lbl", steps=2, ckpt=dict(enabled=False))
     cfg.balance.terms = "top_prob+lbl:0.01"
-    cfg.model.d_model, cfg.model.num_heads, cfg.moe.num_experts, cfg.moe.d_ff = 32, 2, 4, 32
-    cfg.data.source, cfg.data.synthetic.num_docs = "synthetic", 256
-    cfg.data.synthetic.vocab_size = 64
-    cfg.train.seq_len, cfg.train.global_batch_size, cfg.train.num_steps = 16, 8, 2
-    cfg.train.eval_tokens, cfg.log.every = 128, 1
-    cfg.ckpt.enabled, cfg.log.progress, cfg.log.tensorboard = False, False, False
     summary, _ = train.train_and_evaluate(cfg, str(tmp_path), devices=jax.devices()[:1])
   finally:
     del balance.TERMS["top_prob"]
@@ -285,23 +286,17 @@ def writers_read(path):
 
 def test_init_does_not_depend_on_seq_len_or_groups(tmp_path):
   """Groups that do not divide seq_len are fine (init runs on num_groups tokens)."""
-  cfg = demo.get_config("lbl")
-  cfg.model.d_model, cfg.model.num_heads, cfg.moe.num_experts, cfg.moe.d_ff = 32, 2, 4, 32
-  cfg.data.source, cfg.data.synthetic.num_docs = "synthetic", 256
-  cfg.data.synthetic.vocab_size = 64
-  cfg.train.seq_len, cfg.train.global_batch_size, cfg.train.num_steps = 12, 8, 2
-  cfg.moe.num_groups = 8  # 8 * 12 tokens split in 8 groups; 12 % 8 != 0
-  cfg.ckpt.enabled, cfg.log.progress, cfg.log.tensorboard = False, False, False
+  # 8 * 12 tokens split in 8 groups; 12 % 8 != 0
+  cfg = tiny_config("lbl", steps=2, train=dict(seq_len=12), moe=dict(num_groups=8),
+                    ckpt=dict(enabled=False))
   summary, _ = train.train_and_evaluate(cfg, str(tmp_path), devices=jax.devices()[:1])
   assert summary["status"] == "done" and np.isfinite(summary["eval/loss"])
 
 
 @pytest.mark.parametrize("dispatch,groups", [("capacity", 8), ("ragged", 1)])
 def test_auto_groups_one_per_batch_shard(dispatch, groups):
-  cfg = demo.get_config("lbl")
-  cfg.model.vocab_size, cfg.model.d_model, cfg.model.num_heads = 64, 32, 2
-  cfg.moe.num_experts, cfg.moe.d_ff, cfg.moe.dispatch, cfg.moe.num_groups = 4, 32, dispatch, 0
-  cfg.mesh.data, cfg.mesh.expert = 2, 4  # 8 batch shards on the 8 fake devices
+  cfg = tiny_config("lbl", model=dict(vocab_size=64), moe=dict(dispatch=dispatch, num_groups=0),
+                    mesh=dict(data=2, expert=4))  # 8 batch shards on the 8 fake devices
   env = env_lib.build(cfg, devices=jax.devices()[:8], data=False)
   assert env.mcfg.moe.num_groups == groups
 

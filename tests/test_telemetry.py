@@ -13,7 +13,7 @@ from simbal_jax import model as model_lib
 from simbal_jax import telemetry
 from simbal_jax import train
 from simbal_jax.runio import writers
-from tests.test_train import tiny_config
+from conftest import tiny_config
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 

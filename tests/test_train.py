@@ -6,65 +6,21 @@ import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from simbal_jax.configs import demo
 from simbal_jax import evaluate
 from simbal_jax import env as env_lib
 from simbal_jax import train
 from simbal_jax.runio import writers
 
+from conftest import losses_of, nan_loss_at_step, state_of, tiny_config
+
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
-def tiny_config(method="lbl", steps=8, **train_kw):
-  """The demo config shrunk: 2 layers, d 32, 4 experts top-2, synthetic corpus."""
-  cfg = demo.get_config(method)
-  cfg.model.d_model, cfg.model.num_heads, cfg.model.d_ff = 32, 2, 64
-  cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.d_ff = 4, 2, 32
-  cfg.data.source = "synthetic"
-  cfg.data.synthetic.vocab_size = 64
-  cfg.data.synthetic.num_docs = 256
-  cfg.train.seq_len, cfg.train.global_batch_size = 16, 8
-  cfg.train.num_steps, cfg.train.num_evals, cfg.train.eval_tokens = steps, 0, 128
-  cfg.opt.warmup_steps = 2
-  cfg.ckpt.every, cfg.ckpt.async_save = 4, True
-  cfg.log.every, cfg.log.progress, cfg.log.tensorboard = 1, False, False
-  for k, v in train_kw.items():
-    cfg.train[k] = v
-  return cfg
-
-
-def nan_loss_at_step(monkeypatch, bad_step):
-  """Makes the trainer's step report a NaN loss at `bad_step` (the fault is injected here, not
-  by a hook in production code)."""
-  real_make_train_step = env_lib.make_train_step
-
-  def poisoned_make_train_step(env):
-    step_fn = real_make_train_step(env)
-
-    def poisoned(state, batch):
-      state, metrics = step_fn(state, batch)
-      if int(state.step) == bad_step:
-        metrics = dict(metrics, **{"train/loss": jnp.float32(jnp.nan)})
-      return state, metrics
-    return poisoned
-
-  monkeypatch.setattr(env_lib, "make_train_step", poisoned_make_train_step)
-
-
-def losses_of(workdir):
-  return {r["step"]: r["train/loss"] for r in writers.read_jsonl(
-      os.path.join(workdir, "metrics.jsonl")) if "train/loss" in r}
-
-
-def _params(state):
-  return jax.tree.map(np.asarray, jax.device_get(state))
-
-
+@pytest.mark.slow
 def test_sigterm_then_resume_is_bit_exact(tmp_path):
   k = 4
   cfg = tiny_config("lf_lbl", steps=2 * k)  # LBL + Loss-Free bias state
@@ -85,7 +41,7 @@ def test_sigterm_then_resume_is_bit_exact(tmp_path):
   la, lb = losses_of(tmp_path / "a"), losses_of(tmp_path / "b")
   assert sorted(la) == sorted(lb) == list(range(1, 2 * k + 1))
   assert [la[s] for s in sorted(la)] == [lb[s] for s in sorted(lb)]  # bit-exact
-  a, b = _params(straight_state), _params(resumed_state)
+  a, b = state_of(straight_state), state_of(resumed_state)
   jax.tree.map(np.testing.assert_array_equal, a, b)
   assert np.abs(a.expert_bias).max() > 0  # the Loss-Free bias moved and was checkpointed
   # The train key: split off the root key at init, split once per step, checkpointed.
@@ -96,6 +52,7 @@ def test_sigterm_then_resume_is_bit_exact(tmp_path):
   np.testing.assert_array_equal(resumed_state.rng, jax.random.key_data(key))
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_is_skipped(tmp_path):
   cfg = tiny_config("simbal", steps=8)
   cfg.ckpt.every = 4
@@ -232,6 +189,7 @@ def test_bad_text_file_raises_before_training(tmp_path, make_bad):
   assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
 
 
+@pytest.mark.slow
 def test_sharded_step_matches_single_device(tmp_path):
   assert jax.device_count() == 8
   cfg = tiny_config("lbl", steps=2)
@@ -245,6 +203,7 @@ def test_sharded_step_matches_single_device(tmp_path):
   np.testing.assert_allclose(sharded["eval/loss"], single["eval/loss"], rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_loss_falls_and_balancing_matters(tmp_path):
   """Synthetic corpus, 200 steps: the train CE falls with LBL and SimBal; without balancing the
   eval load ends up far less even than with LBL.
@@ -282,6 +241,7 @@ def test_loss_falls_and_balancing_matters(tmp_path):
   assert out["simbal"]["eval/ortho_l1"] < out["none"]["eval/ortho_l1"]
 
 
+@pytest.mark.slow
 def test_grad_accumulation_matches_full_batch(tmp_path):
   """SimBal + CE + z-loss are means over tokens: 2 micro-batches == the full batch."""
   cfg = tiny_config("simbal", steps=3)
@@ -292,7 +252,7 @@ def test_grad_accumulation_matches_full_batch(tmp_path):
   lf, la = losses_of(tmp_path / "full"), losses_of(tmp_path / "accum")
   np.testing.assert_allclose([la[s] for s in (1, 2, 3)], [lf[s] for s in (1, 2, 3)], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               _params(full).params, _params(accum).params)
+               state_of(full).params, state_of(accum).params)
 
 
 def test_eval_schedule_and_config_json(tmp_path):
@@ -330,6 +290,7 @@ def test_eval_schedule_and_config_json(tmp_path):
   assert idx[0] == 0 and idx[-1] == len(env_a.datasets.eval) - 1  # spans the whole split
 
 
+@pytest.mark.slow
 def test_document_mask_reaches_the_train_step(tmp_path):
   """data.document_mask=True: the batches' segment ids reach the model in the train step (the
   first loss differs from the unmasked run on the same batches; packing makes boundaries)."""
@@ -377,4 +338,4 @@ def test_a_dense_run_checkpoints_and_restores(tmp_path):
   assert summary["status"] == "done" and "eval/maxvio" not in summary
   assert os.path.isdir(tmp_path / "checkpoints" / "2")
   _, restored = env_lib.restore_run(str(tmp_path))
-  jax.tree.map(np.testing.assert_array_equal, _params(state), _params(restored))
+  jax.tree.map(np.testing.assert_array_equal, state_of(state), state_of(restored))

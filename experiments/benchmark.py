@@ -103,8 +103,8 @@ def bench_moe_layer(shape, tokens, *, capacity_factor=1.25, dispatch="capacity",
                     param_dtype="float32", warmup=3, iters=20, input_sets=2, seed=0,
                     peak_tflops=None, peak_gbps=None):
   """MoEBlock fwd+bwd vs dense SwiGLU (d_ff = K * F) on T tokens; returns one result row."""
+  from simbal_jax import dispatch as dispatch_lib  # pylint: disable=g-import-not-at-top
   from simbal_jax import moe  # pylint: disable=g-import-not-at-top
-  from simbal_jax import routing  # pylint: disable=g-import-not-at-top
   name, (k, e, d, f) = parse_shape(shape)
   dt, pdt = jnp.dtype(dtype), jnp.dtype(param_dtype)
   mcfg = moe.MoEConfig(num_experts=e, top_k=k, d_ff=f, capacity_factor=capacity_factor,
@@ -119,7 +119,7 @@ def bench_moe_layer(shape, tokens, *, capacity_factor=1.25, dispatch="capacity",
   flops = 6 * tokens * k * 3 * d * f
   row = dict(shape=name, top_k=k, experts=e, d_model=d, d_ff=f, dense_d_ff=k * f, tokens=tokens,
              capacity_factor=capacity_factor, dispatch=dispatch,
-             capacity=(routing.capacity(tokens, e, k, capacity_factor)
+             capacity=(dispatch_lib.capacity(tokens, e, k, capacity_factor)
                        if dispatch == "capacity" else None),
              dtype=dt.name, param_dtype=pdt.name, useful_gflop=flops / 1e9)
   calls, outs = {}, []
@@ -144,8 +144,9 @@ def bench_moe_layer(shape, tokens, *, capacity_factor=1.25, dispatch="capacity",
     row[f"{label}_tflops"] = flops / (t["median_ms"] * 1e-3) / 1e12
   row["dropped"] = float(np.mean([float(a.dropped) for a in outs[-input_sets:]]))
   if dispatch == "buckets":  # the bucket each input set ran at (one routing group)
-    caps = routing.capacity_buckets(tokens, e, k, mcfg.capacity_buckets)
-    row["capacity"] = "/".join(str(caps[int(routing.bucket_index(int(np.max(a.counts)), caps))])
+    caps = dispatch_lib.capacity_buckets(tokens, e, k, mcfg.capacity_buckets)
+    row["capacity"] = "/".join(str(caps[int(dispatch_lib.bucket_index(int(np.max(a.counts)),
+                                                                      caps))])
                                for a in outs[-input_sets:])
   row["ratio"] = row["moe_ms"] / row["dense_ms"]
   row["iters"] = iters
@@ -286,10 +287,11 @@ def bench_routing_losses(shape, tokens, num_layers, *, warmup=3, iters=20, input
     list of rows {part, ms, ...}: router (logits, softmax, top-k; fwd + bwd), dispatch_plan
     (fwd; integer), lbl (fwd + bwd w.r.t. probs), simbal (fwd + bwd w.r.t. the kernels).
   """
+  from simbal_jax import dispatch  # pylint: disable=g-import-not-at-top
   from simbal_jax import losses  # pylint: disable=g-import-not-at-top
   from simbal_jax import routing  # pylint: disable=g-import-not-at-top
   name, (k, e, d, _) = parse_shape(shape)
-  cap = routing.capacity(tokens, e, k, 1.25)
+  cap = dispatch.capacity(tokens, e, k, 1.25)
   keys = jax.random.split(jax.random.key(seed), 2 * input_sets)
   kerns = [jax.random.normal(keys[2 * i], (num_layers, d, e), jnp.float32) / math.sqrt(d)
            for i in range(input_sets)]
@@ -307,7 +309,7 @@ def bench_routing_losses(shape, tokens, num_layers, *, warmup=3, iters=20, input
   router_fb = jax.jit(jax.grad(router, argnums=(0, 1), has_aux=True))
   route = jax.jit(route_all)
   outs = [route(r, x) for r, x in zip(kerns, xs)]
-  plan = jax.jit(jax.vmap(lambda idx: routing.dispatch_plan(idx, e, cap)))
+  plan = jax.jit(jax.vmap(lambda idx: dispatch.dispatch_plan(idx, e, cap)))
   lbl_fb = jax.jit(jax.value_and_grad(lambda p, i: jnp.mean(jax.vmap(losses.load_balancing)(p, i))))
   sim_fb = jax.jit(jax.value_and_grad(lambda r: jnp.mean(losses.simbal(r))))
   parts = {

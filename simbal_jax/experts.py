@@ -5,17 +5,17 @@ them after routing. Every path takes the tokens `x_TxD`, the router's `gates_TxK
 `index_TxK` and the stacked SwiGLU kernels `wg`, `wu` [E, D, F] and `wo` [E, F, D], and returns
 `(y_TxD, kept_TxK)`:
 
-* `capacity_experts`: per-group buffers [G, E, C, D] of static C (`routing.dispatch_plan`),
+* `capacity_experts`: per-group buffers [G, E, C, D] of static C (`dispatch.dispatch_plan`),
   batched einsums; assignments beyond C are dropped.
 * `bucket_experts`: `capacity_experts` at the smallest static bucket C that holds the call's
   largest expert load (`jax.lax.switch`): dropless at that bucket's padding.
-* `ragged_experts`: the T * K assignments sorted by expert (`routing.sorted_plan`), grouped
+* `ragged_experts`: the T * K assignments sorted by expert (`dispatch.sorted_plan`), grouped
   matmuls (`ragged_dot`: tokamax, megablox or `jax.lax.ragged_dot`); dropless, no padding; under
   the project's mesh local to each device (shard_map, expert parallelism along "expert").
 
-Dispatch and combine are gathers whose backward passes are gathers too (`jax.custom_vjp`): every
-token has K slots and every slot one token, so no scatter and no one-hot `[T, E, C]` tensor
-appears anywhere (the scatters and one-hot einsums of other MoE codes cost more than the experts).
+Dispatch and combine are the gather-only custom VJPs of `dispatch.py`: no scatter and no one-hot
+`[T, E, C]` tensor appears anywhere (the scatters and one-hot einsums of other MoE codes cost
+more than the experts).
 """
 
 import functools
@@ -26,94 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from simbal_jax import routing
+from simbal_jax import dispatch
 from simbal_jax import sharding
-
-# ----------------------------------------------------------------------------------------------
-# Gather-only dispatch / combine (custom VJPs whose backward passes are gathers as well).
-
-
-def _take_rows(x_NxD, index):
-  """x[index] along axis 0; indices == N (sentinels) read a zero row."""
-  return jnp.take(x_NxD, index, axis=0, mode="fill", fill_value=0)
-
-
-@jax.custom_vjp
-def dispatch(x_TxD, slot_token_S, slot_TxK):
-  """Gathers tokens into buffer slots: `buf[s] = x[slot_token[s]]`, zero for empty slots.
-
-  Args:
-    x_TxD: float[T, D] token features.
-    slot_token_S: int32[S] token feeding each slot; T marks an empty slot.
-    slot_TxK: int32[T, K] slot of each assignment; S marks a dropped one (used by the backward:
-      `dx[t] = sum_k dbuf[slot[t, k]]`).
-
-  Returns:
-    float[S, D] buffer rows, dtype of x.
-  """
-  del slot_TxK
-  return _take_rows(x_TxD, slot_token_S)
-
-
-def _dispatch_fwd(x_TxD, slot_token_S, slot_TxK):
-  return _take_rows(x_TxD, slot_token_S), (None, slot_TxK)
-
-
-def _dispatch_bwd(res, dbuf_SxD):
-  _, slot_TxK = res
-  rows_TxKxD = _take_rows(dbuf_SxD, slot_TxK).astype(jnp.float32)
-  return rows_TxKxD.sum(axis=1).astype(dbuf_SxD.dtype), None, None
-
-
-dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
-
-
-def _combine_fwd_value(y_SxD, gates_TxK, slot_TxK):
-  rows_TxKxD = _take_rows(y_SxD, slot_TxK)
-  out = jnp.einsum("tkd,tk->td", rows_TxKxD, gates_TxK.astype(y_SxD.dtype),
-                   preferred_element_type=jnp.float32)
-  return out.astype(y_SxD.dtype)
-
-
-@jax.custom_vjp
-def combine(y_SxD, gates_TxK, slot_TxK, slot_assignment_S):
-  """Gathers expert outputs back to tokens: `out[t] = sum_k gates[t, k] * y[slot[t, k]]`.
-
-  Dropped assignments (slot == S) contribute zero and get zero gate gradient.
-
-  Args:
-    y_SxD: float[S, D] expert outputs per buffer slot.
-    gates_TxK: float32[T, K] combine weights.
-    slot_TxK: int32[T, K] slot of each assignment (S = dropped).
-    slot_assignment_S: int32[S] flat assignment `t * K + k` filling each slot (T * K = empty);
-      used by the backward: `dy[s] = gate[a] * dout[a // K]` for `a = slot_assignment[s]`.
-
-  Returns:
-    float[T, D] combined outputs, dtype of y.
-  """
-  del slot_assignment_S
-  return _combine_fwd_value(y_SxD, gates_TxK, slot_TxK)
-
-
-def _combine_fwd(y_SxD, gates_TxK, slot_TxK, slot_assignment_S):
-  out = _combine_fwd_value(y_SxD, gates_TxK, slot_TxK)
-  return out, (y_SxD, gates_TxK, slot_TxK, slot_assignment_S)
-
-
-def _combine_bwd(res, dout_TxD):
-  y_SxD, gates_TxK, slot_TxK, slot_assignment_S = res
-  top_k = slot_TxK.shape[1]
-  gate_S = _take_rows(gates_TxK.reshape(-1), slot_assignment_S)  # 0 for empty slots
-  token_S = slot_assignment_S // top_k  # sentinel T * K -> T (reads zero)
-  dy_SxD = _take_rows(dout_TxD, token_S) * gate_S[:, None].astype(dout_TxD.dtype)
-  rows_TxKxD = _take_rows(y_SxD, slot_TxK)
-  dgates_TxK = jnp.einsum("tkd,td->tk", rows_TxKxD, dout_TxD.astype(y_SxD.dtype),
-                          preferred_element_type=jnp.float32)
-  return dy_SxD.astype(y_SxD.dtype), dgates_TxK.astype(gates_TxK.dtype), None, None
-
-
-combine.defvjp(_combine_fwd, _combine_bwd)
-
 
 # ----------------------------------------------------------------------------------------------
 # Expert computation over capacity buffers (plain functions of arrays; used by MoEBlock).
@@ -123,7 +37,7 @@ def capacity_experts(x_TxD, gates_TxK, index_TxK, wg, wu, wo, *, num_groups, cap
   """Capacity dispatch per routing group: buffers [G, E, C, D], batched SwiGLU einsums.
 
   Tokens are split into G contiguous groups of T / G; each group fills its own `[E, C]` slots
-  in token order (`routing.dispatch_plan`) and drops what does not fit.
+  in token order (`dispatch.dispatch_plan`) and drops what does not fit.
 
   Args:
     x_TxD: float[T, D] tokens in the compute dtype.
@@ -142,10 +56,10 @@ def capacity_experts(x_TxD, gates_TxK, index_TxK, wg, wu, wo, *, num_groups, cap
   groups, cap = num_groups, capacity
   group_tokens = tokens // groups
   index_GxTxK = index_TxK.reshape(groups, group_tokens, top_k)
-  plan = jax.vmap(lambda idx: routing.dispatch_plan(idx, n_exp, cap))(index_GxTxK)
+  plan = jax.vmap(lambda idx: dispatch.dispatch_plan(idx, n_exp, cap))(index_GxTxK)
   x_GxTxD = x_TxD.reshape(groups, group_tokens, d_model)
   group_axis = "expert_group" if groups > 1 else None
-  buf_GxSxD = jax.vmap(dispatch)(x_GxTxD, plan.slot_token, plan.slot)
+  buf_GxSxD = jax.vmap(dispatch.dispatch)(x_GxTxD, plan.slot_token, plan.slot)
   buf_GxExCxD = nn.with_logical_constraint(buf_GxSxD.reshape(groups, n_exp, cap, d_model),
                                            (group_axis, "expert", None, "embed"))
   h_gate = jnp.einsum("gecd,edf->gecf", buf_GxExCxD, wg)
@@ -155,15 +69,15 @@ def capacity_experts(x_TxD, gates_TxK, index_TxK, wg, wu, wo, *, num_groups, cap
   y_GxExCxD = jnp.einsum("gecf,efd->gecd", h_GxExCxF, wo)
   y_GxExCxD = nn.with_logical_constraint(y_GxExCxD, (group_axis, "expert", None, "embed"))
   gates_GxTxK = gates_TxK.reshape(groups, group_tokens, top_k)
-  y_GxTxD = jax.vmap(combine)(y_GxExCxD.reshape(groups, n_exp * cap, d_model), gates_GxTxK,
-                              plan.slot, plan.slot_assignment)
+  y_GxTxD = jax.vmap(dispatch.combine)(y_GxExCxD.reshape(groups, n_exp * cap, d_model),
+                                       gates_GxTxK, plan.slot, plan.slot_assignment)
   return y_GxTxD.reshape(tokens, d_model), plan.kept.reshape(tokens, top_k)
 
 
 def bucket_experts(x_TxD, gates_TxK, index_TxK, wg, wu, wo, *, num_groups, factors):
   """Dropless capacity dispatch at the smallest static capacity bucket that fits this call.
 
-  The buckets are `routing.capacity_buckets(T / G, E, K, factors)` (ascending, the last one
+  The buckets are `dispatch.capacity_buckets(T / G, E, K, factors)` (ascending, the last one
   T / G, which always fits). `jax.lax.switch` picks, from the largest per-expert load over all
   groups, the smallest bucket holding it; its branch is `capacity_experts` at that static C.
   Nothing is dropped, so values, `kept` (all True) and gradients equal `capacity_experts` at
@@ -180,9 +94,9 @@ def bucket_experts(x_TxD, gates_TxK, index_TxK, wg, wu, wo, *, num_groups, facto
   """
   n_exp = wg.shape[0]
   tokens, top_k = index_TxK.shape
-  caps = routing.capacity_buckets(tokens // num_groups, n_exp, top_k, factors)
+  caps = dispatch.capacity_buckets(tokens // num_groups, n_exp, top_k, factors)
   index_GxTxK = index_TxK.reshape(num_groups, tokens // num_groups, top_k)
-  branch = routing.bucket_index(routing.max_group_load(index_GxTxK, n_exp), caps)
+  branch = dispatch.bucket_index(dispatch.max_group_load(index_GxTxK, n_exp), caps)
   # Rematerialised branches: the switch's residuals are then its operands, common to all
   # branches. Without it, the backward keeps zero-filled copies of every other branch's
   # residuals (the C = T branch's among them), which cost more than recomputing the forward.
@@ -271,12 +185,12 @@ def _ragged_swiglu(x_TxD, gates_TxK, index_TxK, wg, wu, wo, expert_offset, impl,
   """The held experts' part of the MoE output: (float[T, D] with zero rows for tokens whose
   experts are all held elsewhere, bool[T, K] held here but beyond the buffer's `num_slots`
   rows). Experts `[expert_offset, expert_offset + wg.shape[0])` are held."""
-  plan, group_sizes_E = routing.sorted_plan(index_TxK, wg.shape[0], expert_offset, num_slots)
-  buf_SxD = dispatch(x_TxD, plan.slot_token, plan.slot)
+  plan, group_sizes_E = dispatch.sorted_plan(index_TxK, wg.shape[0], expert_offset, num_slots)
+  buf_SxD = dispatch.dispatch(x_TxD, plan.slot_token, plan.slot)
   h_gate = ragged_dot(buf_SxD, wg, group_sizes_E, impl)
   h_up = ragged_dot(buf_SxD, wu, group_sizes_E, impl)
   y_SxD = ragged_dot(jax.nn.silu(h_gate) * h_up, wo, group_sizes_E, impl)
-  y_TxD = combine(y_SxD, gates_TxK, plan.slot, plan.slot_assignment)
+  y_TxD = dispatch.combine(y_SxD, gates_TxK, plan.slot, plan.slot_assignment)
   held = jnp.asarray(index_TxK) - expert_offset
   dropped_TxK = (held >= 0) & (held < wg.shape[0]) & ~plan.kept
   return y_TxD, dropped_TxK
@@ -316,7 +230,7 @@ def ragged_experts(x_TxD, gates_TxK, index_TxK, wg, wu, wo, *, impl="auto", buff
     group: the tokens whose experts it shares out);
   * it all-gathers its experts' kernels over "fsdp" ([E / expert, D, F / model]: the FSDP
     gather of one layer, whose transpose reduce-scatters the gradients);
-  * it sorts the group's assignments to its own experts (`routing.sorted_plan` with an expert
+  * it sorts the group's assignments to its own experts (`dispatch.sorted_plan` with an expert
     offset; the others are computed on the device holding their expert) and runs the grouped
     matmuls on them;
   * the partial outputs are summed back: reduce-scatter along "expert" (each device gets its

@@ -4,21 +4,21 @@ The MoE block routes each token to K of E SwiGLU experts (`routing.route`) and d
 assignments in one of three ways (`MoEConfig.dispatch`):
 
 * "capacity" (default): per-expert buffers `[E, C, D]` of static capacity C
-  (`routing.dispatch_plan`), all experts run as batched einsums (`'ecd,edf->ecf'`). Dropless
+  (`dispatch.dispatch_plan`), all experts run as batched einsums (`'ecd,edf->ecf'`). Dropless
   (`capacity_factor <= 0`) means C = T, i.e. E / K times the useful expert FLOPs.
 * "buckets": dropless capacity dispatch at a per-call capacity picked from a few static buckets
   (`MoEConfig.capacity_buckets` x the mean load T*K/E, then T) by `jax.lax.switch`: the smallest
   bucket that holds the largest expert load. Same values and gradients as C = T, at the cost of
   that bucket's padding. The dropless choice where no grouped-matmul kernel exists (CPU).
 * "ragged": the T * K assignments sorted by expert into exactly T * K rows
-  (`routing.sorted_plan`), experts run as grouped matmuls (tokamax's or megablox's Pallas
+  (`dispatch.sorted_plan`), experts run as grouped matmuls (tokamax's or megablox's Pallas
   kernels on GPU and TPU with their own backward passes; on CPU tokamax's XLA fallback, a
   masked dense computation equal to `jax.lax.ragged_dot`); never drops. Under a mesh it runs
   local to each device (`experts.ragged_experts`: shard_map, expert parallelism along
   "expert"). `MoEConfig.ragged_impl` picks the implementation.
 
-All combine the expert outputs weighted by the gates; the expert paths and the gather-only
-dispatch / combine (custom VJPs, no scatter, no one-hot) live in `experts.py`.
+All combine the expert outputs weighted by the gates; the expert paths live in `experts.py`, the
+gather-only dispatch / combine (custom VJPs, no scatter, no one-hot) in `dispatch.py`.
 
 Everything the balancing losses and metrics need is returned per call as one `MoEAux`
 (router logits/probs/gates/indices, per-expert counts, dropped fraction); the router kernel
@@ -32,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from simbal_jax import dispatch
 from simbal_jax import experts
 from simbal_jax import init as init_lib
 from simbal_jax import routing
@@ -210,7 +211,7 @@ class MoEBlock(nn.Module):
     if tokens % groups:
       raise ValueError(f"B * L = {tokens} tokens not divisible by num_groups={groups}")
     group_tokens = tokens // groups
-    cap = routing.capacity(group_tokens, n_exp, top_k, cfg.capacity_factor)
+    cap = dispatch.capacity(group_tokens, n_exp, top_k, cfg.capacity_factor)
     if expert_bias_E is not None:
       if expert_bias_E.shape != (n_exp,):
         raise ValueError(f"expert_bias_E must have shape ({n_exp},), got {expert_bias_E.shape}")

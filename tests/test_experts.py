@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from simbal_jax import dispatch
 from simbal_jax import experts
 from simbal_jax import moe
-from simbal_jax import routing
 from simbal_jax import sharding
 
 D, E, K, F = 16, 8, 2, 8
@@ -102,7 +102,7 @@ def test_sorted_plan_with_expert_offset_vs_numpy():
   rng = np.random.default_rng(0)
   idx = rng.integers(0, E, size=(12, K)).astype(np.int32)
   offset, held = 2, 3
-  plan, sizes = jax.jit(routing.sorted_plan, static_argnums=1)(jnp.asarray(idx), held, offset)
+  plan, sizes = jax.jit(dispatch.sorted_plan, static_argnums=1)(jnp.asarray(idx), held, offset)
   flat = idx.reshape(-1)
   order = [a for e in range(offset, offset + held) for a in np.flatnonzero(flat == e)]
   n, total = len(order), flat.size

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from simbal_jax import dispatch
 from simbal_jax import routing
 
 
@@ -119,12 +120,12 @@ def test_loss_free_update_hand_case():
 
 
 def test_capacity_hand_cases():
-  assert routing.capacity(16, 4, 2, 1.0) == 8
-  assert routing.capacity(20, 4, 2, 1.1) == 11  # 11.000000000000002 in floats
-  assert routing.capacity(10, 4, 1, 1.25) == 4  # ceil(3.125)
-  assert routing.capacity(3, 64, 1, 1.0) == 1  # at least 1
-  assert routing.capacity(8, 2, 2, 4.0) == 8  # at most T
-  assert routing.capacity(7, 4, 2, None) == routing.capacity(7, 4, 2, 0.0) == 7
+  assert dispatch.capacity(16, 4, 2, 1.0) == 8
+  assert dispatch.capacity(20, 4, 2, 1.1) == 11  # 11.000000000000002 in floats
+  assert dispatch.capacity(10, 4, 1, 1.25) == 4  # ceil(3.125)
+  assert dispatch.capacity(3, 64, 1, 1.0) == 1  # at least 1
+  assert dispatch.capacity(8, 2, 2, 4.0) == 8  # at most T
+  assert dispatch.capacity(7, 4, 2, None) == dispatch.capacity(7, 4, 2, 0.0) == 7
 
 
 def _loop_plan(idx, num_experts, cap, mask=None):
@@ -151,8 +152,8 @@ def test_dispatch_plan_vs_loop(case):
   idx = np.stack([rng.choice(num_experts, k, replace=False, p=[.3, .25, .2, .1, .1, .05])
                   for _ in range(t_count)]).astype(np.int32)
   mask = (rng.uniform(size=t_count) < 0.7) if case == "masked" else None
-  cap = routing.capacity(t_count, num_experts, k, None if case == "nodrop" else 1.0)
-  plan_fn = jax.jit(routing.dispatch_plan, static_argnums=(1, 2))
+  cap = dispatch.capacity(t_count, num_experts, k, None if case == "nodrop" else 1.0)
+  plan_fn = jax.jit(dispatch.dispatch_plan, static_argnums=(1, 2))
   plan = plan_fn(jnp.asarray(idx), num_experts, cap,
                  mask_T=None if mask is None else jnp.asarray(mask))
   num_slots = num_experts * cap
@@ -189,7 +190,7 @@ def test_sorted_plan_vs_numpy_stable_sort():
   t_count, num_experts, k = 10, 5, 2
   idx = np.stack([rng.choice(num_experts, k, replace=False, p=[.4, .3, .2, .1, 0.])
                   for _ in range(t_count)]).astype(np.int32)  # expert 4 unused: size 0
-  plan, sizes = jax.jit(routing.sorted_plan, static_argnums=1)(jnp.asarray(idx), num_experts)
+  plan, sizes = jax.jit(dispatch.sorted_plan, static_argnums=1)(jnp.asarray(idx), num_experts)
   # Independent construction: stable sort of the flat expert ids, slot = rank in that sort.
   order = sorted(range(t_count * k), key=lambda a: idx.ravel()[a])  # Python sort is stable
   slot = np.empty(t_count * k, np.int64)
@@ -219,12 +220,12 @@ def test_sorted_plan_vs_numpy_stable_sort():
     (lambda: routing.route(jnp.zeros((4, 3)), 1.5), "static Python int"),
     (lambda: routing.expert_counts(jnp.zeros((4, 2), jnp.int32), 3, jnp.ones(5)), "mask_T"),
     (lambda: routing.loss_free_update(jnp.zeros(3), jnp.zeros(4), 0.1), "same shape"),
-    (lambda: routing.capacity(0, 4, 1, 1.0), "num_tokens must be >= 1"),
-    (lambda: routing.capacity(8, 4, 5, 1.0), "top_k must be <= 4"),
-    (lambda: routing.dispatch_plan(jnp.zeros((4,), jnp.int32), 3, 2), "rank 2"),
-    (lambda: routing.dispatch_plan(jnp.zeros((4, 1), jnp.int32), 3, 0), "capacity must be >= 1"),
-    (lambda: routing.sorted_plan(jnp.zeros((4,), jnp.int32), 3), "rank 2"),
-    (lambda: routing.sorted_plan(jnp.zeros((4, 1), jnp.int32), 0), "num_experts must be >= 1"),
+    (lambda: dispatch.capacity(0, 4, 1, 1.0), "num_tokens must be >= 1"),
+    (lambda: dispatch.capacity(8, 4, 5, 1.0), "top_k must be <= 4"),
+    (lambda: dispatch.dispatch_plan(jnp.zeros((4,), jnp.int32), 3, 2), "rank 2"),
+    (lambda: dispatch.dispatch_plan(jnp.zeros((4, 1), jnp.int32), 3, 0), "capacity must be >= 1"),
+    (lambda: dispatch.sorted_plan(jnp.zeros((4,), jnp.int32), 3), "rank 2"),
+    (lambda: dispatch.sorted_plan(jnp.zeros((4, 1), jnp.int32), 0), "num_experts must be >= 1"),
 ])
 def test_bad_input_raises(call, match):
   with pytest.raises(ValueError, match=match):

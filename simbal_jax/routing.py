@@ -1,4 +1,4 @@
-"""Routing math for sparse Mixture-of-Experts layers: gates, top-k choice, Loss-Free bias.
+"""Routing math for sparse Mixture-of-Experts layers: gates, token / expert choice, Loss-Free bias.
 
 Pure functions of arrays (jax only; no Flax, no optax, no IO). Every function works under `jit`,
 `vmap` and `grad`; integer arguments that fix shapes (`top_k`, `num_experts`, `capacity`) are
@@ -11,7 +11,11 @@ Conventions (shape letters as in `simbal_jax/__init__.py`):
   to 1. `RouterOutput.gates` are the combine weights of the chosen experts.
 * A per-expert Loss-Free bias (Wang et al. 2024, "Auxiliary-Loss-Free Load Balancing") only
   changes *which* experts are chosen; gate values never include it.
-* Capacities, buffer slots and the gather-only dispatch / combine are in `dispatch.py`.
+* The router's decision, whatever chose it, is one `Assignments`: N rows of M (token, expert,
+  gate) assignments. Token choice (`route`, `RouterOutput.assignments`) has N = T rows of M = K,
+  row t being token t; expert choice (`expert_choice`) N = E rows of M = C, row e being the C
+  tokens expert e picked. Buffer slots and the gather-only dispatch / combine are in
+  `dispatch.py`.
 """
 
 from typing import NamedTuple
@@ -39,6 +43,36 @@ class RouterOutput(NamedTuple):
   probs: jax.Array
   gates: jax.Array
   expert_index: jax.Array
+
+  @property
+  def assignments(self):
+    """The token-choice `Assignments` (row t: token t's K experts and gates; token None)."""
+    return Assignments(token=None, expert=self.expert_index, gate=self.gates)
+
+
+class Assignments(NamedTuple):
+  """The router's decision: N rows of M assignments, each a token, an expert and a gate.
+
+  The flat assignment index is `a = n * M + m` (row-major); it is also the priority order of
+  capacity dispatch (earlier assignments take an expert's slots first). A (token, expert) pair
+  appears at most once, so no expert holds more than T assignments.
+
+  * Token choice (`RouterOutput.assignments`): N = T rows of M = K, row t holds token t's K
+    experts (distinct), `token` None. Dispatch and combine are then gathers only.
+  * Expert choice (`expert_choice`): N = E rows of M = C, row e holds the C tokens expert e
+    picked, `expert[e, :] == e`; a token has 0 to E assignments.
+
+  With G routing groups the N rows split into G equal contiguous parts and the
+  tokens of part g index the g-th T / G tokens (for token choice this holds by construction).
+
+  Attributes:
+    token: int32[N, M] token of each assignment in [0, T), or None: row n is token n (N = T).
+    expert: int32[N, M] expert of each assignment in [0, E).
+    gate: float32[N, M] combine weight (0 contributes nothing; gradients flow into it).
+  """
+  token: jax.Array | None
+  expert: jax.Array
+  gate: jax.Array
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,3 +200,38 @@ def loss_free_update(bias, counts, rate):
   step = jnp.sign(jnp.mean(counts, axis=-1, keepdims=True) - counts)
   bias = jnp.asarray(bias)
   return (bias + rate * step).astype(bias.dtype)
+
+
+def expert_choice(logits_TxE, capacity):
+  """Expert-choice routing (Zhou et al. 2022): every expert picks its C most probable tokens.
+
+  With `p = softmax(logits)` over the experts of each token, expert e takes the tokens
+  `token[e] = top_C(p[:, e])` (descending; ties go to the lower token index) with gates
+  `gate[e, c] = p[token[e, c], e]`. Every expert gets exactly C tokens, a token 0 to E experts.
+  The choice is not differentiated; gradients flow into the gates. Balancing losses that need
+  per-expert probabilities use `p` (what `route` reports as `probs`).
+
+  Args:
+    logits_TxE: float[T, E] router scores (computed in float32, float64 stays). Rank 2.
+    capacity: static int C, 1 <= C <= T, tokens per expert (e.g. `dispatch.capacity(T, E, K,
+      factor)` for K assignments per token on average).
+
+  Returns:
+    Assignments with N = E rows of M = C: token int32[E, C], expert int32[E, C] (row e all e),
+    gate float32[E, C].
+
+  Raises:
+    ValueError: bad rank or capacity out of range.
+  """
+  _checks.check_rank("logits_TxE", logits_TxE, 2, "[T, E]")
+  num_tokens, num_experts = jnp.shape(logits_TxE)
+  cap = _checks.static_int("capacity", capacity, 1, num_tokens)
+  logits_TxE = jnp.asarray(logits_TxE)
+  logits_TxE = logits_TxE.astype(jnp.promote_types(logits_TxE.dtype, jnp.float32))
+  probs_ExT = jax.nn.softmax(logits_TxE, axis=-1).T
+  _, token_ExC = jax.lax.top_k(jax.lax.stop_gradient(probs_ExT), cap)
+  token_ExC = token_ExC.astype(jnp.int32)
+  expert_ExC = jnp.broadcast_to(jnp.arange(num_experts, dtype=jnp.int32)[:, None],
+                                (num_experts, cap))
+  return Assignments(token=token_ExC, expert=expert_ExC,
+                     gate=jnp.take_along_axis(probs_ExT, token_ExC, axis=-1))

@@ -226,7 +226,47 @@ def test_sorted_plan_vs_numpy_stable_sort():
     (lambda: dispatch.dispatch_plan(jnp.zeros((4, 1), jnp.int32), 3, 0), "capacity must be >= 1"),
     (lambda: dispatch.sorted_plan(jnp.zeros((4,), jnp.int32), 3), "rank 2"),
     (lambda: dispatch.sorted_plan(jnp.zeros((4, 1), jnp.int32), 0), "num_experts must be >= 1"),
+    (lambda: routing.expert_choice(jnp.zeros((4, 3)), 5), "capacity must be <= 4"),
+    (lambda: routing.expert_choice(jnp.zeros((4, 3)), 0), "capacity must be >= 1"),
+    (lambda: routing.expert_choice(jnp.zeros((4,)), 1), "rank 2"),
 ])
 def test_bad_input_raises(call, match):
   with pytest.raises(ValueError, match=match):
     call()
+
+
+@pytest.mark.parametrize("gating", routing.GATINGS)
+def test_token_choice_assignments_are_the_route_fields(gating):
+  """RouterOutput.assignments: row t = token t (token None), its K experts and gates as is."""
+  logits = jax.random.normal(jax.random.PRNGKey(3), (10, 5))
+  out = jax.jit(lambda lg: routing.route(lg, 2, gating=gating, bias_E=jnp.arange(5.) * 0.1))(
+      logits)
+  assign = out.assignments
+  assert isinstance(assign, routing.Assignments) and assign.token is None
+  assert assign.expert.shape == assign.gate.shape == (10, 2)
+  np.testing.assert_array_equal(assign.expert, out.expert_index)
+  np.testing.assert_array_equal(assign.gate, out.gates)
+  assert len(out) == 4  # the RouterOutput fields are unchanged: the plan is a property
+
+
+def test_expert_choice_vs_float64_numpy():
+  """Each expert takes its C most probable tokens (softmax over experts); gates are those p."""
+  rng = np.random.default_rng(11)
+  t_count, num_experts, cap = 12, 4, 5
+  logits = rng.normal(size=(t_count, num_experts))
+  assign = jax.jit(routing.expert_choice, static_argnums=1)(jnp.asarray(logits, jnp.float32),
+                                                              cap)
+  p = np.exp(logits - logits.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  token = np.stack([np.argsort(-p[:, e], kind="stable")[:cap] for e in range(num_experts)])
+  np.testing.assert_array_equal(assign.token, token)
+  np.testing.assert_array_equal(assign.expert, np.repeat(np.arange(num_experts), cap).reshape(
+      num_experts, cap))
+  np.testing.assert_allclose(assign.gate, np.take_along_axis(p.T, token, 1), rtol=1e-6)
+  assert assign.token.dtype == assign.expert.dtype == jnp.int32
+  assert assign.gate.dtype == jnp.float32
+  per_token = np.bincount(token.ravel(), minlength=t_count)
+  assert per_token.sum() == num_experts * cap and per_token.max() > per_token.min()
+  # The choice is not differentiated; the gates carry gradient into the logits.
+  grad = jax.grad(lambda lg: jnp.sum(routing.expert_choice(lg, cap).gate))(jnp.asarray(logits))
+  assert float(jnp.abs(grad).max()) > 0

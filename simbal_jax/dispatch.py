@@ -1,15 +1,19 @@
 """Buffer slots of the expert computation: capacities, slot plans, gather-only dispatch / combine.
 
-Pure functions of arrays (jax only). Integer arguments that fix shapes (`top_k`, `num_experts`,
-`capacity`) are static Python ints, validated eagerly with `ValueError` before anything is traced.
+Pure functions of arrays (jax only). The router's decision (`routing.Assignments`: N rows of M
+(token, expert, gate) assignments; token choice: N = T rows of M = K) becomes a `DispatchPlan`:
+the buffer slot of each assignment and the assignment / token of each slot. Integer arguments
+that fix shapes are static Python ints, validated eagerly with `ValueError`.
 
-* Dispatch is index based (sort / gather / scatter, no `[T, E, C]` one-hot): each assignment
-  `a = t * K + k` gets a buffer slot `e * C + position` in a flat buffer of `S = E * C` slots,
-  where `position` counts the earlier assignments (in token order) to the same expert. Assignments
-  with `position >= C` are dropped. `sorted_plan` is the dropless variant for grouped matmuls:
-  S = T * K slots sorted by expert, plus per-expert group sizes.
-* Dispatch and combine are gathers whose backward passes are gathers too (`jax.custom_vjp`):
-  every token has K slots and every slot one token, so no scatter and no one-hot appears.
+* Dispatch is index based (sort / gather / scatter, no `[T, E, C]` one-hot): assignment
+  `a = n * M + m` gets the slot `e * C + position` of a flat buffer of `S = E * C` slots, where
+  `position` counts the earlier assignments to the same expert; `position >= C` is dropped
+  (`dispatch_plan`). `sorted_plan` is the dropless variant for grouped matmuls: S = N * M slots
+  sorted by expert, plus per-expert group sizes.
+* Rows move by gathers: `to_slots` (dispatch) and `to_tokens` (combine). For token-major rows
+  (token choice) they are `dispatch` and `combine`, custom VJPs whose backward passes are
+  gathers too (every token has M slots, every slot one token: no scatter, no one-hot). Other
+  layouts (expert choice: a token in 0 to E rows) sum each token's rows with a scatter-add.
 """
 
 import math
@@ -25,14 +29,17 @@ class DispatchPlan(NamedTuple):
   """Index maps for dispatch into a flat buffer of S slots (S = E * C from `dispatch_plan`,
   S = T * K from `sorted_plan`).
 
+  Shapes are written for token choice ([T, K]: row t holds token t's K assignments); plans of
+  other assignments have their rows' shape [N, M], flat index `a = n * M + m`.
+
   Attributes:
     slot: int32[T, K] buffer slot `e * C + position` of each assignment; equals S (an
       out-of-range sentinel meaning "dropped") for dropped assignments.
     kept: bool[T, K] whether the assignment got a slot (`slot < S`).
     slot_assignment: int32[S] flat assignment index `t * K + k` that fills each slot; T * K
       (sentinel) for an empty slot.
-    slot_token: int32[S] token index t feeding each slot (`slot_assignment // K`); T (sentinel)
-      for an empty slot.
+    slot_token: int32[S] token index t feeding each slot (`slot_assignment // K`; for rows that
+      are not tokens `with_tokens` looks it up); T (sentinel) for an empty slot.
   """
   slot: jax.Array
   kept: jax.Array
@@ -325,3 +332,66 @@ def _combine_bwd(res, dout_TxD):
 
 
 combine.defvjp(_combine_fwd, _combine_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dispatch / combine of router assignments (any layout).
+
+
+def with_tokens(plan, token_NxM, num_tokens):
+  """`plan` (over assignment rows [N, M]) with `slot_token[s] = token[slot_assignment[s]]`.
+
+  Args:
+    plan: DispatchPlan. num_tokens: static int T, the token of an empty slot.
+    token_NxM: int[N, M] token of each assignment (`routing.Assignments.token`), or None: rows
+      are tokens and `plan.slot_token` is right as it is (the plan is returned unchanged).
+  """
+  if token_NxM is None:
+    return plan
+  token_S = jnp.take(jnp.asarray(token_NxM, jnp.int32).reshape(-1), plan.slot_assignment,
+                     mode="fill", fill_value=num_tokens)
+  return plan._replace(slot_token=token_S)
+
+
+def to_slots(x_TxD, assign, plan):
+  """Dispatch: `buf[s] = x[plan.slot_token[s]]`, zero for empty slots.
+
+  Token-major assignments (`assign.token` None) run through `dispatch`, whose backward is a
+  gather; others through a gather whose backward scatter-adds each token's slots.
+
+  Args:
+    x_TxD: float[T, D] token features.
+    assign: routing.Assignments the plan was made for (rows [N, M]).
+    plan: DispatchPlan of `assign` over S slots (`with_tokens` applied).
+
+  Returns:
+    float[S, D] buffer rows, dtype of x.
+  """
+  if assign.token is None:
+    return dispatch(x_TxD, plan.slot_token, plan.slot)
+  return _take_rows(x_TxD, plan.slot_token)
+
+
+def to_tokens(y_SxD, assign, plan, num_tokens):
+  """Combine: `out[t] = sum of gate[a] * y[slot[a]]` over the assignments a of token t.
+
+  Dropped assignments (slot == S) contribute zero and get zero gate gradient. Token-major
+  assignments run through `combine` (gathers only, forward and backward); others scatter-add
+  their gated rows to their tokens (in float32).
+
+  Args:
+    y_SxD: float[S, D] expert outputs per buffer slot.
+    assign: routing.Assignments (rows [N, M]; gates float32[N, M]).
+    plan: DispatchPlan of `assign` over S slots.
+    num_tokens: static int T.
+
+  Returns:
+    float[T, D] combined outputs, dtype of y.
+  """
+  if assign.token is None:
+    return combine(y_SxD, assign.gate, plan.slot, plan.slot_assignment)
+  rows_AxD = _take_rows(y_SxD, plan.slot.reshape(-1)).astype(jnp.float32)
+  gated_AxD = rows_AxD * jnp.asarray(assign.gate, jnp.float32).reshape(-1, 1)
+  out_TxD = jnp.zeros((num_tokens, y_SxD.shape[1]), jnp.float32).at[
+      jnp.asarray(assign.token).reshape(-1)].add(gated_AxD, mode="drop")
+  return out_TxD.astype(y_SxD.dtype)

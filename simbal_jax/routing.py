@@ -14,8 +14,8 @@ Conventions (shape letters as in `simbal_jax/__init__.py`):
 * The router's decision, whatever chose it, is one `Assignments`: N rows of M (token, expert,
   gate) assignments. Token choice (`route`, `RouterOutput.assignments`) has N = T rows of M = K,
   row t being token t; expert choice (`expert_choice`) N = E rows of M = C, row e being the C
-  tokens expert e picked. Buffer slots and the gather-only dispatch / combine are in
-  `dispatch.py`.
+  tokens expert e picked. The expert computation (`experts.apply`) consumes either; buffer
+  slots and the gather-only dispatch / combine are in `dispatch.py`.
 """
 
 from typing import NamedTuple
@@ -62,7 +62,7 @@ class Assignments(NamedTuple):
   * Expert choice (`expert_choice`): N = E rows of M = C, row e holds the C tokens expert e
     picked, `expert[e, :] == e`; a token has 0 to E assignments.
 
-  With G routing groups the N rows split into G equal contiguous parts and the
+  With G routing groups (`experts.apply`) the N rows split into G equal contiguous parts and the
   tokens of part g index the g-th T / G tokens (for token choice this holds by construction).
 
   Attributes:

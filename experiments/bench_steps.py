@@ -143,10 +143,11 @@ def bench_routing_losses(shape, tokens, num_layers, *, warmup=3, iters=20, input
     list of rows {part, ms, ...}: router (logits, softmax, top-k; fwd + bwd), dispatch_plan
     (fwd; integer), lbl (fwd + bwd w.r.t. probs), simbal (fwd + bwd w.r.t. the kernels).
   """
+  from simbal_jax import dispatch  # pylint: disable=g-import-not-at-top
   from simbal_jax import losses  # pylint: disable=g-import-not-at-top
   from simbal_jax import routing  # pylint: disable=g-import-not-at-top
   name, (k, e, d, _) = parse_shape(shape)
-  cap = routing.capacity(tokens, e, k, 1.25)
+  cap = dispatch.capacity(tokens, e, k, 1.25)
   keys = jax.random.split(jax.random.key(seed), 2 * input_sets)
   kerns = [jax.random.normal(keys[2 * i], (num_layers, d, e), jnp.float32) / math.sqrt(d)
            for i in range(input_sets)]
@@ -164,7 +165,7 @@ def bench_routing_losses(shape, tokens, num_layers, *, warmup=3, iters=20, input
   router_fb = jax.jit(jax.grad(router, argnums=(0, 1), has_aux=True))
   route = jax.jit(route_all)
   outs = [route(r, x) for r, x in zip(kerns, xs)]
-  plan = jax.jit(jax.vmap(lambda idx: routing.dispatch_plan(idx, e, cap)))
+  plan = jax.jit(jax.vmap(lambda idx: dispatch.dispatch_plan(idx, e, cap)))
   lbl_fb = jax.jit(jax.value_and_grad(lambda p, i: jnp.mean(jax.vmap(losses.load_balancing)(p, i))))
   sim_fb = jax.jit(jax.value_and_grad(lambda r: jnp.mean(losses.simbal(r))))
   parts = {

@@ -104,12 +104,14 @@ def bench_moe_layer(shape, tokens, *, capacity_factor=1.25, dispatch="capacity",
                     param_dtype="float32", warmup=3, iters=20, input_sets=2, seed=0,
                     peak_tflops=None, peak_gbps=None):
   """MoEBlock fwd+bwd vs dense SwiGLU (d_ff = K * F) on T tokens; returns one result row."""
+  from simbal_jax import dispatch as dispatch_lib  # pylint: disable=g-import-not-at-top
+  from simbal_jax import experts  # pylint: disable=g-import-not-at-top
   from simbal_jax import moe  # pylint: disable=g-import-not-at-top
-  from simbal_jax import routing  # pylint: disable=g-import-not-at-top
   name, (k, e, d, f) = parse_shape(shape)
   dt, pdt = jnp.dtype(dtype), jnp.dtype(param_dtype)
   mcfg = moe.MoEConfig(num_experts=e, top_k=k, d_ff=f, capacity_factor=capacity_factor,
                        dispatch=dispatch)
+  caps = experts.capacities(mcfg, tokens, e, k)  # one routing group
   blocks = {"moe": moe.MoEBlock(mcfg, dtype=dt, param_dtype=pdt),
             "dense": moe.MLP(k * f, dtype=dt, param_dtype=pdt)}
   keys = jax.random.split(jax.random.key(seed), 2 + 2 * input_sets)
@@ -120,8 +122,7 @@ def bench_moe_layer(shape, tokens, *, capacity_factor=1.25, dispatch="capacity",
   flops = 6 * tokens * k * 3 * d * f
   row = dict(shape=name, top_k=k, experts=e, d_model=d, d_ff=f, dense_d_ff=k * f, tokens=tokens,
              capacity_factor=capacity_factor, dispatch=dispatch,
-             capacity=(routing.capacity(tokens, e, k, capacity_factor)
-                       if dispatch == "capacity" else None),
+             capacity=caps[0] if dispatch == "capacity" else None,
              dtype=dt.name, param_dtype=pdt.name, useful_gflop=flops / 1e9)
   calls, outs = {}, []
   for i, (label, block) in enumerate(blocks.items()):
@@ -144,9 +145,9 @@ def bench_moe_layer(shape, tokens, *, capacity_factor=1.25, dispatch="capacity",
     row[f"{label}_first_call_s"] = t["first_call_s"]
     row[f"{label}_tflops"] = flops / (t["median_ms"] * 1e-3) / 1e12
   row["dropped"] = float(np.mean([float(a.dropped) for a in outs[-input_sets:]]))
-  if dispatch == "buckets":  # the bucket each input set ran at (one routing group)
-    caps = routing.capacity_buckets(tokens, e, k, mcfg.capacity_buckets)
-    row["capacity"] = "/".join(str(caps[int(routing.bucket_index(int(np.max(a.counts)), caps))])
+  if dispatch == "buckets":  # the bucket each input set ran at
+    row["capacity"] = "/".join(str(caps[int(dispatch_lib.bucket_index(int(np.max(a.counts)),
+                                                                      caps))])
                                for a in outs[-input_sets:])
   row["ratio"] = row["moe_ms"] / row["dense_ms"]
   row["iters"] = iters

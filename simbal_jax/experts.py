@@ -1,21 +1,21 @@
-"""Expert computation of the MoE block: gather-only dispatch / combine and the three paths.
+"""Expert computation of the MoE block: one entry point, `apply`, over the router's assignments.
 
-Plain functions of arrays (jax, and tokamax imported lazily for "ragged"); `moe.MoEBlock` calls
-them after routing. Every path takes the tokens `x_TxD`, the router's `gates_TxK` and
-`index_TxK` and the stacked SwiGLU kernels `wg`, `wu` [E, D, F] and `wo` [E, F, D], and returns
-`(y_TxD, kept_TxK)`:
+`apply(x_TxD, assign, wg, wu, wo, cfg)` runs the stacked SwiGLU experts (`wg`, `wu` [E, D, F],
+`wo` [E, F, D]) on a `routing.Assignments` (token choice, expert choice or any other router's
+(token, expert, gate) rows) and holds the one branch over the dispatch implementations
+(`MoEConfig.dispatch`); it returns `(y_TxD, kept_NxM)`:
 
-* `capacity_experts`: per-group buffers [G, E, C, D] of static C (`routing.dispatch_plan`),
-  batched einsums; assignments beyond C are dropped.
-* `bucket_experts`: `capacity_experts` at the smallest static bucket C that holds the call's
-  largest expert load (`jax.lax.switch`): dropless at that bucket's padding.
-* `ragged_experts`: the T * K assignments sorted by expert (`routing.sorted_plan`), grouped
-  matmuls (`ragged_dot`: tokamax, megablox or `jax.lax.ragged_dot`); dropless, no padding; under
-  the project's mesh local to each device (shard_map, expert parallelism along "expert").
+* "capacity": per-group buffers [G, E, C, D] of static C (`dispatch.dispatch_plan`), batched
+  einsums; assignments beyond C are dropped.
+* "buckets": "capacity" at the smallest static bucket C that holds the call's largest expert
+  load (`jax.lax.switch`): dropless at that bucket's padding.
+* "ragged": the assignments sorted by expert (`dispatch.sorted_plan`), grouped matmuls
+  (`ragged_dot`: tokamax, megablox or `jax.lax.ragged_dot`); dropless, no padding; under the
+  project's mesh local to each device (shard_map, expert parallelism along "expert").
 
-Dispatch and combine are gathers whose backward passes are gathers too (`jax.custom_vjp`): every
-token has K slots and every slot one token, so no scatter and no one-hot `[T, E, C]` tensor
-appears anywhere (the scatters and one-hot einsums of other MoE codes cost more than the experts).
+`capacities` is the one place the static buffer capacities are computed (the MoE block, the
+memory estimate and the benchmarks use it); `padding` gives their rows per assignment. Rows
+move between tokens and buffers by the gather-only dispatch / combine of `dispatch.py`.
 """
 
 import functools
@@ -26,126 +26,111 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from simbal_jax import dispatch
 from simbal_jax import routing
 from simbal_jax import sharding
 
-# ----------------------------------------------------------------------------------------------
-# Gather-only dispatch / combine (custom VJPs whose backward passes are gathers as well).
-
-
-def _take_rows(x_NxD, index):
-  """x[index] along axis 0; indices == N (sentinels) read a zero row."""
-  return jnp.take(x_NxD, index, axis=0, mode="fill", fill_value=0)
-
-
-@jax.custom_vjp
-def dispatch(x_TxD, slot_token_S, slot_TxK):
-  """Gathers tokens into buffer slots: `buf[s] = x[slot_token[s]]`, zero for empty slots.
-
-  Args:
-    x_TxD: float[T, D] token features.
-    slot_token_S: int32[S] token feeding each slot; T marks an empty slot.
-    slot_TxK: int32[T, K] slot of each assignment; S marks a dropped one (used by the backward:
-      `dx[t] = sum_k dbuf[slot[t, k]]`).
-
-  Returns:
-    float[S, D] buffer rows, dtype of x.
-  """
-  del slot_TxK
-  return _take_rows(x_TxD, slot_token_S)
-
-
-def _dispatch_fwd(x_TxD, slot_token_S, slot_TxK):
-  return _take_rows(x_TxD, slot_token_S), (None, slot_TxK)
-
-
-def _dispatch_bwd(res, dbuf_SxD):
-  _, slot_TxK = res
-  rows_TxKxD = _take_rows(dbuf_SxD, slot_TxK).astype(jnp.float32)
-  return rows_TxKxD.sum(axis=1).astype(dbuf_SxD.dtype), None, None
-
-
-dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
-
-
-def _combine_fwd_value(y_SxD, gates_TxK, slot_TxK):
-  rows_TxKxD = _take_rows(y_SxD, slot_TxK)
-  out = jnp.einsum("tkd,tk->td", rows_TxKxD, gates_TxK.astype(y_SxD.dtype),
-                   preferred_element_type=jnp.float32)
-  return out.astype(y_SxD.dtype)
-
-
-@jax.custom_vjp
-def combine(y_SxD, gates_TxK, slot_TxK, slot_assignment_S):
-  """Gathers expert outputs back to tokens: `out[t] = sum_k gates[t, k] * y[slot[t, k]]`.
-
-  Dropped assignments (slot == S) contribute zero and get zero gate gradient.
-
-  Args:
-    y_SxD: float[S, D] expert outputs per buffer slot.
-    gates_TxK: float32[T, K] combine weights.
-    slot_TxK: int32[T, K] slot of each assignment (S = dropped).
-    slot_assignment_S: int32[S] flat assignment `t * K + k` filling each slot (T * K = empty);
-      used by the backward: `dy[s] = gate[a] * dout[a // K]` for `a = slot_assignment[s]`.
-
-  Returns:
-    float[T, D] combined outputs, dtype of y.
-  """
-  del slot_assignment_S
-  return _combine_fwd_value(y_SxD, gates_TxK, slot_TxK)
-
-
-def _combine_fwd(y_SxD, gates_TxK, slot_TxK, slot_assignment_S):
-  out = _combine_fwd_value(y_SxD, gates_TxK, slot_TxK)
-  return out, (y_SxD, gates_TxK, slot_TxK, slot_assignment_S)
-
-
-def _combine_bwd(res, dout_TxD):
-  y_SxD, gates_TxK, slot_TxK, slot_assignment_S = res
-  top_k = slot_TxK.shape[1]
-  gate_S = _take_rows(gates_TxK.reshape(-1), slot_assignment_S)  # 0 for empty slots
-  token_S = slot_assignment_S // top_k  # sentinel T * K -> T (reads zero)
-  dy_SxD = _take_rows(dout_TxD, token_S) * gate_S[:, None].astype(dout_TxD.dtype)
-  rows_TxKxD = _take_rows(y_SxD, slot_TxK)
-  dgates_TxK = jnp.einsum("tkd,td->tk", rows_TxKxD, dout_TxD.astype(y_SxD.dtype),
-                          preferred_element_type=jnp.float32)
-  return dy_SxD.astype(y_SxD.dtype), dgates_TxK.astype(gates_TxK.dtype), None, None
-
-
-combine.defvjp(_combine_fwd, _combine_bwd)
-
+DISPATCHES = ("capacity", "buckets", "ragged")
 
 # ----------------------------------------------------------------------------------------------
-# Expert computation over capacity buffers (plain functions of arrays; used by MoEBlock).
+# The entry point and the buffer sizes of each dispatch.
 
 
-def capacity_experts(x_TxD, gates_TxK, index_TxK, wg, wu, wo, *, num_groups, capacity):
-  """Capacity dispatch per routing group: buffers [G, E, C, D], batched SwiGLU einsums.
+def capacities(cfg, group_tokens, num_experts, top_k):
+  """Static per-expert buffer capacities C of one routing group, for `cfg.dispatch`.
 
-  Tokens are split into G contiguous groups of T / G; each group fills its own `[E, C]` slots
-  in token order (`routing.dispatch_plan`) and drops what does not fit.
+  Args:
+    cfg: dispatch settings (a `moe.MoEConfig`: dispatch, capacity_factor, capacity_buckets).
+    group_tokens: static int T, tokens per routing group.
+    num_experts: static int E.
+    top_k: static int K, assignments per token (their mean, rounded up, for expert choice).
+
+  Returns:
+    tuple of Python ints: "capacity" (C,), `dispatch.capacity(T, E, K, capacity_factor)` (T when
+    dropless); "buckets" the ascending `dispatch.capacity_buckets(T, E, K, capacity_buckets)`,
+    ending with T; "ragged" () (rows sorted by expert, no per-expert buffer).
+  """
+  if cfg.dispatch == "ragged":
+    return ()
+  if cfg.dispatch == "buckets":
+    return dispatch.capacity_buckets(group_tokens, num_experts, top_k, cfg.capacity_buckets)
+  return (dispatch.capacity(group_tokens, num_experts, top_k, cfg.capacity_factor),)
+
+
+def padding(cfg, num_experts, top_k, expert_axis=1):
+  """Buffer rows per routed assignment, independent of T (for memory estimates).
+
+  "capacity": min(capacity_factor, E / K) (E / K when dropless: C = T); "buckets": the smallest
+  bucket, min(min(capacity_buckets), E / K) (a skewed step runs at a larger one); "ragged": 1,
+  on an expert axis of size X > 1 the dropless worst case X, or min(expert_buffer_factor, X).
+
+  Args:
+    cfg: dispatch settings (a `moe.MoEConfig`).
+    num_experts: E. top_k: K.
+    expert_axis: size of the mesh's "expert" axis.
+  """
+  if cfg.dispatch == "ragged":
+    if expert_axis > 1 and cfg.expert_buffer_factor > 0:
+      return min(cfg.expert_buffer_factor, expert_axis)
+    return float(expert_axis)
+  factor = min(cfg.capacity_buckets) if cfg.dispatch == "buckets" else cfg.capacity_factor
+  if factor is None or factor <= 0:
+    return num_experts / top_k
+  return min(factor, num_experts / top_k)
+
+
+def apply(x_TxD, assign, wg, wu, wo, cfg):
+  """The routed experts' output: `out[t] = sum of gate[a] * SwiGLU_{expert[a]}(x[t])` over the
+  assignments a of token t that `cfg.dispatch` keeps (all but capacity drops).
 
   Args:
     x_TxD: float[T, D] tokens in the compute dtype.
-    gates_TxK: float32[T, K] combine weights.
-    index_TxK: int32[T, K] chosen experts.
+    assign: routing.Assignments with rows [N, M] (token choice: [T, K]).
     wg, wu: float[E, D, F] and wo: float[E, F, D] expert kernels in the compute dtype.
-    num_groups: static int G dividing T.
-    capacity: static int C >= 1, slots per expert per group.
+    cfg: dispatch settings, a `moe.MoEConfig`: dispatch, num_groups (G, dividing T and N),
+      capacity_factor, capacity_buckets, ragged_impl, expert_buffer_factor.
 
   Returns:
-    (float[T, D] combined outputs, bool[T, K] kept assignments).
+    (float[T, D] combined outputs in the dtype of x, bool[N, M] kept assignments).
+
+  Raises:
+    ValueError: T or N not divisible by G.
+  """
+  tokens, rows, groups = x_TxD.shape[0], assign.expert.shape[0], cfg.num_groups
+  if tokens % groups or rows % groups:
+    raise ValueError(f"T = {tokens} tokens and N = {rows} assignment rows must be divisible "
+                     f"by num_groups={groups}")
+  if cfg.dispatch == "ragged":
+    return _ragged_experts(x_TxD, assign, wg, wu, wo, impl=cfg.ragged_impl,
+                           buffer_factor=cfg.expert_buffer_factor)
+  top_k = -(-assign.expert.size // tokens)  # K of token choice; else the mean, rounded up
+  caps = capacities(cfg, tokens // groups, wg.shape[0], top_k)
+  if cfg.dispatch == "buckets":
+    return _bucket_experts(x_TxD, assign, wg, wu, wo, num_groups=groups, caps=caps)
+  return _capacity_experts(x_TxD, assign, wg, wu, wo, num_groups=groups, capacity=caps[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Expert computation over capacity buffers.
+
+
+def _capacity_experts(x_TxD, assign, wg, wu, wo, *, num_groups, capacity):
+  """Capacity dispatch per routing group: buffers [G, E, C, D], batched SwiGLU einsums.
+
+  Tokens and assignment rows split into G contiguous groups; each group fills its own `[E, C]`
+  slots in assignment order (`dispatch.dispatch_plan`) and drops what does not fit. Arguments
+  as `apply`, with the static C; returns (float[T, D], bool[N, M] kept).
   """
   n_exp = wg.shape[0]
   tokens, d_model = x_TxD.shape
-  top_k = index_TxK.shape[1]
   groups, cap = num_groups, capacity
   group_tokens = tokens // groups
-  index_GxTxK = index_TxK.reshape(groups, group_tokens, top_k)
-  plan = jax.vmap(lambda idx: routing.dispatch_plan(idx, n_exp, cap))(index_GxTxK)
+  assign_G = jax.tree.map(lambda a: a.reshape(groups, -1, a.shape[-1]), assign)
+  plan = jax.vmap(lambda a: dispatch.with_tokens(dispatch.dispatch_plan(a.expert, n_exp, cap),
+                                                 a.token, group_tokens))(assign_G)
   x_GxTxD = x_TxD.reshape(groups, group_tokens, d_model)
   group_axis = "expert_group" if groups > 1 else None
-  buf_GxSxD = jax.vmap(dispatch)(x_GxTxD, plan.slot_token, plan.slot)
+  buf_GxSxD = jax.vmap(dispatch.to_slots)(x_GxTxD, assign_G, plan)
   buf_GxExCxD = nn.with_logical_constraint(buf_GxSxD.reshape(groups, n_exp, cap, d_model),
                                            (group_axis, "expert", None, "embed"))
   h_gate = jnp.einsum("gecd,edf->gecf", buf_GxExCxD, wg)
@@ -154,41 +139,30 @@ def capacity_experts(x_TxD, gates_TxK, index_TxK, wg, wu, wo, *, num_groups, cap
                                          (group_axis, "expert", None, "mlp"))
   y_GxExCxD = jnp.einsum("gecf,efd->gecd", h_GxExCxF, wo)
   y_GxExCxD = nn.with_logical_constraint(y_GxExCxD, (group_axis, "expert", None, "embed"))
-  gates_GxTxK = gates_TxK.reshape(groups, group_tokens, top_k)
-  y_GxTxD = jax.vmap(combine)(y_GxExCxD.reshape(groups, n_exp * cap, d_model), gates_GxTxK,
-                              plan.slot, plan.slot_assignment)
-  return y_GxTxD.reshape(tokens, d_model), plan.kept.reshape(tokens, top_k)
+  combine = functools.partial(dispatch.to_tokens, num_tokens=group_tokens)
+  y_GxTxD = jax.vmap(combine)(y_GxExCxD.reshape(groups, n_exp * cap, d_model), assign_G, plan)
+  return y_GxTxD.reshape(tokens, d_model), plan.kept.reshape(assign.expert.shape)
 
 
-def bucket_experts(x_TxD, gates_TxK, index_TxK, wg, wu, wo, *, num_groups, factors):
+def _bucket_experts(x_TxD, assign, wg, wu, wo, *, num_groups, caps):
   """Dropless capacity dispatch at the smallest static capacity bucket that fits this call.
 
-  The buckets are `routing.capacity_buckets(T / G, E, K, factors)` (ascending, the last one
-  T / G, which always fits). `jax.lax.switch` picks, from the largest per-expert load over all
-  groups, the smallest bucket holding it; its branch is `capacity_experts` at that static C.
-  Nothing is dropped, so values, `kept` (all True) and gradients equal `capacity_experts` at
-  C = T / G; the cost is the chosen bucket's padding instead of E / K times the useful FLOPs.
-  Every branch is compiled, and each is rematerialised (`jax.checkpoint`): the backward pass
-  recomputes the chosen branch's forward (+1/3 of its FLOPs) instead of storing residuals.
-
-  Args:
-    x_TxD, gates_TxK, index_TxK, wg, wu, wo, num_groups: as `capacity_experts`.
-    factors: static tuple of floats > 0, capacity factors of the buckets below T / G.
-
-  Returns:
-    (float[T, D] combined outputs, bool[T, K] kept assignments, all True).
+  The buckets are `caps` (`capacities`: ascending, the last one T / G, which always fits).
+  `jax.lax.switch` picks, from the largest per-expert load over all groups, the smallest bucket
+  holding it; its branch is `_capacity_experts` at that static C. Nothing is dropped, so values,
+  `kept` (all True) and gradients equal `_capacity_experts` at C = T / G; the cost is the chosen
+  bucket's padding instead of E / K times the useful FLOPs. Every branch is compiled, and each
+  is rematerialised (`jax.checkpoint`): the backward pass recomputes the chosen branch's forward
+  (+1/3 of its FLOPs) instead of storing residuals.
   """
-  n_exp = wg.shape[0]
-  tokens, top_k = index_TxK.shape
-  caps = routing.capacity_buckets(tokens // num_groups, n_exp, top_k, factors)
-  index_GxTxK = index_TxK.reshape(num_groups, tokens // num_groups, top_k)
-  branch = routing.bucket_index(routing.max_group_load(index_GxTxK, n_exp), caps)
+  expert_GxNxM = assign.expert.reshape(num_groups, -1, assign.expert.shape[-1])
+  branch = dispatch.bucket_index(dispatch.max_group_load(expert_GxNxM, wg.shape[0]), caps)
   # Rematerialised branches: the switch's residuals are then its operands, common to all
   # branches. Without it, the backward keeps zero-filled copies of every other branch's
   # residuals (the C = T branch's among them), which cost more than recomputing the forward.
-  branches = [jax.checkpoint(functools.partial(capacity_experts, num_groups=num_groups,
+  branches = [jax.checkpoint(functools.partial(_capacity_experts, num_groups=num_groups,
                                                capacity=c)) for c in caps]
-  return jax.lax.switch(branch, branches, x_TxD, gates_TxK, index_TxK, wg, wu, wo)
+  return jax.lax.switch(branch, branches, x_TxD, assign, wg, wu, wo)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,20 +240,21 @@ def ragged_dot(lhs_SxD, rhs_ExDxF, group_sizes_E, impl="auto"):
                             implementation=None if impl == "tokamax" else impl)
 
 
-def _ragged_swiglu(x_TxD, gates_TxK, index_TxK, wg, wu, wo, expert_offset, impl,
-                   num_slots=None):
+def _ragged_swiglu(x_TxD, assign, wg, wu, wo, expert_offset, impl, num_slots=None):
   """The held experts' part of the MoE output: (float[T, D] with zero rows for tokens whose
-  experts are all held elsewhere, bool[T, K] held here but beyond the buffer's `num_slots`
+  experts are all held elsewhere, bool[N, M] held here but beyond the buffer's `num_slots`
   rows). Experts `[expert_offset, expert_offset + wg.shape[0])` are held."""
-  plan, group_sizes_E = routing.sorted_plan(index_TxK, wg.shape[0], expert_offset, num_slots)
-  buf_SxD = dispatch(x_TxD, plan.slot_token, plan.slot)
+  plan, group_sizes_E = dispatch.sorted_plan(assign.expert, wg.shape[0], expert_offset,
+                                             num_slots)
+  plan = dispatch.with_tokens(plan, assign.token, x_TxD.shape[0])
+  buf_SxD = dispatch.to_slots(x_TxD, assign, plan)
   h_gate = ragged_dot(buf_SxD, wg, group_sizes_E, impl)
   h_up = ragged_dot(buf_SxD, wu, group_sizes_E, impl)
   y_SxD = ragged_dot(jax.nn.silu(h_gate) * h_up, wo, group_sizes_E, impl)
-  y_TxD = combine(y_SxD, gates_TxK, plan.slot, plan.slot_assignment)
-  held = jnp.asarray(index_TxK) - expert_offset
-  dropped_TxK = (held >= 0) & (held < wg.shape[0]) & ~plan.kept
-  return y_TxD, dropped_TxK
+  y_TxD = dispatch.to_tokens(y_SxD, assign, plan, x_TxD.shape[0])
+  held = jnp.asarray(assign.expert) - expert_offset
+  dropped_NxM = (held >= 0) & (held < wg.shape[0]) & ~plan.kept
+  return y_TxD, dropped_NxM
 
 
 def _sharded_mesh():
@@ -304,10 +279,10 @@ def _varying(x, axis):
   return jax.lax.pvary(x, axis)  # jax < 0.10
 
 
-def ragged_experts(x_TxD, gates_TxK, index_TxK, wg, wu, wo, *, impl="auto", buffer_factor=0.0):
-  """Dropless dispatch: the T * K assignments sorted by expert, grouped SwiGLU matmuls.
+def _ragged_experts(x_TxD, assign, wg, wu, wo, *, impl="auto", buffer_factor=0.0):
+  """Dropless dispatch: the assignments sorted by expert, grouped SwiGLU matmuls.
 
-  Without a mesh (or on one device) one grouped matmul over all T * K rows. Under this
+  Without a mesh (or on one device) one grouped matmul over all N * M assignment rows. Under this
   project's mesh (`sharding.mesh_rules`) the computation is local to each device
   (`jax.shard_map`), so nothing in it scales with the global batch:
 
@@ -316,7 +291,7 @@ def ragged_experts(x_TxD, gates_TxK, index_TxK, wg, wu, wo, *, impl="auto", buff
     group: the tokens whose experts it shares out);
   * it all-gathers its experts' kernels over "fsdp" ([E / expert, D, F / model]: the FSDP
     gather of one layer, whose transpose reduce-scatters the gradients);
-  * it sorts the group's assignments to its own experts (`routing.sorted_plan` with an expert
+  * it sorts the group's assignments to its own experts (`dispatch.sorted_plan` with an expert
     offset; the others are computed on the device holding their expert) and runs the grouped
     matmuls on them;
   * the partial outputs are summed back: reduce-scatter along "expert" (each device gets its
@@ -329,19 +304,25 @@ def ragged_experts(x_TxD, gates_TxK, index_TxK, wg, wu, wo, *, impl="auto", buff
   buffer at f x the device's mean load (local tokens x K rows): an expert group whose load on
   one device exceeds it drops the excess (`kept` False, reported as `MoEAux.dropped`).
 
+  Under a mesh the assignments must be token choice (`assign.token` None): rows are the tokens
+  sharded along the batch axes.
+
   Args:
-    x_TxD, gates_TxK, index_TxK, wg, wu, wo: as `capacity_experts`.
+    x_TxD, assign, wg, wu, wo: as `apply`.
     impl: grouped-matmul implementation, one of RAGGED_IMPLS.
     buffer_factor: float; > 0 bounds each device's buffer as above (with an expert axis > 1
       only); <= 0 dropless.
 
   Returns:
-    (float[T, D] combined outputs, bool[T, K] kept assignments: all True when dropless).
+    (float[T, D] combined outputs, bool[N, M] kept assignments: all True when dropless).
   """
   mesh = _sharded_mesh()
   if mesh is None:
-    return (_ragged_swiglu(x_TxD, gates_TxK, index_TxK, wg, wu, wo, 0, impl)[0],
-            jnp.ones(index_TxK.shape, bool))
+    return (_ragged_swiglu(x_TxD, assign, wg, wu, wo, 0, impl)[0],
+            jnp.ones(assign.expert.shape, bool))
+  if assign.token is not None:
+    raise NotImplementedError("dispatch='ragged' under a mesh takes token-major assignments "
+                              "(token choice) only")
   P = jax.sharding.PartitionSpec
   tok = P(sharding.BATCH_AXES)
   # Pallas TPU kernels (megablox) declare no varying-axis types, so shard_map cannot check them:
@@ -351,11 +332,12 @@ def ragged_experts(x_TxD, gates_TxK, index_TxK, wg, wu, wo, *, impl="auto", buff
   w_in, w_out = P("expert", "fsdp", "model"), P("expert", "model", "fsdp")
 
   local_tokens = x_TxD.shape[0] // math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
-  group_assign = local_tokens * mesh.shape["expert"] * index_TxK.shape[1]
+  top_k = assign.expert.shape[1]
+  group_assign = local_tokens * mesh.shape["expert"] * top_k
   num_slots = None
   if buffer_factor > 0 and mesh.shape["expert"] > 1:
     num_slots = min(group_assign,
-                    -(-int(math.ceil(local_tokens * index_TxK.shape[1] * buffer_factor)) // 8) * 8)
+                    -(-int(math.ceil(local_tokens * top_k * buffer_factor)) // 8) * 8)
 
   def local(x, gates, index, wg, wu, wo):
     wg, wu = (jax.lax.all_gather(w, "fsdp", axis=1, tiled=True) for w in (wg, wu))
@@ -368,7 +350,8 @@ def ragged_experts(x_TxD, gates_TxK, index_TxK, wg, wu, wo, *, impl="auto", buff
     if check_vma:
       x, gates = (_varying(a, "model") for a in (x, gates))
     offset = jax.lax.axis_index("expert") * wg.shape[0]
-    y, dropped = _ragged_swiglu(x, gates, index, wg, wu, wo, offset, impl, num_slots)
+    y, dropped = _ragged_swiglu(x, routing.Assignments(token=None, expert=index, gate=gates),
+                                wg, wu, wo, offset, impl, num_slots)
     y = jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
     # Each assignment is held on one device of the group: the sum says whether it was dropped.
     dropped = jax.lax.psum_scatter(dropped.astype(jnp.int32), "expert", scatter_dimension=0,
@@ -376,5 +359,5 @@ def ragged_experts(x_TxD, gates_TxK, index_TxK, wg, wu, wo, *, impl="auto", buff
     return jax.lax.psum(y, "model"), dropped == 0
 
   return jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out),
-                       out_specs=(tok, tok), check_vma=check_vma)(x_TxD, gates_TxK, index_TxK,
+                       out_specs=(tok, tok), check_vma=check_vma)(x_TxD, assign.gate, assign.expert,
                                                                   wg, wu, wo)

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from simbal_jax import experts
 from simbal_jax import model as model_lib
 from simbal_jax import sharding
 
@@ -63,10 +64,9 @@ def activation_bytes_per_token(config, seq_len, model_axis=1, expert_axis=1):
   float32 log-sum-exp per head), the output projection (D a); dense FFN: the SwiGLU's three
   hidden [F] (a / model) and its output; MoE: router logits and probabilities (2 E float32),
   and per buffer row the dispatched input and expert output (2 D a) and three hidden [F]
-  (a / model). Rows per token: K x padding, the padding being 1 for "ragged" (on an expert
-  axis: its size, the dropless buffer's worst case, or `expert_buffer_factor`), the capacity
-  factor for "capacity" (E / K when dropless, C = T), the smallest bucket for "buckets" (a
-  skewed step runs at a larger one).
+  (a / model). Rows per token: K x the dispatch's padding (`experts.padding`: 1 for "ragged",
+  on an expert axis its size or `expert_buffer_factor`; the capacity factor, at most E / K; the
+  smallest bucket).
   Once per model: the embedding output (D a) and the float32 logits with their gradient
   (2 V float32 / model).
   """
@@ -82,17 +82,7 @@ def activation_bytes_per_token(config, seq_len, model_axis=1, expert_axis=1):
       per_block.append(common + dense)
       continue
     m = config.moe
-    if m.dispatch == "ragged":
-      pad = float(expert_axis)
-      if expert_axis > 1 and m.expert_buffer_factor > 0:
-        pad = min(m.expert_buffer_factor, expert_axis)
-    elif m.dispatch == "buckets":
-      pad = min(min(m.capacity_buckets), m.num_experts / m.top_k)
-    elif m.capacity_factor is None or m.capacity_factor <= 0:
-      pad = m.num_experts / m.top_k
-    else:
-      pad = min(m.capacity_factor, m.num_experts / m.top_k)
-    rows = m.top_k * pad
+    rows = m.top_k * experts.padding(m, m.num_experts, m.top_k, expert_axis)
     moe_b = 2 * m.num_experts * 4 + rows * (2 * d * a + 3 * m.d_ff * a / model_axis) + d * a
     if m.shared_expert_d_ff:
       moe_b += 3 * m.shared_expert_d_ff * a / model_axis + d * a

@@ -1,24 +1,26 @@
 """Feed-forward blocks: dense SwiGLU and the sparse Mixture-of-Experts block (Flax linen).
 
-The MoE block routes each token to K of E SwiGLU experts (`routing.route`) and dispatches the
-assignments in one of three ways (`MoEConfig.dispatch`):
+The MoE block routes each token to K of E SwiGLU experts (`routing.route`) and hands the router's
+assignments (`RouterOutput.assignments`: which token goes to which expert, with which gate) to
+the one expert computation, `experts.apply`, which dispatches them in one of three ways
+(`MoEConfig.dispatch`):
 
 * "capacity" (default): per-expert buffers `[E, C, D]` of static capacity C
-  (`routing.dispatch_plan`), all experts run as batched einsums (`'ecd,edf->ecf'`). Dropless
+  (`dispatch.dispatch_plan`), all experts run as batched einsums (`'ecd,edf->ecf'`). Dropless
   (`capacity_factor <= 0`) means C = T, i.e. E / K times the useful expert FLOPs.
 * "buckets": dropless capacity dispatch at a per-call capacity picked from a few static buckets
   (`MoEConfig.capacity_buckets` x the mean load T*K/E, then T) by `jax.lax.switch`: the smallest
   bucket that holds the largest expert load. Same values and gradients as C = T, at the cost of
   that bucket's padding. The dropless choice where no grouped-matmul kernel exists (CPU).
 * "ragged": the T * K assignments sorted by expert into exactly T * K rows
-  (`routing.sorted_plan`), experts run as grouped matmuls (tokamax's or megablox's Pallas
+  (`dispatch.sorted_plan`), experts run as grouped matmuls (tokamax's or megablox's Pallas
   kernels on GPU and TPU with their own backward passes; on CPU tokamax's XLA fallback, a
   masked dense computation equal to `jax.lax.ragged_dot`); never drops. Under a mesh it runs
-  local to each device (`experts.ragged_experts`: shard_map, expert parallelism along
-  "expert"). `MoEConfig.ragged_impl` picks the implementation.
+  local to each device (shard_map, expert parallelism along "expert"). `MoEConfig.ragged_impl`
+  picks the implementation.
 
-All combine the expert outputs weighted by the gates; the expert paths and the gather-only
-dispatch / combine (custom VJPs, no scatter, no one-hot) live in `experts.py`.
+All combine the expert outputs weighted by the gates, through the gather-only dispatch /
+combine of `dispatch.py` (custom VJPs, no scatter, no one-hot).
 
 Everything the balancing losses and metrics need is returned per call as one `MoEAux`
 (router logits/probs/gates/indices, per-expert counts, dropped fraction); the router kernel
@@ -37,7 +39,7 @@ from simbal_jax import init as init_lib
 from simbal_jax import routing
 from simbal_jax import sharding
 
-DISPATCHES = ("capacity", "buckets", "ragged")
+DISPATCHES = experts.DISPATCHES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +81,7 @@ class MoEConfig:
     expert_buffer_factor: dispatch="ragged" on a mesh with an expert axis > 1: each device's
       buffer holds this factor x its mean load (local tokens x K rows) and drops the excess;
       <= 0 (default): dropless, the worst case of expert x local tokens x K rows
-      (`experts.ragged_experts`).
+      (`experts.apply`).
     min_gate: inference-time dynamic-K pruning (the paper's Table 6): chosen experts whose gate
       is below this value are left out of the token's output (their gate is set to 0); 0 keeps
       all K. `MoEAux.router` still reports the unpruned gates.
@@ -205,12 +207,8 @@ class MoEBlock(nn.Module):
     if x_BxLxD.ndim != 3:
       raise ValueError(f"x_BxLxD must be rank 3 [B, L, D], got shape {x_BxLxD.shape}")
     batch, length, d_model = x_BxLxD.shape
-    n_exp, top_k, d_ff, groups = cfg.num_experts, cfg.top_k, cfg.d_ff, cfg.num_groups
+    n_exp, top_k, d_ff = cfg.num_experts, cfg.top_k, cfg.d_ff
     tokens = batch * length
-    if tokens % groups:
-      raise ValueError(f"B * L = {tokens} tokens not divisible by num_groups={groups}")
-    group_tokens = tokens // groups
-    cap = routing.capacity(group_tokens, n_exp, top_k, cfg.capacity_factor)
     if expert_bias_E is not None:
       if expert_bias_E.shape != (n_exp,):
         raise ValueError(f"expert_bias_E must have shape ({n_exp},), got {expert_bias_E.shape}")
@@ -236,18 +234,10 @@ class MoEBlock(nn.Module):
 
     x_TxD = x_TxD.astype(self.dtype)
     wg, wu, wo = (w.astype(self.dtype) for w in (wg, wu, wo))
-    gates_TxK = router_out.gates
+    assign = router_out.assignments
     if cfg.min_gate > 0:  # dynamic-K pruning at inference
-      gates_TxK = jnp.where(gates_TxK >= cfg.min_gate, gates_TxK, 0.0)
-    args = (x_TxD, gates_TxK, router_out.expert_index, wg, wu, wo)
-    if cfg.dispatch == "ragged":
-      y_TxD, kept_TxK = experts.ragged_experts(*args, impl=cfg.ragged_impl,
-                                               buffer_factor=cfg.expert_buffer_factor)
-    elif cfg.dispatch == "buckets":
-      y_TxD, kept_TxK = experts.bucket_experts(*args, num_groups=groups,
-                                               factors=cfg.capacity_buckets)
-    else:
-      y_TxD, kept_TxK = experts.capacity_experts(*args, num_groups=groups, capacity=cap)
+      assign = assign._replace(gate=jnp.where(assign.gate >= cfg.min_gate, assign.gate, 0.0))
+    y_TxD, kept_TxK = experts.apply(x_TxD, assign, wg, wu, wo, cfg)
     y_BxLxD = y_TxD.reshape(batch, length, d_model)
     if cfg.shared_expert_d_ff:
       y_BxLxD = y_BxLxD + MLP(cfg.shared_expert_d_ff, self.dtype, self.param_dtype,

@@ -1,4 +1,4 @@
-"""Routing math for sparse Mixture-of-Experts layers: gates, top-k choice, Loss-Free bias, dispatch.
+"""Routing math for sparse Mixture-of-Experts layers: gates, token / expert choice, Loss-Free bias.
 
 Pure functions of arrays (jax only; no Flax, no optax, no IO). Every function works under `jit`,
 `vmap` and `grad`; integer arguments that fix shapes (`top_k`, `num_experts`, `capacity`) are
@@ -11,14 +11,13 @@ Conventions (shape letters as in `simbal_jax/__init__.py`):
   to 1. `RouterOutput.gates` are the combine weights of the chosen experts.
 * A per-expert Loss-Free bias (Wang et al. 2024, "Auxiliary-Loss-Free Load Balancing") only
   changes *which* experts are chosen; gate values never include it.
-* Dispatch is index based (sort / gather / scatter, no `[T, E, C]` one-hot): each assignment
-  `a = t * K + k` gets a buffer slot `e * C + position` in a flat buffer of `S = E * C` slots,
-  where `position` counts the earlier assignments (in token order) to the same expert. Assignments
-  with `position >= C` are dropped. `sorted_plan` is the dropless variant for grouped matmuls:
-  S = T * K slots sorted by expert, plus per-expert group sizes.
+* The router's decision, whatever chose it, is one `Assignments`: N rows of M (token, expert,
+  gate) assignments. Token choice (`route`, `RouterOutput.assignments`) has N = T rows of M = K,
+  row t being token t; expert choice (`expert_choice`) N = E rows of M = C, row e being the C
+  tokens expert e picked. The expert computation (`experts.apply`) consumes either; buffer
+  slots and the gather-only dispatch / combine are in `dispatch.py`.
 """
 
-import math
 from typing import NamedTuple
 
 import jax
@@ -45,24 +44,35 @@ class RouterOutput(NamedTuple):
   gates: jax.Array
   expert_index: jax.Array
 
+  @property
+  def assignments(self):
+    """The token-choice `Assignments` (row t: token t's K experts and gates; token None)."""
+    return Assignments(token=None, expert=self.expert_index, gate=self.gates)
 
-class DispatchPlan(NamedTuple):
-  """Index maps for dispatch into a flat buffer of S slots (S = E * C from `dispatch_plan`,
-  S = T * K from `sorted_plan`).
+
+class Assignments(NamedTuple):
+  """The router's decision: N rows of M assignments, each a token, an expert and a gate.
+
+  The flat assignment index is `a = n * M + m` (row-major); it is also the priority order of
+  capacity dispatch (earlier assignments take an expert's slots first). A (token, expert) pair
+  appears at most once, so no expert holds more than T assignments.
+
+  * Token choice (`RouterOutput.assignments`): N = T rows of M = K, row t holds token t's K
+    experts (distinct), `token` None. Dispatch and combine are then gathers only.
+  * Expert choice (`expert_choice`): N = E rows of M = C, row e holds the C tokens expert e
+    picked, `expert[e, :] == e`; a token has 0 to E assignments.
+
+  With G routing groups (`experts.apply`) the N rows split into G equal contiguous parts and the
+  tokens of part g index the g-th T / G tokens (for token choice this holds by construction).
 
   Attributes:
-    slot: int32[T, K] buffer slot `e * C + position` of each assignment; equals S (an
-      out-of-range sentinel meaning "dropped") for dropped assignments.
-    kept: bool[T, K] whether the assignment got a slot (`slot < S`).
-    slot_assignment: int32[S] flat assignment index `t * K + k` that fills each slot; T * K
-      (sentinel) for an empty slot.
-    slot_token: int32[S] token index t feeding each slot (`slot_assignment // K`); T (sentinel)
-      for an empty slot.
+    token: int32[N, M] token of each assignment in [0, T), or None: row n is token n (N = T).
+    expert: int32[N, M] expert of each assignment in [0, E).
+    gate: float32[N, M] combine weight (0 contributes nothing; gradients flow into it).
   """
-  slot: jax.Array
-  kept: jax.Array
-  slot_assignment: jax.Array
-  slot_token: jax.Array
+  token: jax.Array | None
+  expert: jax.Array
+  gate: jax.Array
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,202 +202,36 @@ def loss_free_update(bias, counts, rate):
   return (bias + rate * step).astype(bias.dtype)
 
 
-# ----------------------------------------------------------------------------------------------
-# Capacity and dispatch.
+def expert_choice(logits_TxE, capacity):
+  """Expert-choice routing (Zhou et al. 2022): every expert picks its C most probable tokens.
 
-
-def capacity(num_tokens, num_experts, top_k, capacity_factor):
-  """Static per-expert capacity C.
-
-  `C = ceil(T * K / E * capacity_factor)` clipped to `[1, T]` (a relative tolerance of 1e-9
-  absorbs float round-off, so `T*K/E = 10, factor 1.1` gives 11). `capacity_factor` None or
-  <= 0 means "no drops": `C = T`, enough because a token sends at most one assignment to an
-  expert (top-k experts are distinct).
+  With `p = softmax(logits)` over the experts of each token, expert e takes the tokens
+  `token[e] = top_C(p[:, e])` (descending; ties go to the lower token index) with gates
+  `gate[e, c] = p[token[e, c], e]`. Every expert gets exactly C tokens, a token 0 to E experts.
+  The choice is not differentiated; gradients flow into the gates. Balancing losses that need
+  per-expert probabilities use `p` (what `route` reports as `probs`).
 
   Args:
-    num_tokens: static int T >= 1 (tokens dispatched together, e.g. per data shard).
-    num_experts: static int E >= 1.
-    top_k: static int K, 1 <= K <= E.
-    capacity_factor: float or None.
+    logits_TxE: float[T, E] router scores (computed in float32, float64 stays). Rank 2.
+    capacity: static int C, 1 <= C <= T, tokens per expert (e.g. `dispatch.capacity(T, E, K,
+      factor)` for K assignments per token on average).
 
   Returns:
-    Python int C.
+    Assignments with N = E rows of M = C: token int32[E, C], expert int32[E, C] (row e all e),
+    gate float32[E, C].
+
+  Raises:
+    ValueError: bad rank or capacity out of range.
   """
-  num_tokens = _checks.static_int("num_tokens", num_tokens, 1)
-  num_experts = _checks.static_int("num_experts", num_experts, 1)
-  top_k = _checks.static_int("top_k", top_k, 1, num_experts)
-  if capacity_factor is None or capacity_factor <= 0:
-    return num_tokens
-  ideal = num_tokens * top_k / num_experts * float(capacity_factor)
-  return int(min(num_tokens, max(1, math.ceil(ideal * (1.0 - 1e-9)))))
-
-
-# pylint: disable-next=redefined-outer-name
-def dispatch_plan(expert_index_TxK, num_experts, capacity, *, mask_T=None):
-  """Assigns every (token, k) pair a slot in a flat `[E * C]` buffer, dropping overflow.
-
-  Priority is token order over the flattened assignments `a = t * K + k`: the position of `a` in
-  expert `e = expert_index[t, k]` is the number of earlier assignments `a' < a` to `e`, and `a` is
-  kept iff `position < C`. Implemented with one stable argsort over the T * K expert ids (no
-  `[T * K, E]` one-hot cumsum): sorted order groups assignments by expert, token order within;
-  `position = rank in sorted order - first rank of its expert`. Slots of expert e are filled
-  contiguously from `e * C`, so `slot_assignment` needs only a gather.
-
-  Masked tokens (`mask_T[t] == 0`, e.g. padding) are dropped and use no capacity.
-
-  Args:
-    expert_index_TxK: int[T, K] chosen experts in [0, E) (values outside give undefined slots).
-    num_experts: static int E >= 1.
-    capacity: static int C >= 1 (see `capacity`).
-    mask_T: bool[T] real-token mask, or None (all tokens real).
-
-  Returns:
-    DispatchPlan; with S = E * C, `slot[t, k] == S` and `kept[t, k] == False` for dropped
-    assignments, and `slot_assignment` / `slot_token` hold T * K / T for empty slots.
-  """
-  _checks.check_rank("expert_index_TxK", expert_index_TxK, 2, "[T, K]")
-  num_experts = _checks.static_int("num_experts", num_experts, 1)
-  cap = _checks.static_int("capacity", capacity, 1)
-  num_tokens, top_k = jnp.shape(expert_index_TxK)
-  _checks.check_mask("mask_T", mask_T, (num_tokens,))
-  num_assign = num_tokens * top_k
-  num_slots = num_experts * cap
-
-  expert_A = jnp.asarray(expert_index_TxK, jnp.int32).reshape(-1)
-  if mask_T is not None:
-    valid_A = jnp.repeat(jnp.asarray(mask_T).astype(bool), top_k)
-    # Masked assignments go to a virtual expert E that sorts after all real ones.
-    expert_A = jnp.where(valid_A, expert_A, num_experts)
-  order_A = jnp.argsort(expert_A, stable=True).astype(jnp.int32)  # sorted rank -> assignment
-  counts_E1 = jnp.zeros((num_experts + 1,), jnp.int32).at[expert_A].add(1, mode="drop")
-  starts_E1 = jnp.cumsum(counts_E1) - counts_E1  # first sorted rank of each expert
-  sorted_expert_A = expert_A[order_A]
-  position_sorted_A = jnp.arange(num_assign, dtype=jnp.int32) - starts_E1[sorted_expert_A]
-  position_A = jnp.zeros((num_assign,), jnp.int32).at[order_A].set(
-      position_sorted_A, unique_indices=True)
-
-  kept_A = (position_A < cap) & (expert_A < num_experts)
-  slot_A = jnp.where(kept_A, expert_A * cap + position_A, num_slots).astype(jnp.int32)
-
-  # Slot s = e * C + p holds the assignment of sorted rank starts[e] + p, if p < counts[e].
-  slot_expert_S = jnp.repeat(jnp.arange(num_experts, dtype=jnp.int32), cap)
-  slot_pos_S = jnp.tile(jnp.arange(cap, dtype=jnp.int32), num_experts)
-  filled_S = slot_pos_S < counts_E1[slot_expert_S]
-  rank_S = jnp.minimum(starts_E1[slot_expert_S] + slot_pos_S, num_assign - 1)
-  slot_assignment_S = jnp.where(filled_S, order_A[rank_S], num_assign).astype(jnp.int32)
-  slot_token_S = jnp.where(filled_S, slot_assignment_S // top_k, num_tokens).astype(jnp.int32)
-  return DispatchPlan(slot=slot_A.reshape(num_tokens, top_k),
-                      kept=kept_A.reshape(num_tokens, top_k),
-                      slot_assignment=slot_assignment_S, slot_token=slot_token_S)
-
-
-def sorted_plan(expert_index_TxK, num_experts, expert_offset=0, num_slots=None):
-  """Dropless dispatch plan: the T * K assignments sorted by expert into S = T * K slots.
-
-  Slot s holds the assignment of rank s in a stable sort of the flattened expert ids
-  (`a = t * K + k`), so expert e owns the contiguous slots `[start_e, start_e + group_sizes[e])`
-  with `start_e = sum_{e' < e} group_sizes[e']`, tokens in order within it: the layout
-  `jax.lax.ragged_dot` expects. Nothing is dropped, so the plan feeds the same gather-only
-  dispatch / combine as `dispatch_plan` does (with S = T * K instead of E * C).
-
-  Expert parallelism: with `expert_offset` o, only the experts `[o, o + num_experts)` are held
-  here (group e of the result is expert o + e). Their assignments fill the first slots in the
-  same sorted order; every other assignment gets the sentinel slot S (computed elsewhere) and
-  the slots after the held ones are empty. With o = 0 and every expert held this is the plain
-  plan above. `num_slots` S < T * K bounds the buffer: held assignments of sorted rank >= S are
-  dropped (`kept` False, group sizes clipped to the first S rows).
-
-  Args:
-    expert_index_TxK: int[T, K] chosen experts in [0, E) (values outside the held range are
-      "elsewhere").
-    num_experts: static int >= 1, experts held here (E without expert parallelism).
-    expert_offset: int or int32[] scalar (may be traced, e.g. `axis_index * num_experts`), the
-      first held expert.
-    num_slots: static int S in [1, T * K], buffer rows; None: T * K (dropless).
-
-  Returns:
-    (plan, group_sizes) where plan is a DispatchPlan over S slots: `slot` int32[T, K] the
-    sorted rank of each held assignment (S for one held elsewhere or dropped), `kept`
-    bool[T, K] whether the assignment is held here and fits, `slot_assignment` int32[S] slot
-    -> assignment (T * K for an empty slot), `slot_token` int32[S] = `slot_assignment // K`
-    (T for an empty slot); group_sizes is int32[num_experts], the kept assignments per held
-    expert (sums to T * K when every expert is held and nothing is dropped).
-  """
-  _checks.check_rank("expert_index_TxK", expert_index_TxK, 2, "[T, K]")
-  num_experts = _checks.static_int("num_experts", num_experts, 1)
-  num_tokens, top_k = jnp.shape(expert_index_TxK)
-  num_assign = num_tokens * top_k
-  slots = num_assign if num_slots is None else _checks.static_int("num_slots", num_slots, 1)
-  if slots > num_assign:
-    raise ValueError(f"num_slots={slots} exceeds the T * K = {num_assign} assignments")
-
-  expert_A = jnp.asarray(expert_index_TxK, jnp.int32).reshape(-1) - expert_offset
-  held_A = (expert_A >= 0) & (expert_A < num_experts)
-  key_A = jnp.where(held_A, expert_A, num_experts)  # not held: sorted after every held one
-  order_A = jnp.argsort(key_A, stable=True).astype(jnp.int32)  # sorted rank -> assignment
-  rank_A = jnp.zeros((num_assign,), jnp.int32).at[order_A].set(
-      jnp.arange(num_assign, dtype=jnp.int32), unique_indices=True)
-  group_sizes_E = jnp.zeros((num_experts,), jnp.int32).at[key_A].add(1, mode="drop")
-  if slots < num_assign:  # the first S sorted rows are kept: clip the groups' ends at S
-    ends_E = jnp.minimum(jnp.cumsum(group_sizes_E), slots)
-    group_sizes_E = jnp.diff(ends_E, prepend=0).astype(jnp.int32)
-  filled_S = jnp.arange(slots) < jnp.sum(group_sizes_E)
-  slot_assignment_S = jnp.where(filled_S, order_A[:slots], num_assign)
-  kept_A = held_A & (rank_A < slots)
-  plan = DispatchPlan(slot=jnp.where(kept_A, rank_A, slots).reshape(num_tokens, top_k),
-                      kept=kept_A.reshape(num_tokens, top_k),
-                      slot_assignment=slot_assignment_S, slot_token=slot_assignment_S // top_k)
-  return plan, group_sizes_E
-
-
-def capacity_buckets(num_tokens, num_experts, top_k, factors):
-  """Static capacities for bucketed dropless dispatch: ascending, distinct, the last one T.
-
-  Bucket i is `capacity(T, E, K, factors[i])` (<= T); T is appended, so every per-expert load
-  fits the last bucket (a token sends at most one assignment to an expert).
-
-  Args:
-    num_tokens: static int T >= 1 (tokens of one routing group).
-    num_experts: static int E >= 1.
-    top_k: static int K, 1 <= K <= E.
-    factors: iterable of floats > 0 (capacity factors of the buckets below T).
-
-  Returns:
-    tuple of Python ints, strictly ascending, ending with T.
-  """
-  caps = {capacity(num_tokens, num_experts, top_k, f) for f in factors if f > 0}
-  return tuple(sorted(caps | {_checks.static_int("num_tokens", num_tokens, 1)}))
-
-
-def max_group_load(expert_index_GxTxK, num_experts):
-  """Largest number of assignments any expert receives in any routing group.
-
-  Args:
-    expert_index_GxTxK: int[G, T, K] chosen experts in [0, E) per group.
-    num_experts: static int E >= 1.
-
-  Returns:
-    int32[] `max_{g, e} #{(t, k): expert_index[g, t, k] == e}` (a global reduction: under
-    sharding of G every device gets the same value).
-  """
-  _checks.check_rank("expert_index_GxTxK", expert_index_GxTxK, 3, "[G, T, K]")
-  num_experts = _checks.static_int("num_experts", num_experts, 1)
-  expert_GxA = jnp.asarray(expert_index_GxTxK, jnp.int32).reshape(
-      expert_index_GxTxK.shape[0], -1)
-  counts_GxE = jax.vmap(lambda e: jnp.zeros((num_experts,), jnp.int32).at[e].add(
-      1, mode="drop"))(expert_GxA)
-  return jnp.max(counts_GxE)
-
-
-def bucket_index(load, capacities):
-  """Index of the smallest capacity that holds `load` (the last one if none does).
-
-  Args:
-    load: int[] largest per-expert load (`max_group_load`).
-    capacities: static ascending tuple of ints (`capacity_buckets`).
-
-  Returns:
-    int32[] in [0, len(capacities)): `#{i < n - 1: capacities[i] < load}`.
-  """
-  below_N = jnp.asarray(capacities[:-1], jnp.int32)
-  return jnp.sum(jnp.asarray(load, jnp.int32) > below_N).astype(jnp.int32)
+  _checks.check_rank("logits_TxE", logits_TxE, 2, "[T, E]")
+  num_tokens, num_experts = jnp.shape(logits_TxE)
+  cap = _checks.static_int("capacity", capacity, 1, num_tokens)
+  logits_TxE = jnp.asarray(logits_TxE)
+  logits_TxE = logits_TxE.astype(jnp.promote_types(logits_TxE.dtype, jnp.float32))
+  probs_ExT = jax.nn.softmax(logits_TxE, axis=-1).T
+  _, token_ExC = jax.lax.top_k(jax.lax.stop_gradient(probs_ExT), cap)
+  token_ExC = token_ExC.astype(jnp.int32)
+  expert_ExC = jnp.broadcast_to(jnp.arange(num_experts, dtype=jnp.int32)[:, None],
+                                (num_experts, cap))
+  return Assignments(token=token_ExC, expert=expert_ExC,
+                     gate=jnp.take_along_axis(probs_ExT, token_ExC, axis=-1))

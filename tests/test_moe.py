@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from simbal_jax import dispatch
 from simbal_jax import experts
 from simbal_jax import moe
 from simbal_jax import routing
@@ -127,8 +128,8 @@ def _ref_block(params, x_BxLxD, cfg):
   p = params["params"]
   x = x_BxLxD.reshape(-1, D)
   out = routing.route(x @ p["router"], cfg.top_k)
-  cap = routing.capacity(x.shape[0], E, cfg.top_k, cfg.capacity_factor)
-  plan = routing.dispatch_plan(out.expert_index, E, cap)
+  cap = dispatch.capacity(x.shape[0], E, cfg.top_k, cfg.capacity_factor)
+  plan = dispatch.dispatch_plan(out.expert_index, E, cap)
   buf = _dispatch_autodiff(x, plan, E * cap).reshape(E, cap, D)
   h = (jax.nn.silu(jnp.einsum("ecd,edf->ecf", buf, p["wi_gate"]))
        * jnp.einsum("ecd,edf->ecf", buf, p["wi_up"]))
@@ -156,14 +157,14 @@ def test_dispatch_combine_vjp_against_autodiff():
   tokens, top_k, n_exp, cap = 12, 2, 3, 5  # 24 assignments, 15 slots: some dropped
   idx = jax.random.randint(jax.random.PRNGKey(0), (tokens, top_k), 0, n_exp)
   idx = idx.at[:, 1].set((idx[:, 0] + 1) % n_exp)  # distinct experts per token
-  plan = routing.dispatch_plan(idx, n_exp, cap)
+  plan = dispatch.dispatch_plan(idx, n_exp, cap)
   x = jax.random.normal(jax.random.PRNGKey(1), (tokens, 4))
   gates = jax.random.uniform(jax.random.PRNGKey(2), (tokens, top_k))
   w = jax.random.normal(jax.random.PRNGKey(3), (n_exp * cap, 4))
 
   def ours(x, gates):
-    buf = experts.dispatch(x, plan.slot_token, plan.slot)
-    return experts.combine(jnp.tanh(buf) * w, gates, plan.slot, plan.slot_assignment)
+    buf = dispatch.dispatch(x, plan.slot_token, plan.slot)
+    return dispatch.combine(jnp.tanh(buf) * w, gates, plan.slot, plan.slot_assignment)
 
   def ref(x, gates):
     buf = _dispatch_autodiff(x, plan, n_exp * cap)
@@ -278,10 +279,10 @@ def test_buckets_equal_dropless_capacity_values_and_grads(num_groups, bias, buck
 
   (_, (y_cap, aux_cap)), g_cap = value_and_grads(cap_block)
   (_, (y_bkt, aux_bkt)), g_bkt = value_and_grads(bkt_block)
-  caps = routing.capacity_buckets(128 // num_groups, E, K, bkt_cfg.capacity_buckets)
+  caps = dispatch.capacity_buckets(128 // num_groups, E, K, bkt_cfg.capacity_buckets)
   assert caps == ((80, 96, 128) if num_groups == 1 else (40, 48, 64))
   index = aux_bkt.router.expert_index.reshape(num_groups, -1, K)
-  assert int(routing.bucket_index(routing.max_group_load(index, E), caps)) == bucket
+  assert int(dispatch.bucket_index(dispatch.max_group_load(index, E), caps)) == bucket
   np.testing.assert_allclose(np.asarray(y_bkt), np.asarray(y_cap), rtol=1e-6, atol=1e-6)
   for a, b in zip(jax.tree.leaves(aux_bkt), jax.tree.leaves(aux_cap)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -297,13 +298,13 @@ def test_buckets_equal_dropless_capacity_values_and_grads(num_groups, bias, buck
 
 
 def test_bucket_helpers():
-  assert routing.capacity_buckets(100, 10, 2, (1.25, 1.5, 2.0, 3.0)) == (25, 30, 40, 60, 100)
-  assert routing.capacity_buckets(8, 4, 2, (1.25, 3.0, 100.0)) == (5, 8)  # capped and deduped
+  assert dispatch.capacity_buckets(100, 10, 2, (1.25, 1.5, 2.0, 3.0)) == (25, 30, 40, 60, 100)
+  assert dispatch.capacity_buckets(8, 4, 2, (1.25, 3.0, 100.0)) == (5, 8)  # capped and deduped
   caps = (25, 30, 40, 100)
-  got = [int(routing.bucket_index(load, caps)) for load in (0, 25, 26, 30, 31, 40, 41, 100)]
+  got = [int(dispatch.bucket_index(load, caps)) for load in (0, 25, 26, 30, 31, 40, 41, 100)]
   assert got == [0, 0, 1, 1, 2, 2, 3, 3]
   idx = jnp.array([[[0, 1], [0, 2], [0, 1]], [[2, 3], [3, 1], [3, 0]]])
-  assert int(jax.jit(routing.max_group_load, static_argnums=1)(idx, 4)) == 3
+  assert int(jax.jit(dispatch.max_group_load, static_argnums=1)(idx, 4)) == 3
   with pytest.raises(ValueError, match="capacity_buckets"):
     moe.MoEConfig(num_experts=2, top_k=1, d_ff=4, capacity_buckets=(1.5, 0.0))
   assert moe.MoEConfig(num_experts=2, top_k=1, d_ff=4, capacity_buckets=[2, 1.5]

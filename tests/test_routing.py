@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from simbal_jax import dispatch
 from simbal_jax import routing
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
@@ -121,12 +122,12 @@ def test_loss_free_update_hand_case():
 
 
 def test_capacity_hand_cases():
-  assert routing.capacity(16, 4, 2, 1.0) == 8
-  assert routing.capacity(20, 4, 2, 1.1) == 11  # 11.000000000000002 in floats
-  assert routing.capacity(10, 4, 1, 1.25) == 4  # ceil(3.125)
-  assert routing.capacity(3, 64, 1, 1.0) == 1  # at least 1
-  assert routing.capacity(8, 2, 2, 4.0) == 8  # at most T
-  assert routing.capacity(7, 4, 2, None) == routing.capacity(7, 4, 2, 0.0) == 7
+  assert dispatch.capacity(16, 4, 2, 1.0) == 8
+  assert dispatch.capacity(20, 4, 2, 1.1) == 11  # 11.000000000000002 in floats
+  assert dispatch.capacity(10, 4, 1, 1.25) == 4  # ceil(3.125)
+  assert dispatch.capacity(3, 64, 1, 1.0) == 1  # at least 1
+  assert dispatch.capacity(8, 2, 2, 4.0) == 8  # at most T
+  assert dispatch.capacity(7, 4, 2, None) == dispatch.capacity(7, 4, 2, 0.0) == 7
 
 
 def _loop_plan(idx, num_experts, cap, mask=None):
@@ -153,8 +154,8 @@ def test_dispatch_plan_vs_loop(case):
   idx = np.stack([rng.choice(num_experts, k, replace=False, p=[.3, .25, .2, .1, .1, .05])
                   for _ in range(t_count)]).astype(np.int32)
   mask = (rng.uniform(size=t_count) < 0.7) if case == "masked" else None
-  cap = routing.capacity(t_count, num_experts, k, None if case == "nodrop" else 1.0)
-  plan_fn = jax.jit(routing.dispatch_plan, static_argnums=(1, 2))
+  cap = dispatch.capacity(t_count, num_experts, k, None if case == "nodrop" else 1.0)
+  plan_fn = jax.jit(dispatch.dispatch_plan, static_argnums=(1, 2))
   plan = plan_fn(jnp.asarray(idx), num_experts, cap,
                  mask_T=None if mask is None else jnp.asarray(mask))
   num_slots = num_experts * cap
@@ -191,7 +192,7 @@ def test_sorted_plan_vs_numpy_stable_sort():
   t_count, num_experts, k = 10, 5, 2
   idx = np.stack([rng.choice(num_experts, k, replace=False, p=[.4, .3, .2, .1, 0.])
                   for _ in range(t_count)]).astype(np.int32)  # expert 4 unused: size 0
-  plan, sizes = jax.jit(routing.sorted_plan, static_argnums=1)(jnp.asarray(idx), num_experts)
+  plan, sizes = jax.jit(dispatch.sorted_plan, static_argnums=1)(jnp.asarray(idx), num_experts)
   # Independent construction: stable sort of the flat expert ids, slot = rank in that sort.
   order = sorted(range(t_count * k), key=lambda a: idx.ravel()[a])  # Python sort is stable
   slot = np.empty(t_count * k, np.int64)
@@ -221,13 +222,53 @@ def test_sorted_plan_vs_numpy_stable_sort():
     (lambda: routing.route(jnp.zeros((4, 3)), 1.5), "static Python int"),
     (lambda: routing.expert_counts(jnp.zeros((4, 2), jnp.int32), 3, jnp.ones(5)), "mask_T"),
     (lambda: routing.loss_free_update(jnp.zeros(3), jnp.zeros(4), 0.1), "same shape"),
-    (lambda: routing.capacity(0, 4, 1, 1.0), "num_tokens must be >= 1"),
-    (lambda: routing.capacity(8, 4, 5, 1.0), "top_k must be <= 4"),
-    (lambda: routing.dispatch_plan(jnp.zeros((4,), jnp.int32), 3, 2), "rank 2"),
-    (lambda: routing.dispatch_plan(jnp.zeros((4, 1), jnp.int32), 3, 0), "capacity must be >= 1"),
-    (lambda: routing.sorted_plan(jnp.zeros((4,), jnp.int32), 3), "rank 2"),
-    (lambda: routing.sorted_plan(jnp.zeros((4, 1), jnp.int32), 0), "num_experts must be >= 1"),
+    (lambda: dispatch.capacity(0, 4, 1, 1.0), "num_tokens must be >= 1"),
+    (lambda: dispatch.capacity(8, 4, 5, 1.0), "top_k must be <= 4"),
+    (lambda: dispatch.dispatch_plan(jnp.zeros((4,), jnp.int32), 3, 2), "rank 2"),
+    (lambda: dispatch.dispatch_plan(jnp.zeros((4, 1), jnp.int32), 3, 0), "capacity must be >= 1"),
+    (lambda: dispatch.sorted_plan(jnp.zeros((4,), jnp.int32), 3), "rank 2"),
+    (lambda: dispatch.sorted_plan(jnp.zeros((4, 1), jnp.int32), 0), "num_experts must be >= 1"),
+    (lambda: routing.expert_choice(jnp.zeros((4, 3)), 5), "capacity must be <= 4"),
+    (lambda: routing.expert_choice(jnp.zeros((4, 3)), 0), "capacity must be >= 1"),
+    (lambda: routing.expert_choice(jnp.zeros((4,)), 1), "rank 2"),
 ])
 def test_bad_input_raises(call, match):
   with pytest.raises(ValueError, match=match):
     call()
+
+
+@pytest.mark.parametrize("gating", routing.GATINGS)
+def test_token_choice_assignments_are_the_route_fields(gating):
+  """RouterOutput.assignments: row t = token t (token None), its K experts and gates as is."""
+  logits = jax.random.normal(jax.random.PRNGKey(3), (10, 5))
+  out = jax.jit(lambda lg: routing.route(lg, 2, gating=gating, bias_E=jnp.arange(5.) * 0.1))(
+      logits)
+  assign = out.assignments
+  assert isinstance(assign, routing.Assignments) and assign.token is None
+  assert assign.expert.shape == assign.gate.shape == (10, 2)
+  np.testing.assert_array_equal(assign.expert, out.expert_index)
+  np.testing.assert_array_equal(assign.gate, out.gates)
+  assert len(out) == 4  # the RouterOutput fields are unchanged: the plan is a property
+
+
+def test_expert_choice_vs_float64_numpy():
+  """Each expert takes its C most probable tokens (softmax over experts); gates are those p."""
+  rng = np.random.default_rng(11)
+  t_count, num_experts, cap = 12, 4, 5
+  logits = rng.normal(size=(t_count, num_experts))
+  assign = jax.jit(routing.expert_choice, static_argnums=1)(jnp.asarray(logits, jnp.float32),
+                                                              cap)
+  p = np.exp(logits - logits.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  token = np.stack([np.argsort(-p[:, e], kind="stable")[:cap] for e in range(num_experts)])
+  np.testing.assert_array_equal(assign.token, token)
+  np.testing.assert_array_equal(assign.expert, np.repeat(np.arange(num_experts), cap).reshape(
+      num_experts, cap))
+  np.testing.assert_allclose(assign.gate, np.take_along_axis(p.T, token, 1), rtol=1e-6)
+  assert assign.token.dtype == assign.expert.dtype == jnp.int32
+  assert assign.gate.dtype == jnp.float32
+  per_token = np.bincount(token.ravel(), minlength=t_count)
+  assert per_token.sum() == num_experts * cap and per_token.max() > per_token.min()
+  # The choice is not differentiated; the gates carry gradient into the logits.
+  grad = jax.grad(lambda lg: jnp.sum(routing.expert_choice(lg, cap).gate))(jnp.asarray(logits))
+  assert float(jnp.abs(grad).max()) > 0

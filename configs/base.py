@@ -39,6 +39,11 @@ def get_config(arg=None):
   e.shared_expert_d_ff = 0  # 0: no shared expert
   e.router_init = "orthogonal"  # orthogonal | normal
   e.router_init_scale = 1.0  # column norm of the initial router
+  # Router noise in training (evaluation is deterministic): none | jitter (router input times
+  # U[1-eps, 1+eps], Switch Transformer) | gaussian (logits + eps N(0,1)) | gaussian_learned
+  # (logits + softplus(x W_noise) N(0,1), noisy top-k). Keys: the train state's (per step).
+  e.router_noise = "none"
+  e.router_noise_eps = 0.01
   e.num_groups = 1  # routing groups (own capacity/dispatch); 0: one per batch shard (auto)
   # capacity | buckets | ragged. "buckets": dropless capacity path at the smallest of the static
   # capacity_buckets (x mean load T*K/E per group, then T) holding the step's largest expert
@@ -228,7 +233,7 @@ def set_method(cfg, method):
 
 # The variant forms besides a bare method name (parsed by `apply_variant`).
 VARIANT_FORMS = ("<method>_sigmoid", "<method>_softmax", "simbal_coef<x>", "lbl_micro<m>",
-                 "dense")
+                 "<variant>+<noise>", "dense")
 
 
 def variants():
@@ -246,6 +251,8 @@ def apply_variant(cfg, arg):
   simbal_coef<x>            SimBal alone with coefficient x (simbal_coef1, simbal_coef0.01)
   lbl_micro<m>              LBL alone over groups of m consecutive sequences (lbl_scope="micro",
                             lbl_micro_sequences=m: lbl_micro1, lbl_micro4)
+  <variant>+<noise>         the variant with router noise in training (moe.router_noise: jitter,
+                            gaussian, gaussian_learned; eps moe.router_noise_eps): lbl+jitter
   dense                     no experts (dense FFN of 4 * d_model)
 
   Any other field: `--config.<field>=<value>` on the command line (or `cfg.<field> = ...`).
@@ -256,7 +263,15 @@ def apply_variant(cfg, arg):
       key = token.split("=", 1)[0]
       raise ValueError(f"config variant {token!r}: set fields with --config.{key}=... on the "
                        "command line, not in the config string")
-    if token == "dense":
+    if "+" in token:
+      from simbal_jax import routing  # pylint: disable=g-import-not-at-top
+      base, noise = token.rsplit("+", 1)
+      if noise not in routing.ROUTER_NOISES[1:]:
+        raise ValueError(f"config variant {token!r}: the noise after '+' must be one of "
+                         f"{', '.join(routing.ROUTER_NOISES[1:])}")
+      apply_variant(cfg, base)
+      cfg.moe.router_noise = noise
+    elif token == "dense":
       cfg.moe.num_experts = 0
       set_method(cfg, "none")
     elif token.startswith("simbal_coef"):

@@ -85,6 +85,13 @@ class MoEConfig:
     min_gate: inference-time dynamic-K pruning (the paper's Table 6): chosen experts whose gate
       is below this value are left out of the token's output (their gate is set to 0); 0 keeps
       all K. `MoEAux.router` still reports the unpruned gates.
+    router_noise: one of `routing.ROUTER_NOISES`, in training only (when the model is applied
+      with a "router" RNG stream, as the train step does; evaluation is deterministic):
+      "jitter" (Switch Transformer: the router input times Uniform[1 - eps, 1 + eps]),
+      "gaussian" (logits + eps * N(0, 1)), "gaussian_learned" (noisy top-k: logits +
+      softplus(x @ W_noise) * N(0, 1), parameter `router_noise` [D, E], init 0), "none".
+      The noisy logits are what the balancing losses see.
+    router_noise_eps: eps of "jitter" and "gaussian".
   """
   num_experts: int
   top_k: int
@@ -101,6 +108,8 @@ class MoEConfig:
   ragged_impl: str = "auto"
   expert_buffer_factor: float = 0.0
   min_gate: float = 0.0
+  router_noise: str = "none"
+  router_noise_eps: float = 0.0
 
   def __post_init__(self):
     for name in ("num_experts", "top_k", "d_ff", "num_groups"):
@@ -113,6 +122,12 @@ class MoEConfig:
       raise ValueError(f"MoEConfig.gating={self.gating!r}; valid: {routing.GATINGS}")
     if self.router_init not in init_lib.ROUTER_INITS:
       raise ValueError(f"MoEConfig.router_init={self.router_init!r}; valid: {init_lib.ROUTER_INITS}")
+    if self.router_noise not in routing.ROUTER_NOISES:
+      raise ValueError(f"MoEConfig.router_noise={self.router_noise!r}; valid: "
+                       f"{routing.ROUTER_NOISES}")
+    if self.router_noise in ("jitter", "gaussian") and not 0.0 < self.router_noise_eps < 1.0:
+      raise ValueError(f"MoEConfig.router_noise={self.router_noise!r} needs router_noise_eps "
+                       f"in (0, 1), got {self.router_noise_eps}")
     if not 0.0 <= self.min_gate < 1.0:
       raise ValueError(f"MoEConfig.min_gate must be in [0, 1), got {self.min_gate}")
     if self.dispatch not in DISPATCHES:
@@ -227,8 +242,22 @@ class MoEBlock(nn.Module):
 
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
     x_TxD = x_BxLxD.reshape(tokens, d_model)
-    logits_TxE = jnp.einsum("td,de->te", x_TxD.astype(jnp.float32), router.astype(jnp.float32),
-                            precision=jax.lax.Precision.HIGHEST)
+    hp = jax.lax.Precision.HIGHEST
+    x_router = x_TxD.astype(jnp.float32)
+    noisy = cfg.router_noise != "none" and self.has_rng("router")  # training only
+    if noisy and cfg.router_noise == "jitter":
+      x_router = routing.jitter(self.make_rng("router"), x_router, cfg.router_noise_eps)
+    logits_TxE = jnp.einsum("td,de->te", x_router, router.astype(jnp.float32), precision=hp)
+    if cfg.router_noise == "gaussian_learned":  # the parameter exists in evaluation too
+      w_noise = sharding.boxed_param(self, "router_noise", nn.initializers.zeros,
+                                     (d_model, n_exp), ("embed", None), self.param_dtype)
+      if noisy:
+        std = jax.nn.softplus(jnp.einsum("td,de->te", x_router, w_noise.astype(jnp.float32),
+                                         precision=hp))
+        logits_TxE = routing.gaussian_noise(self.make_rng("router"), logits_TxE, std)
+    elif noisy and cfg.router_noise == "gaussian":
+      logits_TxE = routing.gaussian_noise(self.make_rng("router"), logits_TxE,
+                                          cfg.router_noise_eps)
     router_out = routing.route(logits_TxE, top_k, gating=cfg.gating,
                                renormalize=cfg.renormalize, bias_E=expert_bias_E)
 

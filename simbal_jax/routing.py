@@ -79,6 +79,35 @@ class Assignments(NamedTuple):
 # Gating.
 
 
+
+ROUTER_NOISES = ("none", "jitter", "gaussian", "gaussian_learned")
+
+
+def jitter(key, x_TxD, eps):
+  """Switch Transformer's multiplicative input jitter of the router input.
+
+  Args:
+    key: PRNG key. x_TxD: float[T, D] router input. eps: float in [0, 1).
+  Returns:
+    float32[T, D] `x * u` with u ~ Uniform[1 - eps, 1 + eps] i.i.d. per entry (mean 1,
+    variance eps^2 / 3).
+  """
+  u = jax.random.uniform(key, x_TxD.shape, jnp.float32, 1.0 - eps, 1.0 + eps)
+  return x_TxD.astype(jnp.float32) * u
+
+
+def gaussian_noise(key, logits_TxE, std):
+  """Noisy top-k gating (Shazeer et al. 2017): `logits + std * N(0, 1)` i.i.d. per entry.
+
+  Args:
+    key: PRNG key. logits_TxE: float32[T, E]. std: float (fixed) or float32[T, E] (learned,
+      `softplus(x @ W_noise)`).
+  Returns:
+    float32[T, E].
+  """
+  return logits_TxE + std * jax.random.normal(key, logits_TxE.shape, jnp.float32)
+
+
 def route(logits_TxE, top_k, *, gating="softmax_topk", renormalize=False, bias_E=None):
   """Turns router scores into per-expert probabilities, chosen experts and their gates.
 

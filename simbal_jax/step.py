@@ -187,18 +187,22 @@ def loss_fn(params, batch, expert_bias, *, model, sc, expert_fraction=None, rngs
   return loss, (out, counts)
 
 
-def global_expert_fraction(params, micro, expert_bias, *, model):
+def global_expert_fraction(params, micro, expert_bias, *, model, rngs=None):
   """f float32[Lm, E] of all micro-batches together (forward only, stop-gradient).
 
   Args:
     micro: dict of int32[A, b, L] micro-batches.
+    rngs: the step's keys (`step_keys`), folded with each micro-batch's index as the train
+      step does, so a noisy router routes here as in the loss; None: deterministic.
   """
   k = model.config.moe.top_k
 
-  def body(total, mb):
+  def body(total, xs):
+    i, mb = xs
+    keys = None if rngs is None else {u: jax.random.fold_in(r, i) for u, r in rngs.items()}
     _, aux = model.apply({"params": params}, mb["inputs"],
                          expert_bias=_bias_arg(model, expert_bias),
-                         segment_ids=mb.get("segment_ids"))
+                         segment_ids=mb.get("segment_ids"), rngs=keys)
     mask = mb.get("mask")
     mask_T = None if mask is None else mask.reshape(-1)
     assigned = jax.vmap(lambda i: routing.expert_counts(i, aux.router.probs.shape[-1], mask_T))(
@@ -208,7 +212,8 @@ def global_expert_fraction(params, micro, expert_bias, *, model):
 
   n_moe, e = model.config.num_moe_layers, model.config.moe.num_experts
   zeros = (jnp.zeros((n_moe, e), jnp.float32), jnp.zeros((), jnp.float32))
-  (assigned, tokens), _ = jax.lax.scan(body, zeros, micro)
+  num_micro = jax.tree.leaves(micro)[0].shape[0]
+  (assigned, tokens), _ = jax.lax.scan(body, zeros, (jnp.arange(num_micro), micro))
   return jax.lax.stop_gradient(assigned / jnp.maximum(k * tokens, 1.0))
 
 
@@ -236,7 +241,7 @@ def train_step(state, batch, *, model, tx, sc, schedule=None):
     micro = jax.tree.map(lambda x: x.reshape(a, x.shape[0] // a, *x.shape[1:]), batch)
     if sc.global_lbl_accum:
       kw["expert_fraction"] = global_expert_fraction(state.params, micro, state.expert_bias,
-                                                     model=model)
+                                                     model=model, rngs=rngs)
 
     def body(carry, xs):
       i, mb = xs  # each micro-batch its own keys

@@ -351,3 +351,31 @@ def test_validation_errors():
   cfg = moe.MoEConfig(num_experts=E, top_k=K, d_ff=F, router_init="normal")
   with pytest.raises(ValueError, match="expert_bias_E"):
     moe.MoEBlock(cfg).init(jax.random.PRNGKey(0), jnp.zeros((2, 8, D)), jnp.zeros((E + 1,)))
+
+
+@pytest.mark.parametrize("noise", ["jitter", "gaussian", "gaussian_learned"])
+def test_router_noise_in_training_only(noise):
+  """With a "router" RNG stream (the train step) the routing is noisy and reproducible from the
+  key; without one (evaluation) the block equals the noise-free block."""
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16))
+  plain = moe.MoEBlock(moe.MoEConfig(num_experts=4, top_k=2, d_ff=8), dtype=jnp.float32)
+  noisy = moe.MoEBlock(moe.MoEConfig(num_experts=4, top_k=2, d_ff=8, router_noise=noise,
+                                     router_noise_eps=0.1), dtype=jnp.float32)
+  params = noisy.init(jax.random.key(1), x)
+  shared = {"params": {k: v for k, v in params["params"].items() if k != "router_noise"}}
+  y_eval, aux_eval = noisy.apply(params, x)
+  y_plain, aux_plain = plain.apply(shared, x)
+  np.testing.assert_array_equal(y_eval, y_plain)
+  np.testing.assert_array_equal(aux_eval.router.logits, aux_plain.router.logits)
+  rngs = {"router": jax.random.key(7)}
+  y_a, aux_a = noisy.apply(params, x, rngs=rngs)
+  y_b, _ = noisy.apply(params, x, rngs=rngs)
+  np.testing.assert_array_equal(y_a, y_b)  # the same key, the same noise
+  assert not np.array_equal(aux_a.router.logits, aux_plain.router.logits)
+
+
+def test_router_noise_needs_its_eps():
+  with pytest.raises(ValueError, match="router_noise_eps"):
+    moe.MoEConfig(num_experts=4, top_k=2, d_ff=8, router_noise="jitter")
+  with pytest.raises(ValueError, match="router_noise="):
+    moe.MoEConfig(num_experts=4, top_k=2, d_ff=8, router_noise="dropout")

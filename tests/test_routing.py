@@ -1,5 +1,7 @@
 """Tests for simbal_jax.routing against NumPy float64 references and plain Python loops."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -272,3 +274,27 @@ def test_expert_choice_vs_float64_numpy():
   # The choice is not differentiated; the gates carry gradient into the logits.
   grad = jax.grad(lambda lg: jnp.sum(routing.expert_choice(lg, cap).gate))(jnp.asarray(logits))
   assert float(jnp.abs(grad).max()) > 0
+
+
+@pytest.mark.parametrize("eps", [0.01, 0.3])
+def test_jitter_is_uniform_multiplicative_noise(eps):
+  n = 200_000
+  u = np.asarray(routing.jitter(jax.random.key(0), jnp.ones((n // 4, 4)), eps), np.float64)
+  assert u.min() >= 1.0 - eps and u.max() <= 1.0 + eps
+  var = eps ** 2 / 3.0  # Uniform[1 - eps, 1 + eps]
+  assert abs(u.mean() - 1.0) < 5.0 * math.sqrt(var / n)
+  assert u.var() == pytest.approx(var, rel=0.02)
+  x = np.asarray(jax.random.normal(jax.random.key(1), (8, 4)))
+  got = np.asarray(routing.jitter(jax.random.key(0), jnp.asarray(x), eps))
+  np.testing.assert_allclose(got, x * u[:8], rtol=1e-6)  # the same draw scales any input
+
+
+def test_gaussian_noise_has_the_given_scale():
+  n = 200_000
+  logits = jnp.full((n // 8, 8), 2.0)
+  z = np.asarray(routing.gaussian_noise(jax.random.key(0), logits, 0.5), np.float64) - 2.0
+  assert abs(z.mean()) < 5.0 * 0.5 / math.sqrt(n)
+  assert z.std() == pytest.approx(0.5, rel=0.01)
+  std = jnp.broadcast_to(jnp.array([0.0, 1.0]), (n // 8, 2))  # a learned scale, per entry
+  z = np.asarray(routing.gaussian_noise(jax.random.key(1), jnp.zeros_like(std), std))
+  assert np.all(z[:, 0] == 0.0) and z[:, 1].std() == pytest.approx(1.0, rel=0.02)

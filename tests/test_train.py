@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("fast_compiles")
 @pytest.mark.slow
 def test_sigterm_then_resume_is_bit_exact(tmp_path):
   k = 4
-  cfg = tiny_config("lf_lbl", steps=2 * k)  # LBL + Loss-Free bias state
+  cfg = tiny_config("lf_lbl+jitter", steps=2 * k)  # LBL + Loss-Free bias + router noise
   straight, straight_state = train.train_and_evaluate(cfg, str(tmp_path / "a"))
   assert straight["status"] == "done" and straight["step"] == 2 * k
 

@@ -71,12 +71,9 @@ def pes_rows(env, state, num_tokens, num_pairs, seed=0):
 
 def main(argv):
   del argv
-  from simbal_jax.runio import paths  # pylint: disable=g-import-not-at-top
   from simbal_jax import env as env_lib  # pylint: disable=g-import-not-at-top
-  from simbal_jax.runio import writers  # pylint: disable=g-import-not-at-top
-  if not flags.FLAGS.run:
-    raise app.UsageError("--run is required")
-  env, state = env_lib.restore_run(flags.FLAGS.run)
+  from simbal_jax.runio import paths, writers  # pylint: disable=g-import-not-at-top
+  env, state = env_lib.restore_run(flags.FLAGS.run)  # an empty --run: one-line error
   rows = pes_rows(env, state, flags.FLAGS.tokens, flags.FLAGS.pairs, flags.FLAGS.seed)
   paths.write_text(paths.resolve(flags.FLAGS.run) / "pes.json", json.dumps(
       {"layers": rows, "min_exact": min(r["exact"] for r in rows)}, indent=1))

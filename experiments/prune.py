@@ -70,12 +70,9 @@ def prune_table(env, state, thresholds, passes=3):
 
 def main(argv):
   del argv
-  from simbal_jax.runio import paths  # pylint: disable=g-import-not-at-top
   from simbal_jax import env as env_lib  # pylint: disable=g-import-not-at-top
-  from simbal_jax.runio import writers  # pylint: disable=g-import-not-at-top
-  if not flags.FLAGS.run:
-    raise app.UsageError("--run is required")
-  env, state = env_lib.restore_run(flags.FLAGS.run)
+  from simbal_jax.runio import paths, writers  # pylint: disable=g-import-not-at-top
+  env, state = env_lib.restore_run(flags.FLAGS.run)  # an empty --run: one-line error
   rows = prune_table(env, state, [float(t) for t in flags.FLAGS.thresholds])
   paths.write_text(paths.resolve(flags.FLAGS.run) / "prune.json", json.dumps(rows, indent=1))
   print(writers.format_table(

@@ -219,8 +219,11 @@ def restore_run(run_dir, devices=None):
   Returns:
     (Env, TrainState).
   Raises:
+    ValueError: no run directory given.
     FileNotFoundError: no config.json or no checkpoint.
   """
+  if not str(run_dir or "").strip():
+    raise ValueError("a run directory is needed (--run=DIR: config.json + checkpoints/)")
   run_dir = paths.resolve(run_dir)
   path = run_dir / "config.json"
   if not path.exists():

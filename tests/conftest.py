@@ -8,9 +8,11 @@ a repeated compile becomes a file read. The directory is removed when that proce
 
 `tiny_config` is the one tiny training config the end-to-end tests derive theirs from,
 `tiny_model_config` the model-level tests' tiny model;
-`losses_of` and `state_of` read a finished run back; `nan_loss_at_step` injects a divergence.
+`losses_of` and `state_of` read a finished run back, `tree` fingerprints a directory;
+`nan_loss_at_step` injects a divergence.
 """
 import atexit
+import hashlib
 import os
 import shutil
 import tempfile
@@ -137,3 +139,13 @@ def losses_of(workdir):
 def state_of(state):
   """A train state as a tree of host NumPy arrays."""
   return jax.tree.map(np.asarray, jax.device_get(state))
+
+
+def tree(d):
+  """{relative path: sha1 of the content} of every file under `d` (byte-identity of a workdir)."""
+  out = {}
+  for r, _, fs in os.walk(d):
+    for f in fs:
+      p = os.path.join(r, f)
+      out[os.path.relpath(p, d)] = hashlib.sha1(open(p, "rb").read()).hexdigest()
+  return out

@@ -9,7 +9,8 @@ a repeated compile becomes a file read. The directory is removed when that proce
 `tiny_config` is the one tiny training config the end-to-end tests derive theirs from,
 `tiny_model_config` the model-level tests' tiny model;
 `losses_of` and `state_of` read a finished run back, `tree` fingerprints a directory;
-`nan_loss_at_step` injects a divergence.
+`nan_loss_at_step` injects a divergence. The data tests write
+their text corpora with `write_corpus` (module fixture `corpus`).
 """
 import atexit
 import hashlib
@@ -148,4 +149,48 @@ def tree(d):
     for f in fs:
       p = os.path.join(r, f)
       out[os.path.relpath(p, d)] = hashlib.sha1(open(p, "rb").read()).hexdigest()
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Text corpora of the data tests.
+
+
+CORPUS_WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi "
+         "rho sigma tau upsilon phi chi psi omega def class return import yield lambda").split()
+
+
+def write_corpus(root, num_files=40, lines=30, seed=0):
+  """`num_files` text files doc_<i>.txt of `lines` lines of 8 CORPUS_WORDS under `root`."""
+  rng = np.random.default_rng(seed)
+  os.makedirs(root, exist_ok=True)
+  for i in range(num_files):
+    body = "\n".join(" ".join(rng.choice(CORPUS_WORDS, size=8)) for _ in range(lines))
+    with open(os.path.join(root, f"doc_{i:03d}.txt"), "w", encoding="utf-8") as f:
+      f.write(f"# document {i}\n{body}\n")
+  return root
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  """A 40-file text corpus (write_corpus) for one test module: root, glob and a workdir."""
+  base = tmp_path_factory.mktemp("data")
+  root = write_corpus(str(base / "txt"))
+  return {"root": root, "glob": os.path.join(root, "*.txt"), "workdir": str(base / "work")}
+
+
+def text_cfg(corpus, **kw):
+  """A data config (dict) reading `corpus`'s text files, a quarter held out."""
+  cfg = {"source": "text_files", "globs": corpus["glob"], "eval_fraction": 0.25}
+  cfg.update(kw)
+  return cfg
+
+
+def split_by_hash(ids, frac):
+  """Independent re-implementation of the split rule (sha1 of the document id, first 8 bytes)."""
+  out = set()
+  for i in ids:
+    u = int(hashlib.sha1(i.encode()).hexdigest()[:16], 16) / 2.0**64
+    if u < frac:
+      out.add(i)
   return out

@@ -7,7 +7,7 @@ the tests compile the same tiny models again and again (fresh closures, fresh pr
 a repeated compile becomes a file read. The directory is removed when that process ends.
 
 `tiny_config` is the one tiny training config the end-to-end tests derive theirs from,
-`tiny_model_config` the model-level tests' tiny model;
+`tiny_model_config` the model-level tests' tiny model, fixture `trained` a finished tiny run;
 `losses_of` and `state_of` read a finished run back, `tree` fingerprints a directory;
 `nan_loss_at_step` injects a divergence. The data tests write
 their text corpora with `write_corpus` (module fixture `corpus`).
@@ -86,6 +86,29 @@ def tiny_config(method="lbl", steps=8, **sections):
         raise KeyError(f"tiny_config: no field {section}.{name}")
       cfg[section][name] = value
   return cfg
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+  """A finished 6-step SimBal run of `tiny_config` on a byte-level text corpus, restored from
+  disk on one device: (summary, env, state). Read by the experiments' tests (prune, pes,
+  downstream); compiled as under `fast_compiles`."""
+  from simbal_jax import train  # pylint: disable=g-import-not-at-top
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    docs = tmp_path_factory.mktemp("docs")
+    for i in range(40):  # a byte-level text corpus, so lm-eval's text tasks can be tokenized
+      (docs / f"doc{i}.txt").write_text(f"q{i}: a b x y zz a b a " * (5 + i % 7))
+    cfg = tiny_config("simbal", steps=6)  # 4 experts, top-2
+    cfg.data.update(source="text_files", globs=str(docs / "*.txt"), tokenizer="bytes",
+                    eval_fraction=0.2)
+    workdir = str(tmp_path_factory.mktemp("run"))
+    summary, _ = train.train_and_evaluate(cfg, workdir, devices=jax.devices()[:1])
+    env, state = train.restore_run(workdir, devices=jax.devices()[:1])
+  finally:
+    jax.config.update("jax_disable_most_optimizations", previous)
+  return summary, env, state
 
 
 def tiny_model_config(moe=True, **fields):

@@ -30,8 +30,11 @@ PY_MIN := $(VENV_MIN)/bin/python
 # sources and pipeline, checkpoints, configs and the command line, a tiny training run with a
 # checkpoint, and the package installed and trained from outside the checkout.
 MIN_TESTS ?= tests/test_losses.py tests/test_routing.py tests/test_balance.py \
-	tests/test_optim.py tests/test_model.py tests/test_sources.py tests/test_data.py \
-	tests/test_checkpoint.py tests/test_configs.py tests/test_packaging.py tests/test_telemetry.py tests/test_colab.py \
+	tests/test_optim.py tests/test_model.py tests/test_records.py tests/test_pipeline.py \
+	tests/test_tokenizers.py tests/test_sources.py tests/test_corpora.py tests/test_packing.py \
+	tests/test_tfds_builder.py \
+	tests/test_checkpoint.py tests/test_preemption.py tests/test_integrity.py tests/test_configs.py \
+	tests/test_packaging.py tests/test_telemetry.py tests/test_colab.py \
 	"tests/test_step.py::test_steps_compile_once[lbl]" \
 	"tests/test_moe.py::test_ragged_impl_resolution_and_tokamax_use" \
 	tests/test_train.py::test_corrupt_latest_checkpoint_is_skipped

@@ -10,11 +10,12 @@ timed (seconds, after a compiling call). Writes `pes.json` into the run director
 table; the paper reports the minimum of exact PES over layers.
 """
 
-import json
 import time
 
 from absl import app
 from absl import flags
+
+from simbal_jax.experiments import run_tool
 
 
 
@@ -71,21 +72,17 @@ def pes_rows(env, state, num_tokens, num_pairs, seed=0):
 
 def main(argv):
   del argv
-  from simbal_jax import env as env_lib  # pylint: disable=g-import-not-at-top
-  from simbal_jax.runio import paths, writers  # pylint: disable=g-import-not-at-top
-  env, state = env_lib.restore_run(flags.FLAGS.run)  # an empty --run: one-line error
+  env, state = run_tool.restore()
   rows = pes_rows(env, state, flags.FLAGS.tokens, flags.FLAGS.pairs, flags.FLAGS.seed)
-  paths.write_text(paths.resolve(flags.FLAGS.run) / "pes.json", json.dumps(
-      {"layers": rows, "min_exact": min(r["exact"] for r in rows)}, indent=1))
-  print(writers.format_table(
-      [(f"layer {r['layer']}", r) for r in rows],
-      [("exact", "exact"), ("exact s", "exact_seconds"), ("sampled", "sampled"),
-       ("sampled se", "sampled_se"), ("sampled s", "sampled_seconds")]))
+  run_tool.report("pes.json", {"layers": rows, "min_exact": min(r["exact"] for r in rows)},
+                  [(f"layer {r['layer']}", r) for r in rows],
+                  [("exact", "exact"), ("exact s", "exact_seconds"), ("sampled", "sampled"),
+                   ("sampled se", "sampled_se"), ("sampled s", "sampled_seconds")])
   print(f"PES min over layers (exact): {min(r['exact'] for r in rows):.4f}")
 
 
 def _define_flags():
-  flags.DEFINE_string("run", None, "Run directory (config.json + checkpoints/), local or gs://.")
+  run_tool.define_run_flag()
   flags.DEFINE_integer("tokens", 2048, "Tokens sampled from the evaluation set.")
   flags.DEFINE_integer("pairs", 16, "Expert pairs per token of the sampled estimator.")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")

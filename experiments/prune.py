@@ -15,12 +15,13 @@ experts-per-token columns are exact, the speed column shows what this implementa
 """
 
 import dataclasses
-import json
 import statistics
 import time
 
 from absl import app
 from absl import flags
+
+from simbal_jax.experiments import run_tool
 
 
 
@@ -70,19 +71,15 @@ def prune_table(env, state, thresholds, passes=3):
 
 def main(argv):
   del argv
-  from simbal_jax import env as env_lib  # pylint: disable=g-import-not-at-top
-  from simbal_jax.runio import paths, writers  # pylint: disable=g-import-not-at-top
-  env, state = env_lib.restore_run(flags.FLAGS.run)  # an empty --run: one-line error
+  env, state = run_tool.restore()
   rows = prune_table(env, state, [float(t) for t in flags.FLAGS.thresholds])
-  paths.write_text(paths.resolve(flags.FLAGS.run) / "prune.json", json.dumps(rows, indent=1))
-  print(writers.format_table(
-      [(f"gate >= {r['threshold']:g}", r) for r in rows],
-      [("val loss", "loss"), ("ppl", "ppl"), ("experts/token", "experts_per_token"),
-       ("eval tok/s", "tokens_per_second")]))
+  run_tool.report("prune.json", rows, [(f"gate >= {r['threshold']:g}", r) for r in rows],
+                  [("val loss", "loss"), ("ppl", "ppl"), ("experts/token", "experts_per_token"),
+                   ("eval tok/s", "tokens_per_second")])
 
 
 def _define_flags():
-  flags.DEFINE_string("run", None, "Run directory (config.json + checkpoints/), local or gs://.")
+  run_tool.define_run_flag()
   flags.DEFINE_list("thresholds", ["0", "0.1", "0.15", "0.2"], "Gate thresholds.")
 
 

@@ -7,10 +7,13 @@ the tests compile the same tiny models again and again (fresh closures, fresh pr
 a repeated compile becomes a file read. The directory is removed when that process ends.
 
 `tiny_config` is the one tiny training config the end-to-end tests derive theirs from,
-`tiny_model_config` the model-level tests' tiny model;
-`losses_of` and `state_of` read a finished run back; `nan_loss_at_step` injects a divergence.
+`tiny_model_config` the model-level tests' tiny model, fixture `trained` a finished tiny run;
+`losses_of` and `state_of` read a finished run back, `tree` fingerprints a directory;
+`nan_loss_at_step` injects a divergence. The data tests write
+their text corpora with `write_corpus` (module fixture `corpus`).
 """
 import atexit
+import hashlib
 import os
 import shutil
 import tempfile
@@ -85,6 +88,30 @@ def tiny_config(method="lbl", steps=8, **sections):
   return cfg
 
 
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+  """A finished 6-step SimBal run of `tiny_config` on a byte-level text corpus, restored from
+  disk on one device: (summary, env, state). Read by the experiments' tests (prune, pes,
+  downstream); compiled as under `fast_compiles`."""
+  from simbal_jax import env as env_lib  # pylint: disable=g-import-not-at-top
+  from simbal_jax import train  # pylint: disable=g-import-not-at-top
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    docs = tmp_path_factory.mktemp("docs")
+    for i in range(40):  # a byte-level text corpus, so lm-eval's text tasks can be tokenized
+      (docs / f"doc{i}.txt").write_text(f"q{i}: a b x y zz a b a " * (5 + i % 7))
+    cfg = tiny_config("simbal", steps=6)  # 4 experts, top-2
+    cfg.data.update(source="text_files", globs=str(docs / "*.txt"), tokenizer="bytes",
+                    eval_fraction=0.2)
+    workdir = str(tmp_path_factory.mktemp("run"))
+    summary, _ = train.train_and_evaluate(cfg, workdir, devices=jax.devices()[:1])
+    env, state = env_lib.restore_run(workdir, devices=jax.devices()[:1])
+  finally:
+    jax.config.update("jax_disable_most_optimizations", previous)
+  return summary, env, state
+
+
 def tiny_model_config(moe=True, **fields):
   """A tiny model.ModelConfig for model-level tests (no training config).
 
@@ -137,3 +164,57 @@ def losses_of(workdir):
 def state_of(state):
   """A train state as a tree of host NumPy arrays."""
   return jax.tree.map(np.asarray, jax.device_get(state))
+
+
+def tree(d):
+  """{relative path: sha1 of the content} of every file under `d` (byte-identity of a workdir)."""
+  out = {}
+  for r, _, fs in os.walk(d):
+    for f in fs:
+      p = os.path.join(r, f)
+      out[os.path.relpath(p, d)] = hashlib.sha1(open(p, "rb").read()).hexdigest()
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Text corpora of the data tests.
+
+
+CORPUS_WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi "
+         "rho sigma tau upsilon phi chi psi omega def class return import yield lambda").split()
+
+
+def write_corpus(root, num_files=40, lines=30, seed=0):
+  """`num_files` text files doc_<i>.txt of `lines` lines of 8 CORPUS_WORDS under `root`."""
+  rng = np.random.default_rng(seed)
+  os.makedirs(root, exist_ok=True)
+  for i in range(num_files):
+    body = "\n".join(" ".join(rng.choice(CORPUS_WORDS, size=8)) for _ in range(lines))
+    with open(os.path.join(root, f"doc_{i:03d}.txt"), "w", encoding="utf-8") as f:
+      f.write(f"# document {i}\n{body}\n")
+  return root
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  """A 40-file text corpus (write_corpus) for one test module: root, glob and a workdir."""
+  base = tmp_path_factory.mktemp("data")
+  root = write_corpus(str(base / "txt"))
+  return {"root": root, "glob": os.path.join(root, "*.txt"), "workdir": str(base / "work")}
+
+
+def text_cfg(corpus, **kw):
+  """A data config (dict) reading `corpus`'s text files, a quarter held out."""
+  cfg = {"source": "text_files", "globs": corpus["glob"], "eval_fraction": 0.25}
+  cfg.update(kw)
+  return cfg
+
+
+def split_by_hash(ids, frac):
+  """Independent re-implementation of the split rule (sha1 of the document id, first 8 bytes)."""
+  out = set()
+  for i in ids:
+    u = int(hashlib.sha1(i.encode()).hexdigest()[:16], 16) / 2.0**64
+    if u < frac:
+      out.add(i)
+  return out

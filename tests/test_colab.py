@@ -87,7 +87,7 @@ def _run_setup_cell(tmp_path, repo_url, runtime="cpu"):
   """Runs the first code cell (plain Python) in a new interpreter in `tmp_path`, outside any
   checkout, with pip replaced by a recorder and the runtime's accelerator faked (an
   `nvidia-smi` that lists a GPU; a TPU through SIMBAL_ACCELERATOR, since /dev cannot be faked
-  here: tools/accelerator.py's own detection is tested in test_setup.py); returns the
+  here: tools/accelerator.py's own detection is tested in test_accelerator.py); returns the
   CompletedProcess."""
   import subprocess  # pylint: disable=g-import-not-at-top
   nb = json.loads(_load())

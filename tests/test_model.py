@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from simbal_jax import model
+from simbal_jax.configs import moe_m
 from simbal_jax.moe import MoEConfig
 
 from conftest import tiny_model_config
@@ -158,3 +159,18 @@ def test_from_config_and_validation():
   with pytest.raises(ValueError, match="expert_bias"):
     model.Transformer(cfg_t).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32),
                                   expert_bias=jnp.zeros((3, 4)))
+
+
+def test_count_params_takes_the_experiment_config():
+  """count_params / flops_per_token accept the experiment config (auto routing groups, the
+  paper's cl100k vocabulary); MoE-M is the paper's 230M active / 627M total within 0.2 %."""
+  counts = model.count_params(moe_m.get_config())
+  assert abs(counts["total"] / 627e6 - 1) < 2e-3 and abs(counts["active"] / 230e6 - 1) < 2e-3
+  mcfg = model.ModelConfig.from_config(moe_m.get_config())
+  assert mcfg.moe.num_groups == 1  # auto (0) counts as one group outside the trainer
+  assert model.flops_per_token(moe_m.get_config(), 2048) == model.flops_per_token(
+      mcfg, 2048)
+  cfg = moe_m.get_config()
+  cfg.model.vocab_size = 0
+  with pytest.raises(ValueError, match="model.vocab_size"):
+    model.count_params(cfg)

@@ -1,12 +1,9 @@
-"""Never lose a run (issue 9): restore failures, damaged checkpoints, concurrent runs, moved
-workdirs, config drift and bad config values, end to end on tiny configs from configs/demo.py."""
+"""Never lose a run (issue 9): restore failures, damaged checkpoints, moved workdirs and config
+drift, end to end on conftest.tiny_config (concurrent runs: test_rundir.py; bad config values:
+test_validate.py; command-line mistakes: test_main.py)."""
 import glob
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
@@ -21,9 +18,6 @@ from conftest import state_of
 from conftest import tiny_config as tiny  # d 32, 4 experts, synthetic data, ckpt every 4
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 
 
 def listing(d):
@@ -126,47 +120,6 @@ def test_all_damaged_stops_then_start_over_on_request(straight, tmp_path):
   assert sorted(losses(kept[0])) == list(range(1, 9)) and sorted(losses(workdir)) == [1, 2]
 
 
-_HOLD = """
-import sys
-from simbal_jax.runio import rundir
-lock = rundir.WorkdirLock(sys.argv[1])
-print("held", flush=True)
-sys.stdin.read()
-"""
-
-
-def test_second_run_on_a_workdir_is_refused(tmp_path):
-  workdir = str(tmp_path / "run")
-  holder = subprocess.Popen([sys.executable, "-c", _HOLD, workdir], cwd=ROOT,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-  try:
-    assert holder.stdout.readline().strip() == "held"
-    with pytest.raises(rundir.WorkdirLockedError,
-                       match=f"host {socket.gethostname()}, PID {holder.pid}"):
-      train.train_and_evaluate(tiny(), workdir)
-    assert sorted(os.listdir(workdir)) == ["run.lock"]  # refused before anything was written
-  finally:
-    holder.kill()  # dies holding it: the kernel drops the flock, the record stays
-    holder.wait()
-  assert rundir.read_lock(workdir)["pid"] == holder.pid
-  with rundir.WorkdirLock(workdir):  # stale (dead PID): taken over
-    with pytest.raises(rundir.WorkdirLockedError, match=f"PID {os.getpid()}"):
-      rundir.WorkdirLock(workdir)  # a second run in this process is refused too
-    assert rundir.read_lock(workdir)["pid"] == os.getpid()
-  assert not os.path.exists(os.path.join(workdir, "run.lock"))
-
-
-def test_lock_of_another_host_counts_until_its_heartbeat_is_stale(tmp_path):
-  path = tmp_path / "run.lock"
-  path.write_text('{"host": "elsewhere", "pid": 1, "since": 0}')
-  with pytest.raises(rundir.WorkdirLockedError, match="host elsewhere, PID 1.*heartbeat"):
-    rundir.WorkdirLock.check(tmp_path)
-  old = time.time() - rundir.WorkdirLock.STALE_AFTER - 60
-  os.utime(path, (old, old))
-  rundir.WorkdirLock.check(tmp_path)
-  rundir.WorkdirLock(tmp_path).release()
-
-
 @pytest.mark.slow
 def test_moved_workdir_resumes_exactly(tmp_path):
   docs = tmp_path / "docs"
@@ -220,35 +173,3 @@ def test_non_finite_loss_after_resume_names_the_checkpoint(straight, tmp_path, m
     train.train_and_evaluate(cfg, workdir)
   msg = str(err.value)
   assert "started from checkpoint step 8 in " in msg and "good" not in msg
-
-
-@pytest.mark.parametrize("field,value", [("opt.peak_lr", float("nan")),
-                                         ("balance.lf_rate", float("inf"))])
-def test_non_finite_config_is_rejected_before_anything(tmp_path, field, value):
-  cfg = tiny()
-  group, name = field.split(".")
-  cfg[group][name] = value
-  steps = []
-  with pytest.raises(ValueError, match=f"{field}={value}"):
-    train.train_and_evaluate(cfg, str(tmp_path / "run"), hooks=[lambda s, _: steps.append(s)])
-  assert not steps and not os.path.exists(tmp_path / "run")  # nothing created on disk
-
-
-@pytest.mark.parametrize("args,message", [
-    (["--config=configs/demo.py", "--config.moe.num_expert=3"],
-     "error: --config.moe.num_expert: the config has no such field; did you mean "
-     "--config.moe.num_experts?"),
-    (["--config=configs/nope.py"], "error: --config=configs/nope.py: no such config file "
-     "'configs/nope.py'; config names: base, demo,"),
-    (["--config=nope:simbal"], "error: --config=nope:simbal: no such config name 'nope'"),
-    (["--config=configs/demo.py:simbl"], "error: --config=configs/demo.py:simbl: unknown config "
-     "variant 'simbl'"),
-])
-def test_command_line_mistakes_end_in_one_line(tmp_path, args, message):
-  workdir = str(tmp_path / "run")
-  got = subprocess.run([sys.executable, "-m", "simbal_jax.main", *args, f"--workdir={workdir}"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
-  assert got.returncode == 2
-  lines = [line for line in got.stderr.splitlines() if line.strip()]
-  assert len(lines) == 1 and message in lines[0], got.stderr
-  assert not os.path.exists(workdir)

@@ -1,9 +1,8 @@
-"""The faults a run survives (issue 23), end to end on the tiny config of test_train: incomplete
+"""The faults a run survives (issue 23), end to end on conftest.tiny_config: incomplete
 checkpoints, missing digests, divergence, a full disk, unreadable directories, refused starts,
 finished runs started again and bad inputs. Each fault is made here, by the test."""
 import errno
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -23,20 +22,11 @@ from test_reliability import _flip
 from test_reliability import _state_files
 from conftest import losses_of as losses
 from conftest import state_of
+from conftest import tree
 from conftest import tiny_config as tiny  # d 32, 4 experts, synthetic data, ckpt every 4
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tree(d):
-  """{relative path: sha1 of the content} of every file under `d` (byte-identity of a workdir)."""
-  out = {}
-  for r, _, fs in os.walk(d):
-    for f in fs:
-      p = os.path.join(r, f)
-      out[os.path.relpath(p, d)] = hashlib.sha1(open(p, "rb").read()).hexdigest()
-  return out
 
 
 def tiny_tb(steps=8):
@@ -212,40 +202,6 @@ def test_finished_run_started_again_changes_nothing(straight, tmp_path):
   assert len(final) == 1 and out["eval/loss"] == final[0]["eval/loss"]
   assert tree(workdir) == before  # no new record, no events, no config.json rewrite
   jax.tree.map(np.testing.assert_array_equal, state_of(state), state_of(straight[1]))
-
-
-@pytest.mark.parametrize("field,value,match", [
-    ("ckpt.every", -1, "ckpt.every must be >= 0, got -1"),
-    ("ckpt.max_to_keep", 0, "ckpt.max_to_keep must be >= 1, got 0"),
-    ("log.every", 0, "log.every must be >= 1, got 0"),
-    ("opt.warmup_steps", -10, "opt.warmup_steps must be >= 0, got -10"),
-    ("opt.b1", 2.0, r"opt.b1 must be in \[0, 1\), got 2.0"),
-    ("ckpt.allow_config_change", "bogus.field",
-     "ckpt.allow_config_change names no field of the config: bogus.field"),
-])
-def test_bad_values_are_one_line_before_anything(tmp_path, field, value, match):
-  cfg = tiny()
-  group, name = field.split(".")
-  cfg[group][name] = value
-  with pytest.raises(ValueError, match=match) as err:
-    train.train_and_evaluate(cfg, str(tmp_path / "run"))
-  assert "\n" not in str(err.value) and not os.path.exists(tmp_path / "run")
-
-
-@pytest.mark.parametrize("workdir,message", [
-    ("", "error: workdir is empty"),
-    ("notes.txt/run", "error: workdir notes.txt/run: {cwd}/notes.txt is a file, not a directory"),
-])
-def test_bad_workdir_is_one_line_and_creates_nothing(tmp_path, workdir, message):
-  (tmp_path / "notes.txt").write_text("a file")
-  before = tree(tmp_path)
-  got = subprocess.run([sys.executable, "-m", "simbal_jax.main", "--config=demo",
-                        f"--workdir={workdir}"], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=120, check=False, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-  lines = [line for line in got.stderr.splitlines() if line.strip()]
-  assert got.returncode == 2 and len(lines) == 1, got.stderr  # a command-line mistake
-  assert message.format(cwd=tmp_path) in lines[0]
-  assert tree(tmp_path) == before and sorted(os.listdir(tmp_path)) == ["notes.txt"]
 
 
 @pytest.mark.parametrize("content,problem", [

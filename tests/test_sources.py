@@ -1,170 +1,108 @@
-"""Tests of the record sources (simbal_jax/data/records.py): jsonl (plain, gz, zst) and parquet.
-
-The same documents are written as text files (one per document, named by the record's id so the
-split agrees) and as record files; the prepared token streams must hold the same documents.
-Expected splits come from an independent sha1 computation.
-"""
-import gzip
-import hashlib
-import json
+"""simbal_jax/data/sources.py: the split does not depend on where the corpus or the Python
+install lives; the stdlib corpus; the synthetic domains' transitions and packed documents."""
 import os
+import re
 
 import numpy as np
-import pytest
 
 from simbal_jax.data import pipeline
-from simbal_jax.data import records
+from simbal_jax.data import sources
+from simbal_jax.data import tfds_builder
 
-WORDS = "alpha beta gamma delta ünï €uro 東京 tab\tnew\nline {json} \"quote\" back\\slash".split(" ")
-
-
-def _documents(n=48, seed=0):
-  rng = np.random.default_rng(seed)
-  return [f"doc {i}: " + " ".join(rng.choice(WORDS, size=int(rng.integers(3, 40))))
-          for i in range(n)]
+from conftest import split_by_hash
+from conftest import text_cfg
 
 
-def _jsonl_bytes(docs, field="text"):
-  lines = [json.dumps({"id": i, field: d, "url": f"u{i}"}, ensure_ascii=i % 2 == 0)
-           for i, d in enumerate(docs)]
-  return ("\n".join(lines) + "\n").encode("utf-8")
+def _copy_tree(files, src_root, dst_root):
+  for f in files:
+    dst = os.path.join(dst_root, os.path.relpath(f, src_root))
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    with open(f, "rb") as a, open(dst, "wb") as b:
+      b.write(a.read())
 
 
-def _write_formats(base, docs):
-  """Writes `docs` as shard.jsonl / .jsonl.gz / .jsonl.zst / .parquet and as text files."""
-  import pyarrow as pa  # pylint: disable=g-import-not-at-top
-  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-  import zstandard  # pylint: disable=g-import-not-at-top
-  globs = {}
-  for name in ("jsonl", "gz", "zst", "parquet", "txt"):
-    os.makedirs(os.path.join(base, name, "sub"), exist_ok=True)
-  raw = _jsonl_bytes(docs)
-  with open(os.path.join(base, "jsonl", "sub", "shard.jsonl"), "wb") as f:
-    f.write(raw)
-  with gzip.open(os.path.join(base, "gz", "sub", "shard.jsonl.gz"), "wb") as f:
-    f.write(raw)
-  half = raw.index(b"\n", len(raw) // 2) + 1  # two zstd frames, as concatenated shards have
-  cctx = zstandard.ZstdCompressor()
-  with open(os.path.join(base, "zst", "sub", "shard.jsonl.zst"), "wb") as f:
-    f.write(cctx.compress(raw[:half]) + cctx.compress(raw[half:]))
-  table = pa.table({"id": list(range(len(docs))), "text": docs})
-  pq.write_table(table, os.path.join(base, "parquet", "sub", "shard.parquet"), row_group_size=7)
-  for i, d in enumerate(docs):  # the text file's id (path relative to the root) = record id
-    with open(os.path.join(base, "txt", "sub", f"shard:{i}"), "w", encoding="utf-8") as f:
-      f.write(d)
-  for name, pattern in (("jsonl", "*.jsonl"), ("gz", "*.jsonl.gz"), ("zst", "*.jsonl.zst"),
-                        ("parquet", "*.parquet"), ("txt", "*")):
-    globs[name] = os.path.join(base, name, "**", pattern)
-  return globs
+def test_split_does_not_depend_on_the_corpus_location(corpus, tmp_path):
+  files = sources.glob_files(corpus["glob"])
+  roots = [str(tmp_path / "a" / "txt"), str(tmp_path / "b" / "deeper" / "copy")]
+  splits, evals = [], []
+  for root in roots:
+    _copy_tree(files, corpus["root"], os.path.join(root, "sub"))
+    pattern = os.path.join(root, "**", "*.txt")
+    assert sources.glob_root(pattern) == root
+    ds = pipeline.make_datasets(text_cfg(corpus, globs=pattern), seq_len=16, batch_size=4,
+                                workdir=str(tmp_path / "work"), seed=0)
+    builder_dir = ds.info["corpus"].split(" at ")[-1]
+    splits.append({i for i, _ in tfds_builder.read_split(builder_dir, "validation")})
+    evals.append(ds.eval_batches(2))
+  expected = split_by_hash({"sub/" + os.path.basename(f) for f in files}, 0.25)
+  assert splits[0] == splits[1] == expected
+  for a, b in zip(*evals):
+    np.testing.assert_array_equal(a["inputs"], b["inputs"])
 
 
-def _streams(cfg, workdir):
-  ds = pipeline.make_datasets(dict(cfg, tokenizer="bytes", eval_fraction=0.25), seq_len=16,
-                              batch_size=2, workdir=workdir, seed=0)
-  out = ds.info["token_dir"]
-  dtype = json.load(open(os.path.join(out, "meta.json")))["dtype"]
-  return {s: np.fromfile(os.path.join(out, f"{s}.bin"), dtype=dtype)
-          for s in ("train", "validation")}
+def test_stdlib_split_and_subset_do_not_depend_on_the_install_path(monkeypatch, tmp_path):
+  stdlib = sources.stdlib_dir()
+  files = [f for f in sources.stdlib_files() if 2000 < os.path.getsize(f) < 6000][:40]
+  infos = []
+  for name in ("py_a", "opt/py_b"):
+    root = str(tmp_path / name / "lib")
+    _copy_tree(files, stdlib, root)
+    monkeypatch.setattr(sources, "stdlib_dir", lambda root=root: root)
+    chosen = sources.select_files(sources.stdlib_files(), 25, 0, root=root)
+    ds = pipeline.make_datasets({"source": "stdlib", "max_docs": 25, "eval_fraction": 0.3},
+                                seq_len=8, batch_size=2, workdir=str(tmp_path / "w"), seed=0)
+    infos.append(([os.path.relpath(f, root) for f in chosen], ds.info["splits"]))
+  assert infos[0] == infos[1]
+  assert len(infos[0][0]) == 25 and min(s["docs"] for s in infos[0][1].values()) > 0
+  assert sources.doc_id(os.path.join(stdlib, "json", "decoder.py"), stdlib) == "json/decoder.py"
 
 
-def _docs_of(stream, eos=256):
-  """Splits a byte-token stream at EOS into sorted document strings."""
-  cuts = np.flatnonzero(stream == eos)
-  starts = np.concatenate([[0], cuts[:-1] + 1])
-  return sorted(bytes(stream[a:b].astype(np.uint8)).decode("utf-8") for a, b in zip(starts, cuts))
+def test_stdlib_small_corpus(tmp_path):
+  files = sources.stdlib_files()
+  assert files == sorted(files) and any(f.endswith(os.sep + "os.py") for f in files)
+  assert not any("site-packages" in f for f in files)
+  ds = pipeline.make_datasets({"source": "stdlib", "max_docs": 30, "eval_fraction": 0.2},
+                              seq_len=64, batch_size=8, workdir=str(tmp_path), seed=3)
+  assert ds.info["splits"]["train"]["docs"] + ds.info["splits"]["validation"]["docs"] <= 30
+  batch = next(ds.train_iter())
+  assert batch["inputs"].shape == (8, 64)
+  text = ds.tokenizer.decode(batch["inputs"].ravel())
+  assert re.search(r"\b(def|import|return|class|if)\b", text)
 
 
-def _is_eval(doc_id, frac=0.25):
-  return int(hashlib.sha1(doc_id.encode()).hexdigest()[:16], 16) / 2.0**64 < frac
+def _tv_distance(counts_a, counts_b):
+  """Mean total-variation distance between row-normalised transition counts (shared rows)."""
+  rows = (counts_a.sum(1) > 20) & (counts_b.sum(1) > 20)
+  pa = counts_a[rows] / counts_a[rows].sum(1, keepdims=True)
+  pb = counts_b[rows] / counts_b[rows].sum(1, keepdims=True)
+  return 0.5 * np.abs(pa - pb).sum(1).mean()
 
 
-@pytest.fixture(scope="module")
-def formats(tmp_path_factory):
-  base = str(tmp_path_factory.mktemp("records"))
-  docs = _documents()
-  return {"docs": docs, "globs": _write_formats(base, docs), "work": os.path.join(base, "work")}
+def test_synthetic_domains_have_distinct_transitions(tmp_path):
+  v = 32
+  cfg = {"source": "synthetic", "eval_fraction": 0.1,
+         "synthetic": {"num_domains": 3, "vocab_size": v, "num_docs": 600}}
+  ds = pipeline.make_datasets(cfg, seq_len=64, batch_size=16, workdir=str(tmp_path), seed=0)
+  assert ds.vocab_size == v + 1
+  it = ds.train_iter()
+  batches = [next(it) for _ in range(30)]
+  counts = np.zeros((3, 2, v, v))  # [domain, half, from, to]
+  for n, b in enumerate(batches):
+    assert b["domain"].shape == (16,) and b["domain"].dtype == np.int32
+    assert set(b["domain"].tolist()) <= {0, 1, 2}
+    for row, d in zip(np.concatenate([b["inputs"], b["targets"][:, -1:]], 1), b["domain"]):
+      np.add.at(counts[d, n % 2], (row[:-1], row[1:]), 1)
+  within = max(_tv_distance(counts[d, 0], counts[d, 1]) for d in range(3))
+  between = min(_tv_distance(counts[a].sum(0), counts[b].sum(0))
+                for a in range(3) for b in range(a + 1, 3))
+  assert between > 0.8 and within < 0.3, (between, within)
+  assert "domain" in ds.eval_batches(1)[0]
 
 
-def test_record_formats_give_the_text_files_token_streams(formats):
-  globs, docs, work = formats["globs"], formats["docs"], formats["work"]
-  text = _streams({"source": "text_files", "globs": globs["txt"]}, work)
-  plain = _streams({"source": "jsonl", "globs": globs["jsonl"]}, work)
-  for name in ("gz", "zst", "parquet"):
-    source = "parquet" if name == "parquet" else "jsonl"
-    other = _streams({"source": source, "globs": globs[name]}, work)
-    for split in ("train", "validation"):  # same ids, same record order: identical streams
-      np.testing.assert_array_equal(other[split], plain[split], err_msg=f"{name} {split}")
-  val = sorted(d for i, d in enumerate(docs) if _is_eval(f"sub/shard:{i}"))
-  train = sorted(d for i, d in enumerate(docs) if not _is_eval(f"sub/shard:{i}"))
-  assert 0 < len(val) < len(docs)
-  for split, expected in (("train", train), ("validation", val)):
-    assert _docs_of(text[split]) == expected  # text files: same documents (order is TFDS's)
-    assert _docs_of(plain[split]) == expected
-  in_order = [d for i, d in enumerate(docs) if not _is_eval(f"sub/shard:{i}")]
-  assert bytes(plain["train"][plain["train"] != 256].astype(np.uint8)).decode() == "".join(in_order)
-
-
-def test_record_ids_ignore_location_format_and_compression(tmp_path):
-  root = str(tmp_path)
-  ids = {records.record_id(os.path.join(root, "a", f"s.{ext}"), root, 3)
-         for ext in ("jsonl", "jsonl.gz", "jsonl.zst", "parquet")}
-  assert ids == {"a/s:3"}
-
-
-def test_jsonl_skips_blank_lines_and_null_text_but_counts_them(tmp_path):
-  path = str(tmp_path / "x.jsonl")
-  with open(path, "w") as f:
-    f.write('{"text": "a"}\n\n{"text": null}\n{"text": "  "}\n{"text": "b"}\n')
-  got = list(records.iter_documents("jsonl", [path], str(tmp_path), "text"))
-  assert got == [("x:0", "a"), ("x:4", "b")]
-  assert list(records.iter_documents("jsonl", [path], str(tmp_path), "text", max_docs=1)) == [
-      ("x:0", "a")]
-
-
-def test_jsonl_is_streamed(tmp_path):
-  path = str(tmp_path / "x.jsonl.gz")
-  with gzip.open(path, "wt") as f:
-    f.write('{"text": "first"}\n{"text": "second"}\nnot json\n')
-  it = records.iter_documents("jsonl", [path], str(tmp_path), "text")
-  assert [next(it), next(it)] == [("x:0", "first"), ("x:1", "second")]  # before the bad line
-  with pytest.raises(ValueError, match=r"x\.jsonl\.gz:3: not a line of JSON"):
-    next(it)
-
-
-@pytest.mark.parametrize("fmt", ["jsonl", "jsonl.zst", "parquet"])
-def test_missing_text_field_names_the_file(formats, tmp_path, fmt):
-  src = {"jsonl": "jsonl", "jsonl.zst": "zst", "parquet": "parquet"}[fmt]
-  source = "parquet" if fmt == "parquet" else "jsonl"
-  pattern = formats["globs"][src]
-  with pytest.raises(ValueError, match=r"shard\.(jsonl|parquet).*(no field|no column) 'body'"):
-    pipeline.make_datasets({"source": source, "globs": pattern, "text_field": "body"},
-                           seq_len=8, batch_size=2, workdir=str(tmp_path), seed=0)
-
-
-def test_non_text_field_and_bad_files_are_clear_errors(tmp_path):
-  path = str(tmp_path / "n.jsonl")
-  with open(path, "w") as f:
-    f.write('{"text": ["a", "b"]}\n')
-  with pytest.raises(ValueError, match=r"n\.jsonl:1: field 'text' holds list"):
-    list(records.iter_documents("jsonl", [path], str(tmp_path), "text"))
-  bad = str(tmp_path / "b.parquet")
-  with open(bad, "wb") as f:
-    f.write(b"not parquet at all")
-  with pytest.raises(ValueError, match=r"b\.parquet as Parquet"):
-    list(records.iter_documents("parquet", [bad], str(tmp_path), "text"))
-  bad_zst = str(tmp_path / "c.jsonl.zst")
-  with open(bad_zst, "wb") as f:
-    f.write(b"garbage")
-  with pytest.raises(ValueError, match=r"c\.jsonl\.zst"):
-    list(records.iter_documents("jsonl", [bad_zst], str(tmp_path), "text"))
-
-
-def test_record_corpus_texts_follow_the_split(formats):
-  from simbal_jax.data import corpora  # pylint: disable=g-import-not-at-top
-  docs = formats["docs"]
-  cfg = pipeline.resolve_config({"source": "parquet", "globs": formats["globs"]["parquet"],
-                                 "eval_fraction": 0.25, "max_docs": 30})
-  corpus = corpora.record_corpus(cfg)
-  val = [d for i, d in enumerate(docs[:30]) if _is_eval(f"sub/shard:{i}")]
-  assert list(corpus.texts("validation")) == val  # what SentencePiece would not train on
-  assert len(list(corpus.texts("train"))) == 30 - len(val)
+def test_synthetic_packed_documents_keep_one_domain(tmp_path):
+  cfg = {"source": "synthetic", "synthetic": {"num_domains": 2, "vocab_size": 16,
+                                              "doc_len": 10, "num_docs": 400}}
+  ds = pipeline.make_datasets(cfg, seq_len=32, batch_size=4, workdir=str(tmp_path), seed=0)
+  b = next(ds.train_iter())
+  eos_cols = np.nonzero((b["inputs"] == 16).all(0))[0]
+  np.testing.assert_array_equal(eos_cols, [10, 21])  # doc_len tokens, then EOS, repeated

@@ -113,27 +113,6 @@ def test_nan_stops_then_resume_keeps_metrics_monotonic_and_times_training(tmp_pa
   assert [r["step"] for r in recs if "eval/loss" in r] == [6, 8]  # 2, 4 before the crash: gone
 
 
-def test_metric_writer_drop_after(tmp_path):
-  w = writers.MetricWriter(str(tmp_path), tensorboard=False)
-  for s in range(1, 9):
-    w.write(s, {"train/loss": float(s)})
-  w.close()
-  with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as f:
-    f.write('{"step": 9, "train/lo')  # a line cut by a crash
-  w = writers.MetricWriter(str(tmp_path), tensorboard=False)
-  w.drop_after(4)
-  for s in range(5, 7):
-    w.write(s, {"train/loss": 10.0 * s})
-  w.close()
-  recs = writers.read_jsonl(tmp_path / "metrics.jsonl")
-  assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6]
-  assert [r["train/loss"] for r in recs] == [1.0, 2.0, 3.0, 4.0, 50.0, 60.0]
-  assert not os.path.exists(tmp_path / "metrics.jsonl.tmp")
-  off = writers.MetricWriter(str(tmp_path / "off"), enabled=False)  # not process 0: no file
-  off.drop_after(0)
-  assert not os.path.exists(tmp_path / "off" / "metrics.jsonl")
-
-
 @pytest.mark.parametrize("change,match", [
     (lambda c: c.balance.update(terms="bogus:0.1"), "simbal_unit"),
     (lambda c: c.balance.update(terms="lbl:-1"), "balance.terms"),

@@ -268,7 +268,7 @@ def report(config, topology, *, with_eval=True):
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   devices = topologies.get_topology_desc(topology, platform="tpu").devices
   env = bench_lib.build_env(config, devices=devices)
-  cfg, t = env.cfg, env.cfg.train
+  t = env.cfg.train
   chips = len(devices)
   tokens = int(t.global_batch_size) * int(t.seq_len)
   moe = env.mcfg.moe

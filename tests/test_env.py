@@ -1,0 +1,64 @@
+"""env.py: building a run's Env, and restoring a finished run (`restore_run`)."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from simbal_jax import env as env_lib
+from simbal_jax import train
+
+from conftest import state_of, tiny_config
+
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
+
+def test_restore_run_names_what_is_missing(tmp_path):
+  for empty in ("", "  ", None):
+    with pytest.raises(ValueError, match=r"^a run directory is needed \(--run=DIR"):
+      env_lib.restore_run(empty)
+  with pytest.raises(FileNotFoundError, match="no config.json"):
+    env_lib.restore_run(str(tmp_path))
+
+
+def test_prepare_config_derives_steps_and_refuses_in_one_line():
+  cfg = tiny_config("lbl", steps=0)
+  cfg.train.token_budget = 1000  # 8 x 16 tokens a step: ceil(1000 / 128) steps
+  assert env_lib.prepare_config(cfg).train.num_steps == 8
+  assert env_lib.tokens_per_step(env_lib.prepare_config(cfg)) == 8 * 16
+  cfg.train.token_budget = 0
+  with pytest.raises(ValueError, match="train.num_steps > 0 or train.token_budget > 0"):
+    env_lib.prepare_config(cfg)
+  cfg = tiny_config("lbl", steps=2)
+  cfg.train.grad_accum = 3
+  with pytest.raises(ValueError, match=r"^train.global_batch_size=8 not divisible by "
+                                       r"train.grad_accum=3$"):
+    env_lib.prepare_config(cfg)
+  cfg = tiny_config("lbl", steps=2)
+  cfg.train.eval_spacing = "cubic"
+  with pytest.raises(ValueError, match=r"^train.eval_spacing='cubic'"):
+    env_lib.prepare_config(cfg)
+
+
+def test_num_groups_auto_is_one_per_batch_shard():
+  cfg = tiny_config("lbl", steps=2)
+  cfg.moe.num_groups = 0
+  cfg.mesh.data, cfg.mesh.fsdp = 2, 4
+  env_lib.resolve_num_groups(cfg, 8)
+  assert cfg.moe.num_groups == 8  # the batch is split over data x fsdp (x expert)
+  cfg.moe.num_groups, cfg.moe.dispatch = 0, "ragged"
+  env_lib.resolve_num_groups(cfg, 8)
+  assert cfg.moe.num_groups == 1
+
+
+def test_a_dense_run_checkpoints_and_restores(tmp_path):
+  """A dense model (no experts, no balancing) saves its state and restores it bit-exactly."""
+  cfg = tiny_config("none", steps=2)
+  cfg.moe.num_experts, cfg.balance.terms, cfg.balance.loss_free = 0, "", False
+  cfg.ckpt.every = 1
+  summary, state = train.train_and_evaluate(cfg, str(tmp_path))
+  assert summary["status"] == "done" and "eval/maxvio" not in summary
+  assert os.path.isdir(tmp_path / "checkpoints" / "2")
+  _, restored = env_lib.restore_run(str(tmp_path))
+  jax.tree.map(np.testing.assert_array_equal, state_of(state), state_of(restored))

@@ -60,7 +60,7 @@ test-quick: $(VENV)/.installed
 $(VENV_MIN)/.installed: setup.cfg pyproject.toml tools/min_requirements.py
 	rm -rf $(VENV_MIN)
 	$(PYTHON) -m venv $(VENV_MIN)
-	$(PYTHON) tools/min_requirements.py --extras=train,test --skip=lm-eval,pytest-xdist,equinox \
+	$(PYTHON) tools/min_requirements.py --extras=train,test --skip=lm-eval,pytest-xdist,equinox,wandb \
 		> $(VENV_MIN)/min-requirements.txt
 	$(PY_MIN) -m pip install -q --upgrade pip
 	$(PY_MIN) -m pip install -q -r $(VENV_MIN)/min-requirements.txt

@@ -150,6 +150,18 @@ def test_core_requirements_are_jax_and_numpy_and_train_has_the_stack():
   assert not _names(extras["train"]) & {"jax", "numpy"}
 
 
+def test_optional_extras():
+  extras = _setup_cfg()["options.extras_require"]
+  assert _names(extras["wandb"]) == {"wandb"} and "wandb" in _names(extras["test"])
+  assert "equinox" in _names(extras["test"])  # README's Equinox example is tested
+  gcs = [line.strip() for line in extras["gcs"].splitlines() if line.strip()]
+  assert any(line.startswith("etils[") and "epath-gcs" in line for line in gcs), gcs
+  assert "google-cloud-storage" in _names(extras["gcs"])
+  with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+    readme = f.read()
+  assert 'pip install -e ".[train,tpu,gcs]"' in readme  # the TPU VM's line
+
+
 def test_min_versions_pin_the_train_extra_too():
   import re  # pylint: disable=g-import-not-at-top
   with open(os.path.join(ROOT, "Makefile"), encoding="utf-8") as f:

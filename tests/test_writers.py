@@ -195,3 +195,14 @@ def test_log_config_checks(monkeypatch):
   log.wandb_mode = ""
   writers.check_log_config(log)
   assert writers.wandb_settings(log) is None
+
+
+@pytest.mark.parametrize("field,value", [("profile_steps", "5:3"), ("wandb_mode", "cloudy")])
+def test_a_bad_log_field_is_refused_before_anything_is_written(tmp_path, field, value):
+  from simbal_jax import train  # pylint: disable=g-import-not-at-top
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  cfg = tiny_config("simbal", steps=2)
+  cfg.log[field] = value
+  with pytest.raises(ValueError, match=rf"^log\.{field}="):
+    train.train_and_evaluate(cfg, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")

@@ -4,7 +4,8 @@
 # the CUDA build where `nvidia-smi -L` sees a GPU, else CPU jax; SIMBAL_ACCELERATOR=cpu|gpu|tpu
 # overrides it; the notebook's first cell asks the same script). `make min-versions` proves the
 # minimum versions setup.cfg declares: a separate virtualenv $(VENV_MIN) with exactly those
-# (each `>=` as `==`, install_requires and the test extra) runs a smoke subset of the tests.
+# (each `>=` as `==`: install_requires, the train and the test extra) runs a smoke subset of the
+# tests. Both virtualenvs get the `train` extra (the core install is jax and numpy alone).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -44,7 +45,7 @@ MIN_TESTS ?= tests/test_losses.py tests/test_routing.py tests/test_balance.py \
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test$(EXTRA)$(AOT)]"
+	$(PY) -m pip install -q -e ".[train,test$(EXTRA)$(AOT)]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -59,7 +60,7 @@ test-quick: $(VENV)/.installed
 $(VENV_MIN)/.installed: setup.cfg pyproject.toml tools/min_requirements.py
 	rm -rf $(VENV_MIN)
 	$(PYTHON) -m venv $(VENV_MIN)
-	$(PYTHON) tools/min_requirements.py --extras=test --skip=lm-eval,pytest-xdist \
+	$(PYTHON) tools/min_requirements.py --extras=train,test --skip=lm-eval,pytest-xdist,equinox,wandb \
 		> $(VENV_MIN)/min-requirements.txt
 	$(PY_MIN) -m pip install -q --upgrade pip
 	$(PY_MIN) -m pip install -q -r $(VENV_MIN)/min-requirements.txt

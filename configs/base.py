@@ -170,6 +170,16 @@ def get_config(arg=None):
   # (eval/expert_move, eval/stagnant; per expert in expert_load.jsonl). Keeps one copy of the
   # expert weights on the devices.
   g.expert_movement = True
+  # Weights & Biases (the `wandb` extra): a project name turns it on ("": off). It gets what
+  # TensorBoard gets (scalars, images, histograms, hparams); files in <workdir>/wandb.
+  g.wandb_project = ""
+  g.wandb_entity = ""  # team or user ("": wandb's default)
+  # "online", "offline" (no network: files only, `wandb sync <workdir>/wandb/offline-run-*`
+  # uploads them later), "disabled", or "" (WANDB_MODE from the environment, else online).
+  g.wandb_mode = ""
+  # "START:STOP": a jax.profiler trace of the steps after START up to STOP into
+  # <workdir>/tb/plugins/profile/ (TensorBoard's profile plugin); "": off.
+  g.profile_steps = ""
 
   cfg.mesh = h = ml_collections.ConfigDict()
   h.data = -1  # data-parallel axis (-1: all remaining devices)

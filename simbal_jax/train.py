@@ -124,6 +124,7 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
     checkpoint.NonFiniteStateError, checkpoint.CheckpointSaveError: a save refused or failed.
   """
   paths.check_dir_path(workdir, "workdir")  # empty, or a file in the way: one line
+  writers.check_log_config(config.log)  # log.profile_steps, log.wandb_*: one line
   workdir = paths.resolve(workdir)  # a cloud path stays one (never ./gs:/...)
   is_main = jax.process_index() == 0
   rundir.WorkdirLock.check(workdir, enabled=is_main)  # in use: fail now (reads only)
@@ -139,7 +140,7 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
                                    max_to_keep=cfg.ckpt.max_to_keep,
                                    async_save=cfg.ckpt.async_save)
   summary = {}
-  lock = writer = None
+  lock = writer = profiler = None
   try:
     with sharding.mesh_rules(env.mesh, env.rules):
       # Every check, the restore included, before anything is written: a refused start leaves
@@ -156,17 +157,20 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
           storage.check_space(ckpt.directory, env.abstract, int(cfg.ckpt.max_to_keep))
       if is_main:
         paths.write_json(workdir / "config.json", cfg.to_dict())
-      writer = writers.MetricWriter(workdir, tensorboard=cfg.log.tensorboard, enabled=is_main,
-                                    record_files=(telemetry.LOAD_FILE,))
+      writer = writers.MetricWriter(
+          workdir, tensorboard=cfg.log.tensorboard, enabled=is_main,
+          record_files=(telemetry.LOAD_FILE,),
+          wandb=writers.wandb_settings(cfg.log, telemetry.hparams(cfg.to_dict())))
       logging.info("starting at step %d from %s", start, source)
       writer.drop_after(start)  # records of steps after the checkpoint (crash) are redone
       it = env.datasets.train_iter()
       if data_state:
         it.set_state(data_state)
       evaluator = evaluate.Evaluator(env, writer, workdir, state, start)
+      profiler = writers.Profiler(cfg.log.get("profile_steps", ""), writer, start)
 
       state, step, status, timing = run_loop(env, state, it, ckpt=ckpt, writer=writer,
-                                             on_eval=evaluator, hooks=hooks)
+                                             on_eval=evaluator, hooks=(*hooks, profiler))
       if status == "done":
         summary.update(evaluator.final(state, step))
         writer.hparams(telemetry.hparams(cfg.to_dict()), {
@@ -178,6 +182,8 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
     raise
   finally:
     try:
+      if profiler is not None:
+        profiler.close()
       if ckpt is not None:
         ckpt.close()
     finally:

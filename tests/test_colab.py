@@ -122,7 +122,7 @@ def test_setup_cell_clones_the_url_and_keeps_a_working_jax(tmp_path):
   # The clone is not the installed simbal_jax: it is installed, with jax pinned to the
   # installed version (which satisfies setup.cfg's minimum), so pip cannot replace it.
   import jax  # pylint: disable=g-import-not-at-top
-  assert f"PIP install -q -e . jax=={jax.__version__}" in proc.stdout
+  assert f"PIP install -q -e .[train] jax=={jax.__version__}" in proc.stdout
   assert "jax " + jax.__version__ in proc.stdout
 
 
@@ -144,10 +144,10 @@ def test_setup_cell_installs_the_accelerator_extra_over_a_cpu_jax(tmp_path, runt
   if any(_installed(p) for p in _PLUGINS[runtime]):
     # The runtime's plugin is here (libtpu of the `aot` extra on a CPU machine): jax is kept.
     import jax  # pylint: disable=g-import-not-at-top
-    assert f"PIP install -q -e . jax=={jax.__version__}\n" in proc.stdout
+    assert f"PIP install -q -e .[train] jax=={jax.__version__}\n" in proc.stdout
     assert "jax for the" not in proc.stdout
   else:  # a CPU-only jax: the runtime's extra, jax unpinned
-    assert f"PIP install -q -e .[{runtime}]\n" in proc.stdout
+    assert f"PIP install -q -e .[train,{runtime}]\n" in proc.stdout
     assert f"missing: jax for the {runtime.upper()}" in proc.stdout
 
 

@@ -123,3 +123,104 @@ def test_unknown_config_name_is_one_line(installed):
   assert got.returncode == 2 and len(lines) == 1, got.stderr
   assert "no such config name 'nope'" in lines[0] and "demo, dense_l" in lines[0]
   assert not os.path.exists(installed[2] / "unused")
+
+
+# The extras: the core install is jax and numpy; the train extra is the training stack.
+
+def _setup_cfg():
+  import configparser  # pylint: disable=g-import-not-at-top
+  cfg = configparser.ConfigParser()
+  cfg.read(os.path.join(ROOT, "setup.cfg"))
+  return cfg
+
+
+def _names(text):
+  import re  # pylint: disable=g-import-not-at-top
+  lines = [s.strip() for s in text.splitlines() if s.strip() and not s.strip().startswith("#")]
+  return {re.match(r"[A-Za-z0-9._-]+", s).group(0).lower() for s in lines}
+
+
+def test_core_requirements_are_jax_and_numpy_and_train_has_the_stack():
+  cfg = _setup_cfg()
+  assert _names(cfg["options"]["install_requires"]) == {"jax", "numpy"}
+  extras = cfg["options.extras_require"]
+  assert {"flax", "optax", "orbax-checkpoint", "grain", "tensorflow-datasets", "ml-collections",
+          "tensorboardx", "matplotlib", "tokamax", "sentencepiece", "pyarrow"} <= _names(
+              extras["train"])
+  assert not _names(extras["train"]) & {"jax", "numpy"}
+
+
+def test_optional_extras():
+  extras = _setup_cfg()["options.extras_require"]
+  assert _names(extras["wandb"]) == {"wandb"} and "wandb" in _names(extras["test"])
+  assert "equinox" in _names(extras["test"])  # README's Equinox example is tested
+  gcs = [line.strip() for line in extras["gcs"].splitlines() if line.strip()]
+  assert any(line.startswith("etils[") and "epath-gcs" in line for line in gcs), gcs
+  assert "google-cloud-storage" in _names(extras["gcs"])
+  with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+    readme = f.read()
+  assert 'pip install -e ".[train,tpu,gcs]"' in readme  # the TPU VM's line
+
+
+def test_min_versions_pin_the_train_extra_too():
+  import re  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(ROOT, "Makefile"), encoding="utf-8") as f:
+    makefile = f.read()
+  extras = re.search(r"min_requirements\.py --extras=(\S+)", makefile).group(1)
+  assert set(extras.split(",")) >= {"train", "test"}
+  assert re.search(r'pip install -q -e "\.\[train,test', makefile)  # make install, make test
+  got = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "min_requirements.py"),
+                        f"--extras={extras}"], capture_output=True, text=True, check=True)
+  pins = got.stdout.split()
+  assert {"jax==0.8.2", "numpy==2.0.0", "flax==0.10.4", "optax==0.2.5", "pytest==8.0.0"} <= set(
+      pins)
+
+
+_PURE_WITHOUT_THE_STACK = r'''
+import sys
+# The training stack made unimportable: `import flax` (etc.) raises ImportError.
+for name in ("flax", "optax", "orbax", "etils", "ml_collections", "grain", "tensorflow_datasets",
+             "tensorboardX", "matplotlib", "tokamax", "absl", "pyarrow", "sentencepiece",
+             "array_record", "tqdm", "zstandard"):
+  sys.modules[name] = None
+import importlib, simbal_jax
+for m in sorted(simbal_jax.PURE_MODULES):
+  importlib.import_module("simbal_jax." + m)
+print("ok", len(simbal_jax.PURE_MODULES))
+'''
+
+_TRAIN_WITHOUT_THE_STACK = r'''
+import importlib.metadata as md
+version = md.version
+def fake(name):  # these two distributions are "not installed"
+  if name in ("flax", "optax"):
+    raise md.PackageNotFoundError(name)
+  return version(name)
+md.version = fake
+import simbal_jax.losses  # a pure module: fine
+import simbal_jax.{module}
+'''
+
+
+def test_pure_modules_import_without_the_training_stack():
+  got = subprocess.run([sys.executable, "-c", _PURE_WITHOUT_THE_STACK], cwd=ROOT,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                       timeout=120, check=False)
+  assert got.returncode == 0, got.stderr[-3000:]
+  assert got.stdout.split() == ["ok", "9"]
+
+
+@pytest.mark.parametrize("module", ["train", "moe", "data.pipeline"])
+def test_a_training_module_without_the_stack_names_the_extra(module):
+  got = subprocess.run([sys.executable, "-c", _TRAIN_WITHOUT_THE_STACK.format(module=module)],
+                       cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                       text=True, timeout=120, check=False)
+  assert got.returncode == 1
+  last = got.stderr.strip().splitlines()[-1]
+  assert last == (f"ImportError: simbal_jax.{module.split('.')[0]} needs the training stack "
+                  "(missing: flax, optax): pip install 'simbal_jax[train]'"), got.stderr
+
+
+def test_the_check_passes_with_the_stack_installed():
+  import simbal_jax  # pylint: disable=g-import-not-at-top
+  assert simbal_jax.missing_training_stack() == []

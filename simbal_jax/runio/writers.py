@@ -1,26 +1,40 @@
-"""Metric writers: JSONL (source of truth) + TensorBoard (tensorboardX), progress bar, summary.
+"""Metric writers: JSONL (source of truth) + TensorBoard (tensorboardX) + optionally Weights &
+Biases, the profiler trace, progress bar, summary.
 
 Only process 0 writes. Metrics are flat dicts of scalars with '/' namespaces
 (`train/loss`, `eval/layer_3/maxvio`) in metrics.jsonl; records that are not scalars (the
 per-expert load, `telemetry.LOAD_FILE`) go to their own JSONL files through `write_record`, and
-images, histograms and hparams to TensorBoard only. On resume from step s the trainer calls
-`MetricWriter.drop_after(s)`, so records of steps redone after a crash appear once and every
-file stays increasing in step. The workdir may be local or a cloud path (`gs://`, see
-MetricWriter).
+images, histograms and hparams to TensorBoard (and W&B) only. On resume from step s the trainer
+calls `MetricWriter.drop_after(s)`, so records of steps redone after a crash appear once and
+every JSONL file stays increasing in step. The workdir may be local or a cloud path (`gs://`,
+see MetricWriter).
+
+Weights & Biases (`log.wandb_project`, the `wandb` extra) gets what TensorBoard gets: the same
+scalars against the same step (W&B's x-axis `step`), images, histograms, and the hparams as the
+run's config (from the start) and the final metrics as its summary. Its files are in
+<workdir>/wandb/ (offline: `offline-run-*/run-<id>.wandb`, uploaded later by `wandb sync`); the
+run id is kept in <workdir>/wandb/run_id so that a resumed run continues the same W&B run.
+`log.profile_steps` (`Profiler`) traces steps with jax.profiler into <workdir>/tb.
 """
 
+import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
+import uuid
 
 from absl import logging
 from etils import epath
 import numpy as np
 
 from simbal_jax.runio import paths
+
+# log.wandb_mode: "" lets wandb decide (WANDB_MODE from the environment, else online).
+WANDB_MODES = ("", "online", "offline", "disabled")
 
 
 def _scalar(v):
@@ -48,19 +62,22 @@ class MetricWriter:
   SYNC_EVERY = 60.0  # seconds between uploads from `write` (GCS: ~1 write/s per object)
 
   def __init__(self, workdir, *, tensorboard=True, enabled=True, record_files=(),
-               sync_every=SYNC_EVERY):
+               sync_every=SYNC_EVERY, wandb=None):
     """Args:
       workdir: the run directory, local or cloud.
       tensorboard: also write TensorBoard events to <workdir>/tb.
       enabled: False on processes other than 0 (nothing is written).
       record_files: names of the `write_record` files that `drop_after` trims on resume.
       sync_every: a cloud workdir: seconds between uploads from `write`.
+      wandb: None, or the keyword arguments of a Weights & Biases run (`wandb_settings`):
+        scalars, images, histograms and hparams go there too, files in <workdir>/wandb.
     """
     self.enabled = enabled
     self.workdir = paths.resolve(workdir)
     self.record_files = tuple(record_files)
     self.path = self.workdir / "metrics.jsonl"
     self._tb = None
+    self._wandb = None  # the wandb Run
     self._files = {}  # JSONL file name (metrics.jsonl, record_files) -> its open file
     self._closed = False
     self._stage = None  # local staging directory when the workdir is on a cloud filesystem
@@ -86,6 +103,14 @@ class MetricWriter:
         self._tb = SummaryWriter(os.fspath(self._local / "tb"))
       except Exception as e:  # pylint: disable=broad-except
         logging.warning("TensorBoard writer unavailable (%s); JSONL only", e)
+    if wandb:
+      self._wandb = _start_wandb(self.workdir, self._local, **wandb)
+
+  @property
+  def local_dir(self):
+    """Where files are written now: the workdir, or for a cloud workdir its local stage (each
+    file written there is uploaded by `flush`)."""
+    return self._local
 
   def write(self, step, metrics):
     """Writes one record of scalar metrics for `step`."""
@@ -94,10 +119,13 @@ class MetricWriter:
     rec = {"step": int(step)}
     rec.update({k: _scalar(v) for k, v in metrics.items()})
     self._append("metrics.jsonl", rec)
+    scalars = {k: v for k, v in rec.items()
+               if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
     if self._tb is not None:
-      for k, v in rec.items():
-        if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-          self._tb.add_scalar(k, v, global_step=int(step))
+      for k, v in scalars.items():
+        self._tb.add_scalar(k, v, global_step=int(step))
+    if self._wandb is not None and scalars:
+      self._wandb.log({"step": int(step), **scalars})
     if self._stage is not None and time.time() - self._synced >= self.sync_every:
       self.flush()
 
@@ -125,21 +153,32 @@ class MetricWriter:
       self._files.pop(name).close()
 
   def image(self, tag, image_HxWx3, step):
-    """A TensorBoard image (uint8[H, W, 3]); nothing without TensorBoard."""
+    """A TensorBoard (and W&B) image (uint8[H, W, 3]); nothing without either."""
     if self._tb is not None:
       self._tb.add_image(tag, image_HxWx3, global_step=int(step), dataformats="HWC")
+    if self._wandb is not None:
+      import wandb  # pylint: disable=g-import-not-at-top
+      self._wandb.log({"step": int(step), tag: wandb.Image(np.asarray(image_HxWx3))})
 
   def histogram(self, tag, values, step):
-    """A TensorBoard histogram of `values` (any shape; non-finite values left out)."""
+    """A TensorBoard (and W&B) histogram of `values` (any shape; non-finite values left out)."""
+    v = np.asarray(values, np.float64).reshape(-1)
+    v = v[np.isfinite(v)]
     if self._tb is not None:
-      v = np.asarray(values, np.float64).reshape(-1)
-      self._tb.add_histogram(tag, v[np.isfinite(v)], global_step=int(step))
+      self._tb.add_histogram(tag, v, global_step=int(step))
+    if self._wandb is not None and v.size:
+      import wandb  # pylint: disable=g-import-not-at-top
+      self._wandb.log({"step": int(step), tag: wandb.Histogram(v, num_bins=64)})
 
   def hparams(self, hparams, metrics):
     """TensorBoard's HParams entry of this run (`hparams`: name -> bool/int/float/str;
-    `metrics`: name -> float), written in <workdir>/tb/hparams."""
+    `metrics`: name -> float), written in <workdir>/tb/hparams; W&B: the run's config and
+    summary."""
     if self._tb is not None:
       self._tb.add_hparams(hparams, {k: float(v) for k, v in metrics.items()}, name="hparams")
+    if self._wandb is not None:
+      self._wandb.config.update(hparams, allow_val_change=True)
+      self._wandb.summary.update({k: float(v) for k, v in metrics.items()})
 
   def flush(self):
     """Makes everything written so far durable in the workdir (a cloud workdir: uploads the
@@ -183,6 +222,12 @@ class MetricWriter:
     if self._tb is not None:
       self._tb.close()  # writes its pending events
       self._tb = None
+    if self._wandb is not None:
+      try:
+        self._wandb.finish()  # writes its pending records (offline: the .wandb file)
+      except Exception as e:  # pylint: disable=broad-except
+        logging.error("W&B run did not finish cleanly: %s", e)
+      self._wandb = None
     stage, uploaded = self._stage, False
     try:
       self.flush()
@@ -196,6 +241,129 @@ class MetricWriter:
       elif stage is not None:
         logging.error("upload to %s failed: the staged metrics and events are kept in %s",
                       self.workdir, stage)
+
+
+def wandb_settings(log, config=None):
+  """The `MetricWriter(wandb=...)` arguments of the `log` config section (None: W&B off).
+
+  Args:
+    log: the config's `log` section (`wandb_project`, `wandb_entity`, `wandb_mode`).
+    config: the run's flat hparams ({dotted field: value}), W&B's config of the run.
+  """
+  project = str(log.get("wandb_project", "") or "")
+  if not project:
+    return None
+  return dict(project=project, entity=str(log.get("wandb_entity", "") or ""),
+              mode=str(log.get("wandb_mode", "") or ""), config=dict(config or {}))
+
+
+def _start_wandb(workdir, local, *, project, entity="", mode="", config=None):
+  """A wandb Run for `workdir` writing under <local>/wandb, or None (logged) when it cannot
+  start: like TensorBoard, W&B is an extra view, and the run keeps its JSONL and events."""
+  try:
+    import wandb  # pylint: disable=g-import-not-at-top
+    id_file = "wandb/run_id"
+    if (workdir / id_file).exists():  # a resumed run continues its W&B run
+      run_id = (workdir / id_file).read_text().strip()
+    else:
+      run_id = uuid.uuid4().hex[:12]
+      (local / "wandb").mkdir(parents=True, exist_ok=True)
+      (local / id_file).write_text(run_id + "\n")
+    run = wandb.init(project=project, entity=entity or None, mode=mode or None,
+                     dir=os.fspath(local), name=workdir.name, id=run_id, resume="allow",
+                     config=config or None, settings=wandb.Settings(console="off"))
+    run.define_metric("step")
+    run.define_metric("*", step_metric="step")  # every key against the trainer's step
+    return run
+  except Exception as e:  # pylint: disable=broad-except
+    logging.error("W&B run unavailable (%s); metrics go to metrics.jsonl and TensorBoard only",
+                  e)
+    return None
+
+
+def profile_steps(spec):
+  """(START, STOP) of `log.profile_steps` ("START:STOP"), or None when it is empty.
+
+  Raises:
+    ValueError: not two integers 0 <= START < STOP (one line, naming the field).
+  """
+  if not spec:
+    return None
+  m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(spec))
+  if m is None or int(m[1]) >= int(m[2]):
+    raise ValueError(f"log.profile_steps={spec!r}: give START:STOP with 0 <= START < STOP "
+                     "(the steps after START up to STOP are traced, e.g. 10:15)")
+  return int(m[1]), int(m[2])
+
+
+def check_log_config(log):
+  """Checks the `log` fields that would otherwise fail mid-run: one line each.
+
+  Raises:
+    ValueError: a malformed `log.profile_steps`, an unknown `log.wandb_mode`, or
+      `log.wandb_project` set without wandb installed (names the extra).
+  """
+  profile_steps(log.get("profile_steps", ""))
+  mode = log.get("wandb_mode", "")
+  if mode not in WANDB_MODES:
+    raise ValueError(f"log.wandb_mode={mode!r}: one of online, offline, disabled, or '' "
+                     "(WANDB_MODE from the environment, else online)")
+  if log.get("wandb_project", "") and importlib.util.find_spec("wandb") is None:
+    raise ValueError(f"log.wandb_project={log.get('wandb_project')!r} needs wandb, which is not "
+                     "installed: pip install 'simbal_jax[wandb]'")
+
+
+class Profiler:
+  """A train-loop hook (`hook(step, state)`) that traces the steps START+1 .. STOP of
+  `log.profile_steps` with jax.profiler into <workdir>/tb/plugins/profile/<time>/ (one
+  `<host>.xplane.pb`), where TensorBoard's profile plugin finds it (`tensorboard --logdir
+  <workdir>/tb`, Profile tab; `pip install tensorboard-plugin-profile`).
+
+  The trace starts once step START has finished (or at once, when a resumed run starts inside
+  the span) and stops once step STOP has finished (or at `close`): both wait for the devices, so
+  those steps' device work is in the trace. Only process 0 traces; a cloud workdir's trace is
+  staged locally and uploaded with the metrics.
+  """
+
+  def __init__(self, spec, writer, start_step):
+    """Args:
+      spec: `log.profile_steps` ("" or "START:STOP").
+      writer: the run's MetricWriter (where to write; nothing when it is disabled).
+      start_step: the step the loop starts from.
+    """
+    self.span = profile_steps(spec)
+    self.logdir = writer.local_dir / "tb" if self.span and writer.enabled else None
+    self.active = self.done = False
+    if self.logdir is not None and self.span[0] <= start_step < self.span[1]:
+      self._start()
+
+  def _start(self, state=None):
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.block_until_ready(state)
+    self.logdir.mkdir(parents=True, exist_ok=True)
+    jax.profiler.start_trace(os.fspath(self.logdir))
+    self.active = True
+    logging.info("profiling steps %d-%d into %s", self.span[0] + 1, self.span[1], self.logdir)
+
+  def _stop(self, state=None):
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.block_until_ready(state)
+    jax.profiler.stop_trace()
+    self.active, self.done = False, True
+    logging.info("profile written to %s/plugins/profile", self.logdir)
+
+  def __call__(self, step, state):
+    if self.logdir is None or self.done:
+      return
+    if not self.active and self.span[0] <= step < self.span[1]:
+      self._start(state)
+    elif self.active and step >= self.span[1]:
+      self._stop(state)
+
+  def close(self):
+    """Stops a trace still running (the run ended or stopped before STOP)."""
+    if self.active:
+      self._stop()
 
 
 def _signature(path):

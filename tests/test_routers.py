@@ -17,7 +17,7 @@ from simbal_jax.configs import base, demo
 from simbal_jax.experiments import convergence
 from simbal_jax.runio import writers
 
-from conftest import tiny_config
+from conftest import losses_of, tiny_config
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
@@ -369,3 +369,18 @@ def test_sinkhorn_training_run(tmp_path):
   summary, _ = train.train_and_evaluate(cfg, str(tmp_path), devices=jax.devices()[:1])
   assert summary["status"] == "done" and np.isfinite(summary["eval/loss"])
   assert summary["eval/no_expert_share"] == 0.0 and "eval/causal_loss" not in summary
+
+
+@pytest.mark.slow
+def test_expert_choice_sharded_matches_single_device(tmp_path):
+  """Expert choice on a data x expert mesh of 8 devices trains and evaluates as on one."""
+  cfg = tiny_config("simbal+ec", steps=2)
+  cfg.ckpt.enabled = False
+  single, _ = train.train_and_evaluate(cfg, str(tmp_path / "one"), devices=jax.devices()[:1])
+  cfg.mesh.data, cfg.mesh.expert = 2, 4
+  sharded, _ = train.train_and_evaluate(cfg, str(tmp_path / "many"))
+  l1, l8 = losses_of(tmp_path / "one"), losses_of(tmp_path / "many")
+  np.testing.assert_allclose([l8[1], l8[2]], [l1[1], l1[2]], rtol=2e-5)
+  for key in ("eval/loss", "eval/causal_loss"):
+    np.testing.assert_allclose(sharded[key], single[key], rtol=2e-5)
+  assert sharded["eval/maxvio"] == 0.0

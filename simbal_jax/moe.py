@@ -59,7 +59,8 @@ class MoEConfig:
     gating: one of `routing.GATINGS`.
     renormalize: renormalise the K gates to sum 1 (softmax_topk only).
     capacity_factor: C = ceil(T*K/E * factor) slots per expert per group; <= 0 means no drops
-      (C = T, every expert can take every token of its group). Used by dispatch="capacity" only.
+      (C = T, every expert can take every token of its group). Used by dispatch="capacity" only,
+      and by router "expert_choice" (its C, factor 1 when <= 0: `expert_capacity`).
     capacity_buckets: capacity factors of the static buckets of dispatch="buckets" (each gives
       C = ceil(T*K/E * factor) per group, capped at T; T itself is always the last bucket).
     shared_expert_d_ff: hidden width of an always-on dense SwiGLU beside the experts (0: none).

@@ -63,12 +63,16 @@ def padding(cfg, num_experts, top_k, expert_axis=1):
   "capacity": min(capacity_factor, E / K) (E / K when dropless: C = T); "buckets": the smallest
   bucket, min(min(capacity_buckets), E / K) (a skewed step runs at a larger one); "ragged": 1,
   on an expert axis of size X > 1 the dropless worst case X, or min(expert_buffer_factor, X).
+  Router "expert_choice" (`cfg.router`): its exact C-slot buffers hold E * C = T * K * f rows,
+  f = capacity_factor when > 0 else 1 (`moe.MoEConfig.expert_capacity`).
 
   Args:
     cfg: dispatch settings (a `moe.MoEConfig`).
     num_experts: E. top_k: K.
     expert_axis: size of the mesh's "expert" axis.
   """
+  if getattr(cfg, "router", "token_choice") == "expert_choice":
+    return min(cfg.capacity_factor if cfg.capacity_factor > 0 else 1.0, num_experts / top_k)
   if cfg.dispatch == "ragged":
     if expert_axis > 1 and cfg.expert_buffer_factor > 0:
       return min(cfg.expert_buffer_factor, expert_axis)

@@ -384,3 +384,12 @@ def test_expert_choice_sharded_matches_single_device(tmp_path):
   for key in ("eval/loss", "eval/causal_loss"):
     np.testing.assert_allclose(sharded[key], single[key], rtol=2e-5)
   assert sharded["eval/maxvio"] == 0.0
+
+
+def test_expert_choice_buffer_padding():
+  """The memory estimate's rows per assignment: E * C / (T * K) of the exact C-slot buffers."""
+  from simbal_jax import experts  # pylint: disable=g-import-not-at-top
+  kw = dict(num_experts=8, top_k=2, d_ff=4, router="expert_choice")
+  assert experts.padding(moe.MoEConfig(**kw, capacity_factor=0.0), 8, 2) == 1.0
+  assert experts.padding(moe.MoEConfig(**kw, capacity_factor=1.5), 8, 2) == 1.5
+  assert experts.padding(moe.MoEConfig(**kw, capacity_factor=0.0, dispatch="buckets"), 8, 2) == 1.0

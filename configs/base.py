@@ -44,6 +44,14 @@ def get_config(arg=None):
   # (logits + softplus(x W_noise) N(0,1), noisy top-k). Keys: the train state's (per step).
   e.router_noise = "none"
   e.router_noise_eps = 0.01
+  # Router: token_choice (each token its top-k experts) | expert_choice (Zhou et al. 2022: each
+  # expert takes its C = T*k/E (x capacity_factor when > 0) best tokens of the routing group;
+  # even load, a token gets 0..E experts; not causal - it sees later tokens of the sequence -
+  # so evaluation also reports eval/causal_loss, token-choice top-k on the same router; needs
+  # softmax_topk gating, dispatch capacity or buckets) | sinkhorn (BASE layers: in training
+  # top-k of a balanced Sinkhorn plan of the group, gates as token choice; evaluation top-k).
+  e.router = "token_choice"
+  e.sinkhorn_iters = 8  # router=sinkhorn: Sinkhorn iterations per routing group (>= 1)
   e.num_groups = 1  # routing groups (own capacity/dispatch); 0: one per batch shard (auto)
   # capacity | buckets | ragged. "buckets": dropless capacity path at the smallest of the static
   # capacity_buckets (x mean load T*K/E per group, then T) holding the step's largest expert
@@ -243,7 +251,9 @@ def set_method(cfg, method):
 
 # The variant forms besides a bare method name (parsed by `apply_variant`).
 VARIANT_FORMS = ("<method>_sigmoid", "<method>_softmax", "simbal_coef<x>", "lbl_micro<m>",
-                 "<variant>+<noise>", "dense")
+                 "<variant>+<noise>", "<variant>+<router>", "ec", "sinkhorn", "dense")
+# Router names of variants (`<variant>+<router>`, or alone: no balancing term) -> moe.router.
+ROUTER_FORMS = {"ec": "expert_choice", "expert_choice": "expert_choice", "sinkhorn": "sinkhorn"}
 
 
 def variants():
@@ -263,6 +273,9 @@ def apply_variant(cfg, arg):
                             lbl_micro_sequences=m: lbl_micro1, lbl_micro4)
   <variant>+<noise>         the variant with router noise in training (moe.router_noise: jitter,
                             gaussian, gaussian_learned; eps moe.router_noise_eps): lbl+jitter
+  <variant>+<router>        the variant with another router (moe.router; `ROUTER_FORMS`: ec or
+                            expert_choice, sinkhorn): simbal+ec, lbl+sinkhorn, simbal+ec+jitter
+  ec / sinkhorn             that router with no balancing term (method none)
   dense                     no experts (dense FFN of 4 * d_model)
 
   Any other field: `--config.<field>=<value>` on the command line (or `cfg.<field> = ...`).
@@ -275,12 +288,19 @@ def apply_variant(cfg, arg):
                        "command line, not in the config string")
     if "+" in token:
       from simbal_jax import routing  # pylint: disable=g-import-not-at-top
-      base, noise = token.rsplit("+", 1)
-      if noise not in routing.ROUTER_NOISES[1:]:
-        raise ValueError(f"config variant {token!r}: the noise after '+' must be one of "
-                         f"{', '.join(routing.ROUTER_NOISES[1:])}")
+      base, suffix = token.rsplit("+", 1)
+      if suffix not in routing.ROUTER_NOISES[1:] and suffix not in ROUTER_FORMS:
+        raise ValueError(f"config variant {token!r}: after '+' a router noise ("
+                         f"{', '.join(routing.ROUTER_NOISES[1:])}) or a router ("
+                         f"{', '.join(ROUTER_FORMS)})")
       apply_variant(cfg, base)
-      cfg.moe.router_noise = noise
+      if suffix in ROUTER_FORMS:
+        cfg.moe.router = ROUTER_FORMS[suffix]
+      else:
+        cfg.moe.router_noise = suffix
+    elif token in ROUTER_FORMS:
+      set_method(cfg, "none")
+      cfg.moe.router = ROUTER_FORMS[token]
     elif token == "dense":
       cfg.moe.num_experts = 0
       set_method(cfg, "none")

@@ -7,8 +7,9 @@ fewer tokens, by how much, how sure are we.
 
 Running trains methods x seeds (x learning rates) one after another, one run directory each:
 `<workdir>/<method>[/lr<x>]/seed<k>`. A method is any config variant (`lbl`, `simbal`,
-`simbal_coef1`, `lf_simbal_sigmoid`, `simbal_unit`, ...: configs/base.py), applied after the
-command-line overrides. Finished runs (a `summary.json`) are skipped; an interrupted run resumes
+`simbal_coef1`, `lf_simbal_sigmoid`, `simbal_unit`, routers `simbal+ec`, `ec`, `lbl+sinkhorn`,
+...: configs/base.py), applied after the command-line overrides (every method is checked before
+the first run trains). Finished runs (a `summary.json`) are skipped; an interrupted run resumes
 from its checkpoint. Seed k gives every method the same initialisation (apart from what a method
 prescribes) and the same data order; all runs share one prepared corpus and therefore one
 evaluation set. Then the table is aggregated.
@@ -205,9 +206,26 @@ def run_config(base_cfg, method, seed, lr=None, cache_dir=""):
   return cfg
 
 
+def check_methods(base_cfg, methods):
+  """Raises ValueError (one line naming the method) unless every method's config is valid: the
+  variant parses (a balancing method, a gating, router noise or a router such as `simbal+ec`,
+  `lbl+sinkhorn`, `ec`) and the resulting config and model settings pass their checks, so a
+  bad method fails before the first run trains, not after the others."""
+  from simbal_jax import env as env_lib  # pylint: disable=g-import-not-at-top
+  from simbal_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  for method in methods:
+    try:
+      cfg = env_lib.prepare_config(run_config(base_cfg, method, 0))
+      if int(cfg.moe.num_experts) > 0:
+        model_lib.ModelConfig.from_config(cfg, vocab_size=max(int(cfg.model.vocab_size), 1))
+    except ValueError as e:
+      raise ValueError(f"method {method!r}: {e}") from None
+
+
 def run_matrix(base_cfg, workdir, methods, seeds, lrs=(None,), say=print):
   """Trains every (lr, method, seed) not finished yet; returns the list of run directories."""
   from simbal_jax import train  # pylint: disable=g-import-not-at-top
+  check_methods(base_cfg, methods)
   dirs = []
   jobs = [(lr, m, s) for lr in lrs for m in methods for s in seeds]
   for i, (lr, method, seed) in enumerate(jobs):

@@ -121,8 +121,8 @@ def expert_weights(params, mcfg):
 class RoutingTracker:
   """Routing churn and expert movement of a run since its previous evaluation.
 
-  `start(state, step)` takes the reference: the top-k experts of every MoE layer for the probe
-  tokens (the first `probe_tokens` tokens of the evaluation batches, sequence-major, or all of
+  `start(state, step)` takes the reference: the top-k experts (expert choice: the assignment
+  masks) of every MoE layer for the probe tokens (the first `probe_tokens` tokens of the evaluation batches, sequence-major, or all of
   them when there are fewer: the same tokens for every run with the same data settings) and a
   copy of every expert's weights (one extra copy of the expert parameters on the devices). Each call `tracker(state, step)` compares the
   state with the reference, returns the metrics and makes the state the new reference. The
@@ -152,6 +152,8 @@ class RoutingTracker:
       def route(params, expert_bias, batch):
         _, aux = model.apply({"params": params}, batch["inputs"], expert_bias=expert_bias,
                              segment_ids=batch.get("segment_ids"))
+        if aux.assigned is not None:  # expert choice: bool[Lm, n, E] actual assignments
+          return aux.assigned[:, :per_batch]
         return aux.router.expert_index[:, :per_batch]  # int32[Lm, n, K], sequence-major
 
       self._route = jax.jit(route, out_shardings=out_sharding)
@@ -181,7 +183,8 @@ class RoutingTracker:
 
     Returns:
       (dict of python floats: eval/churn_since_step, and per MoE layer i and as the mean over
-      layers eval[/layer_<i>]/churn (metrics.routing_churn of the probe tokens),
+      layers eval[/layer_<i>]/churn (metrics.routing_churn of the probe tokens; for expert
+      choice metrics.assignment_churn of their actual assignments),
       eval[/layer_<i>]/expert_move and expert_move_min (mean and minimum over the layer's
       experts of metrics.expert_movement), eval[/layer_<i>]/stagnant (metrics.stagnant_experts,
       rel 0.1); movement float64[Lm, E] per expert or None).
@@ -193,7 +196,9 @@ class RoutingTracker:
     index = None
     if self.num_tokens:
       index = self._probe(state)
-      per["churn"] = np.asarray(jax.vmap(metrics_lib.routing_churn)(old_index, index))
+      churn = (metrics_lib.assignment_churn if index.dtype == bool
+               else metrics_lib.routing_churn)
+      per["churn"] = np.asarray(jax.vmap(churn)(old_index, index))
     if self.movement:
       move = np.asarray(jax.device_get(self._move(old_weights, state.params)), np.float64)
       per["expert_move"], per["expert_move_min"] = move.mean(-1), move.min(-1)

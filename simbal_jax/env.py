@@ -24,6 +24,7 @@ from simbal_jax import experts
 from simbal_jax import memory
 from simbal_jax import model as model_lib
 from simbal_jax import optim
+from simbal_jax import routing
 from simbal_jax import sharding
 from simbal_jax import step as step_lib
 from simbal_jax import validate
@@ -51,6 +52,12 @@ def prepare_config(config):
     raise ValueError(f"train.global_batch_size={t.global_batch_size} not divisible by "
                      f"train.grad_accum={t.grad_accum}")
   sc = step_lib.StepConfig.from_config(cfg)  # validates balance.* (lists valid terms)
+  router = cfg.moe.get("router", "token_choice")
+  if router not in routing.ROUTERS:
+    raise ValueError(f"moe.router={router!r}; valid: {', '.join(routing.ROUTERS)}")
+  if sc.loss_free and router != "token_choice":
+    raise ValueError(f"balance.loss_free=True needs moe.router='token_choice' (its bias "
+                     f"balances a top-k choice), got moe.router={router!r}")
   if cfg.moe.num_experts <= 0 and (sc.terms or sc.loss_free):
     raise ValueError(f"balance.terms={cfg.balance.terms!r} / balance.loss_free="
                      f"{cfg.balance.loss_free} need an MoE model (moe.num_experts > 0); use "

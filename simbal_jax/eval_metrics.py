@@ -41,7 +41,8 @@ class EvalInputs:
   Attributes:
     sums: list of dicts from `step.eval_step`, one per eval batch: ce_sum, tokens, seqs, ce_seq
       float32[B], and for MoE models counts float32[Lm, E], entropy_sum float32[Lm], seu_sum
-      float32[Lm], and with domain labels domain_counts float32[Lm, D, E].
+      float32[Lm], no_expert_sum float32[Lm], with domain labels domain_counts
+      float32[Lm, D, E], and with router "expert_choice" causal_ce_sum float32[].
     router_kernels: float[Lm, D, E] router kernels, or None.
   """
 
@@ -83,6 +84,21 @@ class EvalInputs:
       return None
     counts = self.layer_total("counts")
     return counts / np.maximum(counts.sum(-1, keepdims=True), 1.0)
+
+  @functools.cached_property
+  def no_expert(self):
+    """float64[Lm] share of the tokens assigned to no expert (expert choice; 0 for token
+    choice), or None (a dense model, or sums without it)."""
+    if "no_expert_sum" not in self.sums[0]:
+      return None
+    return self.layer_total("no_expert_sum") / max(self.tokens, 1.0)
+
+  @functools.cached_property
+  def causal_loss(self):
+    """Mean cross-entropy of the causal evaluation (router "expert_choice" only), or None."""
+    if "causal_ce_sum" not in self.sums[0]:
+      return None
+    return self.total("causal_ce_sum") / max(self.tokens, 1.0)
 
   @functools.cached_property
   def load32(self):
@@ -165,6 +181,13 @@ METRICS = {m.name: m for m in (
     _M("domain_mi", lambda x: x.specialization.mutual_info, needs=("domain_counts",)),
     _M("domain_mi_norm", lambda x: x.specialization.normalized, needs=("domain_counts",),
        header="domain MI"),
+    # Routers other than token choice (moe.router): the causal evaluation of expert choice
+    # (every token routed by token-choice top-K, no look at later tokens), and the share of
+    # tokens that got no expert (expert choice; 0 for token choice and Sinkhorn).
+    _M("causal_loss", lambda x: x.causal_loss, per_layer=False, needs=("causal_loss",),
+       header="causal loss", table="causal loss"),
+    _M("no_expert_share", lambda x: x.no_expert, needs=("no_expert",), header="no expert",
+       table="no expert"),
     # Computed by analysis.RoutingTracker (change since the previous evaluation).
     _M("churn"), _M("expert_move"), _M("expert_move_min"), _M("stagnant"),
     # Computed by evaluate.final_pes at the end of a run (eval/pes_min, eval/pes_mean, per layer).

@@ -63,12 +63,16 @@ def padding(cfg, num_experts, top_k, expert_axis=1):
   "capacity": min(capacity_factor, E / K) (E / K when dropless: C = T); "buckets": the smallest
   bucket, min(min(capacity_buckets), E / K) (a skewed step runs at a larger one); "ragged": 1,
   on an expert axis of size X > 1 the dropless worst case X, or min(expert_buffer_factor, X).
+  Router "expert_choice" (`cfg.router`): its exact C-slot buffers hold E * C = T * K * f rows,
+  f = capacity_factor when > 0 else 1 (`moe.MoEConfig.expert_capacity`).
 
   Args:
     cfg: dispatch settings (a `moe.MoEConfig`).
     num_experts: E. top_k: K.
     expert_axis: size of the mesh's "expert" axis.
   """
+  if getattr(cfg, "router", "token_choice") == "expert_choice":
+    return min(cfg.capacity_factor if cfg.capacity_factor > 0 else 1.0, num_experts / top_k)
   if cfg.dispatch == "ragged":
     if expert_axis > 1 and cfg.expert_buffer_factor > 0:
       return min(cfg.expert_buffer_factor, expert_axis)
@@ -79,7 +83,7 @@ def padding(cfg, num_experts, top_k, expert_axis=1):
   return min(factor, num_experts / top_k)
 
 
-def apply(x_TxD, assign, wg, wu, wo, cfg):
+def apply(x_TxD, assign, wg, wu, wo, cfg, capacity=None):
   """The routed experts' output: `out[t] = sum of gate[a] * SwiGLU_{expert[a]}(x[t])` over the
   assignments a of token t that `cfg.dispatch` keeps (all but capacity drops).
 
@@ -89,6 +93,10 @@ def apply(x_TxD, assign, wg, wu, wo, cfg):
     wg, wu: float[E, D, F] and wo: float[E, F, D] expert kernels in the compute dtype.
     cfg: dispatch settings, a `moe.MoEConfig`: dispatch, num_groups (G, dividing T and N),
       capacity_factor, capacity_buckets, ragged_impl, expert_buffer_factor.
+    capacity: static int, or None. Given (a router whose per-expert load is known statically:
+      expert choice, C per expert and group), "capacity" and "buckets" run buffers of exactly
+      this many slots per expert and group (no padding; nothing dropped when no expert gets
+      more); "ragged" ignores it. None: the buffers of `capacities`.
 
   Returns:
     (float[T, D] combined outputs in the dtype of x, bool[N, M] kept assignments).
@@ -103,6 +111,8 @@ def apply(x_TxD, assign, wg, wu, wo, cfg):
   if cfg.dispatch == "ragged":
     return _ragged_experts(x_TxD, assign, wg, wu, wo, impl=cfg.ragged_impl,
                            buffer_factor=cfg.expert_buffer_factor)
+  if capacity is not None:
+    return _capacity_experts(x_TxD, assign, wg, wu, wo, num_groups=groups, capacity=capacity)
   top_k = -(-assign.expert.size // tokens)  # K of token choice; else the mean, rounded up
   caps = capacities(cfg, tokens // groups, wg.shape[0], top_k)
   if cfg.dispatch == "buckets":

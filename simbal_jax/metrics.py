@@ -118,7 +118,9 @@ def seu(expert_index_BxLxK, num_experts, mask_BxL=None):
   """Sequence Expert Utilisation: mean fraction of the experts a sequence uses.
 
   Args:
-    expert_index_BxLxK: int[B, L, K], the chosen experts per token of each sequence.
+    expert_index_BxLxK: int[B, L, K], the chosen experts per token of each sequence; entries
+      equal to E mean "no expert" (`routing.padded_index` of a router whose tokens have any
+      number of experts: [B, L, E]).
     num_experts: static int E.
     mask_BxL: optional bool[B, L]; masked tokens do not count as using an expert.
 
@@ -211,6 +213,32 @@ def routing_churn(expert_index_a, expert_index_b, mask=None):
   shared = jnp.sum(jnp.any(a[..., :, None] == b[..., None, :], axis=-1), axis=-1)
   overlap = shared.astype(jnp.float32) / a.shape[-1]
   return jnp.where(jnp.any(valid), 1.0 - _checks.masked_mean(overlap, valid), 0.0)
+
+
+def assignment_churn(assigned_a, assigned_b, mask=None):
+  """`routing_churn` for routers whose tokens have any number of experts (expert choice).
+
+  `churn = 1 - sum_t |S_a(t) & S_b(t)| / sum_t |S_a(t)|`, S(t) the experts token t is assigned
+  to: the share of the first point's (token, expert) assignments that are gone at the second.
+  When every token has K experts at both points it equals `routing_churn`.
+
+  Args:
+    assigned_a: bool[..., E] dense assignment masks (`routing.assignment_mask`) of T tokens
+      (any leading shape) at the first point.
+    assigned_b: bool[..., E] the same tokens' masks at the second point (same shape).
+    mask: optional bool[...] (the leading shape); False tokens are left out.
+
+  Returns:
+    float32[] in [0, 1]; 0 when the first point has no assignment of a valid token.
+  """
+  a = _checks.check_min_rank("assigned_a", assigned_a, 2, "[..., E]").astype(bool)
+  b = jnp.asarray(assigned_b).astype(bool)
+  if b.shape != a.shape:
+    raise ValueError(f"assigned_b must have the shape of assigned_a {a.shape}, got {b.shape}.")
+  valid = _checks.bool_mask("mask", mask, a.shape[:-1])[..., None]
+  total = jnp.sum(a & valid, dtype=jnp.float32)
+  kept = jnp.sum(a & b & valid, dtype=jnp.float32)
+  return jnp.where(total > 0, 1.0 - _checks.safe_div(kept, total), 0.0)
 
 
 def expert_movement(old, new):

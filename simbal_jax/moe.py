@@ -22,6 +22,11 @@ the one expert computation, `experts.apply`, which dispatches them in one of thr
 All combine the expert outputs weighted by the gates, through the gather-only dispatch /
 combine of `dispatch.py` (custom VJPs, no scatter, no one-hot).
 
+The router (`MoEConfig.router`) is token choice (`routing.route`, above), expert choice
+(`routing.expert_choice`: every expert takes its C best tokens of each routing group; exact
+capacity-C buffers) or Sinkhorn (BASE layers: token choice selecting by a balanced plan in
+training, plain top-k at evaluation); all hand `experts.apply` one `routing.Assignments`.
+
 Everything the balancing losses and metrics need is returned per call as one `MoEAux`
 (router logits/probs/gates/indices, per-expert counts, dropped fraction); the router kernel
 float32[D, E] is the parameter `router` of the block (see `model.router_kernels`).
@@ -34,6 +39,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from simbal_jax import dispatch
 from simbal_jax import experts
 from simbal_jax import init as init_lib
 from simbal_jax import routing
@@ -53,7 +59,8 @@ class MoEConfig:
     gating: one of `routing.GATINGS`.
     renormalize: renormalise the K gates to sum 1 (softmax_topk only).
     capacity_factor: C = ceil(T*K/E * factor) slots per expert per group; <= 0 means no drops
-      (C = T, every expert can take every token of its group). Used by dispatch="capacity" only.
+      (C = T, every expert can take every token of its group). Used by dispatch="capacity" only,
+      and by router "expert_choice" (its C, factor 1 when <= 0: `expert_capacity`).
     capacity_buckets: capacity factors of the static buckets of dispatch="buckets" (each gives
       C = ceil(T*K/E * factor) per group, capped at T; T itself is always the last bucket).
     shared_expert_d_ff: hidden width of an always-on dense SwiGLU beside the experts (0: none).
@@ -92,6 +99,24 @@ class MoEConfig:
       softplus(x @ W_noise) * N(0, 1), parameter `router_noise` [D, E], init 0), "none".
       The noisy logits are what the balancing losses see.
     router_noise_eps: eps of "jitter" and "gaussian".
+    router: one of `routing.ROUTERS`:
+      "token_choice" (default): each token takes its top-K experts (`routing.route`).
+      "expert_choice" (Zhou et al. 2022): in each routing group of T tokens every expert takes
+      its C = ceil(T * K / E * f) most probable tokens (f = capacity_factor when > 0, else 1;
+      `expert_capacity`), gates the softmax probabilities; the load is exactly even and a token
+      gets 0 to E experts (`MoEAux.assigned`). Needs gating "softmax_topk" and dispatch
+      "capacity" or "buckets" (both run exact C-slot buffers: no padding, no drops). Causality
+      caveat: an expert's choice looks at every token of the group, the later positions of the
+      same sequence included, so in a decoder LM a token's routing (and output) depends on
+      future tokens; the loss of this forward pass is not a causal LM's. The trainer therefore
+      also reports a causal evaluation (`eval/causal_loss`: the same parameters, each token
+      routed by token-choice top-K on the same router probabilities, dropless; `causal()`).
+      "sinkhorn" (BASE layers, Lewis et al. 2021; S-BASE, Clark et al. 2022): in training
+      (with a "router" RNG stream, as router noise) each token takes the top-K experts of the
+      balanced plan of `sinkhorn_iters` Sinkhorn iterations on exp(logits) per routing group
+      (`routing.sinkhorn_log_plan`, not differentiated), its gates the gating's at those
+      experts; at evaluation plain top-k (= token choice), so evaluation is causal.
+    sinkhorn_iters: Sinkhorn iterations of router "sinkhorn" (>= 1).
   """
   num_experts: int
   top_k: int
@@ -110,6 +135,8 @@ class MoEConfig:
   min_gate: float = 0.0
   router_noise: str = "none"
   router_noise_eps: float = 0.0
+  router: str = "token_choice"
+  sinkhorn_iters: int = 8
 
   def __post_init__(self):
     for name in ("num_experts", "top_k", "d_ff", "num_groups"):
@@ -146,6 +173,35 @@ class MoEConfig:
     if not isinstance(self.shared_expert_d_ff, int) or self.shared_expert_d_ff < 0:
       raise ValueError(f"MoEConfig.shared_expert_d_ff must be an int >= 0, "
                        f"got {self.shared_expert_d_ff!r}")
+    if self.router not in routing.ROUTERS:
+      raise ValueError(f"MoEConfig.router={self.router!r}; valid: {routing.ROUTERS}")
+    iters = self.sinkhorn_iters
+    if not isinstance(iters, int) or isinstance(iters, bool) or iters < 1:
+      raise ValueError(f"MoEConfig.sinkhorn_iters must be an int >= 1, got {iters!r}")
+    if self.router == "expert_choice" and self.gating != "softmax_topk":
+      raise ValueError(f"MoEConfig.router='expert_choice' needs gating='softmax_topk' (its "
+                       f"gates are softmax probabilities), got {self.gating!r}")
+    if self.router == "expert_choice" and self.dispatch == "ragged":
+      raise ValueError("MoEConfig.router='expert_choice' needs dispatch='capacity' or 'buckets' "
+                       "(every expert takes exactly C tokens: C-slot buffers have no padding "
+                       "and drop nothing), got 'ragged'")
+
+  def expert_capacity(self, group_tokens):
+    """C of router "expert_choice": tokens each expert takes from a group of `group_tokens`.
+
+    `dispatch.capacity(T, E, K, f)` with f = capacity_factor when > 0, else 1: ceil(T*K/E*f)
+    clipped to [1, T], so the mean assignments per token is about K * f.
+    """
+    factor = self.capacity_factor if self.capacity_factor > 0 else 1.0
+    return dispatch.capacity(group_tokens, self.num_experts, self.top_k, factor)
+
+  def causal(self):
+    """This config routed causally: token choice (the same router, top-K per token), dropless.
+
+    What the causal evaluation of an "expert_choice" model runs (`step.eval_step`); the
+    parameters are the same.
+    """
+    return dataclasses.replace(self, router="token_choice", capacity_factor=0.0)
 
 
 class MoEAux(NamedTuple):
@@ -153,12 +209,21 @@ class MoEAux(NamedTuple):
 
   Attributes:
     router: routing.RouterOutput with fields [T, E] / [T, K] (T = B * L, row-major over B, L).
-    counts: float32[E] assignments per expert before capacity drops.
-    dropped: float32[] fraction of the T * K assignments dropped by capacity (0 for "ragged").
+      Token choice and Sinkhorn: the actual routing. Expert choice: the token-choice top-K of
+      the same router probabilities (what the causal evaluation routes by; the LBL's f and
+      `router.expert_index` users see this view), the actual assignments being `assigned`.
+    counts: float32[E] actual assignments per expert before capacity drops (expert choice:
+      C per expert and group, so the load is exactly even).
+    dropped: float32[] fraction of the assignments dropped by capacity (0 for "ragged").
+    assigned: bool[T, E] the actual assignments per token (`routing.assignment_mask`) when a
+      token may have any number of experts (expert choice), else None (they are
+      `router.expert_index`). The routing metrics (SEU, churn, domain counts, tokens without
+      an expert) read it when it is given.
   """
   router: routing.RouterOutput
   counts: jax.Array
   dropped: jax.Array
+  assigned: jax.Array | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,15 +323,26 @@ class MoEBlock(nn.Module):
     elif noisy and cfg.router_noise == "gaussian":
       logits_TxE = routing.gaussian_noise(self.make_rng("router"), logits_TxE,
                                           cfg.router_noise_eps)
+    select_TxE = None
+    if cfg.router != "token_choice" and tokens % cfg.num_groups:
+      raise ValueError(f"T = {tokens} tokens must be divisible by num_groups={cfg.num_groups}")
+    if cfg.router == "sinkhorn" and self.has_rng("router"):  # training only, as router noise
+      select_TxE = jax.vmap(lambda lg: routing.sinkhorn_log_plan(lg, top_k, cfg.sinkhorn_iters))(
+          logits_TxE.reshape(cfg.num_groups, -1, n_exp)).reshape(tokens, n_exp)
     router_out = routing.route(logits_TxE, top_k, gating=cfg.gating,
-                               renormalize=cfg.renormalize, bias_E=expert_bias_E)
+                               renormalize=cfg.renormalize, bias_E=expert_bias_E,
+                               select_TxE=select_TxE)
 
     x_TxD = x_TxD.astype(self.dtype)
     wg, wu, wo = (w.astype(self.dtype) for w in (wg, wu, wo))
-    assign = router_out.assignments
+    assign, assigned, capacity = router_out.assignments, None, None
+    if cfg.router == "expert_choice":
+      capacity = cfg.expert_capacity(tokens // cfg.num_groups)
+      assign = routing.expert_choice(logits_TxE, capacity, cfg.num_groups)
+      assigned = routing.assignment_mask(assign, tokens, n_exp, cfg.num_groups)
     if cfg.min_gate > 0:  # dynamic-K pruning at inference
       assign = assign._replace(gate=jnp.where(assign.gate >= cfg.min_gate, assign.gate, 0.0))
-    y_TxD, kept_TxK = experts.apply(x_TxD, assign, wg, wu, wo, cfg)
+    y_TxD, kept_TxK = experts.apply(x_TxD, assign, wg, wu, wo, cfg, capacity=capacity)
     y_BxLxD = y_TxD.reshape(batch, length, d_model)
     if cfg.shared_expert_d_ff:
       y_BxLxD = y_BxLxD + MLP(cfg.shared_expert_d_ff, self.dtype, self.param_dtype,
@@ -274,6 +350,7 @@ class MoEBlock(nn.Module):
     y_BxLxD = nn.with_logical_constraint(y_BxLxD, ("batch", "length", "embed"))
 
     aux = MoEAux(router=router_out,
-                 counts=routing.expert_counts(router_out.expert_index, n_exp),
-                 dropped=1.0 - jnp.mean(kept_TxK.astype(jnp.float32)))
+                 counts=routing.expert_counts(
+                     router_out.expert_index if assigned is None else assign.expert, n_exp),
+                 dropped=1.0 - jnp.mean(kept_TxK.astype(jnp.float32)), assigned=assigned)
     return y_BxLxD, aux

@@ -16,6 +16,11 @@ Conventions (shape letters as in `simbal_jax/__init__.py`):
   row t being token t; expert choice (`expert_choice`) N = E rows of M = C, row e being the C
   tokens expert e picked. The expert computation (`experts.apply`) consumes either; buffer
   slots and the gather-only dispatch / combine are in `dispatch.py`.
+* The routers of `ROUTERS` (`MoEConfig.router`): "token_choice" (`route`), "expert_choice"
+  (`expert_choice`, per routing group) and "sinkhorn" (BASE layers / S-BASE: `route` selecting
+  by the balanced plan of `sinkhorn_log_plan` in training, plain top-k at evaluation).
+  `assignment_mask` and `padded_index` give any router's assignments per token ([T, E]), the
+  form the routing metrics take when a token may have any number of experts.
 """
 
 from typing import NamedTuple
@@ -26,6 +31,7 @@ import jax.numpy as jnp
 from simbal_jax import _checks
 
 GATINGS = ("softmax_topk", "topk_softmax", "sigmoid")
+ROUTERS = ("token_choice", "expert_choice", "sinkhorn")
 
 
 class RouterOutput(NamedTuple):
@@ -108,7 +114,8 @@ def gaussian_noise(key, logits_TxE, std):
   return logits_TxE + std * jax.random.normal(key, logits_TxE.shape, jnp.float32)
 
 
-def route(logits_TxE, top_k, *, gating="softmax_topk", renormalize=False, bias_E=None):
+def route(logits_TxE, top_k, *, gating="softmax_topk", renormalize=False, bias_E=None,
+          select_TxE=None):
   """Turns router scores into per-expert probabilities, chosen experts and their gates.
 
   With `s` the selection score and `b` the (optional) Loss-Free bias, the chosen experts are
@@ -125,7 +132,8 @@ def route(logits_TxE, top_k, *, gating="softmax_topk", renormalize=False, bias_E
 
   The bias enters only the choice: gates are the unbiased quantities above evaluated at the
   chosen experts, so gradients never flow into the bias. `renormalize` has no effect for
-  "topk_softmax" and "sigmoid", whose gates already sum to 1.
+  "topk_softmax" and "sigmoid", whose gates already sum to 1. `select_TxE` replaces `s` in the
+  choice only (the Sinkhorn router's balanced plan); gates and probs stay the gating's.
 
   Args:
     logits_TxE: float[T, E] router scores (bf16 etc. computed in float32; float64 stays). Rank 2:
@@ -134,12 +142,14 @@ def route(logits_TxE, top_k, *, gating="softmax_topk", renormalize=False, bias_E
     gating: one of `GATINGS`.
     renormalize: bool; "softmax_topk" only: divide the K gates by their sum.
     bias_E: float32[E] Loss-Free selection bias, or None.
+    select_TxE: float[T, E] selection score used instead of `s` (not differentiated), or None.
 
   Returns:
     RouterOutput with logits/probs float32[T, E], gates float32[T, K], expert_index int32[T, K].
 
   Raises:
-    ValueError: bad rank, top_k out of range, unknown gating, or bias of the wrong shape.
+    ValueError: bad rank, top_k out of range, unknown gating, or bias / selection score of the
+      wrong shape.
   """
   _checks.check_name("gating", gating, GATINGS)
   _checks.check_rank("logits_TxE", logits_TxE, 2, "[T, E]")
@@ -147,6 +157,9 @@ def route(logits_TxE, top_k, *, gating="softmax_topk", renormalize=False, bias_E
   top_k = _checks.static_int("top_k", top_k, 1, num_experts)
   if bias_E is not None and jnp.shape(bias_E) != (num_experts,):
     raise ValueError(f"bias_E must have shape ({num_experts},), got {jnp.shape(bias_E)}.")
+  if select_TxE is not None and jnp.shape(select_TxE) != jnp.shape(logits_TxE):
+    raise ValueError(f"select_TxE must have shape {jnp.shape(logits_TxE)}, got "
+                     f"{jnp.shape(select_TxE)}.")
 
   logits_TxE = jnp.asarray(logits_TxE)
   logits_TxE = logits_TxE.astype(jnp.promote_types(logits_TxE.dtype, jnp.float32))
@@ -158,7 +171,7 @@ def route(logits_TxE, top_k, *, gating="softmax_topk", renormalize=False, bias_E
     probs_TxE = jax.nn.softmax(logits_TxE, axis=-1)
     score_TxE = probs_TxE if gating == "softmax_topk" else logits_TxE
 
-  select_TxE = jax.lax.stop_gradient(score_TxE)
+  select_TxE = jax.lax.stop_gradient(score_TxE if select_TxE is None else select_TxE)
   if bias_E is not None:
     select_TxE = select_TxE + jax.lax.stop_gradient(jnp.asarray(bias_E, jnp.float32))
   _, expert_index_TxK = jax.lax.top_k(select_TxE, top_k)
@@ -184,7 +197,8 @@ def expert_counts(expert_index_TxK, num_experts, mask_T=None):
   `sum_e counts[e] = T * K`.
 
   Args:
-    expert_index_TxK: int[T, K] chosen experts in [0, E).
+    expert_index_TxK: int[T, K] chosen experts in [0, E); entries equal to E (the sentinel of
+      `padded_index`) are not counted. Any assignment rows [N, M] work (mask then [N]).
     num_experts: static int E >= 1.
     mask_T: bool/float[T] token weights (1 = real token, 0 = padding), or None.
 
@@ -231,7 +245,7 @@ def loss_free_update(bias, counts, rate):
   return (bias + rate * step).astype(bias.dtype)
 
 
-def expert_choice(logits_TxE, capacity):
+def expert_choice(logits_TxE, capacity, num_groups=1):
   """Expert-choice routing (Zhou et al. 2022): every expert picks its C most probable tokens.
 
   With `p = softmax(logits)` over the experts of each token, expert e takes the tokens
@@ -240,27 +254,120 @@ def expert_choice(logits_TxE, capacity):
   The choice is not differentiated; gradients flow into the gates. Balancing losses that need
   per-expert probabilities use `p` (what `route` reports as `probs`).
 
+  With G routing groups the T tokens split into G contiguous groups of T / G and every expert
+  picks C tokens of each group: rows [G * E, C], the rows of group g (g * E + e) holding token
+  indices local to the group (in [0, T / G)), the layout `experts.apply` takes.
+
+  The choice looks at every token of the group, later positions of a sequence included: in a
+  decoder it is not causal (see `moe.MoEConfig.router`).
+
   Args:
     logits_TxE: float[T, E] router scores (computed in float32, float64 stays). Rank 2.
-    capacity: static int C, 1 <= C <= T, tokens per expert (e.g. `dispatch.capacity(T, E, K,
-      factor)` for K assignments per token on average).
+    capacity: static int C, 1 <= C <= T / G, tokens per expert and group (e.g.
+      `dispatch.capacity(T / G, E, K, factor)` for K assignments per token on average).
+    num_groups: static int G >= 1 dividing T.
 
   Returns:
-    Assignments with N = E rows of M = C: token int32[E, C], expert int32[E, C] (row e all e),
-    gate float32[E, C].
+    Assignments with N = G * E rows of M = C: token int32[G * E, C] (local to its group),
+    expert int32[G * E, C] (row g * E + e all e), gate float32[G * E, C].
 
   Raises:
-    ValueError: bad rank or capacity out of range.
+    ValueError: bad rank, G not dividing T, or capacity out of range.
   """
   _checks.check_rank("logits_TxE", logits_TxE, 2, "[T, E]")
   num_tokens, num_experts = jnp.shape(logits_TxE)
-  cap = _checks.static_int("capacity", capacity, 1, num_tokens)
+  groups = _checks.static_int("num_groups", num_groups, 1)
+  if num_tokens % groups:
+    raise ValueError(f"num_groups={groups} must divide the T = {num_tokens} tokens.")
+  cap = _checks.static_int("capacity", capacity, 1, num_tokens // groups)
   logits_TxE = jnp.asarray(logits_TxE)
   logits_TxE = logits_TxE.astype(jnp.promote_types(logits_TxE.dtype, jnp.float32))
-  probs_ExT = jax.nn.softmax(logits_TxE, axis=-1).T
-  _, token_ExC = jax.lax.top_k(jax.lax.stop_gradient(probs_ExT), cap)
-  token_ExC = token_ExC.astype(jnp.int32)
-  expert_ExC = jnp.broadcast_to(jnp.arange(num_experts, dtype=jnp.int32)[:, None],
-                                (num_experts, cap))
-  return Assignments(token=token_ExC, expert=expert_ExC,
-                     gate=jnp.take_along_axis(probs_ExT, token_ExC, axis=-1))
+  probs_GxExT = jax.nn.softmax(logits_TxE, axis=-1).reshape(groups, -1, num_experts).transpose(
+      0, 2, 1)
+  _, token_GxExC = jax.lax.top_k(jax.lax.stop_gradient(probs_GxExT), cap)
+  token_GxExC = token_GxExC.astype(jnp.int32)
+  gate_GxExC = jnp.take_along_axis(probs_GxExT, token_GxExC, axis=-1)
+  expert_NxC = jnp.broadcast_to(jnp.arange(num_experts, dtype=jnp.int32)[None, :, None],
+                                (groups, num_experts, cap)).reshape(-1, cap)
+  return Assignments(token=token_GxExC.reshape(-1, cap), expert=expert_NxC,
+                     gate=gate_GxExC.reshape(-1, cap))
+
+
+def sinkhorn_log_plan(logits_TxE, top_k, num_iters):
+  """Log of the balanced assignment plan of Sinkhorn's iteration (BASE layers, S-BASE).
+
+  The plan is `P = diag(u) exp(logits) diag(v)` with every token's total mass K (its K
+  assignments) and every expert's total mass T * K / E (an even share): starting from v = 1,
+  each of the `num_iters` iterations scales the rows to mass K (`u = K / (exp(logits) v)`),
+  then the columns to mass T * K / E (`v = (T K / E) / (exp(logits)^T u)`), so after the last
+  one the column sums are exact and the row sums converge to K. Computed in the log domain
+  (logsumexp), so any logits are safe. Not differentiated (the plan only chooses experts).
+
+  Args:
+    logits_TxE: float[T, E] router scores of one routing group (computed in float32). Rank 2.
+    top_k: static int K, 1 <= K <= E.
+    num_iters: static int >= 1.
+
+  Returns:
+    float32[T, E] `log P` (float64 for float64 logits).
+  """
+  _checks.check_rank("logits_TxE", logits_TxE, 2, "[T, E]")
+  num_tokens, num_experts = jnp.shape(logits_TxE)
+  top_k = _checks.static_int("top_k", top_k, 1, num_experts)
+  num_iters = _checks.static_int("num_iters", num_iters, 1)
+  logits_TxE = jnp.asarray(logits_TxE)
+  logits_TxE = jax.lax.stop_gradient(
+      logits_TxE.astype(jnp.promote_types(logits_TxE.dtype, jnp.float32)))
+  log_row = jnp.log(jnp.asarray(top_k, logits_TxE.dtype))
+  log_col = jnp.log(jnp.asarray(num_tokens * top_k / num_experts, logits_TxE.dtype))
+
+  def body(_, carry):
+    _, log_v_E = carry
+    log_u_T = log_row - jax.nn.logsumexp(logits_TxE + log_v_E[None, :], axis=1)
+    log_v_E = log_col - jax.nn.logsumexp(logits_TxE + log_u_T[:, None], axis=0)
+    return log_u_T, log_v_E
+
+  init = (jnp.zeros((num_tokens,), logits_TxE.dtype), jnp.zeros((num_experts,), logits_TxE.dtype))
+  log_u_T, log_v_E = jax.lax.fori_loop(0, num_iters, body, init)
+  return logits_TxE + log_u_T[:, None] + log_v_E[None, :]
+
+
+def assignment_mask(assign, num_tokens, num_experts, num_groups=1):
+  """Which experts each token was assigned to, as a dense mask.
+
+  Args:
+    assign: Assignments (rows [N, M]; token None: row t is token t). With G groups the rows
+      split into G contiguous parts whose tokens are local to their group (`expert_choice`).
+    num_tokens: static int T. num_experts: static int E.
+    num_groups: static int G dividing T and N.
+
+  Returns:
+    bool[T, E]: `mask[t, e]` iff some assignment sends token t to expert e (gates and capacity
+    drops aside).
+  """
+  rows, cols = jnp.shape(assign.expert)
+  if assign.token is None:
+    token_NxM = jnp.broadcast_to(jnp.arange(rows, dtype=jnp.int32)[:, None], (rows, cols))
+  else:
+    offset_N = (jnp.arange(rows, dtype=jnp.int32) // (rows // num_groups)) * (
+        num_tokens // num_groups)
+    token_NxM = jnp.asarray(assign.token, jnp.int32) + offset_N[:, None]
+  return jnp.zeros((num_tokens, num_experts), bool).at[
+      token_NxM.reshape(-1), jnp.asarray(assign.expert).reshape(-1)].set(True, mode="drop")
+
+
+def padded_index(assigned_TxE):
+  """A dense assignment mask as per-token expert lists padded with the sentinel E.
+
+  The form `expert_counts`, `metrics.seu` and `specialization.domain_expert_counts` take for
+  tokens with any number of experts: they skip the entries equal to E.
+
+  Args:
+    assigned_TxE: bool[..., T, E] (`assignment_mask`).
+
+  Returns:
+    int32[..., T, E]: entry [t, e] is e if token t is assigned to expert e, else E.
+  """
+  num_experts = jnp.shape(assigned_TxE)[-1]
+  return jnp.where(assigned_TxE, jnp.arange(num_experts, dtype=jnp.int32), num_experts).astype(
+      jnp.int32)

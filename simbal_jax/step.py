@@ -293,8 +293,14 @@ def eval_step(params, expert_bias, batch, *, model, num_domains=0):
     cross-entropy: the host's standard errors and paired comparisons), and for MoE models
     counts float32[Lm, E],
     entropy_sum float32[Lm] (token-summed routing entropy), seu_sum float32[Lm]
-    (sequence-summed SEU), seqs float32[], and with domains domain_counts float32[Lm, D, E]
+    (sequence-summed SEU), no_expert_sum float32[Lm] (tokens assigned to no expert: 0 for
+    token choice), seqs float32[], and with domains domain_counts float32[Lm, D, E]
     (routed assignments per domain and expert, see specialization.domain_expert_counts).
+    SEU, the domain counts and no_expert_sum count the actual assignments (`MoEAux.assigned`
+    for expert choice). With router "expert_choice" also causal_ce_sum float32[]: the
+    cross-entropy sum of the causal evaluation (the same parameters, every token routed by
+    token-choice top-K of the same router probabilities, dropless: `MoEConfig.causal`), as
+    expert choice's own routing looks at later tokens of the sequence.
   """
   logits, aux = model.apply({"params": params}, batch["inputs"],
                             expert_bias=_bias_arg(model, expert_bias),
@@ -305,16 +311,28 @@ def eval_step(params, expert_bias, batch, *, model, num_domains=0):
          "ce_seq": ce_seq}
   if aux is not None:
     r = aux.router
-    e, k = r.probs.shape[-1], r.expert_index.shape[-1]
+    e = r.probs.shape[-1]
+    # The actual assignments per token: [Lm, T, K], or [Lm, T, E] padded with E (any number).
+    index = r.expert_index if aux.assigned is None else routing.padded_index(aux.assigned)
+    k = index.shape[-1]
     out["counts"] = aux.counts.astype(jnp.float32)
     out["entropy_sum"] = jax.vmap(metrics_lib.routing_entropy)(r.probs) * (b * l)
-    out["seu_sum"] = jax.vmap(lambda i: metrics_lib.seu(i.reshape(b, l, k), e))(
-        r.expert_index) * b
+    out["seu_sum"] = jax.vmap(lambda i: metrics_lib.seu(i.reshape(b, l, k), e))(index) * b
+    out["no_expert_sum"] = (jnp.zeros(aux.counts.shape[:1], jnp.float32) if aux.assigned is None
+                            else jnp.sum(~jnp.any(aux.assigned, axis=-1), axis=-1,
+                                         dtype=jnp.float32))
     if num_domains > 0 and "domain" in batch:
       domain_T = jnp.repeat(batch["domain"].astype(jnp.int32), l)  # tokens are sequence-major
       out["domain_counts"] = jax.vmap(
-          lambda i: specialization.domain_expert_counts(i, domain_T, e, num_domains))(
-              r.expert_index)
+          lambda i: specialization.domain_expert_counts(i, domain_T, e, num_domains))(index)
+    if model.config.moe.router == "expert_choice":
+      causal = model_lib.Transformer(dataclasses.replace(model.config,
+                                                         moe=model.config.moe.causal()))
+      causal_logits, _ = causal.apply({"params": params}, batch["inputs"],
+                                      expert_bias=_bias_arg(model, expert_bias),
+                                      segment_ids=batch.get("segment_ids"))
+      causal_seq, _ = jax.vmap(losses.cross_entropy)(causal_logits, batch["targets"])
+      out["causal_ce_sum"] = jnp.sum(causal_seq) * l
   return out
 
 

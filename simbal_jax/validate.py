@@ -25,6 +25,7 @@ RANGES = {
     "model.moe_every": (1, INF, True, False, True),
     "moe.top_k": (1, INF, True, False, True),
     "moe.d_ff": (1, INF, True, False, True),
+    "moe.sinkhorn_iters": (1, INF, True, False, True),
     "train.seq_len": (1, INF, True, False, True),
     "train.global_batch_size": (1, INF, True, False, True),
     "train.grad_accum": (1, INF, True, False, True),

@@ -51,11 +51,11 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 install: $(VENV)/.installed
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -n 2 tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist worksteal tests $(PYTEST_ARGS)
 
 # Everything but the tests marked slow (setup.cfg's markers): whole training runs, subprocesses.
 test-quick: $(VENV)/.installed
-	$(PY) -m pytest -q -n 2 -m "not slow" tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow" tests $(PYTEST_ARGS)
 
 $(VENV_MIN)/.installed: setup.cfg pyproject.toml tools/min_requirements.py
 	rm -rf $(VENV_MIN)

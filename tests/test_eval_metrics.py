@@ -9,6 +9,8 @@ from simbal_jax import eval_metrics
 from simbal_jax import train
 from simbal_jax.experiments import convergence
 
+from conftest import tiny_config
+
 
 def _sums():
   """Two eval batches of a 2-layer, 4-expert model, by hand (layer 1 has a dead expert)."""
@@ -62,9 +64,9 @@ def test_a_dense_model_gets_the_loss_metrics_only():
                                               "eval/tokens", "eval/sequences"}
 
 
+@pytest.mark.usefixtures("fast_compiles")
 def test_an_added_metric_reaches_metrics_jsonl_the_summary_and_the_table(tmp_path, monkeypatch):
   """Adding a metric is one function and one registry line: it then appears everywhere."""
-  from test_train import tiny_config  # pylint: disable=g-import-not-at-top
   top_load = eval_metrics.EvalMetric("top_load", lambda x: x.load.max(-1), header="top load",
                                      table="top load")
   monkeypatch.setitem(eval_metrics.METRICS, "top_load", top_load)

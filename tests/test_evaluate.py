@@ -3,6 +3,7 @@ made on access."""
 
 import jax
 import numpy as np
+import pytest
 
 from simbal_jax import env as env_lib
 from simbal_jax import evaluate
@@ -23,6 +24,7 @@ def test_eval_steps_linear_log_and_every():
   assert evaluate.eval_steps(t) == [30, 60, 90, 100]
 
 
+@pytest.mark.usefixtures("fast_compiles")
 def test_eval_set_is_the_same_across_seeds_and_methods(tmp_path):
   """The evaluation set is spread over the held-out split and identical across seeds and
   methods."""

@@ -10,7 +10,7 @@ in a folder outside any checkout, with SIMBAL_NOTEBOOK_TINY=1 (12 steps) and the
 a regular package, and the next cells import it in the same kernel, without a restart.
 
 Checked: every cell ran, once, in one kernel process (one pid from the first cell to the last,
-execution counts 1..N); simbal_jax is imported from the virtualenv's site-packages, installed
+execution counts 1..N); run again, the first cell installs nothing; simbal_jax is imported from the virtualenv's site-packages, installed
 from the clone without an editable pointer (direct_url.json, no .pth or __editable__ finder
 naming the clone); both methods trained. Several minutes (pip installs the training stack:
 about 1 GB with pip's cache warm); `make test-install` runs it, not `make test`.
@@ -125,10 +125,12 @@ def test_notebook_runs_from_a_fresh_runtime(tmp_path, record_property):
     nb = json.load(f)
   setup = nb["cells"][1]
   setup["source"] = set_fields("".join(setup["source"]), REPO_URL=f"file://{repo}", REF=BRANCH)
+  # Added: the pid after the setup, the setup cell run again (installs nothing), a last report.
   extra = [{"cell_type": "code", "id": cid, "metadata": {}, "outputs": [],
             "execution_count": None, "source": source}
-           for cid, source in (("after-setup", _AFTER_SETUP), ("last", _LAST))]
-  nb["cells"] = nb["cells"][:2] + extra[:1] + nb["cells"][2:] + extra[1:]
+           for cid, source in (("after-setup", _AFTER_SETUP), ("setup-again", setup["source"]),
+                               ("last", _LAST))]
+  nb["cells"] = nb["cells"][:2] + extra[:2] + nb["cells"][2:] + extra[2:]
   (tmp_path / "in.ipynb").write_text(json.dumps(nb))
   kernel_dir = tmp_path / "kernels" / "fresh"
   kernel_dir.mkdir(parents=True)
@@ -157,6 +159,8 @@ def test_notebook_runs_from_a_fresh_runtime(tmp_path, record_property):
   assert "restart" not in setup_out.lower(), setup_out
   assert "CpuDevice" in setup_out, setup_out
   pid = int(by_id["after-setup"].split()[-1])
+  again = by_id["setup-again"]
+  assert "nothing to install" in again and "restart" not in again.lower(), again
   result = json.loads(by_id["last"].split("RESULT ", 1)[1])
   assert result["pid"] == pid  # the same kernel process from the setup to the last cell
   assert os.path.realpath(result["prefix"]) == os.path.realpath(env_dir)

@@ -167,7 +167,7 @@ def test_setup_cell_clones_the_url_and_keeps_a_working_jax(tmp_path, ref):
   import jax  # pylint: disable=g-import-not-at-top
   assert f"PIP install -q {src}[train] jax=={jax.__version__}\n" in proc.stdout
   assert "jax " + jax.__version__ in proc.stdout
-  assert "restart" not in proc.stdout
+  assert "Restart session" not in proc.stdout  # the warning: nothing was imported before
 
 
 def test_setup_cell_reports_a_url_it_cannot_clone_in_one_line(tmp_path):

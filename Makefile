@@ -6,6 +6,8 @@
 # minimum versions setup.cfg declares: a separate virtualenv $(VENV_MIN) with exactly those
 # (each `>=` as `==`: install_requires, the train and the test extra) runs a smoke subset of the
 # tests. Both virtualenvs get the `train` extra (the core install is jax and numpy alone).
+# `make test-install` runs the install-level tests that `make test` leaves out (INSTALL_TESTS):
+# each makes a fresh virtualenv and pip-installs the package into it (several minutes).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -40,7 +42,11 @@ MIN_TESTS ?= tests/test_losses.py tests/test_routing.py tests/test_balance.py \
 	"tests/test_moe.py::test_ragged_impl_resolution_and_tokamax_use" \
 	tests/test_train.py::test_corrupt_latest_checkpoint_is_skipped
 
-.PHONY: install test test-quick demo min-versions aot clean
+# Install-level tests: a fresh virtualenv each, the package pip-installed from the sources (the
+# core install; the notebook from a fresh runtime, the training stack included).
+INSTALL_TESTS := tests/test_core_install.py tests/test_colab_fresh.py
+
+.PHONY: install test test-quick test-install demo min-versions aot clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,11 +57,14 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 install: $(VENV)/.installed
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -n 2 --dist worksteal tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist worksteal tests $(addprefix --ignore=,$(INSTALL_TESTS)) $(PYTEST_ARGS)
 
 # Everything but the tests marked slow (setup.cfg's markers): whole training runs, subprocesses.
 test-quick: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow" tests $(PYTEST_ARGS)
+
+test-install: $(VENV)/.installed
+	$(PY) -m pytest -q -s -p no:cacheprovider $(INSTALL_TESTS) $(PYTEST_ARGS)
 
 $(VENV_MIN)/.installed: setup.cfg pyproject.toml tools/min_requirements.py
 	rm -rf $(VENV_MIN)

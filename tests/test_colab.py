@@ -1,11 +1,16 @@
-"""colab/simbal_demo.ipynb: stored stripped with stable cell ids, and executed headless
-(nbclient) at its tiny setting in a fresh kernel of this interpreter: every cell runs, both
-methods finish, every plot is drawn, in well under 3 minutes."""
+"""colab/simbal_demo.ipynb: stored stripped with stable cell ids, its first cell's REPO_URL
+field defaulting to setup.cfg's url, that cell's clone and install decisions (pip faked), and
+the notebook executed headless (nbclient) at its tiny setting in a fresh kernel of this
+interpreter: every cell runs, both methods finish, every plot is drawn, in well under 3 minutes.
+tests/test_colab_fresh.py runs it from a fresh environment with nothing installed
+(`make test-install`)."""
+import configparser
 import copy
 import importlib.util
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 
@@ -45,9 +50,24 @@ def test_notebook_is_stored_stripped_with_stable_ids():
   ids = [c["id"] for c in nb["cells"]]
   assert len(set(ids)) == len(ids) and set(_PLOTS) <= set(ids)
   first = "".join(nb["cells"][1]["source"])
-  assert first.startswith('REPO_URL = ""')  # the one thing to set, at the top
+  assert first.startswith("REPO_URL = ")  # the one thing to set, at the top
   params = [c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", [])]
   assert [c["id"] for c in params] == ["parameters"]
+
+
+def _form_fields():
+  """The first code cell's Colab form fields: {name: default}."""
+  cell = "".join(json.loads(_load())["cells"][1]["source"])
+  return {m.group(1): json.loads(m.group(2)) for m in
+          re.finditer(r'^(\w+) = ("[^"]*")  # @param \{type:"string"\}$', cell, re.M)}
+
+
+def test_repo_url_field_defaults_to_the_declared_url():
+  setup = configparser.ConfigParser()
+  setup.read(os.path.join(_ROOT, "setup.cfg"))
+  url = setup["metadata"]["url"]
+  assert url.startswith("https://")
+  assert _form_fields() == {"REPO_URL": url, "REF": ""}  # a fork changes both lines together
 
 
 def test_strip_removes_outputs_and_run_metadata():
@@ -83,15 +103,25 @@ subprocess.run = _no_pip
 """
 
 
-def _run_setup_cell(tmp_path, repo_url, runtime="cpu"):
-  """Runs the first code cell (plain Python) in a new interpreter in `tmp_path`, outside any
-  checkout, with pip replaced by a recorder and the runtime's accelerator faked (an
+def set_fields(cell, **fields):
+  """The cell's source with the Colab form fields (REPO_URL=..., REF=...) set, as a user sets
+  them in the form."""
+  for name, value in fields.items():
+    cell, n = re.subn(rf'^{name} = "[^"]*"(?=  # @param)', f"{name} = {json.dumps(value)}", cell,
+                      flags=re.M)
+    assert n == 1, name
+  return cell
+
+
+def _run_setup_cell(tmp_path, repo_url, runtime="cpu", ref=""):
+  """Runs the first code cell (plain Python) with REPO_URL and REF set, in a new interpreter in
+  `tmp_path`, outside any checkout, with pip replaced by a recorder and the runtime's accelerator faked (an
   `nvidia-smi` that lists a GPU; a TPU through SIMBAL_ACCELERATOR, since /dev cannot be faked
   here: tools/accelerator.py's own detection is tested in test_accelerator.py); returns the
   CompletedProcess."""
   import subprocess  # pylint: disable=g-import-not-at-top
   nb = json.loads(_load())
-  cell = "".join(nb["cells"][1]["source"]).replace('REPO_URL = ""', f"REPO_URL = {repo_url!r}", 1)
+  cell = set_fields("".join(nb["cells"][1]["source"]), REPO_URL=repo_url, REF=ref)
   script = tmp_path / "setup_cell.py"
   script.write_text(_FAKE_PIP + cell)
   env = {k: v for k, v in os.environ.items()
@@ -115,15 +145,36 @@ def test_setup_cell_without_checkout_or_url_stops_with_one_line(tmp_path):
                                  "cell to the repository's clone URL.")
 
 
-def test_setup_cell_clones_the_url_and_keeps_a_working_jax(tmp_path):
-  proc = _run_setup_cell(tmp_path, _ROOT)  # a local path stands for the clone URL
+def _git(*args):
+  return subprocess.run(["git", "-C", _ROOT, *args], capture_output=True, text=True,
+                        check=True).stdout.strip()
+
+
+@pytest.mark.parametrize("ref", ["", "head-commit"])
+def test_setup_cell_clones_the_url_and_keeps_a_working_jax(tmp_path, ref):
+  commit = _git("rev-parse", "HEAD")
+  if ref == "head-commit":  # a commit, not a branch: the cell clones the history and checks out
+    ref = commit
+  # The checkout as a file:// URL stands for the repository's URL.
+  proc = _run_setup_cell(tmp_path, "file://" + _ROOT, ref=ref)
   assert proc.returncode == 0, proc.stderr
-  assert (tmp_path / "simbal_jax" / "setup.cfg").exists()
-  # The clone is not the installed simbal_jax: it is installed, with jax pinned to the
+  src = tmp_path / "simbal_jax_src"
+  assert (src / "setup.cfg").exists()
+  assert subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True,
+                        text=True, check=True).stdout.strip() == commit
+  # The clone is installed as a regular (not editable) package, with jax pinned to the
   # installed version (which satisfies setup.cfg's minimum), so pip cannot replace it.
   import jax  # pylint: disable=g-import-not-at-top
-  assert f"PIP install -q -e .[train] jax=={jax.__version__}" in proc.stdout
+  assert f"PIP install -q {src}[train] jax=={jax.__version__}\n" in proc.stdout
   assert "jax " + jax.__version__ in proc.stdout
+  assert "Restart session" not in proc.stdout  # the warning: nothing was imported before
+
+
+def test_setup_cell_reports_a_url_it_cannot_clone_in_one_line(tmp_path):
+  proc = _run_setup_cell(tmp_path, "file://" + str(tmp_path / "nothing-here"), ref="v1")
+  assert proc.returncode == 1 and "PIP" not in proc.stdout
+  assert proc.stderr.startswith("Could not clone REPO_URL 'file://")
+  assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 _PLUGINS = {"gpu": ("jax-cuda12-plugin", "jax-cuda13-plugin"), "tpu": ("libtpu", "libtpu-nightly")}
@@ -139,15 +190,15 @@ def _installed(name):
 
 @pytest.mark.parametrize("runtime", ["gpu", "tpu"])
 def test_setup_cell_installs_the_accelerator_extra_over_a_cpu_jax(tmp_path, runtime):
-  proc = _run_setup_cell(tmp_path, _ROOT, runtime)
+  proc = _run_setup_cell(tmp_path, "file://" + _ROOT, runtime)
   assert proc.returncode == 0, proc.stderr
   if any(_installed(p) for p in _PLUGINS[runtime]):
     # The runtime's plugin is here (libtpu of the `aot` extra on a CPU machine): jax is kept.
     import jax  # pylint: disable=g-import-not-at-top
-    assert f"PIP install -q -e .[train] jax=={jax.__version__}\n" in proc.stdout
+    assert f"PIP install -q {tmp_path}/simbal_jax_src[train] jax=={jax.__version__}\n" in proc.stdout
     assert "jax for the" not in proc.stdout
   else:  # a CPU-only jax: the runtime's extra, jax unpinned
-    assert f"PIP install -q -e .[train,{runtime}]\n" in proc.stdout
+    assert f"PIP install -q {tmp_path}/simbal_jax_src[train,{runtime}]\n" in proc.stdout
     assert f"missing: jax for the {runtime.upper()}" in proc.stdout
 
 

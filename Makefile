@@ -61,7 +61,7 @@ test: $(VENV)/.installed
 
 # Everything but the tests marked slow (setup.cfg's markers): whole training runs, subprocesses.
 test-quick: $(VENV)/.installed
-	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow" tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow" tests $(addprefix --ignore=,$(INSTALL_TESTS)) $(PYTEST_ARGS)
 
 test-install: $(VENV)/.installed
 	$(PY) -m pytest -q -s -p no:cacheprovider $(INSTALL_TESTS) $(PYTEST_ARGS)

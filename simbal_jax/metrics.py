@@ -10,7 +10,9 @@ Load metrics take a per-expert load vector (fractions or counts: CV, MaxVio and 
 scale invariant) and reduce over its last axis, so a stacked `[Lm, E]` gives one value per layer.
 
 Change over training (`routing_churn`, `expert_movement`, `stagnant_experts`) compares the same
-tokens' routing, or the same experts' weights, at two points of training.
+tokens' routing, or the same experts' weights, at two points of training; `expert_norms` gives
+each expert's weight (or gradient) norm. `load_tv` is the load shift between two token sets,
+`undecided_share` the share of tokens routed barely above uniform.
 
 The expert-diversity metrics (PES exact and sampled, routing consistency, domain
 specialisation) live in `simbal_jax.specialization`.
@@ -114,6 +116,28 @@ def dead_experts(load_E, threshold=0.0):
   return jnp.sum(load <= threshold, axis=-1).astype(jnp.int32)
 
 
+def load_tv(load_p_E, load_q_E):
+  """Total-variation distance between two expert-load distributions: 0.5 * sum_e |p_e - q_e|.
+
+  The load shift between two token sets (e.g. the main evaluation set and another one): each
+  load is first normalised to sum to 1 (fractions or counts; an all-zero row stays 0).
+
+  Args:
+    load_p_E: float[..., E], per-expert load of the first set (e.g. [Lm, E]: one row per layer).
+    load_q_E: float[..., E], the second set's, same shape.
+
+  Returns:
+    float32[...] in [0, 1]: 0 for the same distribution, 1 for disjoint supports.
+  """
+  p = _checks.check_load(load_p_E)
+  q = jnp.asarray(load_q_E, jnp.float32)
+  if q.shape != p.shape:
+    raise ValueError(f"load_q_E must have the shape of load_p_E {p.shape}, got {q.shape}.")
+  p = _checks.safe_div(p, jnp.sum(p, axis=-1, keepdims=True))
+  q = _checks.safe_div(q, jnp.sum(q, axis=-1, keepdims=True))
+  return 0.5 * jnp.sum(jnp.abs(p - q), axis=-1)
+
+
 def seu(expert_index_BxLxK, num_experts, mask_BxL=None):
   """Sequence Expert Utilisation: mean fraction of the experts a sequence uses.
 
@@ -159,6 +183,28 @@ def routing_entropy(probs_TxE, mask_T=None):
   mask = _checks.bool_mask("mask_T", mask_T, probs.shape[:1])
   entropy_T = jnp.sum(jax.scipy.special.entr(probs), axis=-1)
   return _checks.masked_mean(entropy_T, mask)
+
+
+def undecided_share(probs_TxE, delta=0.05, mask_T=None):
+  """Share of tokens whose router is undecided: top-1 probability below 1/E + delta.
+
+  A token whose largest routing probability is barely above uniform (1/E) is routed almost at
+  random among its experts. Meant for softmax gating (probabilities summing to 1).
+
+  Args:
+    probs_TxE: float32[T, E], router probabilities.
+    delta: float >= 0, the margin above 1/E.
+    mask_T: optional bool[T]; masked tokens are left out.
+
+  Returns:
+    float32[] in [0, 1], the share of (valid) tokens with max_e p_te < 1/E + delta.
+  """
+  probs = _checks.check_rank("probs_TxE", probs_TxE, 2, "[T, E]").astype(jnp.float32)
+  if not float(delta) >= 0.0:
+    raise ValueError(f"delta must be >= 0, got {delta}.")
+  mask = _checks.bool_mask("mask_T", mask_T, probs.shape[:1])
+  undecided = jnp.max(probs, axis=-1) < 1.0 / probs.shape[-1] + delta
+  return _checks.masked_mean(undecided.astype(jnp.float32), mask)
 
 
 def orthogonality_gap(kernel_DxE):
@@ -276,6 +322,32 @@ def expert_movement(old, new):
     diff2 = diff2 + jnp.sum((y - x) ** 2, axis=axes)
     norm2 = norm2 + jnp.sum(x * x, axis=axes)
   return _checks.safe_div(jnp.sqrt(diff2), jnp.sqrt(norm2))
+
+
+def expert_norms(weights):
+  """Each expert's Frobenius norm over all of its arrays (weights, or their gradients).
+
+  `norm_e = sqrt(sum over arrays of ||w[e]||^2)` in float32: with the gradients, an expert no
+  token reaches has norm 0 (a stagnant expert stands out against its layer's others).
+
+  Args:
+    weights: a non-empty sequence of arrays float[E, ...] (e.g. one layer's wi_gate, wi_up
+      [E, D, F] and wo [E, F, D]), the expert axis first.
+
+  Returns:
+    float32[E].
+  """
+  weights = list(weights)
+  if not weights:
+    raise ValueError("weights must be a non-empty sequence of arrays [E, ...].")
+  total = 0.0
+  for j, w in enumerate(weights):
+    w = _checks.check_min_rank(f"weights[{j}]", w, 1, "[E, ...]").astype(jnp.float32)
+    if w.shape[0] != jnp.shape(weights[0])[0]:
+      raise ValueError(f"weights[{j}] has {w.shape[0]} experts on axis 0, weights[0] "
+                       f"{jnp.shape(weights[0])[0]}.")
+    total = total + jnp.sum(w * w, axis=tuple(range(1, w.ndim)))
+  return jnp.sqrt(total)
 
 
 def stagnant_experts(movement_E, rel=0.1):

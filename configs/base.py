@@ -188,6 +188,9 @@ def get_config(arg=None):
   # "START:STOP": a jax.profiler trace of the steps after START up to STOP into
   # <workdir>/tb/plugins/profile/ (TensorBoard's profile plugin); "": off.
   g.profile_steps = ""
+  # eval/undecided: the share of eval tokens whose top-1 router probability is below 1/E + this
+  # (routing barely above uniform; softmax gating).
+  g.undecided_delta = 0.05
 
   cfg.mesh = h = ml_collections.ConfigDict()
   h.data = -1  # data-parallel axis (-1: all remaining devices)

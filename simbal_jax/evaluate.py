@@ -84,8 +84,10 @@ def make_eval_step(env):
   """The jitted eval step: (params, expert_bias, batch) -> additive statistics."""
   has_domain = env.datasets is not None and env.datasets.has_domain  # None: built without data
   num_domains = int(env.cfg.data.synthetic.num_domains) if has_domain else 0
+  delta = float(env.cfg.log.get("undecided_delta", 0.05))
   return jax.jit(
-      functools.partial(step_lib.eval_step, model=env.model, num_domains=num_domains),
+      functools.partial(step_lib.eval_step, model=env.model, num_domains=num_domains,
+                        undecided_delta=delta),
       in_shardings=(env.shardings.params, env.shardings.expert_bias, env.batch_sharding),
       out_shardings=sharding.replicated(env.mesh))  # every process reads the sums
 

@@ -279,7 +279,7 @@ def train_step(state, batch, *, model, tx, sc, schedule=None):
   return new_state, metrics
 
 
-def eval_step(params, expert_bias, batch, *, model, num_domains=0):
+def eval_step(params, expert_bias, batch, *, model, num_domains=0, undecided_delta=0.05):
   """Additive evaluation statistics of one batch (the host sums them over batches).
 
   Args:
@@ -288,14 +288,17 @@ def eval_step(params, expert_bias, batch, *, model, num_domains=0):
     model: model.Transformer.
     num_domains: static int D; when > 0 and the batch carries `domain`, the (domain, expert)
       count table is added (every token has its sequence's domain).
+    undecided_delta: static float, the margin of `undecided_sum` (log.undecided_delta).
   Returns:
     dict: ce_sum float32[], tokens float32[], ce_seq float32[B] (each sequence's mean
     cross-entropy: the host's standard errors and paired comparisons), and for MoE models
     counts float32[Lm, E],
     entropy_sum float32[Lm] (token-summed routing entropy), seu_sum float32[Lm]
     (sequence-summed SEU), no_expert_sum float32[Lm] (tokens assigned to no expert: 0 for
-    token choice), seqs float32[], and with domains domain_counts float32[Lm, D, E]
-    (routed assignments per domain and expert, see specialization.domain_expert_counts).
+    token choice), undecided_sum float32[Lm] (tokens whose top-1 router probability is below
+    1/E + undecided_delta: metrics.undecided_share), seqs float32[], and with domains
+    domain_counts float32[Lm, D, E] (routed assignments per domain and expert, see
+    specialization.domain_expert_counts).
     SEU, the domain counts and no_expert_sum count the actual assignments (`MoEAux.assigned`
     for expert choice). With router "expert_choice" also causal_ce_sum float32[]: the
     cross-entropy sum of the causal evaluation (the same parameters, every token routed by
@@ -321,6 +324,8 @@ def eval_step(params, expert_bias, batch, *, model, num_domains=0):
     out["no_expert_sum"] = (jnp.zeros(aux.counts.shape[:1], jnp.float32) if aux.assigned is None
                             else jnp.sum(~jnp.any(aux.assigned, axis=-1), axis=-1,
                                          dtype=jnp.float32))
+    out["undecided_sum"] = jax.vmap(
+        lambda p: metrics_lib.undecided_share(p, undecided_delta))(r.probs) * (b * l)
     if num_domains > 0 and "domain" in batch:
       domain_T = jnp.repeat(batch["domain"].astype(jnp.int32), l)  # tokens are sequence-major
       out["domain_counts"] = jax.vmap(

@@ -71,6 +71,28 @@ def test_steps_compile_once(tmp_path, method):
   assert moved == (method == "lf_simbal")
 
 
+@pytest.mark.parametrize("delta", [0.0, 0.05, 0.1])
+def test_eval_step_undecided_sum_vs_numpy(tmp_path, delta):
+  """undecided_sum / tokens = the share of tokens whose top-1 router probability is below
+  1/E + delta, per MoE layer (float64 NumPy on the model's own probabilities)."""
+  cfg = tiny_config("lbl", steps=2, moe=dict(router_init_scale=0.3))  # flat-ish routers
+  env = env_lib.build(cfg, str(tmp_path), devices=jax.devices()[:1])
+  with sharding.mesh_rules(env.mesh, env.rules):
+    state, _, _ = env_lib.initial_state(env, None)
+    batch = sharding.to_global(env.datasets.eval_batches(1)[0], env.batch_sharding,
+                               env_lib.TRAIN_KEYS)
+    sums = step_lib.eval_step(state.params, state.expert_bias, batch, model=env.model,
+                              undecided_delta=delta)
+    _, aux = env.model.apply({"params": state.params}, batch["inputs"],
+                             expert_bias=state.expert_bias)
+  probs = np.asarray(aux.router.probs, np.float64)  # [Lm, T, E]
+  want = (probs.max(-1) < 1.0 / probs.shape[-1] + delta).mean(-1)
+  np.testing.assert_allclose(np.asarray(sums["undecided_sum"]) / float(sums["tokens"]), want,
+                             atol=1e-6)
+  if delta > 0:
+    assert 0 < want.min() and want.max() < 1  # neither all nor none undecided
+
+
 def _np_logsumexp(x):
   m = x.max(-1, keepdims=True)
   return (m + np.log(np.exp(x - m).sum(-1, keepdims=True)))[..., 0]

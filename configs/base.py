@@ -191,6 +191,10 @@ def get_config(arg=None):
   # eval/undecided: the share of eval tokens whose top-1 router probability is below 1/E + this
   # (routing barely above uniform; softmax gating).
   g.undecided_delta = 0.05
+  # Each routed expert's weight and gradient norm, from the train step at every log step
+  # (train/layer_<i>/expert_wnorm_ratio, expert_gnorm_ratio: min/max over the layer's experts;
+  # per expert in expert_load.jsonl and TensorBoard images). Outputs only: training unchanged.
+  g.expert_norms = True
 
   cfg.mesh = h = ml_collections.ConfigDict()
   h.data = -1  # data-parallel axis (-1: all remaining devices)

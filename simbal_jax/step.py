@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from simbal_jax import analysis
 from simbal_jax import balance
 from simbal_jax import losses
 from simbal_jax import metrics as metrics_lib
@@ -78,6 +79,7 @@ class StepConfig:
     options: balance.Options of the built-in terms.
     z_loss: output-logit z-loss coefficient.
     grad_accum: micro-batches per step.
+    expert_norms: also return each routed expert's weight and gradient norm (log.expert_norms).
   """
   terms: tuple = (("lbl", 0.01),)
   loss_free: bool = False
@@ -85,6 +87,7 @@ class StepConfig:
   options: balance.Options = balance.Options()
   z_loss: float = 1e-5
   grad_accum: int = 1
+  expert_norms: bool = False
 
   def __post_init__(self):
     for name, coef in self.terms:
@@ -117,7 +120,8 @@ class StepConfig:
                options=balance.Options(lbl_scope=b.lbl_scope, lbl_micro_sequences=micro,
                                        simbal_norm=b.simbal_norm,
                                        simbal_reduction=b.simbal_reduction),
-               z_loss=float(t.z_loss), grad_accum=int(t.grad_accum))
+               z_loss=float(t.z_loss), grad_accum=int(t.grad_accum),
+               expert_norms=bool(cfg.log.get("expert_norms", False)))
 
 
 def init_state(key, model, tx):
@@ -228,8 +232,11 @@ def train_step(state, batch, *, model, tx, sc, schedule=None):
     one per balancing term, grad_norm, param_norm, lr, and for MoE maxvio (mean over layers),
     dropped, with Loss-Free bias_absmax, and the per-layer arrays layer_load float32[Lm, E]
     (each layer's fraction of routed assignments per expert; rows sum to 1), layer_maxvio
-    float32[Lm] and layer_entropy float32[Lm] (mean routing entropy, nats)). The host splits
-    the arrays into `train/layer_<i>/...` scalars (train.split_layer_metrics).
+    float32[Lm] and layer_entropy float32[Lm] (mean routing entropy, nats)), with
+    sc.expert_norms layer_expert_wnorm and layer_expert_gnorm float32[Lm, E] (each routed
+    expert's norm of the updated weights and of the step's gradient, before clipping:
+    analysis.layer_expert_norms). The host splits the arrays into `train/layer_<i>/...` scalars
+    (telemetry.split_layer_metrics, telemetry.expert_norm_metrics).
   """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   kw = dict(model=model, sc=sc)
@@ -274,6 +281,10 @@ def train_step(state, batch, *, model, tx, sc, schedule=None):
     metrics["train/layer_load"] = load
     if sc.loss_free:
       metrics["train/bias_absmax"] = jnp.max(jnp.abs(bias))
+  if sc.expert_norms and model.config.moe is not None:  # outputs only: loss and update unchanged
+    ids = model.config.moe_layer_ids
+    metrics["train/layer_expert_wnorm"] = analysis.layer_expert_norms(params, ids)
+    metrics["train/layer_expert_gnorm"] = analysis.layer_expert_norms(grads, ids)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             expert_bias=bias, rng=rng)
   return new_state, metrics

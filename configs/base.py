@@ -147,6 +147,11 @@ def get_config(arg=None):
   t.eval_spacing = "linear"  # linear | log: where the num_evals evaluations fall in the run
   t.eval_every = 0  # > 0: evaluate every N steps instead of num_evals
   t.pes_tokens = 0  # > 0: exact PES (all expert pairs) on this many eval tokens at the end
+  # More held-out sets, each evaluated as the main one (eval_tokens tokens) under eval_<name>/,
+  # with its per-layer load shift from the main set (load_tv): comma-separated name=source[:arg],
+  # arg = globs separated by | (text_files, jsonl, parquet) or the tfds name; the other data
+  # fields are data.*'s, the tokenizer the run's ("py=stdlib,web=jsonl:/d/*.jsonl.zst").
+  t.eval_sets = ""
 
   cfg.ckpt = c = ml_collections.ConfigDict()
   c.enabled = True  # write checkpoints into <workdir>/checkpoints

@@ -37,6 +37,7 @@ final eval metrics).
 """
 
 import math
+import re
 import time
 
 import jax
@@ -337,9 +338,19 @@ class StepLogger:
         self.writer.image(f"routing/expert_{name}", norm_image(v), step)
 
 
+EXTRA_SET_SUMMARY = re.compile(r"^eval_\w+/(loss|load_tv)$")  # train.eval_sets in the tables
+
+
+def _summary_keys(m):
+  """The final-table keys present in `m`: the registry's, then each extra evaluation set's loss
+  and load shift (eval_<name>/loss, eval_<name>/load_tv)."""
+  keys = [k for _, k in eval_metrics.summary_columns() if k in m]
+  return keys + [k for k in m if EXTRA_SET_SUMMARY.match(k)]
+
+
 def brief(m):
   """One line of the final-table metrics of an evaluation (the log line)."""
-  return ", ".join(f"{k}={m[k]:.4g}" for _, k in eval_metrics.summary_columns() if k in m)
+  return ", ".join(f"{k}={m[k]:.4g}" for k in _summary_keys(m))
 
 
 # Rows of the final table after the eval metrics: the last logged routing health, throughput.
@@ -349,7 +360,7 @@ SUMMARY_TRAIN_KEYS = ("train/expert_wnorm_ratio_min", "train/expert_gnorm_ratio_
 
 def summary_table(summary):
   """A small table of the final metrics (eval_metrics.summary_columns and throughput)."""
-  rows = [(k, summary[k]) for _, k in eval_metrics.summary_columns() if k in summary]
+  rows = [(k, summary[k]) for k in _summary_keys(summary)]
   rows += [(k, summary[k]) for k in SUMMARY_TRAIN_KEYS if k in summary]
   width = max([len(k) for k, _ in rows] + [6])
   lines = [f"{'metric'.ljust(width)}  value", "-" * (width + 14)]

@@ -22,6 +22,7 @@ def test_parse_inherits_the_run_data_fields_and_sets_the_argument(corpus):
   assert cfg["web"]["globs"] == "/d/a/*.jsonl.zst,/d/b/*.jsonl"
   assert cfg["ds"]["tfds_name"] == "my_builder"
   assert evalsets.parse_eval_sets("", base) == evalsets.parse_eval_sets(None, base) == ()
+  assert evalsets.parse_eval_sets(" , ", {"source": "tfds"}) == ()  # no set: data not checked
 
 
 @pytest.mark.parametrize("spec,match", [

@@ -71,9 +71,12 @@ def parse_eval_sets(spec, data_cfg) -> tuple[tuple[str, dict], ...]:
     ValueError: one line naming the entry: bad syntax or name, a repeated name, an unknown
       source, a missing or unexpected argument, or a bad inherited data field.
   """
+  entries = [e.strip() for e in str(spec or "").split(",") if e.strip()]
+  if not entries:
+    return ()  # the run's data config is checked where it is prepared
   base = pipeline.resolve_config(data_cfg)
   out, seen = [], set()
-  for entry in [e.strip() for e in str(spec or "").split(",") if e.strip()]:
+  for entry in entries:
     name, cfg = _entry_cfg(entry, base)
     if name in seen:
       raise ValueError(f"train.eval_sets: the name {name!r} is given twice")

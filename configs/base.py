@@ -147,6 +147,11 @@ def get_config(arg=None):
   t.eval_spacing = "linear"  # linear | log: where the num_evals evaluations fall in the run
   t.eval_every = 0  # > 0: evaluate every N steps instead of num_evals
   t.pes_tokens = 0  # > 0: exact PES (all expert pairs) on this many eval tokens at the end
+  # More held-out sets, each evaluated as the main one (eval_tokens tokens) under eval_<name>/,
+  # with its per-layer load shift from the main set (load_tv): comma-separated name=source[:arg],
+  # arg = globs separated by | (text_files, jsonl, parquet) or the tfds name; the other data
+  # fields are data.*'s, the tokenizer the run's ("py=stdlib,web=jsonl:/d/*.jsonl.zst").
+  t.eval_sets = ""
 
   cfg.ckpt = c = ml_collections.ConfigDict()
   c.enabled = True  # write checkpoints into <workdir>/checkpoints
@@ -188,6 +193,13 @@ def get_config(arg=None):
   # "START:STOP": a jax.profiler trace of the steps after START up to STOP into
   # <workdir>/tb/plugins/profile/ (TensorBoard's profile plugin); "": off.
   g.profile_steps = ""
+  # eval/undecided: the share of eval tokens whose top-1 router probability is below 1/E + this
+  # (routing barely above uniform; softmax gating).
+  g.undecided_delta = 0.05
+  # Each routed expert's weight and gradient norm, from the train step at every log step
+  # (train/layer_<i>/expert_wnorm_ratio, expert_gnorm_ratio: min/max over the layer's experts;
+  # per expert in expert_load.jsonl and TensorBoard images). Outputs only: training unchanged.
+  g.expert_norms = True
 
   cfg.mesh = h = ml_collections.ConfigDict()
   h.data = -1  # data-parallel axis (-1: all remaining devices)

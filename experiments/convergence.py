@@ -53,7 +53,8 @@ table.json schema:
   final_ppl {mean, std}, eval_loss_se, diff_vs_reference {mean, ci95, per_seed, eval_se}
   (not for the reference), tokens_to_target {per_seed, reached, mean}, fewer_tokens_pct
   {per_seed, mean, ci95}, metrics.<maxvio|load_cv|seu|entropy|dead|ortho_l1|ortho_mse|pes_min>
-  {mean, std}, per_layer.<metric>.<layer_i> {mean, std}, other_lrs.<lr>.final_loss {mean, std},
+  {mean, std}, per_layer.<metric>.<layer_i> {mean, std}, eval_sets.<name> {loss, load_tv}
+  {mean, std} (the extra evaluation sets of train.eval_sets), other_lrs.<lr>.final_loss {mean, std},
   change_vs_tokens.<churn|expert_move|stagnant> {tokens, mean, std} (evaluations every seed
   logged)} (std is null for a single seed; ci95 null for fewer than two).
 """

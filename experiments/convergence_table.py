@@ -142,6 +142,7 @@ def aggregate(runs, incomplete=(), reference="lbl"):
         per_layer.setdefault(mm.group(2), {})[mm.group(1)] = mean_std(
             [by_seed[s]["final"].get(key) for s in seeds])
     entry["per_layer"] = per_layer
+    entry["eval_sets"] = eval_set_stats([by_seed[s]["final"] for s in seeds])
     entry["other_lrs"] = {str(lr): {"final_loss": _final_loss_stats(groups[method][lr])}
                           for lr in sorted(groups[method], key=lambda x: (x is None, x))
                           if lr != best[method]}
@@ -150,6 +151,18 @@ def aggregate(runs, incomplete=(), reference="lbl"):
                                      by_seed[s].get("change", {}).get(k) for s in seeds)}
     table["methods"][method] = entry
   return table
+
+
+_EVAL_SET_LOSS = re.compile(r"^eval_(\w+)/loss$")
+
+
+def eval_set_stats(finals):
+  """The extra evaluation sets (train.eval_sets) that every seed's final evaluation holds:
+  {name: {loss {mean, std}, load_tv {mean, std}}} over seeds (load_tv: the load shift from the
+  main evaluation set, mean over layers)."""
+  names = [m.group(1) for m in map(_EVAL_SET_LOSS.match, finals[0]) if m] if finals else []
+  return {n: {k: mean_std([f.get(f"eval_{n}/{k}") for f in finals]) for k in ("loss", "load_tv")}
+          for n in names if all(f"eval_{n}/loss" in f for f in finals)}
 
 
 def change_curve(curves):
@@ -207,6 +220,7 @@ def format_table(table):
   for name, e in table["methods"].items():
     m = e["metrics"]
     lines.append(f"| {name} | " + " | ".join(_pm(m.get(c.name, {"mean": None}), c.fmt) for c in columns) + " |")
+  lines += format_eval_sets(table)
   lines += format_change(table)
   others = [(n, lr, v) for n, e in table["methods"].items() for lr, v in e["other_lrs"].items()]
   if others:
@@ -217,6 +231,23 @@ def format_table(table):
     lines += [f"- {x}" for x in table["incomplete"]]
   return "\n".join(lines)
 
+
+
+def format_eval_sets(table):
+  """Markdown lines: each method's final loss and load shift on every extra evaluation set
+  (train.eval_sets; empty when no method has one)."""
+  names = list(dict.fromkeys(n for e in table["methods"].values() for n in e.get("eval_sets", {})))
+  if not names:
+    return []
+  lines = ["", "Extra evaluation sets (train.eval_sets): final loss / load shift from the main "
+           "set (total variation, mean over layers), mean ± std over seeds:", "",
+           "| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+  for name, e in table["methods"].items():
+    sets = e.get("eval_sets", {})
+    cells = [f"{_pm(sets[n]['loss'])} / {_pm(sets[n]['load_tv'], '.3f')}" if n in sets else "-"
+             for n in names]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  return lines
 
 
 _CHANGE_TITLES = {

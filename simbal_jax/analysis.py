@@ -118,6 +118,22 @@ def expert_weights(params, mcfg):
                for name in EXPERT_WEIGHTS)
 
 
+def layer_expert_norms(tree, layer_ids):
+  """Each routed expert's norm per MoE layer, of the parameters or of their gradients.
+
+  Args:
+    tree: the model's parameter tree or a tree of the same structure (gradients): block i's
+      experts at tree["layers_<i>"]["ffn"][wi_gate | wi_up | wo], [E, ...] each.
+    layer_ids: the MoE layers' block indices (ModelConfig.moe_layer_ids).
+  Returns:
+    float32[Lm, E]: metrics.expert_norms of (wi_gate, wi_up, wo) per layer (no stacked copy of
+    the weights is made).
+  """
+  p = nn.unbox(tree)
+  return jnp.stack([metrics_lib.expert_norms([p[f"layers_{i}"]["ffn"][n] for n in EXPERT_WEIGHTS])
+                    for i in layer_ids])
+
+
 class RoutingTracker:
   """Routing churn and expert movement of a run since its previous evaluation.
 

@@ -104,7 +104,8 @@ TERMS: dict[str, Term] = {}
 # `layer_*` is the per-layer namespace (train_step's layer_load, layer_maxvio, layer_entropy
 # arrays, split by the host into `train/layer_<i>/...`). tests/test_step.py checks the step's.
 RESERVED = ("loss", "ce", "z_loss", "dropped", "grad_norm", "param_norm", "lr", "maxvio",
-            "bias_absmax", "tokens", "tokens_per_second", "mfu")
+            "bias_absmax", "tokens", "tokens_per_second", "mfu", "expert_wnorm_ratio",
+            "expert_gnorm_ratio", "expert_wnorm_ratio_min", "expert_gnorm_ratio_min")
 RESERVED_PREFIX = "layer_"
 
 

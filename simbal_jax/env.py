@@ -51,6 +51,7 @@ def prepare_config(config):
   if t.global_batch_size % t.grad_accum:
     raise ValueError(f"train.global_batch_size={t.global_batch_size} not divisible by "
                      f"train.grad_accum={t.grad_accum}")
+  data_lib.parse_eval_sets(t.get("eval_sets", ""), cfg.data)  # names, sources: before any data
   sc = step_lib.StepConfig.from_config(cfg)  # validates balance.* (lists valid terms)
   router = cfg.moe.get("router", "token_choice")
   if router not in routing.ROUTERS:
@@ -81,6 +82,7 @@ class Env:
   shardings: Any  # TrainState of NamedShardings
   batch_sharding: jax.sharding.NamedSharding
   datasets: Any = None  # data.Datasets, or None when built without data
+  eval_sets: tuple = ()  # ((name, data.Datasets), ...): train.eval_sets, the extra eval sets
 
 
 def build(config, workdir=None, devices=None, *, data=True):
@@ -91,8 +93,8 @@ def build(config, workdir=None, devices=None, *, data=True):
     workdir: run directory, local or cloud (the data cache defaults to <workdir>/data, or a
       local directory for a cloud workdir: data.make_datasets); needed with data.
     devices: devices for the mesh (default: all).
-    data: prepare the data (train iterator, eval set); without it `model.vocab_size` must be
-      set (benchmarks).
+    data: prepare the data (train iterator, eval set, the extra eval sets of
+      train.eval_sets); without it `model.vocab_size` must be set (benchmarks).
   Returns:
     Env.
   """
@@ -104,7 +106,7 @@ def build(config, workdir=None, devices=None, *, data=True):
   probe = model_lib.ModelConfig.from_config(cfg, vocab_size=max(cfg.model.vocab_size, 1))
   sharding.validate(cfg.mesh, probe, int(t.global_batch_size), len(devices),
                     seq_len=int(t.seq_len))
-  datasets = None
+  datasets, eval_sets = None, ()
   if data:
     datasets = data_lib.make_datasets(
         cfg.data, seq_len=int(t.seq_len), batch_size=int(t.global_batch_size), workdir=workdir,
@@ -115,6 +117,15 @@ def build(config, workdir=None, devices=None, *, data=True):
       raise ValueError(f"model.vocab_size={vocab} is smaller than the tokenizer's "
                        f"{datasets.vocab_size}")
     cfg.model.vocab_size = vocab
+    eval_sets = data_lib.make_eval_sets(
+        data_lib.parse_eval_sets(t.get("eval_sets", ""), cfg.data),
+        tokenizer=datasets.tokenizer, seq_len=int(t.seq_len),
+        batch_size=int(t.global_batch_size), workdir=workdir, seed=int(cfg.seed),
+        process_index=jax.process_index(), process_count=jax.process_count())
+    for name, ds in eval_sets:
+      if ds.vocab_size > vocab:
+        raise ValueError(f"train.eval_sets set {name!r}: its tokens need a vocabulary of "
+                         f"{ds.vocab_size}, more than the model's {vocab} (model.vocab_size)")
   if int(cfg.model.vocab_size) < 1:
     raise ValueError("build(data=False) needs model.vocab_size > 0")
   mcfg = model_lib.ModelConfig.from_config(cfg)
@@ -135,7 +146,8 @@ def build(config, workdir=None, devices=None, *, data=True):
       mesh, jax.sharding.PartitionSpec(sharding.BATCH_AXES))
   return Env(cfg=cfg, sc=step_lib.StepConfig.from_config(cfg), model=model, mcfg=mcfg, tx=tx,
              schedule=schedule, mesh=mesh, rules=rules, init=init, abstract=abstract,
-             shardings=shardings, batch_sharding=batch_sharding, datasets=datasets)
+             shardings=shardings, batch_sharding=batch_sharding, datasets=datasets,
+             eval_sets=eval_sets)
 
 
 def resolve_num_groups(cfg, num_devices):

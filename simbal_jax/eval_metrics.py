@@ -41,8 +41,8 @@ class EvalInputs:
   Attributes:
     sums: list of dicts from `step.eval_step`, one per eval batch: ce_sum, tokens, seqs, ce_seq
       float32[B], and for MoE models counts float32[Lm, E], entropy_sum float32[Lm], seu_sum
-      float32[Lm], no_expert_sum float32[Lm], with domain labels domain_counts
-      float32[Lm, D, E], and with router "expert_choice" causal_ce_sum float32[].
+      float32[Lm], no_expert_sum float32[Lm], undecided_sum float32[Lm], with domain labels
+      domain_counts float32[Lm, D, E], and with router "expert_choice" causal_ce_sum float32[].
     router_kernels: float[Lm, D, E] router kernels, or None.
   """
 
@@ -109,6 +109,11 @@ class EvalInputs:
   def domain_counts(self):
     """float64[Lm, D, E] summed (domain, expert) counts, or None without domain labels."""
     return self.layer_total("domain_counts") if "domain_counts" in self.sums[0] else None
+
+  @functools.cached_property
+  def undecided(self):
+    """float64[Lm] summed undecided tokens (step.eval_step's undecided_sum), or None."""
+    return self.layer_total("undecided_sum") if "undecided_sum" in self.sums[0] else None
 
   @functools.cached_property
   def ortho_gap(self):
@@ -246,3 +251,11 @@ def hparam_metrics():
 def table_metrics():
   """The metrics shown in the convergence table's routing table, in registry order."""
   return tuple(m for m in METRICS.values() if m.table)
+
+
+# ----------------------------------------------------------------------------------------------
+# Routing health (issue 19): appended in one block.
+
+register(EvalMetric(
+    "undecided", lambda x: x.undecided / max(x.tokens, 1.0), needs=("undecided",),
+    header="undecided", table="undecided"))  # share of tokens: top-1 prob < 1/E + delta

@@ -6,6 +6,15 @@ the sums into the metrics of the registry `eval_metrics`; `final_pes` adds PES a
 run; `Evaluator` runs one evaluation inside the training loop: metrics, the routing change since
 the previous evaluation (`analysis.RoutingTracker`), the per-sequence losses of the final one,
 and the routing telemetry (expert_load.jsonl, TensorBoard images and histograms).
+
+Extra evaluation sets (`train.eval_sets`, `Env.eval_sets`; `ExtraEvalSet`) are evaluated at
+every evaluation after the main one, each the same way (`train.eval_tokens` tokens): the
+registry's metrics, churn since the previous evaluation on its own first `log.churn_tokens`
+tokens and, at the final evaluation, PES, all under `eval_<name>/` instead of `eval/`; and the
+shift of expert load from the main set, `eval_<name>/layer_<i>/load_tv` (total variation
+`metrics.load_tv` of the two sets' load distributions; 0 = the same) with its mean over layers
+`eval_<name>/load_tv`. Each set's load goes to expert_load.jsonl (split "eval_<name>") and to
+the TensorBoard image `routing/expert_load/<name>`. All go into the evaluation's one record.
 """
 
 import collections.abc
@@ -19,6 +28,7 @@ import numpy as np
 from simbal_jax import analysis
 from simbal_jax import env as env_lib
 from simbal_jax import eval_metrics
+from simbal_jax import metrics as metrics_lib
 from simbal_jax import model as model_lib
 from simbal_jax import sharding
 from simbal_jax import step as step_lib
@@ -80,12 +90,20 @@ class EvalBatches(collections.abc.Sequence):
     return sharding.to_global(self._parts[i], self._sharding, EVAL_KEYS)
 
 
-def make_eval_step(env):
-  """The jitted eval step: (params, expert_bias, batch) -> additive statistics."""
-  has_domain = env.datasets is not None and env.datasets.has_domain  # None: built without data
+def make_eval_step(env, datasets=None):
+  """The jitted eval step: (params, expert_bias, batch) -> additive statistics.
+
+  Args:
+    datasets: the data.Datasets evaluated (default env.datasets; an extra set's): with domain
+      labels, the (domain, expert) counts are added.
+  """
+  datasets = env.datasets if datasets is None else datasets
+  has_domain = datasets is not None and datasets.has_domain  # None: built without data
   num_domains = int(env.cfg.data.synthetic.num_domains) if has_domain else 0
+  delta = float(env.cfg.log.get("undecided_delta", 0.05))
   return jax.jit(
-      functools.partial(step_lib.eval_step, model=env.model, num_domains=num_domains),
+      functools.partial(step_lib.eval_step, model=env.model, num_domains=num_domains,
+                        undecided_delta=delta),
       in_shardings=(env.shardings.params, env.shardings.expert_bias, env.batch_sharding),
       out_shardings=sharding.replicated(env.mesh))  # every process reads the sums
 
@@ -103,13 +121,13 @@ def _kernels_fn(mcfg, mesh):
                  out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
-def eval_set(env):
+def eval_set(env, datasets=None):
   """The host-local evaluation batches: ceil(eval_tokens / (B * L)) global batches of
   sequences spread over the whole held-out split (data.Datasets.eval_indices), identical for
-  every run with the same data settings."""
+  every run with the same data settings. `datasets`: default env.datasets (an extra set's)."""
   t = env.cfg.train
   n = max(1, math.ceil(int(t.eval_tokens) / env_lib.tokens_per_step(env.cfg)))
-  return env.datasets.eval_batches(n)
+  return (env.datasets if datasets is None else datasets).eval_batches(n)
 
 
 def evaluate(env, eval_step, state, eval_batches, kernels=None):
@@ -186,13 +204,64 @@ def eval_telemetry(env, eval_batches, writer):
   return log_routing
 
 
+def prefixed(metrics, name):
+  """The `eval/...` metrics of an extra evaluation set as `eval_<name>/...`."""
+  return {f"eval_{name}/{k[len('eval/'):]}": v for k, v in metrics.items()
+          if k.startswith("eval/")}
+
+
+class ExtraEvalSet:
+  """One extra evaluation set of `train.eval_sets` inside the training loop (module docstring).
+
+  `set(state, step, kernels, main_load, final)` -> its metrics under `eval_<name>/`, and writes
+  its load telemetry; the caller writes the metrics with the main set's.
+  """
+
+  def __init__(self, env, name, datasets, writer, start_state, start_step):
+    cfg = env.cfg
+    self.env, self.name, self.writer = env, name, writer
+    self.step_fn = make_eval_step(env, datasets)
+    self.batches = EvalBatches(eval_set(env, datasets), env.batch_sharding,
+                               int(cfg.train.grad_accum))
+    self._tracker = analysis.RoutingTracker(  # churn on this set's own first tokens
+        env.model, self.batches, probe_tokens=int(cfg.log.get("churn_tokens", 0)),
+        movement=False, out_sharding=sharding.replicated(env.mesh))
+    self._tracker.start(start_state, start_step)
+
+  def __call__(self, state, step, kernels, main_load, final=False):
+    """Args:
+      kernels: host_router_kernels of the state (None: dense model).
+      main_load: float64[Lm, E] the main set's load at this evaluation, or None.
+      final: the final evaluation (PES added).
+    Returns:
+      dict eval_<name>/... of Python floats.
+    """
+    env = self.env
+    layer_ids = env.mcfg.moe_layer_ids
+    m, sums = evaluate(env, self.step_fn, state, self.batches, kernels)
+    m.update(self._tracker(state, step, layer_ids)[0])
+    load = eval_metrics.EvalInputs(sums).load
+    if load is not None and main_load is not None:
+      tv = np.asarray(metrics_lib.load_tv(main_load, load), np.float64)
+      m.update({f"eval/layer_{i}/load_tv": float(v) for i, v in zip(layer_ids, tv)})
+      m["eval/load_tv"] = float(tv.mean())
+    if final:
+      m.update(final_pes(env, state, self.batches))
+    if load is not None:
+      self.writer.write_record(telemetry.LOAD_FILE, telemetry.load_record(
+          step, step * env_lib.tokens_per_step(env.cfg), f"eval_{self.name}", layer_ids, load))
+      if env.cfg.log.tensorboard:
+        self.writer.image(f"routing/expert_load/{self.name}", telemetry.load_image(load), step)
+    return prefixed(m, self.name)
+
+
 class Evaluator:
   """One evaluation inside the training loop: `evaluator(state, step)` -> eval metrics.
 
-  Writes the metrics (the registry's, the routing change since the previous evaluation, and
-  `extra`) to metrics.jsonl with `train/tokens`, the routing telemetry (`eval_telemetry`), and
-  at the final evaluation each eval sequence's loss to eval_seq_loss.json (paired errors of the
-  differences between runs). `last` holds the latest evaluation's expert load float64[Lm, E]
+  Writes the metrics (the registry's, the routing change since the previous evaluation,
+  `extra`, and the extra evaluation sets' `ExtraEvalSet`) to metrics.jsonl with `train/tokens`,
+  the routing telemetry (`eval_telemetry`), and at the final evaluation each eval sequence's
+  loss to eval_seq_loss.json (paired errors of the differences between runs; the main set). `last` holds the latest evaluation's expert load float64[Lm, E]
   and (domain, expert) counts (None for dense models / without domain labels).
   """
 
@@ -207,6 +276,8 @@ class Evaluator:
         movement=bool(cfg.log.get("expert_movement", False)),
         out_sharding=sharding.replicated(env.mesh))
     self._tracker.start(start_state, start_step)
+    self.extra_sets = [ExtraEvalSet(env, name, ds, writer, start_state, start_step)
+                       for name, ds in env.eval_sets]
     self.last = {}
 
   def __call__(self, state, step, extra=None, final=False):
@@ -215,16 +286,18 @@ class Evaluator:
     m, sums = evaluate(env, self.step_fn, state, self.batches, kernels)
     change, movement = self._tracker(state, step, env.mcfg.moe_layer_ids)
     m.update(change, **(extra or {}))
+    inputs = eval_metrics.EvalInputs(sums)
+    for s in self.extra_sets:
+      m.update(s(state, step, kernels, inputs.load, final=final))
     if final and jax.process_index() == 0:
       paths.write_json(self.workdir / "eval_seq_loss.json", {"step": step, "ce_seq": [
           float(x) for s in sums for x in np.asarray(s["ce_seq"]).reshape(-1)]})
     self.writer.write(step, {**m, "train/tokens": step * env_lib.tokens_per_step(env.cfg)})
-    inputs = eval_metrics.EvalInputs(sums)
     self.last = {"expert_load": inputs.load, "domain_expert_counts": inputs.domain_counts}
     self._log_routing(state, step, inputs.load, kernels, movement)
     logging.info("eval step %d: %s", step, telemetry.brief(m))
     return m
 
   def final(self, state, step):
-    """The final evaluation, PES included."""
+    """The final evaluation, PES included (of the extra sets too)."""
     return self(state, step, final_pes(self.env, state, self.batches), final=True)

@@ -10,7 +10,8 @@ Load metrics take a per-expert load vector (fractions or counts: CV, MaxVio and 
 scale invariant) and reduce over its last axis, so a stacked `[Lm, E]` gives one value per layer.
 
 Change over training (`routing_churn`, `expert_movement`, `stagnant_experts`) compares the same
-tokens' routing, or the same experts' weights, at two points of training.
+tokens' routing, or the same experts' weights, at two points of training. Routing health:
+`expert_norms`, `undecided_share`, and `load_tv` (the load shift between two token sets).
 
 The expert-diversity metrics (PES exact and sampled, routing consistency, domain
 specialisation) live in `simbal_jax.specialization`.
@@ -114,6 +115,26 @@ def dead_experts(load_E, threshold=0.0):
   return jnp.sum(load <= threshold, axis=-1).astype(jnp.int32)
 
 
+def load_tv(load_p_E, load_q_E):
+  """Total-variation distance of two expert-load distributions: 0.5 * sum_e |p_e - q_e|.
+
+  The load shift between two token sets (e.g. two evaluation sets); each load (fractions or
+  counts) is normalised to sum to 1 first (an all-zero row stays 0).
+
+  Args:
+    load_p_E: float[..., E], the first set's load (e.g. [Lm, E]: one row per layer).
+    load_q_E: float[..., E], the second set's, same shape.
+
+  Returns:
+    float32[...] in [0, 1]: 0 for the same distribution, 1 for disjoint supports.
+  """
+  p, q = _checks.check_load(load_p_E), jnp.asarray(load_q_E, jnp.float32)
+  if q.shape != p.shape:
+    raise ValueError(f"load_q_E must have the shape of load_p_E {p.shape}, got {q.shape}.")
+  norm = lambda x: _checks.safe_div(x, jnp.sum(x, axis=-1, keepdims=True))
+  return 0.5 * jnp.sum(jnp.abs(norm(p) - norm(q)), axis=-1)
+
+
 def seu(expert_index_BxLxK, num_experts, mask_BxL=None):
   """Sequence Expert Utilisation: mean fraction of the experts a sequence uses.
 
@@ -159,6 +180,25 @@ def routing_entropy(probs_TxE, mask_T=None):
   mask = _checks.bool_mask("mask_T", mask_T, probs.shape[:1])
   entropy_T = jnp.sum(jax.scipy.special.entr(probs), axis=-1)
   return _checks.masked_mean(entropy_T, mask)
+
+
+def undecided_share(probs_TxE, delta=0.05, mask_T=None):
+  """Share of tokens routed barely above uniform: top-1 probability below 1/E + delta.
+
+  Args:
+    probs_TxE: float32[T, E], router probabilities (softmax gating: rows sum to 1).
+    delta: float >= 0, the margin above 1/E.
+    mask_T: optional bool[T]; masked tokens are left out.
+
+  Returns:
+    float32[] in [0, 1], the share of (valid) tokens with max_e p_te < 1/E + delta.
+  """
+  probs = _checks.check_rank("probs_TxE", probs_TxE, 2, "[T, E]").astype(jnp.float32)
+  if not float(delta) >= 0.0:
+    raise ValueError(f"delta must be >= 0, got {delta}.")
+  undecided = jnp.max(probs, axis=-1) < 1.0 / probs.shape[-1] + delta
+  return _checks.masked_mean(undecided.astype(jnp.float32),
+                             _checks.bool_mask("mask_T", mask_T, probs.shape[:1]))
 
 
 def orthogonality_gap(kernel_DxE):
@@ -276,6 +316,26 @@ def expert_movement(old, new):
     diff2 = diff2 + jnp.sum((y - x) ** 2, axis=axes)
     norm2 = norm2 + jnp.sum(x * x, axis=axes)
   return _checks.safe_div(jnp.sqrt(diff2), jnp.sqrt(norm2))
+
+
+def expert_norms(weights):
+  """Each expert's Frobenius norm over all of its arrays: sqrt(sum over arrays ||w[e]||^2).
+
+  Of the gradients, an expert that no token reaches has norm 0 and stands out in its layer.
+
+  Args:
+    weights: a non-empty sequence of arrays float[E, ...] with the same E (e.g. one layer's
+      wi_gate, wi_up [E, D, F] and wo [E, F, D], or their gradients).
+
+  Returns:
+    float32[E].
+  """
+  ws = [_checks.check_min_rank(f"weights[{j}]", w, 1, "[E, ...]").astype(jnp.float32)
+        for j, w in enumerate(weights)]
+  if not ws or any(w.shape[0] != ws[0].shape[0] for w in ws):
+    raise ValueError(f"weights must be a non-empty sequence of arrays [E, ...] with the same E, "
+                     f"got shapes {[w.shape for w in ws]}.")
+  return jnp.sqrt(sum(jnp.sum(w * w, axis=tuple(range(1, w.ndim))) for w in ws))
 
 
 def stagnant_experts(movement_E, rel=0.1):

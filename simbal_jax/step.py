@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from simbal_jax import analysis
 from simbal_jax import balance
 from simbal_jax import losses
 from simbal_jax import metrics as metrics_lib
@@ -78,6 +79,7 @@ class StepConfig:
     options: balance.Options of the built-in terms.
     z_loss: output-logit z-loss coefficient.
     grad_accum: micro-batches per step.
+    expert_norms: also return each routed expert's weight and gradient norm (log.expert_norms).
   """
   terms: tuple = (("lbl", 0.01),)
   loss_free: bool = False
@@ -85,6 +87,7 @@ class StepConfig:
   options: balance.Options = balance.Options()
   z_loss: float = 1e-5
   grad_accum: int = 1
+  expert_norms: bool = False
 
   def __post_init__(self):
     for name, coef in self.terms:
@@ -117,7 +120,8 @@ class StepConfig:
                options=balance.Options(lbl_scope=b.lbl_scope, lbl_micro_sequences=micro,
                                        simbal_norm=b.simbal_norm,
                                        simbal_reduction=b.simbal_reduction),
-               z_loss=float(t.z_loss), grad_accum=int(t.grad_accum))
+               z_loss=float(t.z_loss), grad_accum=int(t.grad_accum),
+               expert_norms=bool(cfg.log.get("expert_norms", False)))
 
 
 def init_state(key, model, tx):
@@ -228,8 +232,11 @@ def train_step(state, batch, *, model, tx, sc, schedule=None):
     one per balancing term, grad_norm, param_norm, lr, and for MoE maxvio (mean over layers),
     dropped, with Loss-Free bias_absmax, and the per-layer arrays layer_load float32[Lm, E]
     (each layer's fraction of routed assignments per expert; rows sum to 1), layer_maxvio
-    float32[Lm] and layer_entropy float32[Lm] (mean routing entropy, nats)). The host splits
-    the arrays into `train/layer_<i>/...` scalars (train.split_layer_metrics).
+    float32[Lm] and layer_entropy float32[Lm] (mean routing entropy, nats)), with
+    sc.expert_norms layer_expert_wnorm and layer_expert_gnorm float32[Lm, E] (each routed
+    expert's norm of the updated weights and of the step's gradient, before clipping:
+    analysis.layer_expert_norms). The host splits the arrays into `train/layer_<i>/...` scalars
+    (telemetry.split_layer_metrics, telemetry.expert_norm_metrics).
   """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   kw = dict(model=model, sc=sc)
@@ -274,12 +281,16 @@ def train_step(state, batch, *, model, tx, sc, schedule=None):
     metrics["train/layer_load"] = load
     if sc.loss_free:
       metrics["train/bias_absmax"] = jnp.max(jnp.abs(bias))
+  if sc.expert_norms and model.config.moe is not None:  # outputs only: loss and update unchanged
+    ids = model.config.moe_layer_ids
+    metrics["train/layer_expert_wnorm"] = analysis.layer_expert_norms(params, ids)
+    metrics["train/layer_expert_gnorm"] = analysis.layer_expert_norms(grads, ids)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             expert_bias=bias, rng=rng)
   return new_state, metrics
 
 
-def eval_step(params, expert_bias, batch, *, model, num_domains=0):
+def eval_step(params, expert_bias, batch, *, model, num_domains=0, undecided_delta=0.05):
   """Additive evaluation statistics of one batch (the host sums them over batches).
 
   Args:
@@ -288,14 +299,17 @@ def eval_step(params, expert_bias, batch, *, model, num_domains=0):
     model: model.Transformer.
     num_domains: static int D; when > 0 and the batch carries `domain`, the (domain, expert)
       count table is added (every token has its sequence's domain).
+    undecided_delta: static float, the margin of `undecided_sum` (log.undecided_delta).
   Returns:
     dict: ce_sum float32[], tokens float32[], ce_seq float32[B] (each sequence's mean
     cross-entropy: the host's standard errors and paired comparisons), and for MoE models
     counts float32[Lm, E],
     entropy_sum float32[Lm] (token-summed routing entropy), seu_sum float32[Lm]
     (sequence-summed SEU), no_expert_sum float32[Lm] (tokens assigned to no expert: 0 for
-    token choice), seqs float32[], and with domains domain_counts float32[Lm, D, E]
-    (routed assignments per domain and expert, see specialization.domain_expert_counts).
+    token choice), undecided_sum float32[Lm] (tokens whose top-1 router probability is below
+    1/E + undecided_delta: metrics.undecided_share), seqs float32[], and with domains
+    domain_counts float32[Lm, D, E] (routed assignments per domain and expert, see
+    specialization.domain_expert_counts).
     SEU, the domain counts and no_expert_sum count the actual assignments (`MoEAux.assigned`
     for expert choice). With router "expert_choice" also causal_ce_sum float32[]: the
     cross-entropy sum of the causal evaluation (the same parameters, every token routed by
@@ -321,6 +335,8 @@ def eval_step(params, expert_bias, batch, *, model, num_domains=0):
     out["no_expert_sum"] = (jnp.zeros(aux.counts.shape[:1], jnp.float32) if aux.assigned is None
                             else jnp.sum(~jnp.any(aux.assigned, axis=-1), axis=-1,
                                          dtype=jnp.float32))
+    out["undecided_sum"] = jax.vmap(
+        lambda p: metrics_lib.undecided_share(p, undecided_delta))(r.probs) * (b * l)
     if num_domains > 0 and "domain" in batch:
       domain_T = jnp.repeat(batch["domain"].astype(jnp.int32), l)  # tokens are sequence-major
       out["domain_counts"] = jax.vmap(

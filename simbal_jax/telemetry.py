@@ -10,24 +10,34 @@ step's global batch), `train/tokens` (tokens seen), and from the second logged r
 (re)start on `train/tokens_per_second` (since the previous record, evaluations and saves left
 out) and `train/mfu` (model FLOPs utilisation: `model.flops_per_token` x tokens/s over the
 devices' peak, `memory.device_peak_tflops`; absent where the peak is unknown, e.g. on CPU,
-unless `log.peak_tflops` is set).
+unless `log.peak_tflops` is set). With `log.expert_norms` (routing health: a stagnant expert,
+one no token reaches, has a gradient far below its layer's others), also
+`train/layer_<i>/expert_wnorm_ratio` and `.../expert_gnorm_ratio`: the smallest over the largest
+expert norm of the layer, of the weights and of the step's gradient (`expert_norm_metrics`),
+their mean over layers `train/expert_{w,g}norm_ratio` and minimum `..._ratio_min`.
 
 `LOAD_FILE` (expert_load.jsonl) gets the whole per-expert load, one JSON object per line:
   {"step": int, "tokens": int, "split": "train" | "eval", "layers": [block indices],
    "load": [[fraction of routed assignments per expert] per MoE layer]}
 (each row sums to 1): "train" at every log step (that step's global batch), "eval" at every
-evaluation (the whole evaluation set). `read_expert_load` reads it back.
+evaluation (the whole evaluation set). Train lines with `log.expert_norms` also hold "wnorm"
+and "gnorm" ([[norm per expert] per MoE layer] of the weights and of the step's gradient).
+`read_expert_load` reads it back.
 
 At every evaluation TensorBoard gets (`log.tensorboard`): the image `routing/expert_load` (rows
 = MoE layers, columns = experts; colour from 0 to 2/E, clipped, so a uniform load is the middle
 of the scale), the images `routing/gram/layer_<i>` of each router's RᵀR (E x E, diverging scale
 fixed at [-1, 1], clipped: SimBal's target is the identity, so the diagonal is +1 and the
 off-diagonal 0 when it is reached), and the histograms `routing/logits/layer_<i>` of the router
-logits of the first `log.hist_tokens` tokens of the evaluation set. At the end of a finished run,
-HParams (the config's scalar fields against the final eval metrics).
+logits of the first `log.hist_tokens` tokens of the evaluation set. At every log step with
+`log.expert_norms`, the images `routing/expert_wnorm` and `routing/expert_gnorm` (rows = MoE
+layers, columns = experts, each row over its largest value: scale 0 to 1, so a stagnant expert
+is a dark cell). At the end of a finished run, HParams (the config's scalar fields against the
+final eval metrics).
 """
 
 import math
+import re
 import time
 
 import jax
@@ -42,6 +52,8 @@ from simbal_jax.runio import rundir
 from simbal_jax.runio import writers
 
 LOAD_FILE = "expert_load.jsonl"
+# The train step's per-expert norms (log.expert_norms) and their names in LOAD_FILE.
+EXPERT_NORM_KEYS = {"train/layer_expert_wnorm": "wnorm", "train/layer_expert_gnorm": "gnorm"}
 
 
 def split_layer_metrics(metrics, layer_ids):
@@ -71,40 +83,71 @@ def split_layer_metrics(metrics, layer_ids):
   return out, load
 
 
-def load_record(step, tokens, split, layer_ids, load, movement=None):
+def expert_norm_metrics(norms, layer_ids):
+  """Scalars of the train step's per-expert norms (`EXPERT_NORM_KEYS`).
+
+  Args:
+    norms: {"train/layer_expert_wnorm" | "train/layer_expert_gnorm": float[Lm, E]} (host).
+    layer_ids: block indices of the MoE layers.
+  Returns:
+    {train/layer_<i>/expert_<w|g>norm_ratio: min / max over the layer's experts (0 when the
+    largest is 0), train/expert_<w|g>norm_ratio: their mean over layers, ..._ratio_min: their
+    minimum}.
+  """
+  out = {}
+  for key, short in EXPERT_NORM_KEYS.items():
+    if key not in norms:
+      continue
+    v = np.asarray(norms[key], np.float64)
+    top = v.max(-1)
+    ratio = np.where(top > 0, v.min(-1) / np.where(top > 0, top, 1.0), 0.0)
+    name = f"expert_{short}_ratio"
+    out.update({f"train/layer_{i}/{name}": float(r) for i, r in zip(layer_ids, ratio)})
+    out[f"train/{name}"], out[f"train/{name}_min"] = float(ratio.mean()), float(ratio.min())
+  return out
+
+
+def _rows(a):
+  return [[float(x) for x in row] for row in np.asarray(a, np.float64)]
+
+
+def load_record(step, tokens, split, layer_ids, load, movement=None, **per_expert):
   """The LOAD_FILE line of a load float[Lm, E] (and, at evaluations, "movement": each expert's
   relative weight movement float[Lm, E] since the previous evaluation,
-  analysis.RoutingTracker)."""
+  analysis.RoutingTracker; `per_expert`: other float[Lm, E] fields, e.g. wnorm, gnorm)."""
   rec = {"step": int(step), "tokens": int(tokens), "split": split,
-         "layers": [int(i) for i in layer_ids],
-         "load": [[float(x) for x in row] for row in np.asarray(load, np.float64)]}
+         "layers": [int(i) for i in layer_ids], "load": _rows(load)}
   if movement is not None:
-    rec["movement"] = [[float(x) for x in row] for row in np.asarray(movement, np.float64)]
+    rec["movement"] = _rows(movement)
+  rec.update({k: _rows(v) for k, v in per_expert.items() if v is not None})
   return rec
 
 
-def read_expert_load(workdir, split="train"):
+def read_expert_load(workdir, split="train", field="load"):
   """Reads <workdir>/expert_load.jsonl.
 
   Args:
     workdir: a run directory, local or cloud.
-    split: "train" (every log step) or "eval" (every evaluation).
+    split: "train" (every log step) or "eval" (every evaluation), or "eval_<name>" (an extra
+      evaluation set of train.eval_sets).
+    field: "load", or another per-expert field of the lines ("movement" at evaluations,
+      "wnorm" / "gnorm" at log steps); lines without it are left out.
   Returns:
-    (steps int64[N], tokens int64[N], layers list of block indices, load float64[N, Lm, E]),
+    (steps int64[N], tokens int64[N], layers list of block indices, values float64[N, Lm, E]),
     in step order (a step logged twice, e.g. redone after a crash, keeps its last line).
   Raises:
     FileNotFoundError: the run wrote no load (a dense model, or a run older than the file).
   """
   by_step, layers = {}, None
   for rec in writers.read_jsonl(paths.resolve(workdir) / LOAD_FILE):  # cut lines left out
-    if rec.get("split") == split:
+    if rec.get("split") == split and field in rec:
       by_step[rec["step"]] = rec
       layers = rec["layers"]
   steps = sorted(by_step)
   if not steps:
     return (np.zeros(0, np.int64), np.zeros(0, np.int64), [], np.zeros((0, 0, 0)))
   return (np.array(steps, np.int64), np.array([by_step[s]["tokens"] for s in steps], np.int64),
-          layers, np.array([by_step[s]["load"] for s in steps], np.float64))
+          layers, np.array([by_step[s][field] for s in steps], np.float64))
 
 
 class Throughput:
@@ -163,6 +206,13 @@ def load_image(load):
   """The expert-load heatmap of float[Lm, E] load fractions (scale 0 to 2/E)."""
   load = np.asarray(load, np.float64)
   return heatmap_image(load, 0.0, 2.0 / load.shape[-1])
+
+
+def norm_image(norms):
+  """The per-expert norm heatmap of float[Lm, E]: each row over its largest value (0 to 1)."""
+  v = np.asarray(norms, np.float64)
+  top = v.max(-1, keepdims=True)
+  return heatmap_image(np.where(top > 0, v / np.where(top > 0, top, 1.0), 0.0), 0.0, 1.0)
 
 
 def gram_image(kernel_DxE):
@@ -256,6 +306,8 @@ class StepLogger:
     self.tokens_per_step = int(t.global_batch_size) * int(t.seq_len)
     self.writer, self.progress, self.timer = writer, progress, timer
     self.layer_ids = env.mcfg.moe_layer_ids
+    self.health = {}  # the last logged expert-norm summary (expert_norm_metrics)
+    self.images = bool(env.cfg.log.tensorboard)
     peak = memory.device_peak_tflops(override=float(env.cfg.log.peak_tflops))
     self.throughput = Throughput(
         self.tokens_per_step, model_lib.flops_per_token(env.mcfg, int(t.seq_len)),
@@ -263,7 +315,9 @@ class StepLogger:
 
   def __call__(self, pending):
     step, metrics = pending
-    m, load = split_layer_metrics(jax.device_get(metrics), self.layer_ids)
+    metrics = dict(jax.device_get(metrics))
+    norms = {k: metrics.pop(k) for k in EXPERT_NORM_KEYS if k in metrics}
+    m, load = split_layer_metrics(metrics, self.layer_ids)
     loss = m["train/loss"]
     if not math.isfinite(loss):
       raise NonFiniteLossError(step, loss)
@@ -273,21 +327,41 @@ class StepLogger:
     if step % self.every == 0 or step == self.num_steps:
       m["train/tokens"] = tokens = step * self.tokens_per_step
       m.update(self.throughput.mark(step, self.timer.paused))
+      self.health = expert_norm_metrics(norms, self.layer_ids)
+      m.update(self.health)
       self.writer.write(step, m)
+      per_expert = {EXPERT_NORM_KEYS[k]: v for k, v in norms.items()}
       if load is not None:
         self.writer.write_record(LOAD_FILE, load_record(
-            step, tokens, "train", self.layer_ids, load))
+            step, tokens, "train", self.layer_ids, load, **per_expert))
+      for name, v in per_expert.items() if self.images else ():
+        self.writer.image(f"routing/expert_{name}", norm_image(v), step)
+
+
+EXTRA_SET_SUMMARY = re.compile(r"^eval_\w+/(loss|load_tv)$")  # train.eval_sets in the tables
+
+
+def _summary_keys(m):
+  """The final-table keys present in `m`: the registry's, then each extra evaluation set's loss
+  and load shift (eval_<name>/loss, eval_<name>/load_tv)."""
+  keys = [k for _, k in eval_metrics.summary_columns() if k in m]
+  return keys + [k for k in m if EXTRA_SET_SUMMARY.match(k)]
 
 
 def brief(m):
   """One line of the final-table metrics of an evaluation (the log line)."""
-  return ", ".join(f"{k}={m[k]:.4g}" for _, k in eval_metrics.summary_columns() if k in m)
+  return ", ".join(f"{k}={m[k]:.4g}" for k in _summary_keys(m))
+
+
+# Rows of the final table after the eval metrics: the last logged routing health, throughput.
+SUMMARY_TRAIN_KEYS = ("train/expert_wnorm_ratio_min", "train/expert_gnorm_ratio_min",
+                      "tokens_per_second", "wall_seconds")
 
 
 def summary_table(summary):
   """A small table of the final metrics (eval_metrics.summary_columns and throughput)."""
-  rows = [(k, summary[k]) for _, k in eval_metrics.summary_columns() if k in summary]
-  rows += [(k, summary[k]) for k in ("tokens_per_second", "wall_seconds") if k in summary]
+  rows = [(k, summary[k]) for k in _summary_keys(summary)]
+  rows += [(k, summary[k]) for k in SUMMARY_TRAIN_KEYS if k in summary]
   width = max([len(k) for k, _ in rows] + [6])
   lines = [f"{'metric'.ljust(width)}  value", "-" * (width + 14)]
   lines += [f"{k.ljust(width)}  {v:.6g}" for k, v in rows]

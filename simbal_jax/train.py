@@ -39,7 +39,8 @@ def run_loop(env, state, it, *, ckpt, writer, on_eval, hooks=()):
     on_eval: callable(state, step) run at every evaluation step before the last.
     hooks: callables hook(step, state) after each dispatched step.
   Returns:
-    (state, step, status "done" | "preempted", timing dict of `telemetry.Timer.result`).
+    (state, step, status "done" | "preempted", timing dict of `telemetry.Timer.result` with the
+    last logged expert-norm summary `telemetry.expert_norm_metrics`, if any).
   """
   cfg, t = env.cfg, env.cfg.train
   num_steps, start = int(t.num_steps), int(jax.device_get(state.step))
@@ -93,7 +94,7 @@ def run_loop(env, state, it, *, ckpt, writer, on_eval, hooks=()):
   progress.close()
   if status == "done":
     save(state, step, force=True)
-  return state, step, status, timer.result(step, tokens_per_step)
+  return state, step, status, {**timer.result(step, tokens_per_step), **log.health}
 
 
 def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
@@ -102,7 +103,8 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
   The summary holds the final eval metrics (`eval/...`, with PES when train.pes_tokens > 0),
   `status` ("done" | "preempted"), `step`, `start_step`, `resumed_from`, the timings of
   `telemetry.Timer.result` (`tokens_per_second` is the throughput of the compiled step,
-  evaluations and saves excluded) and `wall_seconds`; `expert_load` float64[Lm, E] and
+  evaluations and saves excluded) and `wall_seconds`; the last logged expert-norm ratios
+  (`train/expert_{w,g}norm_ratio...`, log.expert_norms); `expert_load` float64[Lm, E] and
   `domain_expert_counts` of the last evaluation; `model_config`.
 
   Args:

@@ -60,6 +60,7 @@ RANGES = {
     "train.z_loss": (0, INF, True, False, False),
     "balance.lf_rate": (0, INF, True, False, False),
     "log.peak_tflops": (0, INF, True, False, False),
+    "log.undecided_delta": (0, 1, True, True, False),
 }
 
 

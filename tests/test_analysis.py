@@ -81,3 +81,32 @@ def test_layer_pes_matches_numpy_and_works_with_remat():
   # RMS-normalised (scale initialised to 1), i.e. the interceptor caught the right tensor.
   x0 = np.asarray(captured[0][1], np.float64)
   np.testing.assert_allclose(np.sqrt(np.mean(x0 ** 2, axis=-1)), 1.0, rtol=1e-4)
+
+
+def test_layer_expert_norms_of_a_hand_made_params_and_grads_tree_match_numpy():
+  """Blocks 1 and 3 are MoE (block 0 dense, block 2 absent from layer_ids); float64 NumPy
+  norms over wi_gate, wi_up and wo of each expert, for a parameter tree and a gradient tree
+  (a zero gradient for an expert that no token reached)."""
+  rng = np.random.default_rng(0)
+  e, d, f = 3, 4, 5
+
+  def block():
+    return {"wi_gate": rng.normal(size=(e, d, f)).astype(np.float32),
+            "wi_up": rng.normal(size=(e, d, f)).astype(np.float32),
+            "wo": rng.normal(size=(e, f, d)).astype(np.float32),
+            "router": {"kernel": rng.normal(size=(d, e)).astype(np.float32)}}
+
+  params = {"layers_0": {"ffn": {"wi": rng.normal(size=(d, f)).astype(np.float32)}},
+            "layers_1": {"ffn": block()}, "layers_2": {"ffn": block()},
+            "layers_3": {"ffn": block()}}
+  grads = jax.tree.map(lambda x: x * 0.01, params)
+  for name in ("wi_gate", "wi_up", "wo"):
+    grads["layers_3"]["ffn"][name][1] = 0.0  # expert 1 of block 3: no gradient
+  for tree in (params, grads):
+    want = np.stack([np.sqrt(sum(
+        (tree[f"layers_{i}"]["ffn"][n].astype(np.float64) ** 2).reshape(e, -1).sum(-1)
+        for n in ("wi_gate", "wi_up", "wo"))) for i in (1, 3)])
+    got = np.asarray(analysis.layer_expert_norms(tree, [1, 3]))
+    assert got.shape == (2, e) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+  assert float(analysis.layer_expert_norms(grads, [3])[0, 1]) == 0.0

@@ -64,6 +64,18 @@ def test_a_dense_model_gets_the_loss_metrics_only():
                                               "eval/tokens", "eval/sequences"}
 
 
+def test_undecided_share_is_the_summed_undecided_tokens_over_tokens():
+  sums = _sums()
+  assert "eval/undecided" not in eval_metrics.compute(sums)  # sums without it: skipped
+  sums[0]["undecided_sum"] = np.array([3.0, 0.0], np.float32)
+  sums[1]["undecided_sum"] = np.array([5.0, 1.0], np.float32)
+  out = eval_metrics.compute(sums, layer_ids=[1, 3])
+  assert out["eval/layer_1/undecided"] == 8.0 / 20.0
+  assert out["eval/layer_3/undecided"] == 1.0 / 20.0
+  assert out["eval/undecided"] == pytest.approx(4.5 / 20.0)
+  assert ("undecided", "eval/undecided") in eval_metrics.summary_columns()
+
+
 @pytest.mark.usefixtures("fast_compiles")
 def test_an_added_metric_reaches_metrics_jsonl_the_summary_and_the_table(tmp_path, monkeypatch):
   """Adding a metric is one function and one registry line: it then appears everywhere."""

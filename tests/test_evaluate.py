@@ -1,5 +1,5 @@
 """evaluate.py: the eval schedule, the eval set (same for every seed and method), eval batches
-made on access."""
+made on access, the extra evaluation sets (train.eval_sets)."""
 
 import jax
 import numpy as np
@@ -9,6 +9,8 @@ from simbal_jax import env as env_lib
 from simbal_jax import evaluate
 
 from conftest import tiny_config
+
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def test_eval_steps_linear_log_and_every():
@@ -56,3 +58,52 @@ def test_eval_batches_are_micro_batches_made_on_access():
   # 3 parts do not divide 16 rows, 4 parts of 4 rows do not split over 8 devices: 2 parts
   assert len(evaluate.EvalBatches(host, sharding_, micro=3)) == 4
   assert len(evaluate.EvalBatches(host, sharding_, micro=4)) == 4
+
+
+def _text_docs(root):
+  root.mkdir()
+  for i in range(40):
+    (root / f"doc{i}.txt").write_text(f"q{i}: a b x y zz a b a " * (5 + i % 7))
+  return str(root / "*.txt")
+
+
+def test_extra_eval_sets_each_log_their_metrics_and_load_shift(tmp_path):
+  """Two extra sets in a tiny run: a copy of the main set (the same metrics, load shift 0) and
+  the synthetic corpus (its own metrics, domain MI, a load shift equal to float64 NumPy on the
+  logged loads), at every evaluation, with PES at the last one, in the summary and its table."""
+  from simbal_jax import telemetry, train  # pylint: disable=g-import-not-at-top
+  from simbal_jax.runio import writers  # pylint: disable=g-import-not-at-top
+  cfg = tiny_config("lbl", steps=4, train=dict(num_evals=2, pes_tokens=32,
+                                               eval_sets="same=text_files,syn=synthetic"))
+  cfg.data.update(source="text_files", globs=_text_docs(tmp_path / "docs"), tokenizer="bytes",
+                  eval_fraction=0.2)
+  run = tmp_path / "run"
+  summary, _ = train.train_and_evaluate(cfg, str(run), devices=jax.devices()[:1])
+  evals = [r for r in writers.read_jsonl(run / "metrics.jsonl") if "eval/loss" in r]
+  assert [r["step"] for r in evals] == [2, 4]
+  layers = summary["model_config"].moe_layer_ids
+  _, _, _, main_load = telemetry.read_expert_load(run, "eval")
+  _, _, _, syn_load = telemetry.read_expert_load(run, "eval_syn")
+  for j, rec in enumerate(evals):
+    for k in [k for k in rec if k.startswith("eval/") and k != "eval/churn_since_step"]:
+      if "pes" not in k and "move" not in k and "stagnant" not in k:  # main set only
+        assert rec["eval_same/" + k[5:]] == rec[k], k
+    assert rec["eval_same/load_tv"] == 0.0
+    assert rec["eval_syn/loss"] != rec["eval/loss"] and "eval_syn/churn" in rec
+    assert "eval_syn/domain_mi_norm" in rec and "eval/domain_mi_norm" not in rec
+    tv = 0.5 * np.abs(main_load[j] - syn_load[j]).sum(-1)
+    for l, i in enumerate(layers):
+      assert rec[f"eval_syn/layer_{i}/load_tv"] == pytest.approx(tv[l], abs=1e-6)
+    assert rec["eval_syn/load_tv"] == pytest.approx(tv.mean(), abs=1e-6)
+  assert "eval_syn/pes_min" in evals[-1] and "eval_syn/pes_min" not in evals[0]
+  assert summary["eval_syn/loss"] == evals[-1]["eval_syn/loss"]
+  table = telemetry.summary_table(summary)
+  assert "eval_same/loss" in table and "eval_syn/load_tv" in table
+
+
+def test_an_extra_set_needing_a_larger_vocabulary_is_refused(tmp_path):
+  cfg = tiny_config("lbl", steps=2, train=dict(eval_sets="txt=text_files:" + _text_docs(
+      tmp_path / "docs")))  # bytes (257 ids) for a synthetic run's 65
+  with pytest.raises(ValueError, match="set 'txt': its tokens need a vocabulary of 257, more "
+                                       "than the model's 65"):
+    env_lib.build(cfg, str(tmp_path / "run"))

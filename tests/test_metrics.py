@@ -112,6 +112,52 @@ def test_routing_entropy_vs_numpy_with_mask():
   assert float(metrics.routing_entropy(uniform)) == pytest.approx(np.log(E), rel=1e-6)
 
 
+def test_load_tv_vs_numpy_and_same_set_is_zero():
+  rng = _rng(5)
+  p = rng.random((3, E))
+  q = rng.random((3, E))
+  p[1, :3] = 0.0  # an expert no token of one set reaches
+  ref = 0.5 * np.abs(p / p.sum(-1, keepdims=True) - q / q.sum(-1, keepdims=True)).sum(-1)
+  np.testing.assert_allclose(metrics.load_tv(p, q), ref, rtol=1e-5)
+  np.testing.assert_array_equal(metrics.load_tv(p, p), np.zeros(3))  # two copies of one set
+  # Hand case: fractions [0.5, 0.5, 0, 0] and counts [0, 2, 1, 1] -> 0.5 * (0.5+0.0+0.25+0.25).
+  assert float(metrics.load_tv(np.array([0.5, 0.5, 0, 0]), np.array([0, 2, 1, 1.0]))) == 0.5
+  assert float(metrics.load_tv(np.eye(E)[0], np.eye(E)[1])) == 1.0  # disjoint
+  with pytest.raises(ValueError, match="load_q_E must have the shape"):
+    metrics.load_tv(p, q[:2])
+
+
+def test_undecided_share_vs_numpy_with_mask():
+  rng = _rng(6)
+  logits = rng.normal(size=(50, E)) * rng.choice([0.05, 3.0], size=(50, 1))  # flat and peaked
+  probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  mask = rng.random(50) < 0.8
+  for delta in (0.0, 0.05, 0.2):
+    undecided = probs.max(-1) < 1.0 / E + delta
+    got = metrics.undecided_share(probs.astype(np.float32), delta, mask)
+    assert float(got) == pytest.approx(undecided[mask].mean(), rel=1e-6)
+  assert 0 < float(metrics.undecided_share(probs.astype(np.float32))) < 1
+  assert float(metrics.undecided_share(np.full((4, E), 1.0 / E, np.float32), 0.01)) == 1.0
+  assert float(metrics.undecided_share(np.eye(E, dtype=np.float32))) == 0.0
+  with pytest.raises(ValueError, match="delta must be >= 0"):
+    metrics.undecided_share(probs, -0.1)
+
+
+def test_expert_norms_vs_numpy():
+  rng = _rng(7)
+  ws = [rng.normal(size=(E, 5, 3)), rng.normal(size=(E, 5, 3)), rng.normal(size=(E, 3, 5))]
+  ws[0][2] = ws[1][2] = ws[2][2] = 0.0  # a stagnant expert (no gradient)
+  ref = np.sqrt(sum((w.astype(np.float32).astype(np.float64) ** 2).reshape(E, -1).sum(-1)
+                    for w in ws))
+  got = metrics.expert_norms([w.astype(np.float32) for w in ws])
+  np.testing.assert_allclose(got, ref, rtol=1e-6)
+  assert float(got[2]) == 0.0
+  with pytest.raises(ValueError, match="with the same E, got shapes"):
+    metrics.expert_norms([ws[0], ws[1][:4]])
+  with pytest.raises(ValueError, match="non-empty"):
+    metrics.expert_norms([])
+
+
 # ----------------------------------------------------------------------------- orthogonality
 
 

@@ -1,5 +1,6 @@
 """The jitted train and eval steps compile once and return flat, namespaced scalar metrics;
 the loss is the documented sum of terms."""
+import dataclasses
 import functools
 
 import chex
@@ -56,19 +57,82 @@ def test_steps_compile_once(tmp_path, method):
   shapes = {k: np.shape(v) for k, v in metrics.items()}
   n_moe, e = env.mcfg.num_moe_layers, env.mcfg.moe.num_experts
   assert shapes.pop("train/layer_load") == (n_moe, e)
+  assert shapes.pop("train/layer_expert_wnorm") == shapes.pop("train/layer_expert_gnorm") == (
+      n_moe, e)  # log.expert_norms (on in the base config)
   assert shapes.pop("train/layer_maxvio") == shapes.pop("train/layer_entropy") == (n_moe,)
   assert all(s == () for s in shapes.values())
   assert all(k.startswith("train/") for k in metrics)
   # A balancing term may not take the name of a metric the step emits itself.
   own = {k[len("train/"):] for k in metrics} - {name for name, _ in env.sc.terms}
   assert {n for n in own if n.startswith(balance.RESERVED_PREFIX)} == {
-      "layer_load", "layer_maxvio", "layer_entropy"}
+      "layer_load", "layer_maxvio", "layer_entropy", "layer_expert_wnorm", "layer_expert_gnorm"}
   assert {n for n in own if not n.startswith(balance.RESERVED_PREFIX)} <= set(balance.RESERVED)
   expected = {"lbl": "train/lbl", "lf_simbal": "train/simbal"}[method]
   assert expected in metrics and np.isfinite(float(metrics[expected]))
   # The Loss-Free bias moves only when the method uses it.
   moved = not np.array_equal(np.asarray(state.expert_bias), bias0)
   assert moved == (method == "lf_simbal")
+
+
+@pytest.mark.parametrize("delta", [0.0, 0.05, 0.1])
+def test_eval_step_undecided_sum_vs_numpy(tmp_path, delta):
+  """undecided_sum / tokens = the share of tokens whose top-1 router probability is below
+  1/E + delta, per MoE layer (float64 NumPy on the model's own probabilities)."""
+  cfg = tiny_config("lbl", steps=2, moe=dict(router_init_scale=0.3))  # flat-ish routers
+  env = env_lib.build(cfg, str(tmp_path), devices=jax.devices()[:1])
+  with sharding.mesh_rules(env.mesh, env.rules):
+    state, _, _ = env_lib.initial_state(env, None)
+    batch = sharding.to_global(env.datasets.eval_batches(1)[0], env.batch_sharding,
+                               env_lib.TRAIN_KEYS)
+    sums = step_lib.eval_step(state.params, state.expert_bias, batch, model=env.model,
+                              undecided_delta=delta)
+    _, aux = env.model.apply({"params": state.params}, batch["inputs"],
+                             expert_bias=state.expert_bias)
+  probs = np.asarray(aux.router.probs, np.float64)  # [Lm, T, E]
+  want = (probs.max(-1) < 1.0 / probs.shape[-1] + delta).mean(-1)
+  np.testing.assert_allclose(np.asarray(sums["undecided_sum"]) / float(sums["tokens"]), want,
+                             atol=1e-6)
+  if delta > 0:
+    assert 0 < want.min() and want.max() < 1  # neither all nor none undecided
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_expert_norms_are_outputs_only_and_match_the_gradient(tmp_path, grad_accum):
+  """log.expert_norms adds each expert's weight and gradient norm to the step's outputs and
+  changes nothing else: the same losses and bit-identical states with and without them."""
+  cfg = tiny_config("lf_lbl", steps=3, train=dict(grad_accum=grad_accum))
+  env = env_lib.build(cfg, str(tmp_path), devices=jax.devices()[:1])
+  assert env.sc.expert_norms
+  ids = env.mcfg.moe_layer_ids
+  runs = {}
+  with sharding.mesh_rules(env.mesh, env.rules):
+    for on in (True, False):
+      sc = dataclasses.replace(env.sc, expert_norms=on)
+      step = jax.jit(functools.partial(step_lib.train_step, model=env.model, tx=env.tx, sc=sc,
+                                       schedule=env.schedule))
+      state, _, _ = env_lib.initial_state(env, None)
+      it, outs = env.datasets.train_iter(), []
+      for _ in range(3):
+        batch = sharding.to_global(next(it), env.batch_sharding, env_lib.TRAIN_KEYS)
+        before = state
+        state, m = step(state, batch)
+        outs.append(jax.device_get(m))
+      runs[on] = (state, outs, before, batch)
+  (s_on, m_on, before, batch), (s_off, m_off, _, _) = runs[True], runs[False]
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(s_on), jax.device_get(s_off))
+  for a, b in zip(m_on, m_off):
+    assert set(a) - set(b) == {"train/layer_expert_wnorm", "train/layer_expert_gnorm"}
+    for k in b:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  np.testing.assert_allclose(m_on[-1]["train/layer_expert_wnorm"],
+                             analysis.layer_expert_norms(s_on.params, ids), rtol=1e-6)
+  if grad_accum == 1:  # the last step's gradient, recomputed with the step's own keys
+    _, rngs = step_lib.step_keys(before.rng)
+    grads = jax.grad(lambda p: step_lib.loss_fn(p, batch, before.expert_bias, model=env.model,
+                                                sc=env.sc, rngs=rngs)[0])(before.params)
+    np.testing.assert_allclose(m_on[-1]["train/layer_expert_gnorm"],
+                               analysis.layer_expert_norms(grads, ids), rtol=1e-5)
+  assert np.all(np.asarray(m_on[-1]["train/layer_expert_gnorm"]) > 0)
 
 
 def _np_logsumexp(x):

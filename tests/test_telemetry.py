@@ -72,6 +72,46 @@ def test_per_layer_train_metrics_match_the_logged_load(run):
         np.mean([rec[f"train/layer_{i}/maxvio"] for i in layers]), abs=1e-5)
 
 
+def test_expert_norms_logged_per_expert_and_summarised(run):
+  """log.expert_norms: the per-expert weight and gradient norms of every log step in
+  expert_load.jsonl (the last weights' equal the final state's, NumPy float64), their
+  min/max ratios per layer in metrics.jsonl, in the summary and as TensorBoard images."""
+  workdir, _, summary, state = run
+  steps, _, layers, wnorm = telemetry.read_expert_load(workdir, "train", "wnorm")
+  _, _, _, gnorm = telemetry.read_expert_load(workdir, "train", "gnorm")
+  assert list(steps) == [2, 4, 6] and wnorm.shape == gnorm.shape == (3, 3, 4)
+  ffn = [jax.device_get(state.params[f"layers_{i}"]["ffn"]) for i in layers]
+  want = np.stack([np.sqrt(sum((np.asarray(f[n], np.float64) ** 2).reshape(4, -1).sum(-1)
+                               for n in ("wi_gate", "wi_up", "wo"))) for f in ffn])
+  np.testing.assert_allclose(wnorm[-1], want, rtol=1e-5)
+  recs = {r["step"]: r for r in writers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+          if "train/loss" in r}
+  for s, w, g in zip(steps, wnorm, gnorm):
+    for name, v in (("wnorm", w), ("gnorm", g)):
+      ratio = v.min(-1) / v.max(-1)
+      for j, i in enumerate(layers):
+        assert recs[s][f"train/layer_{i}/expert_{name}_ratio"] == pytest.approx(ratio[j])
+      assert recs[s][f"train/expert_{name}_ratio"] == pytest.approx(ratio.mean())
+      assert recs[s][f"train/expert_{name}_ratio_min"] == pytest.approx(ratio.min())
+  assert summary["train/expert_gnorm_ratio_min"] == recs[6]["train/expert_gnorm_ratio_min"]
+  assert "train/expert_gnorm_ratio_min" in telemetry.summary_table(summary)
+  tags = _events(os.path.join(workdir, "tb")).Tags()["images"]
+  assert {"routing/expert_wnorm", "routing/expert_gnorm"} <= set(tags)
+
+
+def test_expert_norm_metrics_hand_case():
+  norms = {"train/layer_expert_wnorm": np.array([[1.0, 2.0, 4.0], [3.0, 3.0, 3.0]]),
+           "train/layer_expert_gnorm": np.array([[0.0, 1.0, 2.0], [0.0, 0.0, 0.0]])}
+  out = telemetry.expert_norm_metrics(norms, [1, 3])
+  assert out == {"train/layer_1/expert_wnorm_ratio": 0.25, "train/layer_3/expert_wnorm_ratio": 1.0,
+                 "train/expert_wnorm_ratio": 0.625, "train/expert_wnorm_ratio_min": 0.25,
+                 "train/layer_1/expert_gnorm_ratio": 0.0, "train/layer_3/expert_gnorm_ratio": 0.0,
+                 "train/expert_gnorm_ratio": 0.0, "train/expert_gnorm_ratio_min": 0.0}
+  assert telemetry.expert_norm_metrics({}, [0]) == {}
+  img = telemetry.norm_image(norms["train/layer_expert_wnorm"])
+  assert img.dtype == np.uint8 and img.shape[:2] == (2 * 86, 3 * 86)  # 86 px a block
+
+
 def test_tokens_per_second_and_mfu(run):
   workdir, cfg, _, _ = run
   recs = [r for r in writers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))

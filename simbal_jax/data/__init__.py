@@ -6,6 +6,9 @@
   batch = next(it)                # inputs/targets int32[b, L] (+ domain int32[b], synthetic;
                                   # + segment_ids int32[b, L] with data.document_mask)
   evals = ds.eval_batches(4)      # fixed list, spread over the held-out split
+  extra = data.make_eval_sets(data.parse_eval_sets("py=stdlib", cfg.data), tokenizer=ds.tokenizer,
+                              seq_len=256, batch_size=32, workdir=workdir, seed=0)
+                                  # ((name, Datasets), ...): more held-out sets (train.eval_sets)
 
 Sources: "stdlib" (this interpreter's standard library .py files), "text_files" (globs),
 "jsonl" (.jsonl, .jsonl.gz, .jsonl.zst: DCLM shards) and "parquet" (Hugging Face files), both
@@ -23,6 +26,7 @@ import importlib
 _EXPORTS = {
     "make_datasets": "pipeline", "Datasets": "pipeline",
     "resolve_config": "pipeline", "SOURCES": "sources", "TOKENIZERS": "tokenizers",
+    "parse_eval_sets": "evalsets", "make_eval_sets": "evalsets",
 }
 __all__ = sorted(_EXPORTS)
 

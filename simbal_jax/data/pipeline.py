@@ -228,10 +228,11 @@ class Datasets:
             for i in range(n // g)]
 
 
-def _check_sizes(train, eval_, batch_size, seq_len, what, local_batch=None):
-  """Each split holds one batch: a global one, or this host's share one host batch."""
-  for name, seqs, need in (("train", train, local_batch or batch_size),
-                           ("validation", eval_, batch_size)):
+def _check_sizes(train, eval_, batch_size, seq_len, what, local_batch=None, eval_only=False):
+  """Each split holds one batch: a global one, or this host's share one host batch (the
+  validation split alone with `eval_only`)."""
+  splits = (("train", train, local_batch or batch_size), ("validation", eval_, batch_size))
+  for name, seqs, need in splits[eval_only:]:
     if len(seqs) < need:
       whose = "this host's share of the train split" if need != batch_size else f"the {name} split"
       raise ValueError(
@@ -260,7 +261,8 @@ def local_cache_dir(cache_dir: str, workdir) -> str:
 
 
 def make_datasets(data_cfg, *, seq_len: int, batch_size: int, workdir: str, seed: int,
-                  process_index: int = 0, process_count: int = 1) -> Datasets:
+                  process_index: int = 0, process_count: int = 1, tokenizer=None,
+                  eval_only: bool = False) -> Datasets:
   """Prepares (or reuses) the data and returns train/eval access for this host.
 
   Args:
@@ -272,6 +274,10 @@ def make_datasets(data_cfg, *, seq_len: int, batch_size: int, workdir: str, seed
     seed: int, training seed (shuffle order; the split and the corpus never depend on it).
     process_index: int, this host's index.
     process_count: int, number of hosts.
+    tokenizer: a tokenizer to use instead of `data.tokenizer`'s (an extra evaluation set read
+      with the run's tokenizer: `evalsets.make_eval_sets`), or None.
+    eval_only: only the validation split will be read (an extra evaluation set): the train
+      split need not hold a batch.
 
   Raises:
     ValueError: unknown source/tokenizer, empty glob, unreadable/binary text file, split or
@@ -292,10 +298,10 @@ def make_datasets(data_cfg, *, seq_len: int, batch_size: int, workdir: str, seed
   start = time.time()
   tok, train, eval_, info = prepare.prepare(cfg, seq_len=seq_len, cache_dir=cache_dir,
                                             process_index=process_index,
-                                            process_count=process_count)
+                                            process_count=process_count, tokenizer=tokenizer)
   sharded = bool(info.get("sharded"))
   _check_sizes(train, eval_, batch_size, seq_len, f"data.source={cfg['source']!r}",
-               batch_size // process_count if sharded else None)
+               batch_size // process_count if sharded else None, eval_only)
   info.update(train_sequences=len(train), eval_sequences=len(eval_),
               prepare_seconds=round(time.time() - start, 3), cache_dir=cache_dir)
   logging.info("data ready: %s", info)

@@ -138,11 +138,13 @@ def content_digest(out_dir: str, splits=SPLITS) -> str:
 
 
 def prepare(cfg: dict, *, seq_len: int, cache_dir: str, process_index: int = 0,
-            process_count: int = 1):
+            process_count: int = 1, tokenizer=None):
   """Returns (tokenizer, train sequences, eval sequences, info dict) for a resolved config.
 
   With process_count > 1 and data.shard_hosts, the train sequences are this host's share only
   (`info["sharded"]`); the eval sequences are always the whole validation split.
+  `tokenizer`: one to use instead of building or training `data.tokenizer`'s (an extra
+  evaluation set read with the run's tokenizer); ignored by the synthetic source.
   """
   if cfg["source"] == "synthetic":
     return _synthetic(cfg, seq_len)
@@ -155,7 +157,7 @@ def prepare(cfg: dict, *, seq_len: int, cache_dir: str, process_index: int = 0,
     corpus = corpora.record_corpus(cfg, host)
   else:
     corpus = corpora.local_corpus(cfg, cache_dir, host)
-  tok = _tokenizer(cfg, corpus, cache_dir, train=False)
+  tok = tokenizer if tokenizer is not None else _tokenizer(cfg, corpus, cache_dir, train=False)
   meta = packing.read_meta(_token_dir(corpus, tok, cache_dir)) if tok is not None else None
   disk, workers = {}, 0
   if meta is None:

@@ -37,6 +37,7 @@ STRUCTURAL = ("seed", "model.vocab_size", "model.d_model", "model.num_layers", "
 FREE = ("ckpt.", "log.", "mesh.", "data.cache_dir", "data.worker_count",
         "data.prepare_workers", "train.eval_every",
         "train.eval_tokens", "train.num_evals", "train.eval_spacing", "train.pes_tokens",
+        "train.eval_sets",
         "train.token_budget", "model.remat",
         "model.attention_impl", "moe.router_init", "moe.router_init_scale")
 

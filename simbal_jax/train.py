@@ -22,6 +22,7 @@ from simbal_jax.runio import checkpoint
 from simbal_jax.runio import paths
 from simbal_jax.runio import rundir
 from simbal_jax.runio import storage
+from simbal_jax.runio import tracking
 from simbal_jax.runio import writers
 
 # Raised on a NaN or Inf training loss or gradient norm (kept here: callers catch train's).
@@ -126,7 +127,7 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
     checkpoint.NonFiniteStateError, checkpoint.CheckpointSaveError: a save refused or failed.
   """
   paths.check_dir_path(workdir, "workdir")  # empty, or a file in the way: one line
-  writers.check_log_config(config.log)  # log.profile_steps, log.wandb_*: one line
+  tracking.check_log_config(config.log)  # log.profile_steps, log.wandb_*: one line
   workdir = paths.resolve(workdir)  # a cloud path stays one (never ./gs:/...)
   is_main = jax.process_index() == 0
   rundir.WorkdirLock.check(workdir, enabled=is_main)  # in use: fail now (reads only)
@@ -162,14 +163,14 @@ def train_and_evaluate(config, workdir, *, hooks=(), devices=None):
       writer = writers.MetricWriter(
           workdir, tensorboard=cfg.log.tensorboard, enabled=is_main,
           record_files=(telemetry.LOAD_FILE,),
-          wandb=writers.wandb_settings(cfg.log, telemetry.hparams(cfg.to_dict())))
+          wandb=tracking.wandb_settings(cfg.log, telemetry.hparams(cfg.to_dict())))
       logging.info("starting at step %d from %s", start, source)
       writer.drop_after(start)  # records of steps after the checkpoint (crash) are redone
       it = env.datasets.train_iter()
       if data_state:
         it.set_state(data_state)
       evaluator = evaluate.Evaluator(env, writer, workdir, state, start)
-      profiler = writers.Profiler(cfg.log.get("profile_steps", ""), writer, start)
+      profiler = tracking.Profiler(cfg.log.get("profile_steps", ""), writer, start)
 
       state, step, status, timing = run_loop(env, state, it, ckpt=ckpt, writer=writer,
                                              on_eval=evaluator, hooks=(*hooks, profiler))

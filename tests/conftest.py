@@ -218,3 +218,25 @@ def split_by_hash(ids, frac):
     if u < frac:
       out.add(i)
   return out
+
+
+# What a build of the package reads (tests/test_packaging.py, tests/test_core_install.py).
+PACKAGE_SOURCES = ("setup.cfg", "pyproject.toml", "README.md", "simbal_jax", "configs",
+                   "experiments")
+
+
+def copy_package_sources(dst):
+  """Copies what a build reads (PACKAGE_SOURCES, without caches or links) from the checkout into
+  the folder `dst`, so that building writes nothing into the checkout."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def ignore(folder, names):
+    return [n for n in names if n == "__pycache__" or os.path.islink(os.path.join(folder, n))]
+
+  os.makedirs(dst, exist_ok=True)
+  for name in PACKAGE_SOURCES:
+    path = os.path.join(root, name)
+    if os.path.isdir(path):
+      shutil.copytree(path, os.path.join(dst, name), ignore=ignore)
+    else:
+      shutil.copy2(path, os.path.join(dst, name))

@@ -8,14 +8,13 @@ NumPy), Flax is not importable, and importing a training module fails with one l
 """
 import json
 import os
-import shutil
 import subprocess
 import venv
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOURCES = ("setup.cfg", "pyproject.toml", "README.md", "simbal_jax", "configs", "experiments")
+from conftest import copy_package_sources
+
 # Distributions of the train extra that must not come with the core install.
 TRAINING_STACK = ("flax", "optax", "orbax-checkpoint", "etils", "ml-collections", "grain",
                   "tensorflow-datasets", "tensorboardX", "matplotlib", "tokamax", "absl-py")
@@ -56,20 +55,10 @@ print(json.dumps(out))
 '''
 
 
-def _ignore(folder, names):
-  return [n for n in names if n == "__pycache__" or os.path.islink(os.path.join(folder, n))]
-
-
 @pytest.mark.slow
 def test_core_install_has_the_losses_and_no_training_stack(tmp_path):
   src, env_dir = tmp_path / "src", tmp_path / "venv"
-  src.mkdir()
-  for name in SOURCES:
-    path = os.path.join(ROOT, name)
-    if os.path.isdir(path):
-      shutil.copytree(path, src / name, ignore=_ignore)
-    else:
-      shutil.copy2(path, src / name)
+  copy_package_sources(src)
   venv.create(env_dir, with_pip=True)
   python = str(env_dir / "bin" / "python")
   env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PIP_REQUIRE_VIRTUALENV")}

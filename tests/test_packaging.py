@@ -8,7 +8,6 @@ unknown config name ends in one line.
 """
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -17,9 +16,9 @@ import pytest
 from simbal_jax import balance
 from simbal_jax.configs import base
 
+from conftest import copy_package_sources
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# What a build reads (copied first, so that building writes nothing into the checkout).
-SOURCES = ("setup.cfg", "pyproject.toml", "README.md", "simbal_jax", "configs", "experiments")
 # demo:simbal shrunk to seconds: one MoE layer of 4 experts, 2 steps, one small evaluation
 # (TensorBoard and the progress bar left on, so their packages run too).
 TINY = ("--config.model.num_layers=1", "--config.model.d_model=32", "--config.moe.num_experts=4",
@@ -29,23 +28,13 @@ TINY = ("--config.model.num_layers=1", "--config.model.d_model=32", "--config.mo
         "--config.data.max_docs=40", "--config.ckpt.enabled=False")
 
 
-def _no_links_or_caches(folder, names):
-  return [n for n in names if n == "__pycache__" or os.path.islink(os.path.join(folder, n))]
-
-
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
   """(site, env, cwd): the install folder, an environment that imports only from it, and a
   working directory outside the checkout."""
   tmp = tmp_path_factory.mktemp("packaging")
   src, site, cwd = tmp / "src", tmp / "site", tmp / "elsewhere"
-  src.mkdir()
-  for name in SOURCES:
-    path = os.path.join(ROOT, name)
-    if os.path.isdir(path):
-      shutil.copytree(path, src / name, ignore=_no_links_or_caches)
-    else:
-      shutil.copy2(path, src / name)
+  copy_package_sources(src)
   got = subprocess.run(
       [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
        "--no-build-isolation", "--target", str(site), str(src)],

@@ -10,7 +10,8 @@ and each expert's relative weight movement (`metrics.expert_movement`, stagnant 
 captured with `flax.linen.intercept_methods` (on a copy of the model without `remat`: the
 parameter tree is the same, and a value captured inside `nn.remat` would be a leaked tracer),
 then every expert's SwiGLU is run from the stacked parameters on the sampled tokens and
-`specialization.pes` averages the pairwise cosines.
+`specialization.pes` averages the pairwise cosines, all in one jitted program (run op by op,
+the model would compile every operation of every block separately).
 """
 
 import dataclasses
@@ -26,19 +27,8 @@ from simbal_jax import moe
 from simbal_jax import specialization
 
 
-def capture_moe_inputs(model, params, tokens_BxL, expert_bias=None):
-  """Runs the model and returns the inputs of every MoE block, in layer order.
-
-  Args:
-    model: model.Transformer (with or without remat). params: its parameters.
-    tokens_BxL: int32[B, L].
-    expert_bias: float32[Lm, E] or None.
-  Returns:
-    list of (module path tuple, float[B, L, D]) per MoE block.
-  """
-  # nn.remat traces the block in its own scope: an input captured there is a tracer that
-  # escapes. Remat does not change parameters or values, so run the model without it.
-  model = model_lib.Transformer(dataclasses.replace(model.config, remat=False))
+def _intercept_moe_inputs(model, params, tokens_BxL, expert_bias):
+  """[(module path tuple, float[B, L, D])] of every MoE block of `model` (traceable)."""
   captured = []
 
   def interceptor(next_fun, args, kwargs, context):
@@ -50,6 +40,34 @@ def capture_moe_inputs(model, params, tokens_BxL, expert_bias=None):
     model.apply({"params": params}, tokens_BxL,
                 expert_bias=expert_bias if model.config.moe is not None else None)
   return captured
+
+
+def _without_remat(model):
+  # nn.remat traces the block in its own scope: an input captured there is a tracer that
+  # escapes. Remat does not change parameters or values, so run the model without it.
+  return model_lib.Transformer(dataclasses.replace(model.config, remat=False))
+
+
+def capture_moe_inputs(model, params, tokens_BxL, expert_bias=None):
+  """Runs the model (compiled, one program) and returns the inputs of every MoE block, in
+  layer order.
+
+  Args:
+    model: model.Transformer (with or without remat). params: its parameters.
+    tokens_BxL: int32[B, L].
+    expert_bias: float32[Lm, E] or None.
+  Returns:
+    list of (module path tuple, float[B, L, D]) per MoE block.
+  """
+  plain, paths = _without_remat(model), []
+
+  def run(params, tokens, bias):
+    captured = _intercept_moe_inputs(plain, params, tokens, bias)
+    paths.extend(path for path, _ in captured)
+    return [x for _, x in captured]
+
+  inputs = jax.jit(run)(params, tokens_BxL, expert_bias)
+  return list(zip(paths, inputs))
 
 
 def all_expert_outputs(block_params, x_TxD):
@@ -73,6 +91,9 @@ def all_expert_outputs(block_params, x_TxD):
 def layer_pes(key, model, params, tokens_BxL, *, num_tokens=256, expert_bias=None):
   """Exact PES (all expert pairs) per MoE layer on `num_tokens` sampled tokens.
 
+  The model, the sampling of the block inputs and every layer's PES run as one compiled
+  program (no block input leaves the device).
+
   Args:
     key: PRNG key for the token sample.
     model: model.Transformer (MoE). params: its parameters.
@@ -82,21 +103,25 @@ def layer_pes(key, model, params, tokens_BxL, *, num_tokens=256, expert_bias=Non
   Returns:
     dict: pes float64[Lm] per layer, min, mean, num_tokens.
   """
-  captured = capture_moe_inputs(model, params, tokens_BxL, expert_bias)
-  if not captured:
+  if model.config.moe is None:
     raise ValueError("layer_pes: the model has no MoE layer")
   total = int(np.prod(tokens_BxL.shape))
   n = min(int(num_tokens), total)
   idx = jax.random.choice(key, total, (n,), replace=False)
-  values = []
-  p = nn.unbox(params)
-  for path, x_BxLxD in captured:
-    block = p
-    for name in path:
-      block = block[name]
-    x_TxD = x_BxLxD.reshape(total, -1)[idx]
-    values.append(float(specialization.pes(all_expert_outputs(block, x_TxD))))
-  values = np.asarray(values, np.float64)
+  plain = _without_remat(model)
+
+  def per_layer(params, tokens, idx, bias):
+    p, values = nn.unbox(params), []
+    for path, x_BxLxD in _intercept_moe_inputs(plain, params, tokens, bias):
+      block = p
+      for name in path:
+        block = block[name]
+      x_TxD = x_BxLxD.reshape(total, -1)[idx]
+      values.append(specialization.pes(all_expert_outputs(block, x_TxD)))
+    return jnp.stack(values)
+
+  values = np.asarray(jax.device_get(jax.jit(per_layer)(params, tokens_BxL, idx, expert_bias)),
+                      np.float64)
   return {"pes": values, "min": float(values.min()), "mean": float(values.mean()),
           "num_tokens": n}
 

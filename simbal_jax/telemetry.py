@@ -56,6 +56,11 @@ LOAD_FILE = "expert_load.jsonl"
 EXPERT_NORM_KEYS = {"train/layer_expert_wnorm": "wnorm", "train/layer_expert_gnorm": "gnorm"}
 
 
+# Compiled once per load shape: called at every logged step, op by op it would dispatch (and
+# first compile) each of its jnp operations separately.
+_load_cv = jax.jit(metrics_lib.load_cv)
+
+
 def split_layer_metrics(metrics, layer_ids):
   """Host train metrics (numpy) -> (scalars, load float64[Lm, E] or None).
 
@@ -78,7 +83,7 @@ def split_layer_metrics(metrics, layer_ids):
       raise ValueError(f"train metric {k!r} has shape {v.shape}; only train/layer_* may be "
                        "arrays")
   if load is not None:
-    cv = np.asarray(metrics_lib.load_cv(load.astype(np.float32)))
+    cv = np.asarray(_load_cv(load.astype(np.float32)))
     out.update({f"train/layer_{i}/load_cv": float(x) for i, x in zip(layer_ids, cv)})
   return out, load
 

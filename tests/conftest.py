@@ -51,17 +51,20 @@ def fast_compiles():
   jax.config.update("jax_disable_most_optimizations", previous)
 
 
-def tiny_config(method="lbl", steps=8, **sections):
+def tiny_config(method="lbl", steps=8, analysis=False, **sections):
   """configs/demo.py shrunk for end-to-end tests.
 
   2 layers, d_model 32, 2 heads, dense d_ff 64; 4 experts top-2 with d_ff 32; the synthetic
   corpus (vocab 64, 256 documents); seq_len 16, global batch 8, `steps` steps, warmup 2; one
   evaluation (at the end) of 128 tokens; async checkpoints every 4 steps; a metrics record every
-  step, no progress bar, no TensorBoard.
+  step, no progress bar, no TensorBoard. Without `analysis`, the eval-time analyses that cost
+  compiles but that most tests do not read are off: final PES (train.pes_tokens), routing churn
+  (log.churn_tokens), expert movement and the per-expert norms of the train step.
 
   Args:
     method: a variant of configs/demo.py ("lbl", "simbal", "lf_lbl", "none", "dense", ...).
     steps: train.num_steps.
+    analysis: keep the demo config's PES, churn, expert movement and expert norms on.
     **sections: field overrides by config section, applied last, e.g.
       `tiny_config("lbl", train=dict(seq_len=12), moe=dict(num_groups=8))`.
 
@@ -80,6 +83,9 @@ def tiny_config(method="lbl", steps=8, **sections):
   cfg.opt.warmup_steps = 2
   cfg.ckpt.every, cfg.ckpt.async_save = 4, True
   cfg.log.every, cfg.log.progress, cfg.log.tensorboard = 1, False, False
+  if not analysis:
+    cfg.train.pes_tokens, cfg.log.churn_tokens = 0, 0
+    cfg.log.expert_movement = cfg.log.expert_norms = False
   for section, fields in sections.items():
     for name, value in fields.items():
       if name not in cfg[section]:

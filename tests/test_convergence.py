@@ -113,7 +113,7 @@ def test_half_finished_matrix_resumes_without_retraining(tmp_path, monkeypatch):
   import jax  # pylint: disable=g-import-not-at-top
   from simbal_jax import train  # pylint: disable=g-import-not-at-top
   from conftest import tiny_config  # pylint: disable=g-import-not-at-top
-  cfg = tiny_config("lbl", steps=4)
+  cfg = tiny_config("lbl", steps=4, analysis=True)
   cfg.train.num_evals, cfg.train.pes_tokens, cfg.ckpt.every = 2, 16, 2
   real = train.train_and_evaluate
   calls = []

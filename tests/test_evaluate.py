@@ -73,7 +73,7 @@ def test_extra_eval_sets_each_log_their_metrics_and_load_shift(tmp_path):
   logged loads), at every evaluation, with PES at the last one, in the summary and its table."""
   from simbal_jax import telemetry, train  # pylint: disable=g-import-not-at-top
   from simbal_jax.runio import writers  # pylint: disable=g-import-not-at-top
-  cfg = tiny_config("lbl", steps=4, train=dict(num_evals=2, pes_tokens=32,
+  cfg = tiny_config("lbl", steps=4, analysis=True, train=dict(num_evals=2, pes_tokens=32,
                                                eval_sets="same=text_files,syn=synthetic"))
   cfg.data.update(source="text_files", globs=_text_docs(tmp_path / "docs"), tokenizer="bytes",
                   eval_fraction=0.2)

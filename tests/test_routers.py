@@ -348,7 +348,7 @@ def test_expert_choice_training_run(tmp_path):
   """simbal+ec: trains, its evaluation reports MaxVio 0, the share of tokens with no expert,
   the causal loss (token-choice routing of the same model) and the routing churn. Capacity
   factor 0.5: one assignment per token on average, so some tokens get none."""
-  cfg = tiny_config("simbal+ec", steps=4, moe=dict(capacity_factor=0.5))
+  cfg = tiny_config("simbal+ec", steps=4, analysis=True, moe=dict(capacity_factor=0.5))
   cfg.ckpt.enabled = False
   summary, _ = train.train_and_evaluate(cfg, str(tmp_path), devices=jax.devices()[:1])
   assert summary["status"] == "done"

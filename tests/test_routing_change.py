@@ -14,7 +14,7 @@ pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def test_tracker_churn_and_movement_vs_independent_computation(tmp_path):
-  cfg = tiny_config("lbl")
+  cfg = tiny_config("lbl", analysis=True)
   cfg.train.eval_tokens = 256  # two eval batches of 8 x 16 tokens
   cfg.data.synthetic.num_docs = 1024  # enough held-out documents for them
   env = env_lib.build(cfg, str(tmp_path), devices=jax.devices()[:1])

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 @pytest.mark.parametrize("method", ["lf_simbal", "lbl"])
 def test_steps_compile_once(tmp_path, method):
-  cfg = tiny_config(method, steps=4)
+  cfg = tiny_config(method, steps=4, analysis=True)
   env = env_lib.build(cfg, str(tmp_path), devices=jax.devices()[:1])
   with sharding.mesh_rules(env.mesh, env.rules):
     state, _, source = env_lib.initial_state(env, None)
@@ -100,7 +100,7 @@ def test_eval_step_undecided_sum_vs_numpy(tmp_path, delta):
 def test_expert_norms_are_outputs_only_and_match_the_gradient(tmp_path, grad_accum):
   """log.expert_norms adds each expert's weight and gradient norm to the step's outputs and
   changes nothing else: the same losses and bit-identical states with and without them."""
-  cfg = tiny_config("lf_lbl", steps=3, train=dict(grad_accum=grad_accum))
+  cfg = tiny_config("lf_lbl", steps=3, analysis=True, train=dict(grad_accum=grad_accum))
   env = env_lib.build(cfg, str(tmp_path), devices=jax.devices()[:1])
   assert env.sc.expert_norms
   ids = env.mcfg.moe_layer_ids

@@ -37,7 +37,7 @@ def _model_config(workdir):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("telemetry"))
-  cfg = tiny_config("simbal", steps=6)
+  cfg = tiny_config("simbal", steps=6, analysis=True)
   cfg.model.num_layers = 3
   cfg.model.moe_every = 1
   cfg.log.every = 2

@@ -153,13 +153,13 @@ class Checkpointer:
     if step in self.manager.all_steps():
       logging.info("checkpoint for step %d already exists; not re-saving", step)
       return False
-    bad, total = integrity.nonfinite_leaves(state)
+    (bad, total), digests = integrity.finite_and_digests(state)
     if bad:
       raise NonFiniteStateError(step, bad, total, self.latest_step())
     items = dict(state=ocp.args.StandardSave(state),
                  data=ocp.args.JsonSave(dict(data_state or {})),
                  integrity=ocp.args.JsonSave({"format": integrity.DIGEST_FORMAT,
-                                              "leaves": integrity.state_digests(state)}))
+                                              "leaves": digests}))
     if config is not None:
       items["config"] = ocp.args.JsonSave(config)
     if not self._saved and jax.process_index() == 0:  # leftovers of an earlier failed save
@@ -318,18 +318,18 @@ class Checkpointer:
       args["integrity"] = ocp.args.JsonRestore()
     out = self._attempt(s, "reading its arrays", lambda: self.manager.restore(
         s, args=ocp.args.Composite(**args)))
+    (nonfinite, total), digests = integrity.finite_and_digests(out["state"])
     if has["integrity"]:
-      bad = integrity.verify_digests(out["state"], out["integrity"] or {})
+      bad = integrity.verify_digests(out["state"], out["integrity"] or {}, digests)
       if bad:
         raise _Damaged(f"{len(bad)} array(s) differ from their save-time digests: "
                        f"{', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}")
     else:
       logging.warning("%s has no digests (a checkpoint from elsewhere): restored unverified",
                       where)
-    bad, total = integrity.nonfinite_leaves(out["state"])
-    if bad:  # a diverged state (saved before saves were checked): it cannot be continued
-      raise _Damaged(f"NaN or Inf in {len(bad)} of {total} arrays ({', '.join(bad[:3])}"
-                     f"{' ...' if len(bad) > 3 else ''})")
+    if nonfinite:  # a diverged state (saved before saves were checked): it cannot go on
+      raise _Damaged(f"NaN or Inf in {len(nonfinite)} of {total} arrays "
+                     f"({', '.join(nonfinite[:3])}{' ...' if len(nonfinite) > 3 else ''})")
     for name, old, new in accepted:
       logging.warning("resuming with a changed config (ckpt.allow_config_change): %s: %r -> %r",
                       name, old, new)

@@ -57,13 +57,16 @@ def _leaf_digest(x):
 _digest_tree = jax.jit(lambda tree: jax.tree.map(_leaf_digest, tree))
 
 
-def state_digests(state):
-  """{path: [h1, h2, dtype, shape]} for every array of `state` (computed on device)."""
-  got = jax.device_get(_digest_tree(state))
+def _digest_record(state, got):
   leaves = jax.tree_util.tree_flatten_with_path(state)[0]
   digs = jax.tree_util.tree_flatten_with_path(got)[0]
   return {jax.tree_util.keystr(p): [int(d[0]), int(d[1]), str(x.dtype), list(x.shape)]
           for (p, x), (_, d) in zip(leaves, digs)}
+
+
+def state_digests(state):
+  """{path: [h1, h2, dtype, shape]} for every array of `state` (computed on device)."""
+  return _digest_record(state, jax.device_get(_digest_tree(state)))
 
 
 def _leaf_finite(x):
@@ -75,20 +78,35 @@ def _leaf_finite(x):
 _finite_tree = jax.jit(lambda tree: jax.tree.map(_leaf_finite, tree))
 
 
-def nonfinite_leaves(state):
-  """(paths of the float arrays of `state` holding a NaN or Inf, number of arrays); computed on
-  device, one bool per array comes back."""
-  got = jax.device_get(_finite_tree(state))
+def _nonfinite_record(got):
   flat = jax.tree_util.tree_flatten_with_path(got)[0]
   return [jax.tree_util.keystr(p) for p, ok in flat if not bool(ok)], len(flat)
 
 
-def verify_digests(state, record):
-  """Paths of `state`'s arrays that differ from `record` (an `integrity` item); [] when equal."""
+def nonfinite_leaves(state):
+  """(paths of the float arrays of `state` holding a NaN or Inf, number of arrays); computed on
+  device, one bool per array comes back."""
+  return _nonfinite_record(jax.device_get(_finite_tree(state)))
+
+
+# One program for a save's two checks: one compile and one pass over the state, not two.
+_finite_and_digest_tree = jax.jit(
+    lambda tree: (jax.tree.map(_leaf_finite, tree), jax.tree.map(_leaf_digest, tree)))
+
+
+def finite_and_digests(state):
+  """(`nonfinite_leaves(state)`, `state_digests(state)`) computed together on device."""
+  finite, digests = jax.device_get(_finite_and_digest_tree(state))
+  return _nonfinite_record(finite), _digest_record(state, digests)
+
+
+def verify_digests(state, record, digests=None):
+  """Paths of `state`'s arrays that differ from `record` (an `integrity` item); [] when equal.
+  `digests`: `state_digests(state)` when already computed."""
   if record.get("format") != DIGEST_FORMAT:
     logging.warning("unknown digest format %r: checkpoint not verified", record.get("format"))
     return []
-  saved, now = record.get("leaves", {}), state_digests(state)
+  saved, now = record.get("leaves", {}), digests or state_digests(state)
   return sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
 
 

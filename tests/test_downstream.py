@@ -2,6 +2,7 @@
 (conftest fixture `trained`), as an independent float64 scoring does."""
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -49,14 +50,15 @@ def test_lm_eval_scores_a_local_multiple_choice_task(trained, tmp_path, monkeypa
   got = res["results"]["tiny_mc"]["acc,none"]
 
   tok = env.datasets.tokenizer
+  apply = jax.jit(lambda ids: env.model.apply({"params": state.params}, ids,
+                                              expert_bias=state.expert_bias)[0])
   correct = []
   for d in docs:
     scores = []
     for choice in d["choices"]:
       ctx, cont = tok.encode(d["question"]), tok.encode(" " + choice)
       ids = np.asarray(ctx + cont, np.int32)
-      logits, _ = env.model.apply({"params": state.params}, jnp.asarray(ids[None, :-1]),
-                                  expert_bias=state.expert_bias)
+      logits = apply(jnp.asarray(ids[None, :-1]))  # one sequence, unpadded
       lg = np.asarray(logits[0], np.float64)
       lp = lg - np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1, keepdims=True)) - lg.max(
           -1, keepdims=True)

@@ -36,9 +36,11 @@ def test_tracker_churn_and_movement_vs_independent_computation(tmp_path):
     tracker.start(state, 0)
     got, move = tracker(state2, 7, layer_ids=[0, 1])
 
+  apply = jax.jit(env.model.apply)
+
   def routing(params):  # [Lm, 256, K]: both eval batches, sequence-major
-    idx = [np.asarray(env.model.apply({"params": params}, b["inputs"],
-                                      expert_bias=state.expert_bias)[1].router.expert_index)
+    idx = [np.asarray(apply({"params": params}, b["inputs"],
+                            expert_bias=state.expert_bias)[1].router.expert_index)
            for b in batches]
     return np.concatenate(idx, axis=1)
 

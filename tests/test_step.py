@@ -84,10 +84,11 @@ def test_eval_step_undecided_sum_vs_numpy(tmp_path, delta):
     state, _, _ = env_lib.initial_state(env, None)
     batch = sharding.to_global(env.datasets.eval_batches(1)[0], env.batch_sharding,
                                env_lib.TRAIN_KEYS)
-    sums = step_lib.eval_step(state.params, state.expert_bias, batch, model=env.model,
-                              undecided_delta=delta)
-    _, aux = env.model.apply({"params": state.params}, batch["inputs"],
-                             expert_bias=state.expert_bias)
+    sums = jax.jit(functools.partial(step_lib.eval_step, model=env.model,
+                                     undecided_delta=delta))(
+        state.params, state.expert_bias, batch)
+    _, aux = jax.jit(env.model.apply)({"params": state.params}, batch["inputs"],
+                                      expert_bias=state.expert_bias)
   probs = np.asarray(aux.router.probs, np.float64)  # [Lm, T, E]
   want = (probs.max(-1) < 1.0 / probs.shape[-1] + delta).mean(-1)
   np.testing.assert_allclose(np.asarray(sums["undecided_sum"]) / float(sums["tokens"]), want,
@@ -128,8 +129,8 @@ def test_expert_norms_are_outputs_only_and_match_the_gradient(tmp_path, grad_acc
                              analysis.layer_expert_norms(s_on.params, ids), rtol=1e-6)
   if grad_accum == 1:  # the last step's gradient, recomputed with the step's own keys
     _, rngs = step_lib.step_keys(before.rng)
-    grads = jax.grad(lambda p: step_lib.loss_fn(p, batch, before.expert_bias, model=env.model,
-                                                sc=env.sc, rngs=rngs)[0])(before.params)
+    grads = jax.jit(jax.grad(lambda p: step_lib.loss_fn(
+        p, batch, before.expert_bias, model=env.model, sc=env.sc, rngs=rngs)[0]))(before.params)
     np.testing.assert_allclose(m_on[-1]["train/layer_expert_gnorm"],
                                analysis.layer_expert_norms(grads, ids), rtol=1e-5)
   assert np.all(np.asarray(m_on[-1]["train/layer_expert_gnorm"]) > 0)

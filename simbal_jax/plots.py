@@ -360,3 +360,33 @@ def prune_tradeoff(rows, *, title=None):
   ax.set_title(title or "Pruning gates below a threshold (labels: threshold)")
   ax.legend()
   return fig
+
+
+def diff_vs_size(series, *, title=None):
+  """A method's final-loss difference against each baseline, against model size.
+
+  Args:
+    series: {baseline: [(non-embedding active params, mean difference, [lo, hi] 95 % CI or
+      None), ...]} (experiments/scaling.py).
+    title: optional title.
+
+  Returns:
+    Figure with one Axes: x the parameters (log scale), y the difference (below 0: the method
+    ends lower), one line per baseline with its intervals as error bars.
+  """
+  fig, axes = _figure(1, 1, 6, 4.2)
+  ax = axes[0, 0]
+  for i, (name, pts) in enumerate(series.items()):
+    pts = sorted(pts)
+    x = np.asarray([p[0] for p in pts], np.float64) * (1 + 0.03 * i)  # side by side
+    y = np.asarray([p[1] for p in pts], np.float64)
+    err = np.asarray([[m - c[0], c[1] - m] if c else [0.0, 0.0] for _, m, c in pts]).T
+    ax.errorbar(x, y, yerr=err if len(pts) else None, marker="o", capsize=4, color=f"C{i}",
+                label=f"vs {name}")
+  ax.set_xscale("log")
+  ax.axhline(0.0, color="k", lw=0.8)
+  ax.set_xlabel("non-embedding active parameters")
+  ax.set_ylabel("final validation loss difference")
+  ax.set_title(title or "Difference against the baselines by model size")
+  ax.legend()
+  return fig

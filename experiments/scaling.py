@@ -8,12 +8,13 @@ Each workdir holds one model size, trained by experiments/convergence.py (the sa
 same evaluation set within a workdir); only finished runs count (`convergence.load_runs`), and
 a seed counts for a pair only when both methods finished it. The size of a workdir is the
 non-embedding active parameter count (`model.count_params`) of its runs' config.json (all of a
-workdir's runs must agree). Writes `<out>.md` (the table), `<out>.json` and `<out>.png`
+workdir's runs must agree; a workdir without a finished run of the method is left out, with
+a line saying so). Writes `<out>.md` (the table), `<out>.json` and `<out>.png`
 (`plots.diff_vs_size`) and prints the table.
 
 `<out>.json`: {method, baselines, sizes: [{workdir, non_embedding_active, tokens, final_loss
 {<method>: {mean, std, seeds}}, diff.<baseline>: {mean, ci95, per_seed, seeds}}]} (ci95 null
-for fewer than two seeds).
+for fewer than two seeds), left_out [reason per workdir left out].
 """
 
 import json
@@ -86,10 +87,23 @@ def format_table(result):
 
 
 def run(workdirs, method, baselines, out):
-  """Builds the table, writes <out>.md/.json/.png and returns the result dict."""
-  rows = sorted((size_row(w, method, baselines) for w in workdirs),
-                key=lambda r: r["non_embedding_active"])
-  result = dict(method=method, baselines=list(baselines), sizes=rows)
+  """Builds the table, writes <out>.md/.json/.png and returns the result dict.
+
+  A workdir without a finished run of `method` (a study still running) is left out with a
+  printed line; none usable is an error (ValueError).
+  """
+  rows, skipped = [], []
+  for w in workdirs:
+    try:
+      rows.append(size_row(w, method, baselines))
+    except ValueError as e:
+      skipped.append(str(e))
+  if not rows:
+    raise ValueError("; ".join(skipped))
+  for line in skipped:
+    print(f"left out: {line}")
+  rows.sort(key=lambda r: r["non_embedding_active"])
+  result = dict(method=method, baselines=list(baselines), sizes=rows, left_out=skipped)
   md = format_table(result)
   paths.resolve(out + ".md").write_text(md + "\n")
   paths.resolve(out + ".json").write_text(json.dumps(result, indent=1) + "\n")

@@ -97,3 +97,9 @@ def test_a_workdir_without_the_method_or_mixing_sizes_is_refused(tmp_path):
     scaling.run([str(tmp_path / "a")], "simbal", ["lbl"], str(tmp_path / "o"))
   with pytest.raises(ValueError, match="no finished run"):
     scaling.run([str(tmp_path / "empty")], "simbal", ["lbl"], str(tmp_path / "o"))
+  _write(tmp_path / "b", "lbl", 0, 2.0, _config(32))
+  _write(tmp_path / "b", "simbal", 0, 2.5, _config(32))
+  got = scaling.run([str(tmp_path / "b"), str(tmp_path / "empty")], "simbal", ["lbl"],
+                    str(tmp_path / "o"))  # a size still running is left out, with its reason
+  assert [r["workdir"] for r in got["sizes"]] == [str(tmp_path / "b")]
+  assert got["left_out"] == [f"{tmp_path / 'empty'}: no finished run"]

@@ -109,8 +109,7 @@ def run(workdirs, method, baselines, out):
   paths.resolve(out + ".json").write_text(json.dumps(result, indent=1) + "\n")
   series = {b: [(r["non_embedding_active"], r["diff"][b]["mean"], r["diff"][b]["ci95"])
                 for r in rows if r["diff"][b]["mean"] is not None] for b in baselines}
-  fig = plots.diff_vs_size(series, title=f"{method} − baseline, final validation loss "
-                                         "(mean, 95 % CI over seeds)")
+  fig = plots.diff_vs_size(series, title=f"{method} − baseline (mean, 95 % CI over seeds)")
   with paths.resolve(out + ".png").open("wb") as f:
     fig.savefig(f, format="png", dpi=120)
   print(md)

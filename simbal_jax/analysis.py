@@ -103,7 +103,7 @@ def layer_pes(key, model, params, tokens_BxL, *, num_tokens=256, expert_bias=Non
   Returns:
     dict: pes float64[Lm] per layer, min, mean, num_tokens.
   """
-  if model.config.moe is None:
+  if not model.config.moe_layer_ids:
     raise ValueError("layer_pes: the model has no MoE layer")
   total = int(np.prod(tokens_BxL.shape))
   n = min(int(num_tokens), total)

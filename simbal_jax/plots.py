@@ -377,7 +377,7 @@ def diff_vs_size(series, *, title=None):
   fig, axes = _figure(1, 1, 6, 4.2)
   ax = axes[0, 0]
   for i, (name, pts) in enumerate(series.items()):
-    pts = sorted(pts)
+    pts = sorted(pts, key=lambda p: p[0])
     x = np.asarray([p[0] for p in pts], np.float64) * (1 + 0.03 * i)  # side by side
     y = np.asarray([p[1] for p in pts], np.float64)
     err = np.asarray([[m - c[0], c[1] - m] if c else [0.0, 0.0] for _, m, c in pts]).T

@@ -110,3 +110,13 @@ def test_layer_expert_norms_of_a_hand_made_params_and_grads_tree_match_numpy():
     assert got.shape == (2, e) and got.dtype == np.float32
     np.testing.assert_allclose(got, want, rtol=1e-6)
   assert float(analysis.layer_expert_norms(grads, [3])[0, 1]) == 0.0
+
+
+def test_layer_pes_of_a_dense_model_is_refused():
+  mcfg = model_lib.ModelConfig(vocab_size=32, d_model=16, num_layers=1, num_heads=2, d_ff=32,
+                               dtype="float32")
+  dense = model_lib.Transformer(mcfg)
+  tokens = np.zeros((1, 4), np.int32)
+  params = dense.init(jax.random.key(0), tokens)["params"]
+  with pytest.raises(ValueError, match="no MoE layer"):
+    analysis.layer_pes(jax.random.key(0), dense, params, tokens)

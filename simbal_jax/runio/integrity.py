@@ -3,8 +3,8 @@
 `state_digests` gives two 32-bit sums of a mixed hash of (value bits, flat position) for every
 array of a state, computed on device; integer sums do not depend on the order of summation, so
 the digest is the same for any sharding or device count, and restoring into another mesh still
-verifies. `nonfinite_leaves` names the float arrays holding NaN or Inf (no checkpoint is written
-from such a state). `classify` sorts an exception raised by an Orbax restore into access / io /
+verifies. `finite_and_digests` also names the float arrays holding NaN or Inf (no checkpoint is
+written from such a state), in the same pass. `classify` sorts an exception raised by an Orbax restore into access / io /
 mismatch / damaged / unknown (TensorStore reports status codes in its messages); `brief` and
 `root_cause` put the innermost OS error first. `quiet` keeps a failed attempt from burying the
 one warning that matters under Orbax's and asyncio's leftovers; `install_noise_filters` does the
@@ -75,18 +75,9 @@ def _leaf_finite(x):
   return jnp.all(jnp.isfinite(x))
 
 
-_finite_tree = jax.jit(lambda tree: jax.tree.map(_leaf_finite, tree))
-
-
 def _nonfinite_record(got):
   flat = jax.tree_util.tree_flatten_with_path(got)[0]
   return [jax.tree_util.keystr(p) for p, ok in flat if not bool(ok)], len(flat)
-
-
-def nonfinite_leaves(state):
-  """(paths of the float arrays of `state` holding a NaN or Inf, number of arrays); computed on
-  device, one bool per array comes back."""
-  return _nonfinite_record(jax.device_get(_finite_tree(state)))
 
 
 # One program for a save's two checks: one compile and one pass over the state, not two.
@@ -95,7 +86,9 @@ _finite_and_digest_tree = jax.jit(
 
 
 def finite_and_digests(state):
-  """(`nonfinite_leaves(state)`, `state_digests(state)`) computed together on device."""
+  """((paths of the float arrays of `state` holding a NaN or Inf, number of arrays),
+  `state_digests(state)`), computed together on device (one bool and one digest per array come
+  back)."""
   finite, digests = jax.device_get(_finite_and_digest_tree(state))
   return _nonfinite_record(finite), _digest_record(state, digests)
 

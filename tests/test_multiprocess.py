@@ -3,6 +3,7 @@ each) train like one process with 8 devices; SIGTERM to one of them stops both a
 with one save, and the resumed run continues exactly."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -62,8 +63,10 @@ def _port():
 
 
 def _launch(workdir, mode):
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                 os.environ.get("XLA_FLAGS", ""))  # conftest's compile flags stay
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=_ROOT,
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+             XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=4".strip())
   port = _port()
   return [subprocess.Popen([sys.executable, "-c", _WORKER, str(i), str(port), workdir, mode],
                            cwd=_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -54,7 +54,22 @@ def _leaf_digest(x):
   return jnp.stack([h1, h2])
 
 
-_digest_tree = jax.jit(lambda tree: jax.tree.map(_leaf_digest, tree))
+# One small program per distinct (shape, dtype, sharding) of a leaf, not one program for the
+# whole tree: a model's state repeats a few shapes (layers, Adam's two moments), so this
+# compiles a fraction of the ops, and a second run or config in the same process with the same
+# leaves compiles nothing (a whole-tree program compiled afresh for every new tree structure).
+_leaf_digest_jit = jax.jit(_leaf_digest)
+_leaf_finite_and_digest_jit = jax.jit(lambda x: (_leaf_finite(x), _leaf_digest(x)))
+
+
+def _each_leaf(fn, tree):
+  """`fn` on each leaf, one leaf at a time: each program finishes before the next starts (on
+  CPU, fake devices' collectives from programs in flight together can wait on each other)."""
+  return jax.tree.map(lambda x: jax.block_until_ready(fn(x)), tree)
+
+
+def _digest_tree(tree):
+  return _each_leaf(_leaf_digest_jit, tree)
 
 
 def _digest_record(state, got):
@@ -80,9 +95,11 @@ def _nonfinite_record(got):
   return [jax.tree_util.keystr(p) for p, ok in flat if not bool(ok)], len(flat)
 
 
-# One program for a save's two checks: one compile and one pass over the state, not two.
-_finite_and_digest_tree = jax.jit(
-    lambda tree: (jax.tree.map(_leaf_finite, tree), jax.tree.map(_leaf_digest, tree)))
+def _finite_and_digest_tree(tree):
+  """A save's two checks in one pass over each leaf (one program per kind of leaf)."""
+  both = _each_leaf(_leaf_finite_and_digest_jit, tree)
+  outer, inner = jax.tree.structure(tree), jax.tree.structure((0, 0))
+  return jax.tree.transpose(outer, inner, both)
 
 
 def finite_and_digests(state):

@@ -5,6 +5,8 @@ cache for the whole session (a temporary directory made by the first pytest proc
 inherited through the environment by the xdist workers and by the subprocesses tests start):
 the tests compile the same tiny models again and again (fresh closures, fresh processes), and
 a repeated compile becomes a file read. The directory is removed when that process ends.
+Every compile, in this process and in those it starts, is a fast one (most optimizations off,
+no XLA CPU fusion emitters: see below).
 
 `tiny_config` is the one tiny training config the end-to-end tests derive theirs from,
 `tiny_model_config` the model-level tests' tiny model, fixture `trained` a finished tiny run;
@@ -45,18 +47,6 @@ jax.config.update("jax_platforms", "cpu")
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def fast_compiles():
-  """Cheaper XLA compiles for tiny shapes; restored afterwards for other test modules.
-
-  Use with `pytestmark = pytest.mark.usefixtures("fast_compiles")`.
-  """
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
 
 
 def tiny_config(method="lbl", steps=8, analysis=False, **sections):
@@ -106,23 +96,18 @@ def tiny_config(method="lbl", steps=8, analysis=False, **sections):
 def trained(tmp_path_factory):
   """A finished 6-step SimBal run of `tiny_config` on a byte-level text corpus, restored from
   disk on one device: (summary, env, state). Read by the experiments' tests (prune, pes,
-  downstream); compiled as under `fast_compiles`."""
+  downstream)."""
   from simbal_jax import env as env_lib  # pylint: disable=g-import-not-at-top
   from simbal_jax import train  # pylint: disable=g-import-not-at-top
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  try:
-    docs = tmp_path_factory.mktemp("docs")
-    for i in range(40):  # a byte-level text corpus, so lm-eval's text tasks can be tokenized
-      (docs / f"doc{i}.txt").write_text(f"q{i}: a b x y zz a b a " * (5 + i % 7))
-    cfg = tiny_config("simbal", steps=6)  # 4 experts, top-2
-    cfg.data.update(source="text_files", globs=str(docs / "*.txt"), tokenizer="bytes",
-                    eval_fraction=0.2)
-    workdir = str(tmp_path_factory.mktemp("run"))
-    summary, _ = train.train_and_evaluate(cfg, workdir, devices=jax.devices()[:1])
-    env, state = env_lib.restore_run(workdir, devices=jax.devices()[:1])
-  finally:
-    jax.config.update("jax_disable_most_optimizations", previous)
+  docs = tmp_path_factory.mktemp("docs")
+  for i in range(40):  # a byte-level text corpus, so lm-eval's text tasks can be tokenized
+    (docs / f"doc{i}.txt").write_text(f"q{i}: a b x y zz a b a " * (5 + i % 7))
+  cfg = tiny_config("simbal", steps=6)  # 4 experts, top-2
+  cfg.data.update(source="text_files", globs=str(docs / "*.txt"), tokenizer="bytes",
+                  eval_fraction=0.2)
+  workdir = str(tmp_path_factory.mktemp("run"))
+  summary, _ = train.train_and_evaluate(cfg, workdir, devices=jax.devices()[:1])
+  env, state = env_lib.restore_run(workdir, devices=jax.devices()[:1])
   return summary, env, state
 
 

@@ -9,9 +9,6 @@ import pytest
 from simbal_jax import analysis
 from simbal_jax import model as model_lib
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
-
-
 def _swiglu_np(x_TxD, wi_gate, wi_up, wo):
   """float64 SwiGLU of one expert: (silu(x Wg) * (x Wu)) Wo."""
   g, u = x_TxD @ wi_gate, x_TxD @ wi_up

@@ -8,9 +8,6 @@ from simbal_jax import balance
 from simbal_jax import losses
 from simbal_jax import routing
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
-
-
 def test_parse_terms_order_defaults_and_round_trip():
   assert balance.parse_terms("simbal:0.1+lbl:0.01") == (("simbal", 0.1), ("lbl", 0.01))
   assert balance.parse_terms("lbl, simbal") == (("lbl", 0.01), ("simbal", 0.1))  # defaults

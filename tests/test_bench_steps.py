@@ -9,8 +9,6 @@ from simbal_jax.experiments import bench_steps
 
 import conftest
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
-
 TINY_SHAPE = "2:4:32:16"  # K:E:D:F
 FAST = dict(warmup=1, iters=2, input_sets=2, seed=0)
 

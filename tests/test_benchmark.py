@@ -7,13 +7,10 @@ import subprocess
 import sys
 
 import jax
-import pytest
 
 from simbal_jax.experiments import benchmark
 
 import conftest
-
-pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SHAPE = "2:4:32:16"  # K:E:D:F

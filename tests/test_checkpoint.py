@@ -10,9 +10,6 @@ import pytest
 from simbal_jax.runio import checkpoint
 from simbal_jax.runio import rundir
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
-
-
 def _state(v, step):
   return {"params": {"w": jnp.full((3, 4), float(v)), "b": jnp.arange(4.0) * v},
           "bias": jnp.zeros((2, 4)) + v, "step": jnp.int32(step)}

@@ -31,8 +31,6 @@ from simbal_jax.runio import writers
 from simbal_jax.data import pipeline
 from conftest import tiny_config
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
-
 WORKDIR = "gs://bucket/run"
 
 

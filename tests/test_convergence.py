@@ -108,7 +108,6 @@ def test_missing_reference_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("fast_compiles")
 def test_half_finished_matrix_resumes_without_retraining(tmp_path, monkeypatch):
   import jax  # pylint: disable=g-import-not-at-top
   from simbal_jax import train  # pylint: disable=g-import-not-at-top

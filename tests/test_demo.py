@@ -16,7 +16,6 @@ import sys
 sys.path.insert(0, {tests!r})
 import jax
 from conftest import tiny_config
-jax.config.update("jax_disable_most_optimizations", True)  # as the tests' fast_compiles
 from simbal_jax.configs import demo as demo_config
 tiny = tiny_config("lbl", analysis=True)  # as make demo: PES, churn and norms on
 demo_config.get_config = lambda arg=None: tiny

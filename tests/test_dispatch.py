@@ -8,9 +8,6 @@ import pytest
 
 from simbal_jax import dispatch
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
-
-
 def test_capacity_hand_cases():
   assert dispatch.capacity(16, 4, 2, 1.0) == 8
   assert dispatch.capacity(20, 4, 2, 1.1) == 11  # 11.000000000000002 in floats

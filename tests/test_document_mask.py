@@ -17,8 +17,6 @@ from simbal_jax.data import packing
 
 from conftest import tiny_model_config
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
-
 EOS = 60
 
 

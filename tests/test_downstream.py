@@ -7,9 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
-
-
 _TASK_YAML = """task: tiny_mc
 dataset_path: json
 dataset_kwargs:

@@ -11,9 +11,6 @@ from simbal_jax import train
 
 from conftest import state_of, tiny_config
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
-
-
 def test_restore_run_names_what_is_missing(tmp_path):
   for empty in ("", "  ", None):
     with pytest.raises(ValueError, match=r"^a run directory is needed \(--run=DIR"):

@@ -76,7 +76,6 @@ def test_undecided_share_is_the_summed_undecided_tokens_over_tokens():
   assert ("undecided", "eval/undecided") in eval_metrics.summary_columns()
 
 
-@pytest.mark.usefixtures("fast_compiles")
 def test_an_added_metric_reaches_metrics_jsonl_the_summary_and_the_table(tmp_path, monkeypatch):
   """Adding a metric is one function and one registry line: it then appears everywhere."""
   top_load = eval_metrics.EvalMetric("top_load", lambda x: x.load.max(-1), header="top load",

@@ -10,9 +10,6 @@ from simbal_jax import evaluate
 
 from conftest import tiny_config
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
-
-
 def test_eval_steps_linear_log_and_every():
   t = tiny_config(steps=100).train
   t.num_evals = 8
@@ -26,7 +23,6 @@ def test_eval_steps_linear_log_and_every():
   assert evaluate.eval_steps(t) == [30, 60, 90, 100]
 
 
-@pytest.mark.usefixtures("fast_compiles")
 def test_eval_set_is_the_same_across_seeds_and_methods(tmp_path):
   """The evaluation set is spread over the held-out split and identical across seeds and
   methods."""

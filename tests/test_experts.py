@@ -19,9 +19,6 @@ D, E, K, F = 16, 8, 2, 8
 B, L = 8, 4
 P = jax.sharding.PartitionSpec
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
-
-
 def _loop(params, x_BxLxD, bias_E, experts_run=range(E)):
   """float64 per token: softmax probs, top-k of probs + bias (bias only selects), SwiGLU; only
   the chosen experts in `experts_run` contribute."""

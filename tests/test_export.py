@@ -16,8 +16,6 @@ from simbal_jax import env as env_lib
 from simbal_jax import train
 from simbal_jax.experiments import export
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
-
 torch = pytest.importorskip("torch", reason="export tests need torch (pip install -e .[export])")
 transformers = pytest.importorskip(
     "transformers", reason="export tests need transformers (pip install -e .[export])")
@@ -54,10 +52,9 @@ BYTES_RUN = "softmax_topk_renorm"
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, fast_compiles):
+def exported(tmp_path_factory):
   """name -> (env, state, workdir, out dir) of a 2-step run exported in float32 (trained once,
   on first use)."""
-  del fast_compiles
   done = {}
 
   def get(name):

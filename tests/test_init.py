@@ -7,9 +7,6 @@ import pytest
 
 from simbal_jax import init as init_lib
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
-
-
 @pytest.mark.parametrize("shape", [(64, 8), (8, 64), (16, 16)])
 def test_orthogonal_2d_equals_jax_initializer(shape):
   # The reason to keep our own (init.orthogonal_init's docstring): equal for float32 [D, E] ...

@@ -2,12 +2,8 @@
 lead with their root cause (checkpoint fallbacks built on them: test_checkpoint.py)."""
 import jax
 import jax.numpy as jnp
-import pytest
 
 from simbal_jax.runio import integrity
-
-pytestmark = pytest.mark.usefixtures("fast_compiles")
-
 
 def test_digests_do_not_depend_on_sharding():
   state = {"params": {"w": jax.random.normal(jax.random.key(3), (128, 128)),

@@ -12,8 +12,6 @@ from jax.test_util import check_grads
 from simbal_jax import init as init_lib
 from simbal_jax import losses
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
-
 E, K = 8, 2
 
 

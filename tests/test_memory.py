@@ -9,9 +9,6 @@ from simbal_jax import step as step_lib
 
 from conftest import tiny_config
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
-
-
 def _device0_bytes(tree):
   dev = jax.devices()[0]
   return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards

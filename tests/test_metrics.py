@@ -11,8 +11,6 @@ import scipy.stats
 from simbal_jax import metrics
 from simbal_jax import specialization
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
-
 E, K = 8, 2
 
 

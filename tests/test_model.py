@@ -15,9 +15,6 @@ from simbal_jax.moe import MoEConfig
 from conftest import tiny_model_config
 
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
-
-
 def _init(cfg, tokens):
   return nn.unbox(jax.jit(model.Transformer(cfg).init)(jax.random.PRNGKey(0), tokens))
 

@@ -16,9 +16,6 @@ from simbal_jax import routing
 D, E, K, F = 16, 4, 2, 8
 
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
-
-
 def _value_and_grads(block, *, params, x, bias, proj):
   """(sum(y * proj), (y, aux)) and its gradients w.r.t. params and x, jitted."""
   def loss(p, x):

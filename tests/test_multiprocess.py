@@ -17,8 +17,6 @@ from simbal_jax import train
 from simbal_jax.runio import writers
 from tests.conftest import tiny_config  # importable by the worker processes too
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
-
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
 
@@ -28,7 +26,6 @@ _WORKER = r"""
 import json, os, sys, time
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.config.update("jax_disable_most_optimizations", True)  # as the tests' fast_compiles
 i, port, workdir, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
                            process_id=i)

@@ -11,9 +11,6 @@ from simbal_jax.configs import moe_m
 from simbal_jax import env as env_lib
 from simbal_jax import optim
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
-
-
 def _ref_lr(step, peak, warm, total, init=0.1, final=0.1):
   if step < warm:
     return peak * (init + (1 - init) * step / warm)

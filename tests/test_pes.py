@@ -3,9 +3,6 @@ import pytest
 
 from simbal_jax.experiments import pes as pes_tool
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
-
-
 def test_pes_exact_and_sampled(trained):
   _, env, state = trained
   e = env.mcfg.moe.num_experts

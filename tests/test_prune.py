@@ -3,9 +3,6 @@ import pytest
 
 from simbal_jax.experiments import prune
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
-
-
 def test_prune_threshold_zero_is_the_normal_evaluation(trained):
   summary, env, state = trained
   rows = prune.prune_table(env, state, [0.0, 0.3, 0.6], passes=1)

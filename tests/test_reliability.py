@@ -17,9 +17,6 @@ from conftest import nan_loss_at_step
 from conftest import state_of
 from conftest import tiny_config as tiny  # d 32, 4 experts, synthetic data, ckpt every 4
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
-
-
 def listing(d):
   """Every file under `d` with its size (what a refused resume must leave alone)."""
   return sorted((os.path.relpath(os.path.join(r, f), d), os.path.getsize(os.path.join(r, f)))
@@ -27,9 +24,8 @@ def listing(d):
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, fast_compiles):
+def straight(tmp_path_factory):
   """One 8-step run with checkpoints at 4 and 8: (workdir, summary, losses)."""
-  del fast_compiles
   workdir = str(tmp_path_factory.mktemp("straight"))
   _, state = train.train_and_evaluate(tiny(), workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]

@@ -25,7 +25,6 @@ from conftest import state_of
 from conftest import tree
 from conftest import tiny_config as tiny  # d 32, 4 experts, synthetic data, ckpt every 4
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -37,10 +36,9 @@ def tiny_tb(steps=8):
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, fast_compiles):
+def straight(tmp_path_factory):
   """One 8-step run with checkpoints at 4 and 8 and TensorBoard events: (workdir, state,
   losses)."""
-  del fast_compiles
   workdir = str(tmp_path_factory.mktemp("straight"))
   _, state = train.train_and_evaluate(tiny_tb(), workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]

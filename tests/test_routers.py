@@ -19,8 +19,6 @@ from simbal_jax.runio import writers
 
 from conftest import losses_of, tiny_config
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
-
 D, E, K, F = 16, 4, 2, 8
 
 

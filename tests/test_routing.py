@@ -9,9 +9,6 @@ import pytest
 
 from simbal_jax import routing
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
-
-
 def _distinct_logits(rng, t, e):
   """Random logits whose values (and hence probs / sigmoids) are pairwise distinct per row."""
   base = rng.permutation(t * e).reshape(t, e).astype(np.float64)

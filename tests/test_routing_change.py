@@ -2,16 +2,12 @@
 computation (Python sets over the model's own routing, NumPy float64 norms of the weights)."""
 import jax
 import numpy as np
-import pytest
 
 from simbal_jax import evaluate
 from simbal_jax import env as env_lib
 from simbal_jax import analysis
 from simbal_jax import sharding
 from conftest import tiny_config
-
-pytestmark = pytest.mark.usefixtures("fast_compiles")
-
 
 def test_tracker_churn_and_movement_vs_independent_computation(tmp_path):
   cfg = tiny_config("lbl", analysis=True)

@@ -12,7 +12,6 @@ from simbal_jax import train
 
 from conftest import tiny_config as tiny
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

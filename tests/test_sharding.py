@@ -16,9 +16,6 @@ from conftest import tiny_config, tiny_model_config
 P = jax.sharding.PartitionSpec
 
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
-
-
 def _mesh_cfg(data=-1, expert=1, model_axis=1, fsdp=1):
   return dict(data=data, fsdp=fsdp, expert=expert, model=model_axis, multihost=False)
 

@@ -174,7 +174,6 @@ def test_eval_metrics_reports_domain_mi_per_layer():
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("fast_compiles")
 def test_trained_router_specialises_on_synthetic_domains(tmp_path):
   """Synthetic corpus (4 domains, vocabulary 16), 4 experts top-1, SimBal, 300 steps.
 

@@ -21,9 +21,6 @@ from simbal_jax import train
 
 from conftest import tiny_config
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
-
-
 @pytest.mark.parametrize("method", ["lf_simbal", "lbl"])
 def test_steps_compile_once(tmp_path, method):
   cfg = tiny_config(method, steps=4, analysis=True)

@@ -15,9 +15,6 @@ from simbal_jax import train
 from simbal_jax.runio import writers
 from conftest import tiny_config
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
-
-
 def _events(logdir):
   """{tag: [(step, event value)]} of scalars, images, histograms from TensorBoard's reader."""
   from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top

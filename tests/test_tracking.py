@@ -10,9 +10,6 @@ import pytest
 from simbal_jax.runio import tracking
 from simbal_jax.runio import writers
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
-
-
 def _wandb_records(path):
   """{kind: [Record]} of a .wandb file (a LevelDB-style log of wandb's protobuf Records: 32 KiB
   blocks, 7-byte record headers, a 7-byte file header)."""

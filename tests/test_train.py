@@ -17,9 +17,6 @@ from simbal_jax.runio import writers
 from conftest import losses_of, nan_loss_at_step, state_of, tiny_config
 
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
-
-
 @pytest.mark.slow
 def test_sigterm_then_resume_is_bit_exact(tmp_path):
   k = 4

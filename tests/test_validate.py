@@ -8,9 +8,6 @@ from simbal_jax import train
 
 from conftest import tiny_config as tiny
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
-
-
 @pytest.mark.parametrize("field,value", [("opt.peak_lr", float("nan")),
                                          ("balance.lf_rate", float("inf"))])
 def test_non_finite_config_is_rejected_before_anything(tmp_path, field, value):

@@ -13,9 +13,6 @@ import pytest
 from simbal_jax.runio import checkpoint
 from simbal_jax.runio import warmstart
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
-
-
 def _state(v):
   return {"params": {"w": jnp.full((3, 4), float(v)), "b": jnp.arange(4.0) * v},
           "opt": jnp.ones(5) * v, "step": jnp.int32(v)}

@@ -2,12 +2,8 @@
 profiler: tests/test_tracking.py)."""
 import os
 
-import pytest
 
 from simbal_jax.runio import writers
-
-pytestmark = pytest.mark.usefixtures("fast_compiles")
-
 
 def test_metric_writer_drop_after(tmp_path):
   w = writers.MetricWriter(str(tmp_path), tensorboard=False)

@@ -17,6 +17,7 @@ their text corpora with `write_corpus` (module fixture `corpus`).
 import atexit
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 
@@ -47,6 +48,15 @@ jax.config.update("jax_platforms", "cpu")
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+
+def xla_flags(device_count=None):
+  """XLA_FLAGS for a subprocess: this session's compile flags with `device_count` fake CPU
+  devices (None: the platform's one device) in place of the session's 8."""
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ["XLA_FLAGS"])
+  if device_count is not None:
+    flags += f" --xla_force_host_platform_device_count={device_count}"
+  return " ".join(flags.split())
 
 
 def tiny_config(method="lbl", steps=8, analysis=False, **sections):

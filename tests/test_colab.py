@@ -16,6 +16,8 @@ import time
 
 import pytest
 
+from conftest import xla_flags
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
@@ -217,8 +219,7 @@ def executed(tmp_path_factory):
              JAX_PLATFORMS="cpu", MPLBACKEND="module://matplotlib_inline.backend_inline")
   env["PYTHONPATH"] = os.pathsep.join([_ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
   # One CPU device, as a user's runtime has (conftest.py gives this process 8 fake ones).
-  env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                            env.get("XLA_FLAGS", "")).strip()
+  env["XLA_FLAGS"] = xla_flags()
   nb = nbformat.reads(_load(), as_version=4)
   km = KernelManager(kernel_name="simbal-test",
                      kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(tmp / "kernels")]))

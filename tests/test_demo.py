@@ -14,7 +14,6 @@ _TESTS = os.path.dirname(os.path.abspath(__file__))
 _SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
-import jax
 from conftest import tiny_config
 from simbal_jax.configs import demo as demo_config
 tiny = tiny_config("lbl", analysis=True)  # as make demo: PES, churn and norms on

@@ -3,7 +3,6 @@ each) train like one process with 8 devices; SIGTERM to one of them stops both a
 with one save, and the resumed run continues exactly."""
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -15,7 +14,7 @@ import pytest
 
 from simbal_jax import train
 from simbal_jax.runio import writers
-from tests.conftest import tiny_config  # importable by the worker processes too
+from tests.conftest import tiny_config, xla_flags  # importable by the worker processes too
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
@@ -60,10 +59,7 @@ def _port():
 
 
 def _launch(workdir, mode):
-  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                 os.environ.get("XLA_FLAGS", ""))  # conftest's compile flags stay
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=_ROOT,
-             XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=4".strip())
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=_ROOT, XLA_FLAGS=xla_flags(4))
   port = _port()
   return [subprocess.Popen([sys.executable, "-c", _WORKER, str(i), str(port), workdir, mode],
                            cwd=_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -8,6 +8,7 @@ restores or initialises the state (workdir > ckpt.resume_from > ckpt.init_from >
 uses them is `train.py`; evaluation is `evaluate.py`.
 """
 
+import collections
 import copy
 import dataclasses
 import functools
@@ -19,6 +20,7 @@ from absl import logging
 import jax
 import ml_collections
 
+from simbal_jax import balance
 from simbal_jax import data as data_lib
 from simbal_jax import experts
 from simbal_jax import memory
@@ -83,6 +85,32 @@ class Env:
   batch_sharding: jax.sharding.NamedSharding
   datasets: Any = None  # data.Datasets, or None when built without data
   eval_sets: tuple = ()  # ((name, data.Datasets), ...): train.eval_sets, the extra eval sets
+  # Everything the jitted programs depend on (hashable): Envs with equal keys share them.
+  program_key: tuple = ()
+
+
+# (name, Env.program_key, extra) -> jitted function, least recently used first.
+_PROGRAMS = collections.OrderedDict()
+_MAX_PROGRAMS = 32
+
+
+def program(env, name, make, *extra):
+  """The jitted program `name` of `env` made by `make()`, shared by Envs of equal program_key.
+
+  Two Envs with the same model config, step config (and balancing-term functions), optimizer
+  config, step count and mesh trace the same programs, so the first one's jitted function (and
+  its compiled executables) serves both; `extra` adds whatever else `make` reads (hashable). The
+  newest `_MAX_PROGRAMS` are kept. Code a program calls is read when it is first traced: after
+  editing the library's functions in a live process (a notebook), call `clear_programs()`.
+  """
+  key = (name, env.program_key, extra)
+  fn = _PROGRAMS.pop(key, None)
+  if fn is None:
+    fn = make()
+  _PROGRAMS[key] = fn
+  while len(_PROGRAMS) > _MAX_PROGRAMS:
+    _PROGRAMS.popitem(last=False)
+  return fn
 
 
 def build(config, workdir=None, devices=None, *, data=True):
@@ -134,20 +162,50 @@ def build(config, workdir=None, devices=None, *, data=True):
         mcfg.moe, ragged_impl=experts.resolve_ragged_impl(mcfg.moe.ragged_impl,
                                                           devices[0].platform)))
   mesh = sharding.make_mesh(cfg.mesh, devices)
-  model = model_lib.Transformer(mcfg)
-  tx, schedule = optim.make_optimizer(cfg.opt, int(t.num_steps))
+  sc = step_lib.StepConfig.from_config(cfg)
   rules = sharding.LOGICAL_RULES
-  init = functools.partial(step_lib.init_state, model=model, tx=tx)
-  boxed = jax.eval_shape(init, jax.random.key(0))
+  opt_key = json.dumps(cfg.opt.to_dict(), sort_keys=True)
+  # The balancing terms' functions too: a term registered again under its name is a new program.
+  terms = tuple(balance.TERMS[name].fn for name, _ in sc.terms)
+  program_key = (mcfg, sc, terms, opt_key, int(t.num_steps), mesh, rules)
+  model, tx, schedule, init, boxed = _model_and_optimizer(mcfg, cfg.opt, opt_key,
+                                                         int(t.num_steps))
   shardings = sharding.state_shardings(boxed, mesh, rules)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           step_lib.unbox(boxed), shardings)
   batch_sharding = jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec(sharding.BATCH_AXES))
-  return Env(cfg=cfg, sc=step_lib.StepConfig.from_config(cfg), model=model, mcfg=mcfg, tx=tx,
-             schedule=schedule, mesh=mesh, rules=rules, init=init, abstract=abstract,
-             shardings=shardings, batch_sharding=batch_sharding, datasets=datasets,
-             eval_sets=eval_sets)
+  return Env(cfg=cfg, sc=sc, model=model, mcfg=mcfg, tx=tx, schedule=schedule, mesh=mesh,
+             rules=rules, init=init, abstract=abstract, shardings=shardings,
+             batch_sharding=batch_sharding, datasets=datasets, eval_sets=eval_sets,
+             program_key=program_key)
+
+
+_MODELS = collections.OrderedDict()  # (mcfg, opt_key, num_steps) -> _model_and_optimizer
+
+
+def _model_and_optimizer(mcfg, opt_cfg, opt_key, num_steps):
+  """(model, tx, schedule, init, boxed abstract state) of a model config and cfg.opt (`opt_key`:
+  its sorted JSON): the same objects for equal keys (the newest 8 kept), so that the programs
+  closing over them are shared (`program`) and the abstract state is traced once."""
+  key = (mcfg, opt_key, num_steps)
+  got = _MODELS.pop(key, None)
+  if got is None:
+    model = model_lib.Transformer(mcfg)
+    tx, schedule = optim.make_optimizer(opt_cfg, num_steps)
+    init = functools.partial(step_lib.init_state, model=model, tx=tx)
+    got = model, tx, schedule, init, jax.eval_shape(init, jax.random.key(0))
+  _MODELS[key] = got
+  while len(_MODELS) > 8:
+    _MODELS.popitem(last=False)
+  return got
+
+
+def clear_programs():
+  """Forgets the shared programs (`program`) and models: the next run traces afresh."""
+  _PROGRAMS.clear()
+  _MODELS.clear()
+  memory.clear_caches()
 
 
 def resolve_num_groups(cfg, num_devices):
@@ -190,7 +248,9 @@ def initial_state(env, ckpt):
       raise FileNotFoundError(f"ckpt.resume_from={c.resume_from}: no readable checkpoint")
     return got[1], got[2], f"resume_from {c.resume_from} step {got[0]}"
   key = jax.random.key(int(env.cfg.seed))
-  state = jax.jit(lambda k: step_lib.unbox(env.init(k)), out_shardings=env.shardings)(key)
+  init = program(env, "init", lambda: jax.jit(lambda k: step_lib.unbox(env.init(k)),
+                                              out_shardings=env.shardings))
+  state = init(key)
   if c.init_from:
     params = checkpoint.restore_params_only(c.init_from, env.abstract.params)
     state = state.replace(params=params)
@@ -261,9 +321,10 @@ def restore_run(run_dir, devices=None):
 
 
 def make_train_step(env):
-  """The jitted train step (state donated): (state, batch) -> (state, metrics)."""
-  return jax.jit(
+  """The jitted train step (state donated): (state, batch) -> (state, metrics); one per
+  Env.program_key in a process (`program`)."""
+  return program(env, "train_step", lambda: jax.jit(
       functools.partial(step_lib.train_step, model=env.model, tx=env.tx, sc=env.sc,
                         schedule=env.schedule),
       in_shardings=(env.shardings, env.batch_sharding), out_shardings=(env.shardings, None),
-      donate_argnums=(0,))
+      donate_argnums=(0,)))

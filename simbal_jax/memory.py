@@ -9,6 +9,7 @@ what the backward pass keeps (see `activation_bytes_per_token`); XLA's fusion an
 make the real peak differ, so treat them as an order of magnitude.
 """
 
+import functools
 import math
 
 import flax.linen as nn
@@ -43,16 +44,28 @@ def _shard_elems(shape, spec, sizes):
 
 def param_bytes_per_device(config, mesh_shape, rules=sharding.LOGICAL_RULES):
   """(bytes per device, total bytes) of the parameters of `model.Transformer(config)`."""
+  leaves, spec_leaves = _param_leaves(config, rules)
+  sizes = _mesh_sizes(mesh_shape)
+  per_dev = sum(_shard_elems(a.shape, s, sizes) * a.dtype.itemsize
+                for a, s in zip(leaves, spec_leaves))
+  return per_dev, sum(a.size * a.dtype.itemsize for a in leaves)
+
+
+@functools.lru_cache(maxsize=16)
+def _param_leaves(config, rules):
+  """(abstract parameter leaves, their PartitionSpecs) of `model.Transformer(config)`, traced
+  once per config and rules (a ModelConfig is hashable)."""
   groups = config.moe.num_groups if config.moe else 1
   boxed = jax.eval_shape(model_lib.Transformer(config).init, jax.random.key(0),
                          jnp.zeros((1, groups), jnp.int32))["params"]
   specs = nn.logical_to_mesh(nn.get_partition_spec(boxed), rules)
-  sizes = _mesh_sizes(mesh_shape)
-  leaves = jax.tree.leaves(nn.unbox(boxed))
   spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-  per_dev = sum(_shard_elems(a.shape, s, sizes) * a.dtype.itemsize
-                for a, s in zip(leaves, spec_leaves))
-  return per_dev, sum(a.size * a.dtype.itemsize for a in leaves)
+  return jax.tree.leaves(nn.unbox(boxed)), spec_leaves
+
+
+def clear_caches():
+  """Forgets the traced parameter shapes (`_param_leaves`)."""
+  _param_leaves.cache_clear()
 
 
 def activation_bytes_per_token(config, seq_len, model_axis=1, expert_axis=1):

@@ -59,3 +59,45 @@ def test_a_dense_run_checkpoints_and_restores(tmp_path):
   assert os.path.isdir(tmp_path / "checkpoints" / "2")
   _, restored = env_lib.restore_run(str(tmp_path))
   jax.tree.map(np.testing.assert_array_equal, state_of(state), state_of(restored))
+
+
+def test_equal_runs_share_their_programs_and_give_the_same_state(tmp_path):
+  """Envs that differ only in what the programs do not read (seed, checkpointing, logging)
+  share one jitted train step; anything the step reads (steps, balancing terms, mesh) gets its
+  own. A run on shared programs ends in the same state as one on fresh programs."""
+  from simbal_jax import balance, evaluate  # pylint: disable=g-import-not-at-top
+  one = jax.devices()[:1]
+  build = lambda cfg, d: env_lib.build(cfg, str(tmp_path / d), devices=one)
+  a = build(tiny_config("lbl", steps=4), "a")
+  other = tiny_config("lbl", steps=4)
+  other.seed, other.ckpt.every, other.log.every = 7, 2, 3
+  b = build(other, "b")
+  assert a.program_key == b.program_key
+  assert env_lib.make_train_step(a) is env_lib.make_train_step(b)
+  assert evaluate.make_eval_step(a) is evaluate.make_eval_step(b)
+  assert env_lib.make_train_step(build(tiny_config("lbl", steps=5), "c")) is not (
+      env_lib.make_train_step(a))  # the schedule's length is compiled in
+  assert env_lib.make_train_step(build(tiny_config("simbal", steps=4), "d")) is not (
+      env_lib.make_train_step(a))
+  assert env_lib.make_train_step(env_lib.build(
+      tiny_config("lbl", steps=4), str(tmp_path / "e"), devices=jax.devices()[:2])) is not (
+          env_lib.make_train_step(a))  # another mesh
+  lbl = balance.TERMS["lbl"]
+  try:  # the same term registered again (edited in a notebook): a new program
+    balance.register("lbl", lambda *args: lbl.fn(*args), lbl.default_coef)
+    assert env_lib.make_train_step(build(tiny_config("lbl", steps=4), "f")) is not (
+        env_lib.make_train_step(a))
+  finally:
+    balance.TERMS["lbl"] = lbl
+
+  runs, before = {}, env_lib.make_train_step(a)
+  for name in ("first", "shared", "fresh"):  # "shared" reuses the programs "first" ran
+    if name == "fresh":
+      env_lib.clear_programs()
+    cfg = tiny_config("lbl", steps=4)
+    cfg.ckpt.enabled = False
+    _, state = train.train_and_evaluate(cfg, str(tmp_path / name), devices=one)
+    runs[name] = state_of(state)
+  jax.tree.map(np.testing.assert_array_equal, runs["shared"], runs["first"])
+  jax.tree.map(np.testing.assert_array_equal, runs["shared"], runs["fresh"])
+  assert env_lib.make_train_step(a) is not before  # cleared: the fresh run made new programs

@@ -85,7 +85,9 @@ class Env:
   batch_sharding: jax.sharding.NamedSharding
   datasets: Any = None  # data.Datasets, or None when built without data
   eval_sets: tuple = ()  # ((name, data.Datasets), ...): train.eval_sets, the extra eval sets
-  # Everything the jitted programs depend on (hashable): Envs with equal keys share them.
+  # What the jitted programs depend on (hashable; Envs with equal keys share them, `program`):
+  # the model's programs (evaluation) on model_key, the train step and init on program_key.
+  model_key: tuple = ()
   program_key: tuple = ()
 
 
@@ -94,16 +96,19 @@ _PROGRAMS = collections.OrderedDict()
 _MAX_PROGRAMS = 32
 
 
-def program(env, name, make, *extra):
-  """The jitted program `name` of `env` made by `make()`, shared by Envs of equal program_key.
+def program(name, key, make):
+  """The jitted program `name` made by `make()`, shared by every caller with an equal `key`.
 
-  Two Envs with the same model config, step config (and balancing-term functions), optimizer
-  config, step count and mesh trace the same programs, so the first one's jitted function (and
-  its compiled executables) serves both; `extra` adds whatever else `make` reads (hashable). The
-  newest `_MAX_PROGRAMS` are kept. Code a program calls is read when it is first traced: after
-  editing the library's functions in a live process (a notebook), call `clear_programs()`.
+  `key` holds everything `make` reads (hashable): `Env.model_key` (model config and mesh) for
+  the model's own programs, `Env.program_key` (also the step config with its balancing-term
+  functions, the optimizer config and the step count) for the train step, plus any other
+  argument. Runs with equal keys trace the same programs, so the first one's jitted function
+  (and its compiled executables) serves them all: the methods and seeds of a comparison, a
+  resumed run. The newest `_MAX_PROGRAMS` are kept. Code a program calls is read when it is
+  first traced: after editing the library's functions in a live process (a notebook), call
+  `clear_programs()`.
   """
-  key = (name, env.program_key, extra)
+  key = (name, key)
   fn = _PROGRAMS.pop(key, None)
   if fn is None:
     fn = make()
@@ -167,7 +172,8 @@ def build(config, workdir=None, devices=None, *, data=True):
   opt_key = json.dumps(cfg.opt.to_dict(), sort_keys=True)
   # The balancing terms' functions too: a term registered again under its name is a new program.
   terms = tuple(balance.TERMS[name].fn for name, _ in sc.terms)
-  program_key = (mcfg, sc, terms, opt_key, int(t.num_steps), mesh, rules)
+  model_key = (mcfg, mesh, rules)
+  program_key = model_key + (sc, terms, opt_key, int(t.num_steps))
   model, tx, schedule, init, boxed = _model_and_optimizer(mcfg, cfg.opt, opt_key,
                                                          int(t.num_steps))
   shardings = sharding.state_shardings(boxed, mesh, rules)
@@ -178,7 +184,7 @@ def build(config, workdir=None, devices=None, *, data=True):
   return Env(cfg=cfg, sc=sc, model=model, mcfg=mcfg, tx=tx, schedule=schedule, mesh=mesh,
              rules=rules, init=init, abstract=abstract, shardings=shardings,
              batch_sharding=batch_sharding, datasets=datasets, eval_sets=eval_sets,
-             program_key=program_key)
+             model_key=model_key, program_key=program_key)
 
 
 _MODELS = collections.OrderedDict()  # (mcfg, opt_key, num_steps) -> _model_and_optimizer
@@ -248,8 +254,8 @@ def initial_state(env, ckpt):
       raise FileNotFoundError(f"ckpt.resume_from={c.resume_from}: no readable checkpoint")
     return got[1], got[2], f"resume_from {c.resume_from} step {got[0]}"
   key = jax.random.key(int(env.cfg.seed))
-  init = program(env, "init", lambda: jax.jit(lambda k: step_lib.unbox(env.init(k)),
-                                              out_shardings=env.shardings))
+  init = program("init", env.program_key, lambda: jax.jit(
+      lambda k: step_lib.unbox(env.init(k)), out_shardings=env.shardings))
   state = init(key)
   if c.init_from:
     params = checkpoint.restore_params_only(c.init_from, env.abstract.params)
@@ -323,7 +329,7 @@ def restore_run(run_dir, devices=None):
 def make_train_step(env):
   """The jitted train step (state donated): (state, batch) -> (state, metrics); one per
   Env.program_key in a process (`program`)."""
-  return program(env, "train_step", lambda: jax.jit(
+  return program("train_step", env.program_key, lambda: jax.jit(
       functools.partial(step_lib.train_step, model=env.model, tx=env.tx, sc=env.sc,
                         schedule=env.schedule),
       in_shardings=(env.shardings, env.batch_sharding), out_shardings=(env.shardings, None),

@@ -101,11 +101,11 @@ def make_eval_step(env, datasets=None):
   has_domain = datasets is not None and datasets.has_domain  # None: built without data
   num_domains = int(env.cfg.data.synthetic.num_domains) if has_domain else 0
   delta = float(env.cfg.log.get("undecided_delta", 0.05))
-  return env_lib.program(env, "eval_step", lambda: jax.jit(
+  return env_lib.program("eval_step", env.model_key + (num_domains, delta), lambda: jax.jit(
       functools.partial(step_lib.eval_step, model=env.model, num_domains=num_domains,
                         undecided_delta=delta),
       in_shardings=(env.shardings.params, env.shardings.expert_bias, env.batch_sharding),
-      out_shardings=sharding.replicated(env.mesh)), num_domains, delta)  # sums on every process
+      out_shardings=sharding.replicated(env.mesh)))  # every process reads the sums
 
 
 def host_router_kernels(env, params):

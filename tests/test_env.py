@@ -64,7 +64,8 @@ def test_a_dense_run_checkpoints_and_restores(tmp_path):
 def test_equal_runs_share_their_programs_and_give_the_same_state(tmp_path):
   """Envs that differ only in what the programs do not read (seed, checkpointing, logging)
   share one jitted train step; anything the step reads (steps, balancing terms, mesh) gets its
-  own. A run on shared programs ends in the same state as one on fresh programs."""
+  own; the eval step needs only the same model and mesh. A run on shared programs ends in the
+  same state as one on fresh programs."""
   from simbal_jax import balance, evaluate  # pylint: disable=g-import-not-at-top
   one = jax.devices()[:1]
   build = lambda cfg, d: env_lib.build(cfg, str(tmp_path / d), devices=one)
@@ -77,8 +78,9 @@ def test_equal_runs_share_their_programs_and_give_the_same_state(tmp_path):
   assert evaluate.make_eval_step(a) is evaluate.make_eval_step(b)
   assert env_lib.make_train_step(build(tiny_config("lbl", steps=5), "c")) is not (
       env_lib.make_train_step(a))  # the schedule's length is compiled in
-  assert env_lib.make_train_step(build(tiny_config("simbal", steps=4), "d")) is not (
-      env_lib.make_train_step(a))
+  simbal = build(tiny_config("simbal", steps=4), "d")
+  assert env_lib.make_train_step(simbal) is not env_lib.make_train_step(a)
+  assert evaluate.make_eval_step(simbal) is evaluate.make_eval_step(a)  # the same model
   assert env_lib.make_train_step(env_lib.build(
       tiny_config("lbl", steps=4), str(tmp_path / "e"), devices=jax.devices()[:2])) is not (
           env_lib.make_train_step(a))  # another mesh

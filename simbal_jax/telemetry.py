@@ -320,16 +320,19 @@ class StepLogger:
 
   def __call__(self, pending):
     step, metrics = pending
-    metrics = dict(jax.device_get(metrics))
-    norms = {k: metrics.pop(k) for k in EXPERT_NORM_KEYS if k in metrics}
-    m, load = split_layer_metrics(metrics, self.layer_ids)
-    loss = m["train/loss"]
+    # Every step: the loss and the gradient norm (the finite checks, the progress bar); the
+    # rest only at a logged step (host work per step is what a small model's step time is).
+    loss, grad_norm = (float(v) for v in jax.device_get(
+        (metrics["train/loss"], metrics.get("train/grad_norm", 0.0))))
     if not math.isfinite(loss):
       raise NonFiniteLossError(step, loss)
-    if not math.isfinite(m.get("train/grad_norm", 0.0)):  # the update of this step diverged
-      raise NonFiniteLossError(step, m["train/grad_norm"], what="gradient norm")
+    if not math.isfinite(grad_norm):  # the update of this step diverged
+      raise NonFiniteLossError(step, grad_norm, what="gradient norm")
     self.progress.update(step, loss)
     if step % self.every == 0 or step == self.num_steps:
+      metrics = dict(jax.device_get(metrics))
+      norms = {k: metrics.pop(k) for k in EXPERT_NORM_KEYS if k in metrics}
+      m, load = split_layer_metrics(metrics, self.layer_ids)
       m["train/tokens"] = tokens = step * self.tokens_per_step
       m.update(self.throughput.mark(step, self.timer.paused))
       self.health = expert_norm_metrics(norms, self.layer_ids)

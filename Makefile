@@ -48,12 +48,10 @@ INSTALL_TESTS := tests/test_core_install.py tests/test_colab_fresh.py
 
 .PHONY: install test test-quick test-install demo min-versions aot clean
 
-# --no-compile: Python compiles a module's bytecode when it is first imported; compiling all of
-# the ~2 GB of packages up front took a third of the install (71 -> 53 s on 2 cores).
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q --no-compile -e ".[train,test$(EXTRA)$(AOT)]"
+	$(PY) -m pip install -q -e ".[train,test$(EXTRA)$(AOT)]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -74,7 +72,7 @@ $(VENV_MIN)/.installed: setup.cfg pyproject.toml tools/min_requirements.py
 	$(PYTHON) tools/min_requirements.py --extras=train,test --skip=lm-eval,pytest-xdist,equinox,wandb \
 		> $(VENV_MIN)/min-requirements.txt
 	$(PY_MIN) -m pip install -q --upgrade pip
-	$(PY_MIN) -m pip install -q --no-compile -r $(VENV_MIN)/min-requirements.txt
+	$(PY_MIN) -m pip install -q -r $(VENV_MIN)/min-requirements.txt
 	$(PY_MIN) -m pip install -q --no-deps -e .
 	$(PY_MIN) -m pip check
 	touch $@

@@ -91,9 +91,20 @@ class Env:
   program_key: tuple = ()
 
 
-# (name, Env.program_key, extra) -> jitted function, least recently used first.
+# (name, key) -> jitted function, least recently used first; `program`.
 _PROGRAMS = collections.OrderedDict()
 _MAX_PROGRAMS = 32
+
+
+def _shared(cache, key, make, size):
+  """cache[key], made by `make()` when missing; an LRU of `size` entries."""
+  got = cache.pop(key, None)
+  if got is None:
+    got = make()
+  cache[key] = got
+  while len(cache) > size:
+    cache.popitem(last=False)
+  return got
 
 
 def program(name, key, make):
@@ -108,14 +119,7 @@ def program(name, key, make):
   first traced: after editing the library's functions in a live process (a notebook), call
   `clear_programs()`.
   """
-  key = (name, key)
-  fn = _PROGRAMS.pop(key, None)
-  if fn is None:
-    fn = make()
-  _PROGRAMS[key] = fn
-  while len(_PROGRAMS) > _MAX_PROGRAMS:
-    _PROGRAMS.popitem(last=False)
-  return fn
+  return _shared(_PROGRAMS, (name, key), make, _MAX_PROGRAMS)
 
 
 def build(config, workdir=None, devices=None, *, data=True):
@@ -194,17 +198,13 @@ def _model_and_optimizer(mcfg, opt_cfg, opt_key, num_steps):
   """(model, tx, schedule, init, boxed abstract state) of a model config and cfg.opt (`opt_key`:
   its sorted JSON): the same objects for equal keys (the newest 8 kept), so that the programs
   closing over them are shared (`program`) and the abstract state is traced once."""
-  key = (mcfg, opt_key, num_steps)
-  got = _MODELS.pop(key, None)
-  if got is None:
+  def make():
     model = model_lib.Transformer(mcfg)
     tx, schedule = optim.make_optimizer(opt_cfg, num_steps)
     init = functools.partial(step_lib.init_state, model=model, tx=tx)
-    got = model, tx, schedule, init, jax.eval_shape(init, jax.random.key(0))
-  _MODELS[key] = got
-  while len(_MODELS) > 8:
-    _MODELS.popitem(last=False)
-  return got
+    return model, tx, schedule, init, jax.eval_shape(init, jax.random.key(0))
+
+  return _shared(_MODELS, (mcfg, opt_key, num_steps), make, 8)
 
 
 def clear_programs():

@@ -97,7 +97,8 @@ _MAX_PROGRAMS = 32
 
 
 def _shared(cache, key, make, size):
-  """cache[key], made by `make()` when missing; an LRU of `size` entries."""
+  """cache[key], made by `make()` when missing; an LRU of `size` entries. (Not
+  functools.lru_cache: `make` is a closure over unhashable objects, the key is what it reads.)"""
   got = cache.pop(key, None)
   if got is None:
     got = make()

@@ -24,6 +24,7 @@ import numpy as np
 from simbal_jax import metrics as metrics_lib
 from simbal_jax import model as model_lib
 from simbal_jax import moe
+from simbal_jax import programs
 from simbal_jax import specialization
 
 
@@ -120,8 +121,8 @@ def layer_pes(key, model, params, tokens_BxL, *, num_tokens=256, expert_bias=Non
       values.append(specialization.pes(all_expert_outputs(block, x_TxD)))
     return jnp.stack(values)
 
-  values = np.asarray(jax.device_get(jax.jit(per_layer)(params, tokens_BxL, idx, expert_bias)),
-                      np.float64)
+  run = programs.program("layer_pes", (model.config, total), lambda: jax.jit(per_layer))
+  values = np.asarray(jax.device_get(run(params, tokens_BxL, idx, expert_bias)), np.float64)
   return {"pes": values, "min": float(values.min()), "mean": float(values.mean()),
           "num_tokens": n}
 
@@ -197,12 +198,16 @@ class RoutingTracker:
           return aux.assigned[:, :per_batch]
         return aux.router.expert_index[:, :per_batch]  # int32[Lm, n, K], sequence-major
 
-      self._route = jax.jit(route, out_shardings=out_sharding)
-    if self.movement:
-      self._copy = jax.jit(lambda p: expert_weights(p, self.mcfg))
-      self._move = jax.jit(
-          lambda old, p: jax.vmap(metrics_lib.expert_movement)(old, expert_weights(p, self.mcfg)),
-          out_shardings=out_sharding)
+      self._route = programs.program(
+          "routing_probe", (self.mcfg, per_batch, out_sharding),
+          lambda: jax.jit(route, out_shardings=out_sharding))
+    if self.movement:  # the programs close over the model config, not over this tracker
+      mcfg = self.mcfg
+      self._copy = programs.program(
+          "expert_weights", mcfg, lambda: jax.jit(lambda p: expert_weights(p, mcfg)))
+      self._move = programs.program("expert_movement", (mcfg, out_sharding), lambda: jax.jit(
+          lambda old, p: jax.vmap(metrics_lib.expert_movement)(old, expert_weights(p, mcfg)),
+          out_shardings=out_sharding))
 
   @property
   def enabled(self):

@@ -26,6 +26,7 @@ from simbal_jax import experts
 from simbal_jax import memory
 from simbal_jax import model as model_lib
 from simbal_jax import optim
+from simbal_jax import programs
 from simbal_jax import routing
 from simbal_jax import sharding
 from simbal_jax import step as step_lib
@@ -86,41 +87,16 @@ class Env:
   datasets: Any = None  # data.Datasets, or None when built without data
   eval_sets: tuple = ()  # ((name, data.Datasets), ...): train.eval_sets, the extra eval sets
   # What the jitted programs depend on (hashable; Envs with equal keys share them, `program`):
-  # the model's programs (evaluation) on model_key, the train step and init on program_key.
+  # the model's own programs (evaluation, analyses) on model_key = (model config, mesh, rules);
+  # init on state_key (also the optimizer config and the step count); the train step on
+  # program_key (also the step config and its balancing-term functions).
   model_key: tuple = ()
+  state_key: tuple = ()
   program_key: tuple = ()
 
 
-# (name, key) -> jitted function, least recently used first; `program`.
-_PROGRAMS = collections.OrderedDict()
-_MAX_PROGRAMS = 32
-
-
-def _shared(cache, key, make, size):
-  """cache[key], made by `make()` when missing; an LRU of `size` entries. (Not
-  functools.lru_cache: `make` is a closure over unhashable objects, the key is what it reads.)"""
-  got = cache.pop(key, None)
-  if got is None:
-    got = make()
-  cache[key] = got
-  while len(cache) > size:
-    cache.popitem(last=False)
-  return got
-
-
-def program(name, key, make):
-  """The jitted program `name` made by `make()`, shared by every caller with an equal `key`.
-
-  `key` holds everything `make` reads (hashable): `Env.model_key` (model config and mesh) for
-  the model's own programs, `Env.program_key` (also the step config with its balancing-term
-  functions, the optimizer config and the step count) for the train step, plus any other
-  argument. Runs with equal keys trace the same programs, so the first one's jitted function
-  (and its compiled executables) serves them all: the methods and seeds of a comparison, a
-  resumed run. The newest `_MAX_PROGRAMS` are kept. Code a program calls is read when it is
-  first traced: after editing the library's functions in a live process (a notebook), call
-  `clear_programs()`.
-  """
-  return _shared(_PROGRAMS, (name, key), make, _MAX_PROGRAMS)
+# The programs a run shares with equal runs in its process (simbal_jax/programs.py).
+program = programs.program
 
 
 def build(config, workdir=None, devices=None, *, data=True):
@@ -178,7 +154,8 @@ def build(config, workdir=None, devices=None, *, data=True):
   # The balancing terms' functions too: a term registered again under its name is a new program.
   terms = tuple(balance.TERMS[name].fn for name, _ in sc.terms)
   model_key = (mcfg, mesh, rules)
-  program_key = model_key + (sc, terms, opt_key, int(t.num_steps))
+  state_key = model_key + (opt_key, int(t.num_steps))
+  program_key = state_key + (sc, terms)
   model, tx, schedule, init, boxed = _model_and_optimizer(mcfg, cfg.opt, opt_key,
                                                          int(t.num_steps))
   shardings = sharding.state_shardings(boxed, mesh, rules)
@@ -189,7 +166,7 @@ def build(config, workdir=None, devices=None, *, data=True):
   return Env(cfg=cfg, sc=sc, model=model, mcfg=mcfg, tx=tx, schedule=schedule, mesh=mesh,
              rules=rules, init=init, abstract=abstract, shardings=shardings,
              batch_sharding=batch_sharding, datasets=datasets, eval_sets=eval_sets,
-             model_key=model_key, program_key=program_key)
+             model_key=model_key, state_key=state_key, program_key=program_key)
 
 
 _MODELS = collections.OrderedDict()  # (mcfg, opt_key, num_steps) -> _model_and_optimizer
@@ -205,12 +182,12 @@ def _model_and_optimizer(mcfg, opt_cfg, opt_key, num_steps):
     init = functools.partial(step_lib.init_state, model=model, tx=tx)
     return model, tx, schedule, init, jax.eval_shape(init, jax.random.key(0))
 
-  return _shared(_MODELS, (mcfg, opt_key, num_steps), make, 8)
+  return programs.shared(_MODELS, (mcfg, opt_key, num_steps), make, 8)
 
 
 def clear_programs():
   """Forgets the shared programs (`program`) and models: the next run traces afresh."""
-  _PROGRAMS.clear()
+  programs.clear()
   _MODELS.clear()
   memory.clear_caches()
 
@@ -255,8 +232,9 @@ def initial_state(env, ckpt):
       raise FileNotFoundError(f"ckpt.resume_from={c.resume_from}: no readable checkpoint")
     return got[1], got[2], f"resume_from {c.resume_from} step {got[0]}"
   key = jax.random.key(int(env.cfg.seed))
-  init = program("init", env.program_key, lambda: jax.jit(
-      lambda k: step_lib.unbox(env.init(k)), out_shardings=env.shardings))
+  init_fn = env.init  # the program keeps init_fn alive, not the Env and its data
+  init = program("init", env.state_key, lambda: jax.jit(
+      lambda k: step_lib.unbox(init_fn(k)), out_shardings=env.shardings))
   state = init(key)
   if c.init_from:
     params = checkpoint.restore_params_only(c.init_from, env.abstract.params)

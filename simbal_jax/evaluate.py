@@ -111,14 +111,10 @@ def make_eval_step(env, datasets=None):
 def host_router_kernels(env, params):
   """float64[Lm, D, E] router kernels on the host, gathered from every device's shard (on
   several hosts too)."""
-  return np.asarray(jax.device_get(_kernels_fn(env.mcfg, env.mesh)(params)), np.float64)
-
-
-@functools.lru_cache(maxsize=8)
-def _kernels_fn(mcfg, mesh):
-  """The jitted router-kernel gather of a model and mesh (compiled once, not per evaluation)."""
-  return jax.jit(lambda p: model_lib.router_kernels(p, mcfg),
-                 out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  mcfg = env.mcfg
+  gather = env_lib.program("router_kernels", env.model_key, lambda: jax.jit(
+      lambda p: model_lib.router_kernels(p, mcfg), out_shardings=sharding.replicated(env.mesh)))
+  return np.asarray(jax.device_get(gather(params)), np.float64)
 
 
 def eval_set(env, datasets=None):

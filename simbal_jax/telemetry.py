@@ -47,6 +47,7 @@ from simbal_jax import eval_metrics
 from simbal_jax import memory
 from simbal_jax import metrics as metrics_lib
 from simbal_jax import model as model_lib
+from simbal_jax import programs
 from simbal_jax.runio import paths
 from simbal_jax.runio import rundir
 from simbal_jax.runio import writers
@@ -236,7 +237,8 @@ def router_logit_fn(model, num_tokens, out_sharding=None):
                          segment_ids=batch.get("segment_ids"))
     return aux.router.logits[:, :num_tokens]
 
-  return jax.jit(fn, out_shardings=out_sharding)
+  return programs.program("router_logits", (model.config, num_tokens, out_sharding),
+                          lambda: jax.jit(fn, out_shardings=out_sharding))
 
 
 def log_eval(writer, step, *, layer_ids, load=None, kernels=None, logits=None):

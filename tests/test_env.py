@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from simbal_jax import env as env_lib
+from simbal_jax import programs
 from simbal_jax import train
 
 from conftest import state_of, tiny_config
@@ -66,7 +67,7 @@ def test_equal_runs_share_their_programs_and_give_the_same_state(tmp_path):
   share one jitted train step; anything the step reads (steps, balancing terms, mesh) gets its
   own; the eval step needs only the same model and mesh. A run on shared programs ends in the
   same state as one on fresh programs."""
-  from simbal_jax import balance, evaluate  # pylint: disable=g-import-not-at-top
+  from simbal_jax import analysis, balance, evaluate  # pylint: disable=g-import-not-at-top
   one = jax.devices()[:1]
   build = lambda cfg, d: env_lib.build(cfg, str(tmp_path / d), devices=one)
   a = build(tiny_config("lbl", steps=4), "a")
@@ -81,6 +82,17 @@ def test_equal_runs_share_their_programs_and_give_the_same_state(tmp_path):
   simbal = build(tiny_config("simbal", steps=4), "d")
   assert env_lib.make_train_step(simbal) is not env_lib.make_train_step(a)
   assert evaluate.make_eval_step(simbal) is evaluate.make_eval_step(a)  # the same model
+  # init reads the model and the optimizer, not the balancing terms
+  assert simbal.state_key == a.state_key and simbal.program_key != a.program_key
+  lr = tiny_config("lbl", steps=4)
+  lr.opt.peak_lr *= 2
+  assert build(lr, "lr").state_key != a.state_key
+  # the analyses of the evaluations (churn probe, expert copy and movement)
+  batches = [{"inputs": np.zeros((8, 16), np.int32)}]
+  trackers = [analysis.RoutingTracker(env.model, batches, probe_tokens=16, out_sharding=None)
+              for env in (a, simbal)]
+  for name in ("_route", "_copy", "_move"):
+    assert getattr(trackers[0], name) is getattr(trackers[1], name), name
   assert env_lib.make_train_step(env_lib.build(
       tiny_config("lbl", steps=4), str(tmp_path / "e"), devices=jax.devices()[:2])) is not (
           env_lib.make_train_step(a))  # another mesh
@@ -100,6 +112,8 @@ def test_equal_runs_share_their_programs_and_give_the_same_state(tmp_path):
     cfg.ckpt.enabled = False
     _, state = train.train_and_evaluate(cfg, str(tmp_path / name), devices=one)
     runs[name] = state_of(state)
+    if name == "first":  # the run's init is the one program of its state_key
+      programs.program("init", a.state_key, lambda: pytest.fail("init was not shared"))
   jax.tree.map(np.testing.assert_array_equal, runs["shared"], runs["first"])
   jax.tree.map(np.testing.assert_array_equal, runs["shared"], runs["fresh"])
   assert env_lib.make_train_step(a) is not before  # cleared: the fresh run made new programs

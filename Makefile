@@ -57,11 +57,11 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 install: $(VENV)/.installed
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -n 2 --dist loadscope tests $(addprefix --ignore=,$(INSTALL_TESTS)) $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder tests $(addprefix --ignore=,$(INSTALL_TESTS)) $(PYTEST_ARGS)
 
 # Everything but the tests marked slow (setup.cfg's markers): whole training runs, subprocesses.
 test-quick: $(VENV)/.installed
-	$(PY) -m pytest -q -n 2 --dist loadscope -m "not slow" tests $(addprefix --ignore=,$(INSTALL_TESTS)) $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder -m "not slow" tests $(addprefix --ignore=,$(INSTALL_TESTS)) $(PYTEST_ARGS)
 
 test-install: $(VENV)/.installed
 	$(PY) -m pytest -q -s -p no:cacheprovider $(INSTALL_TESTS) $(PYTEST_ARGS)

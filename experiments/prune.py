@@ -32,6 +32,7 @@ def prune_table(env, state, thresholds, passes=3):
   from simbal_jax import eval_metrics  # pylint: disable=g-import-not-at-top
   from simbal_jax import losses  # pylint: disable=g-import-not-at-top
   from simbal_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  from simbal_jax import programs  # pylint: disable=g-import-not-at-top
   from simbal_jax import sharding  # pylint: disable=g-import-not-at-top
   from simbal_jax import env as env_lib  # pylint: disable=g-import-not-at-top
   from simbal_jax import evaluate  # pylint: disable=g-import-not-at-top
@@ -44,14 +45,18 @@ def prune_table(env, state, thresholds, passes=3):
     mcfg = dataclasses.replace(env.mcfg, moe=dataclasses.replace(env.mcfg.moe, min_gate=thr))
     model = model_lib.Transformer(mcfg)
 
-    @jax.jit
-    def score(params, bias, batch, model=model, thr=thr):
+    def score_fn(params, bias, batch, model=model, thr=thr):
       logits, aux = model.apply({"params": params}, batch["inputs"], expert_bias=bias)
       b, l = batch["inputs"].shape
       ce, _ = losses.cross_entropy(logits, batch["targets"])
       kept = jnp.sum(aux.router.gates >= thr, axis=-1).astype(jnp.float32)  # [Lm, T]
       return {"ce_sum": ce * (b * l), "tokens": jnp.float32(b * l), "kept_sum": jnp.mean(
           jnp.sum(kept, axis=-1))}
+
+    # One program per model and threshold, shared by the runs pruned in one process (methods,
+    # seeds: the notebook prunes each method's run).
+    score = programs.program("prune_score", (mcfg, env.mesh, env.rules),
+                             lambda fn=score_fn: jax.jit(fn))
 
     with sharding.mesh_rules(env.mesh, env.rules):
       sums = [jax.device_get(score(state.params, state.expert_bias, b)) for b in batches]

@@ -83,6 +83,15 @@ def xla_flags(device_count=None):
   return " ".join(flags.split())
 
 
+def one_device():
+  """[the first CPU device]: what an end-to-end test trains on when sharding is not its subject.
+  On the session's 8 fake devices a tiny run compiles a partitioned program and steps 8 shards
+  on 2 cores: about 2 s more at its first compile and 1 s more per repeat (measured
+  2026-12-07). The sharding tests, the bit-exact SIGTERM resume (test_train.py), the moved
+  workdir (test_reliability.py) and the two-process run keep all 8."""
+  return jax.devices()[:1]
+
+
 def tiny_config(method="lbl", steps=8, analysis=False, **sections):
   """configs/demo.py shrunk for end-to-end tests.
 

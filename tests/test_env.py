@@ -10,7 +10,7 @@ from simbal_jax import env as env_lib
 from simbal_jax import programs
 from simbal_jax import train
 
-from conftest import state_of, tiny_config
+from conftest import one_device, state_of, tiny_config
 
 def test_restore_run_names_what_is_missing(tmp_path):
   for empty in ("", "  ", None):
@@ -55,7 +55,7 @@ def test_a_dense_run_checkpoints_and_restores(tmp_path):
   cfg = tiny_config("none", steps=2)
   cfg.moe.num_experts, cfg.balance.terms, cfg.balance.loss_free = 0, "", False
   cfg.ckpt.every = 1
-  summary, state = train.train_and_evaluate(cfg, str(tmp_path))
+  summary, state = train.train_and_evaluate(cfg, str(tmp_path), devices=one_device())
   assert summary["status"] == "done" and "eval/maxvio" not in summary
   assert os.path.isdir(tmp_path / "checkpoints" / "2")
   _, restored = env_lib.restore_run(str(tmp_path))

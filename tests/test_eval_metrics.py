@@ -9,7 +9,7 @@ from simbal_jax import eval_metrics
 from simbal_jax import train
 from simbal_jax.experiments import convergence
 
-from conftest import tiny_config
+from conftest import one_device, tiny_config
 
 
 def _sums():
@@ -82,7 +82,7 @@ def test_an_added_metric_reaches_metrics_jsonl_the_summary_and_the_table(tmp_pat
                                      table="top load")
   monkeypatch.setitem(eval_metrics.METRICS, "top_load", top_load)
   run = tmp_path / "conv" / "lbl" / "seed0"
-  summary, _ = train.train_and_evaluate(tiny_config("lbl", steps=2), str(run))
+  summary, _ = train.train_and_evaluate(tiny_config("lbl", steps=2), str(run), devices=one_device())
   want = summary["expert_load"].max(-1)  # the final evaluation's load, float64[Lm, E]
   assert summary["eval/top_load"] == pytest.approx(want.mean())
   assert ("top load", "eval/top_load") in eval_metrics.summary_columns()

@@ -14,6 +14,7 @@ from simbal_jax.runio import rundir
 from simbal_jax import train
 from conftest import losses_of as losses
 from conftest import nan_loss_at_step
+from conftest import one_device
 from conftest import state_of
 from conftest import tiny_config as tiny  # d 32, 4 experts, synthetic data, ckpt every 4
 
@@ -27,7 +28,7 @@ def listing(d):
 def straight(tmp_path_factory):
   """One 8-step run with checkpoints at 4 and 8: (workdir, summary, losses)."""
   workdir = str(tmp_path_factory.mktemp("straight"))
-  _, state = train.train_and_evaluate(tiny(), workdir)
+  _, state = train.train_and_evaluate(tiny(), workdir, devices=one_device())
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]
   return workdir, state, losses(workdir)
 
@@ -44,7 +45,8 @@ def _refused(cfg, workdir, exc, match):
   metrics = open(os.path.join(workdir, "metrics.jsonl"), "rb").read()
   steps = []
   with pytest.raises(exc, match=match) as err:
-    train.train_and_evaluate(cfg, workdir, hooks=[lambda step, _: steps.append(step)])
+    train.train_and_evaluate(cfg, workdir, hooks=[lambda step, _: steps.append(step)],
+                             devices=one_device())
   assert not steps
   assert listing(workdir) == before  # nothing renamed, nothing deleted
   assert open(os.path.join(workdir, "metrics.jsonl"), "rb").read() == metrics  # nothing dropped
@@ -92,7 +94,7 @@ def _state_files(step_dir):
 def test_bit_flip_falls_back_and_matches_the_straight_run(straight, tmp_path):
   workdir = copy_of(straight, tmp_path)
   _flip(max(_state_files(os.path.join(workdir, "checkpoints", "8")), key=os.path.getsize))
-  out, state = train.train_and_evaluate(tiny(), workdir)
+  out, state = train.train_and_evaluate(tiny(), workdir, devices=one_device())
   assert out["start_step"] == 4 and out["step"] == 8 and out["status"] == "done"
   assert glob.glob(os.path.join(workdir, "checkpoints", "8.damaged.*"))
   assert losses(workdir) == straight[2]  # steps 5..8 redone bit-exactly
@@ -109,7 +111,7 @@ def test_all_damaged_stops_then_start_over_on_request(straight, tmp_path):
   assert [s for s, _ in err.reasons] == [8, 4]
   cfg = tiny(steps=2)
   cfg.ckpt.start_over = True  # the explicit choice: moved aside, not deleted
-  out, _ = train.train_and_evaluate(cfg, workdir)
+  out, _ = train.train_and_evaluate(cfg, workdir, devices=one_device())
   assert out["start_step"] == 0 and out["status"] == "done"
   kept = glob.glob(os.path.join(workdir, "checkpoints", "replaced.*"))
   assert len(kept) == 1 and sorted(os.listdir(kept[0])) == ["4", "8", "metrics.jsonl"]
@@ -154,7 +156,7 @@ def test_config_drift_is_refused_until_allowed(straight, tmp_path, caplog):
   cfg = tiny(steps=10)
   cfg.opt.peak_lr = 1e-3
   cfg.ckpt.allow_config_change = "opt.peak_lr, train.num_steps"
-  out, _ = train.train_and_evaluate(cfg, workdir)
+  out, _ = train.train_and_evaluate(cfg, workdir, devices=one_device())
   assert out["start_step"] == 8 and out["step"] == 10 and out["status"] == "done"
   assert "opt.peak_lr: 0.003 -> 0.001" in caplog.text
   assert sorted(losses(workdir)) == list(range(1, 11))
@@ -166,6 +168,6 @@ def test_non_finite_loss_after_resume_names_the_checkpoint(straight, tmp_path, m
   nan_loss_at_step(monkeypatch, 9)
   cfg.ckpt.allow_config_change = "train.num_steps"
   with pytest.raises(train.NonFiniteLossError, match="at step 9") as err:
-    train.train_and_evaluate(cfg, workdir)
+    train.train_and_evaluate(cfg, workdir, devices=one_device())
   msg = str(err.value)
   assert "started from checkpoint step 8 in " in msg and "good" not in msg

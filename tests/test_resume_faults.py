@@ -21,6 +21,7 @@ from simbal_jax.runio import writers
 from test_reliability import _flip
 from test_reliability import _state_files
 from conftest import losses_of as losses
+from conftest import one_device
 from conftest import state_of
 from conftest import tree
 from conftest import tiny_config as tiny  # d 32, 4 experts, synthetic data, ckpt every 4
@@ -40,7 +41,7 @@ def straight(tmp_path_factory):
   """One 8-step run with checkpoints at 4 and 8 and TensorBoard events: (workdir, state,
   losses)."""
   workdir = str(tmp_path_factory.mktemp("straight"))
-  _, state = train.train_and_evaluate(tiny_tb(), workdir)
+  _, state = train.train_and_evaluate(tiny_tb(), workdir, devices=one_device())
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]
   assert glob.glob(os.path.join(workdir, "tb", "events.*"))
   return workdir, state, losses(workdir)
@@ -54,7 +55,7 @@ def copy_of(straight, tmp_path):
 
 def resumes_from_4_identically(straight, workdir):
   """The run falls back to step 4, ends identical to the straight run; step 8 is set aside."""
-  out, state = train.train_and_evaluate(tiny_tb(), workdir)
+  out, state = train.train_and_evaluate(tiny_tb(), workdir, devices=one_device())
   assert out["start_step"] == 4 and out["step"] == 8 and out["status"] == "done"
   assert glob.glob(os.path.join(workdir, "checkpoints", "8.damaged.*"))
   assert losses(workdir) == straight[2]
@@ -86,7 +87,7 @@ def test_divergence_leaves_no_non_finite_checkpoint(tmp_path):
   cfg = tiny(steps=12)
   cfg.opt.peak_lr, cfg.ckpt.every = 1e6, 2
   with pytest.raises((train.NonFiniteLossError, checkpoint.NonFiniteStateError)):
-    train.train_and_evaluate(cfg, str(tmp_path))
+    train.train_and_evaluate(cfg, str(tmp_path), devices=one_device())
   steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
   assert steps  # the finite ones before the divergence are kept ...
   ocp = checkpoint.ocp
@@ -117,7 +118,7 @@ def test_full_disk_is_one_line_and_a_later_run_resumes(straight, tmp_path, monke
 
   monkeypatch.setattr(path_cls, "write_text", full_disk)
   with pytest.raises(checkpoint.CheckpointSaveError) as err:
-    train.train_and_evaluate(tiny_tb(), workdir)
+    train.train_and_evaluate(tiny_tb(), workdir, devices=one_device())
   msg = str(err.value)
   assert "\n" not in msg
   assert msg.startswith(f"saving checkpoint step 8 in {workdir}/checkpoints failed: OSError: "
@@ -126,7 +127,7 @@ def test_full_disk_is_one_line_and_a_later_run_resumes(straight, tmp_path, monke
   assert "Traceback" not in capfd.readouterr().err  # Orbax's thread tracebacks: not shown
   assert [d for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()] == ["4"]
   monkeypatch.setattr(path_cls, "write_text", real_write)
-  out, state = train.train_and_evaluate(tiny_tb(), workdir)
+  out, state = train.train_and_evaluate(tiny_tb(), workdir, devices=one_device())
   assert out["start_step"] == 4 and out["step"] == 8
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]  # no leftovers
   assert losses(workdir) == straight[2]
@@ -185,7 +186,7 @@ def test_refused_start_leaves_the_workdir_byte_identical(straight, tmp_path):
   cfg = tiny_tb()
   cfg.moe.num_experts = 8  # another shape: refused
   with pytest.raises(rundir.ConfigChange, match="moe.num_experts: 4 -> 8"):
-    train.train_and_evaluate(cfg, workdir)
+    train.train_and_evaluate(cfg, workdir, devices=one_device())
   assert tree(workdir) == before
 
 
@@ -195,7 +196,8 @@ def test_finished_run_started_again_changes_nothing(straight, tmp_path):
   final = [r for r in writers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
            if "eval/loss" in r]
   steps = []
-  out, state = train.train_and_evaluate(tiny_tb(), workdir, hooks=[lambda s, _: steps.append(s)])
+  out, state = train.train_and_evaluate(tiny_tb(), workdir, hooks=[lambda s, _: steps.append(s)],
+                                        devices=one_device())
   assert out["complete"] and out["status"] == "done" and out["step"] == 8 and not steps
   assert len(final) == 1 and out["eval/loss"] == final[0]["eval/loss"]
   assert tree(workdir) == before  # no new record, no events, no config.json rewrite

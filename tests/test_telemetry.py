@@ -13,7 +13,7 @@ from simbal_jax import model as model_lib
 from simbal_jax import telemetry
 from simbal_jax import train
 from simbal_jax.runio import writers
-from conftest import tiny_config
+from conftest import one_device, tiny_config
 
 def _events(logdir):
   """{tag: [(step, event value)]} of scalars, images, histograms from TensorBoard's reader."""
@@ -42,7 +42,7 @@ def run(tmp_path_factory):
   cfg.log.peak_tflops = 0.5  # a made-up peak: MFU is reported on CPU too
   cfg.log.hist_tokens = 40
   cfg.train.num_evals = 2
-  summary, state = train.train_and_evaluate(cfg, workdir)
+  summary, state = train.train_and_evaluate(cfg, workdir, devices=one_device())
   return workdir, cfg, summary, state
 
 
@@ -118,8 +118,21 @@ def test_tokens_per_second_and_mfu(run):
   fpt = model_lib.flops_per_token(_model_config(workdir), cfg.train.seq_len)
   for r in timed:
     assert r["train/tokens_per_second"] > 0
-    peak = 0.5e12 * jax.device_count()  # the mesh holds every (fake CPU) device
+    peak = 0.5e12 * len(one_device())  # the peak of the run's mesh: per device x devices
     assert r["train/mfu"] == pytest.approx(r["train/tokens_per_second"] * fpt / peak, rel=1e-6)
+
+
+def test_the_mfu_peak_counts_every_device_of_the_mesh(tmp_path):
+  """MFU's peak is the per-device peak times the devices of the run's mesh (the run above has
+  one device; here 1 and the session's 8)."""
+  from simbal_jax import env as env_lib  # pylint: disable=g-import-not-at-top
+  cfg = tiny_config("lbl")
+  cfg.model.vocab_size, cfg.log.peak_tflops = 64, 0.5
+  for devices in (jax.devices()[:1], jax.devices()):
+    env = env_lib.build(cfg, str(tmp_path), devices=devices, data=False)
+    logger = telemetry.StepLogger(env, writer=None, progress=None, timer=None)
+    assert logger.throughput.peak_flops == pytest.approx(0.5e12 * len(devices))
+  assert len(jax.devices()) == 8
 
 
 def test_throughput_measures_the_interval_without_pauses():

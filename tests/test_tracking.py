@@ -47,7 +47,7 @@ def logged_run(tmp_path_factory):
   """A finished 10-step run with W&B offline and steps 4-5 profiled: (workdir, summary)."""
   pytest.importorskip("wandb", reason="the W&B writer needs wandb (the wandb or test extra)")
   from simbal_jax import train  # pylint: disable=g-import-not-at-top
-  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from conftest import one_device, tiny_config  # pylint: disable=g-import-not-at-top
   tmp = tmp_path_factory.mktemp("logged")
   workdir = str(tmp / "run")
   cfg = tiny_config("simbal", steps=10)
@@ -61,7 +61,7 @@ def logged_run(tmp_path_factory):
     mp.setenv("WANDB_SILENT", "true")
     mp.delenv("WANDB_MODE", raising=False)
     mp.delenv("WANDB_API_KEY", raising=False)
-    summary, _ = train.train_and_evaluate(cfg, workdir)
+    summary, _ = train.train_and_evaluate(cfg, workdir, devices=one_device())
   return workdir, summary
 
 

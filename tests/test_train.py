@@ -14,7 +14,7 @@ from simbal_jax import evaluate
 from simbal_jax import train
 from simbal_jax.runio import writers
 
-from conftest import losses_of, nan_loss_at_step, state_of, tiny_config
+from conftest import losses_of, nan_loss_at_step, one_device, state_of, tiny_config
 
 
 @pytest.mark.slow
@@ -53,7 +53,7 @@ def test_sigterm_then_resume_is_bit_exact(tmp_path):
 def test_corrupt_latest_checkpoint_is_skipped(tmp_path):
   cfg = tiny_config("simbal", steps=8)
   cfg.ckpt.every = 4
-  train.train_and_evaluate(cfg, str(tmp_path))
+  train.train_and_evaluate(cfg, str(tmp_path), devices=one_device())
   ck = tmp_path / "checkpoints"
   assert sorted(os.listdir(ck)) == ["4", "8"]
   for f in glob.glob(str(ck / "8" / "state" / "**"), recursive=True):
@@ -62,7 +62,7 @@ def test_corrupt_latest_checkpoint_is_skipped(tmp_path):
         fh.truncate(os.path.getsize(f) // 2)
   cfg.train.num_steps = 10
   cfg.ckpt.allow_config_change = "train.num_steps"  # a longer schedule than the saved one
-  out, _ = train.train_and_evaluate(cfg, str(tmp_path))
+  out, _ = train.train_and_evaluate(cfg, str(tmp_path), devices=one_device())
   assert out["start_step"] == 4 and out["step"] == 10 and out["status"] == "done"
 
 
@@ -73,7 +73,7 @@ def test_nan_stops_then_resume_keeps_metrics_monotonic_and_times_training(tmp_pa
   real_make_train_step = env_lib.make_train_step
   nan_loss_at_step(monkeypatch, 6)
   with pytest.raises(train.NonFiniteLossError, match="at step 6") as err:
-    train.train_and_evaluate(cfg, str(tmp_path))
+    train.train_and_evaluate(cfg, str(tmp_path), devices=one_device())
   monkeypatch.setattr(env_lib, "make_train_step", real_make_train_step)
   assert err.value.step == 6
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]  # last good one kept
@@ -92,7 +92,7 @@ def test_nan_stops_then_resume_keeps_metrics_monotonic_and_times_training(tmp_pa
 
   monkeypatch.setattr(evaluate, "evaluate", slow_evaluate)
   cfg.train.eval_every = 2
-  out, _ = train.train_and_evaluate(cfg, str(tmp_path))
+  out, _ = train.train_and_evaluate(cfg, str(tmp_path), devices=one_device())
   assert out["start_step"] == 4 and out["status"] == "done"
   train_steps = [r["step"] for r in writers.read_jsonl(tmp_path / "metrics.jsonl")
                  if "train/loss" in r]
@@ -226,9 +226,9 @@ def test_grad_accumulation_matches_full_batch(tmp_path):
   """SimBal + CE + z-loss are means over tokens: 2 micro-batches == the full batch."""
   cfg = tiny_config("simbal", steps=3)
   cfg.ckpt.enabled = False
-  _, full = train.train_and_evaluate(cfg, str(tmp_path / "full"))
+  _, full = train.train_and_evaluate(cfg, str(tmp_path / "full"), devices=one_device())
   cfg.train.grad_accum = 2
-  _, accum = train.train_and_evaluate(cfg, str(tmp_path / "accum"))
+  _, accum = train.train_and_evaluate(cfg, str(tmp_path / "accum"), devices=one_device())
   lf, la = losses_of(tmp_path / "full"), losses_of(tmp_path / "accum")
   np.testing.assert_allclose([la[s] for s in (1, 2, 3)], [lf[s] for s in (1, 2, 3)], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
@@ -240,7 +240,7 @@ def test_eval_and_config_json(tmp_path):
   resolved config is written at start."""
   cfg = tiny_config("simbal", steps=6)
   cfg.train.num_evals, cfg.ckpt.enabled = 3, False
-  summary, _ = train.train_and_evaluate(cfg, str(tmp_path / "a"))
+  summary, _ = train.train_and_evaluate(cfg, str(tmp_path / "a"), devices=one_device())
   recs = writers.read_jsonl(tmp_path / "a" / "metrics.jsonl")
   assert [r["step"] for r in recs if "eval/loss" in r] == [2, 4, 6]
   assert all(r["train/tokens"] == r["step"] * 8 * 16 for r in recs)

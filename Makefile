@@ -48,16 +48,10 @@ INSTALL_TESTS := tests/test_core_install.py tests/test_colab_fresh.py
 
 .PHONY: install test test-quick test-install demo min-versions aot clean
 
-# pip byte-compiles what it installs one file at a time (about 45 of its 77 s here);
-# compileall does the same on every core. (The bytecode matters: with PYTHONDONTWRITEBYTECODE
-# set, as on this project's machines, nothing is cached on import, and every process of the
-# suite would compile its imports from source again.)
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q --no-compile -e ".[train,test$(EXTRA)$(AOT)]"
-	$(PY) -m compileall -q -j 0 $$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") > /dev/null \
-		|| echo "compileall: some installed files did not byte-compile; they run from source"
+	$(PY) -m pip install -q -e ".[train,test$(EXTRA)$(AOT)]"
 	touch $@
 
 install: $(VENV)/.installed

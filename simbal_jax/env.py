@@ -86,17 +86,13 @@ class Env:
   batch_sharding: jax.sharding.NamedSharding
   datasets: Any = None  # data.Datasets, or None when built without data
   eval_sets: tuple = ()  # ((name, data.Datasets), ...): train.eval_sets, the extra eval sets
-  # What the jitted programs depend on (hashable; Envs with equal keys share them, `program`):
+  # What the jitted programs depend on (hashable; Envs with equal keys share them, `programs.program`):
   # the model's own programs (evaluation, analyses) on model_key = (model config, mesh, rules);
   # init on state_key (also the optimizer config and the step count); the train step on
   # program_key (also the step config and its balancing-term functions).
   model_key: tuple = ()
   state_key: tuple = ()
   program_key: tuple = ()
-
-
-# The programs a run shares with equal runs in its process (simbal_jax/programs.py).
-program = programs.program
 
 
 def build(config, workdir=None, devices=None, *, data=True):
@@ -175,7 +171,7 @@ _MODELS = collections.OrderedDict()  # (mcfg, opt_key, num_steps) -> _model_and_
 def _model_and_optimizer(mcfg, opt_cfg, opt_key, num_steps):
   """(model, tx, schedule, init, boxed abstract state) of a model config and cfg.opt (`opt_key`:
   its sorted JSON): the same objects for equal keys (the newest 8 kept), so that the programs
-  closing over them are shared (`program`) and the abstract state is traced once."""
+  closing over them are shared (`programs.program`) and the abstract state is traced once."""
   def make():
     model = model_lib.Transformer(mcfg)
     tx, schedule = optim.make_optimizer(opt_cfg, num_steps)
@@ -186,7 +182,7 @@ def _model_and_optimizer(mcfg, opt_cfg, opt_key, num_steps):
 
 
 def clear_programs():
-  """Forgets the shared programs (`program`) and models: the next run traces afresh."""
+  """Forgets the shared programs (`programs.program`) and models: the next run traces afresh."""
   programs.clear()
   _MODELS.clear()
   memory.clear_caches()
@@ -233,7 +229,7 @@ def initial_state(env, ckpt):
     return got[1], got[2], f"resume_from {c.resume_from} step {got[0]}"
   key = jax.random.key(int(env.cfg.seed))
   init_fn = env.init  # the program keeps init_fn alive, not the Env and its data
-  init = program("init", env.state_key, lambda: jax.jit(
+  init = programs.program("init", env.state_key, lambda: jax.jit(
       lambda k: step_lib.unbox(init_fn(k)), out_shardings=env.shardings))
   state = init(key)
   if c.init_from:
@@ -307,8 +303,8 @@ def restore_run(run_dir, devices=None):
 
 def make_train_step(env):
   """The jitted train step (state donated): (state, batch) -> (state, metrics); one per
-  Env.program_key in a process (`program`)."""
-  return program("train_step", env.program_key, lambda: jax.jit(
+  Env.program_key in a process (`programs.program`)."""
+  return programs.program("train_step", env.program_key, lambda: jax.jit(
       functools.partial(step_lib.train_step, model=env.model, tx=env.tx, sc=env.sc,
                         schedule=env.schedule),
       in_shardings=(env.shardings, env.batch_sharding), out_shardings=(env.shardings, None),

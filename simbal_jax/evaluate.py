@@ -30,6 +30,7 @@ from simbal_jax import env as env_lib
 from simbal_jax import eval_metrics
 from simbal_jax import metrics as metrics_lib
 from simbal_jax import model as model_lib
+from simbal_jax import programs
 from simbal_jax import sharding
 from simbal_jax import step as step_lib
 from simbal_jax import telemetry
@@ -101,7 +102,7 @@ def make_eval_step(env, datasets=None):
   has_domain = datasets is not None and datasets.has_domain  # None: built without data
   num_domains = int(env.cfg.data.synthetic.num_domains) if has_domain else 0
   delta = float(env.cfg.log.get("undecided_delta", 0.05))
-  return env_lib.program("eval_step", env.model_key + (num_domains, delta), lambda: jax.jit(
+  return programs.program("eval_step", env.model_key + (num_domains, delta), lambda: jax.jit(
       functools.partial(step_lib.eval_step, model=env.model, num_domains=num_domains,
                         undecided_delta=delta),
       in_shardings=(env.shardings.params, env.shardings.expert_bias, env.batch_sharding),
@@ -112,7 +113,7 @@ def host_router_kernels(env, params):
   """float64[Lm, D, E] router kernels on the host, gathered from every device's shard (on
   several hosts too)."""
   mcfg = env.mcfg
-  gather = env_lib.program("router_kernels", env.model_key, lambda: jax.jit(
+  gather = programs.program("router_kernels", env.model_key, lambda: jax.jit(
       lambda p: model_lib.router_kernels(p, mcfg), out_shardings=sharding.replicated(env.mesh)))
   return np.asarray(jax.device_get(gather(params)), np.float64)
 

@@ -121,8 +121,8 @@ def hlo_collectives(hlo_text):
   `known_trip_count`, else N where the loop's condition is `i < N` with a constant N (a scan
   or fori loop counting from 0, as JAX emits them); else 1, counted in `unknown_trip_counts`.
   One collective split
-  by the compiler into start / done fusions (the same channel) counts once; both branches of a
-  conditional count.
+  by the compiler into start / done fusions (the same kind and channel, or the same
+  `async_collective_name`) counts once; both branches of a conditional count.
 
   Returns:
     dict(collectives={kind: bytes}, kernels=sorted custom-call targets,
@@ -144,8 +144,12 @@ def hlo_collectives(hlo_text):
     comp = comps[current]
     kind = op[:-len("-start")] if op.endswith("-start") else op
     if kind in COLLECTIVES:
+      # XLA names each asynchronous collective; without a name, the start / done halves of one
+      # share their kind and channel (a channel id alone is reused across collectives).
+      async_name = re.search(r'async_collective_name="([^"]+)"', rest)
       channel = re.search(r"\bchannel_id=(\d+)", rest)
-      key = ("channel", channel.group(1)) if channel else ("op", current, name)
+      key = (("async", async_name.group(1)) if async_name else
+             ("channel", kind, channel.group(1)) if channel else ("op", current, name))
       comp["own"][key] = (kind, _shape_bytes(shape), 1)
     if op == "custom-call":
       target = re.search(r'custom_call_target="([^"]+)"', rest)

@@ -67,8 +67,11 @@ def get_config(arg=None):
   # lax (jax.lax.ragged_dot, no tokamax; dense E-times-larger on GPU)
   e.ragged_impl = "auto"
   # dispatch=ragged with mesh.expert > 1: each device's buffer = this x its mean load (local
-  # tokens x K), excess dropped (train/dropped); <= 0: dropless (buffer = mesh.expert x mean).
-  e.expert_buffer_factor = 0.0
+  # tokens x K); <= 0: the worst case (buffer = mesh.expert x mean). The assignments beyond
+  # it: fallback (dropless: computed on their tokens' devices through the expert kernels
+  # gathered along mesh.expert, only in a call that has them) | drop (train/dropped).
+  e.expert_buffer_factor = 1.25
+  e.expert_overflow = "fallback"
 
   cfg.balance = b = ml_collections.ConfigDict()
   # Balancing terms "name:coef+name:coef" from the registry simbal_jax.balance.TERMS (lbl,

@@ -27,7 +27,7 @@ shared expert (Qwen2-MoE gates it by a sigmoid, never exactly 1), sigmoid gating
 layers between MoE layers, `moe.min_gate > 0`.
 
 The export is dropless: every token reaches its K experts. A run trained with
-dispatch="capacity" and capacity_factor > 0 (or a ragged expert buffer, expert_buffer_factor > 0)
+dispatch="capacity" and capacity_factor > 0 (or a bounded ragged buffer with expert_overflow="drop")
 dropped assignments beyond capacity depending on the batch; the export then equals the run's
 model evaluated dropless (logged). Documents are not masked from each other (one document per
 sequence, as Hugging Face models read them). Written: `config.json` (`max_position_embeddings`
@@ -335,7 +335,8 @@ def export_run(workdir, out, dtype="float32", devices=None):
   if mcfg.moe is not None:
     check_expert_bias(mcfg, _host(state.expert_bias))
     m = mcfg.moe
-    if (m.dispatch == "capacity" and m.capacity_factor > 0) or m.expert_buffer_factor > 0:
+    if ((m.dispatch == "capacity" and m.capacity_factor > 0)
+        or (m.expert_buffer_factor > 0 and m.expert_overflow == "drop")):
       logging.warning("the run dropped assignments beyond expert capacity; the export is "
                       "dropless (equal to the run's model with moe.capacity_factor=0)")
   bias = _host(state.expert_bias) if arch == GLM4_MOE else None

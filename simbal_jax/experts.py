@@ -25,6 +25,7 @@ from absl import flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name as _checkpoint_name
 
 from simbal_jax import dispatch
 from simbal_jax import routing
@@ -62,7 +63,8 @@ def padding(cfg, num_experts, top_k, expert_axis=1):
 
   "capacity": min(capacity_factor, E / K) (E / K when dropless: C = T); "buckets": the smallest
   bucket, min(min(capacity_buckets), E / K) (a skewed step runs at a larger one); "ragged": 1,
-  on an expert axis of size X > 1 the dropless worst case X, or min(expert_buffer_factor, X).
+  on an expert axis of size X > 1 the dropless worst case X, or min(expert_buffer_factor, X)
+  (+ 1 with `expert_overflow="fallback"`, its second buffer, when that is below X).
   Router "expert_choice" (`cfg.router`): its exact C-slot buffers hold E * C = T * K * f rows,
   f = capacity_factor when > 0 else 1 (`moe.MoEConfig.expert_capacity`).
 
@@ -74,9 +76,10 @@ def padding(cfg, num_experts, top_k, expert_axis=1):
   if getattr(cfg, "router", "token_choice") == "expert_choice":
     return min(cfg.capacity_factor if cfg.capacity_factor > 0 else 1.0, num_experts / top_k)
   if cfg.dispatch == "ragged":
-    if expert_axis > 1 and cfg.expert_buffer_factor > 0:
-      return min(cfg.expert_buffer_factor, expert_axis)
-    return float(expert_axis)
+    if expert_axis == 1 or cfg.expert_buffer_factor <= 0:
+      return float(expert_axis)
+    bounded = min(cfg.expert_buffer_factor, expert_axis)
+    return min(bounded + 1.0, expert_axis) if cfg.expert_overflow == "fallback" else bounded
   factor = min(cfg.capacity_buckets) if cfg.dispatch == "buckets" else cfg.capacity_factor
   if factor is None or factor <= 0:
     return num_experts / top_k
@@ -92,7 +95,7 @@ def apply(x_TxD, assign, wg, wu, wo, cfg, capacity=None):
     assign: routing.Assignments with rows [N, M] (token choice: [T, K]).
     wg, wu: float[E, D, F] and wo: float[E, F, D] expert kernels in the compute dtype.
     cfg: dispatch settings, a `moe.MoEConfig`: dispatch, num_groups (G, dividing T and N),
-      capacity_factor, capacity_buckets, ragged_impl, expert_buffer_factor.
+      capacity_factor, capacity_buckets, ragged_impl, expert_buffer_factor, expert_overflow.
     capacity: static int, or None. Given (a router whose per-expert load is known statically:
       expert choice, C per expert and group), "capacity" and "buckets" run buffers of exactly
       this many slots per expert and group (no padding; nothing dropped when no expert gets
@@ -110,7 +113,8 @@ def apply(x_TxD, assign, wg, wu, wo, cfg, capacity=None):
                      f"by num_groups={groups}")
   if cfg.dispatch == "ragged":
     return _ragged_experts(x_TxD, assign, wg, wu, wo, impl=cfg.ragged_impl,
-                           buffer_factor=cfg.expert_buffer_factor)
+                           buffer_factor=cfg.expert_buffer_factor,
+                           overflow=cfg.expert_overflow)
   if capacity is not None:
     return _capacity_experts(x_TxD, assign, wg, wu, wo, num_groups=groups, capacity=capacity)
   top_k = -(-assign.expert.size // tokens)  # K of token choice; else the mean, rounded up
@@ -185,12 +189,12 @@ def _bucket_experts(x_TxD, assign, wg, wu, wo, *, num_groups, caps):
 # `jax.experimental.pallas.ops.tpu.megablox.gmm`, which compiles ahead of time; tokamax's Mosaic
 # TPU kernel asks the host's backend and refuses to trace on a CPU host). "tokamax" =
 # implementation None anywhere. "xla" / "triton" / "mosaic": that tokamax implementation (the
-# kernels raise NotImplementedError where they do not run, e.g. on CPU). "lax":
-# jax.lax.ragged_dot, no tokamax (on GPU and in XLA's TPU cost model a dense E-times-larger
-# computation).
+# kernels raise NotImplementedError where they do not run, e.g. on CPU). "lax": jax.lax.ragged_dot,
+# no tokamax (on GPU and in XLA's TPU cost model a dense E-times-larger computation).
 RAGGED_IMPLS = ("auto", "tokamax", "xla", "triton", "mosaic", "megablox", "lax")
 _AUTO_IMPL = {"cpu": "xla", "gpu": "tokamax", "cuda": "tokamax", "rocm": "tokamax",
               "tpu": "megablox"}
+EXPERT_OVERFLOWS = ("fallback", "drop")  # a bounded expert-axis buffer's excess (_ragged_experts)
 
 
 def resolve_ragged_impl(impl, backend=None):
@@ -213,11 +217,9 @@ def _megablox_dot(lhs_SxD, rhs_ExDxF, group_sizes_E):
   from jax.experimental.pallas.ops.tpu.megablox import gmm  # pylint: disable=g-import-not-at-top
   rows = lhs_SxD.shape[0]
   tile = min(128, -(-rows // 8) * 8)
-  padded = -(-rows // tile) * tile
-  lhs = jnp.pad(lhs_SxD, ((0, padded - rows), (0, 0))) if padded != rows else lhs_SxD
-  out = gmm(lhs, rhs_ExDxF, group_sizes_E.astype(jnp.int32), lhs_SxD.dtype,
-            (tile, 128, 128))
-  return out[:rows]
+  lhs = jnp.pad(lhs_SxD, ((0, -(-rows // tile) * tile - rows), (0, 0)))
+  sizes = group_sizes_E.astype(jnp.int32)
+  return gmm(lhs, rhs_ExDxF, sizes, lhs_SxD.dtype, (tile, 128, 128))[:rows]
 
 
 def ragged_dot(lhs_SxD, rhs_ExDxF, group_sizes_E, impl="auto"):
@@ -250,6 +252,9 @@ def ragged_dot(lhs_SxD, rhs_ExDxF, group_sizes_E, impl="auto"):
                             implementation=None if impl == "tokamax" else impl)
 
 
+_SAVED_ROWS = ("expert_rows", "expert_gate", "expert_up")  # what the overflow's backward keeps
+
+
 def _ragged_swiglu(x_TxD, assign, wg, wu, wo, expert_offset, impl, num_slots=None):
   """The held experts' part of the MoE output: (float[T, D] with zero rows for tokens whose
   experts are all held elsewhere, bool[N, M] held here but beyond the buffer's `num_slots`
@@ -257,14 +262,13 @@ def _ragged_swiglu(x_TxD, assign, wg, wu, wo, expert_offset, impl, num_slots=Non
   plan, group_sizes_E = dispatch.sorted_plan(assign.expert, wg.shape[0], expert_offset,
                                              num_slots)
   plan = dispatch.with_tokens(plan, assign.token, x_TxD.shape[0])
-  buf_SxD = dispatch.to_slots(x_TxD, assign, plan)
-  h_gate = ragged_dot(buf_SxD, wg, group_sizes_E, impl)
-  h_up = ragged_dot(buf_SxD, wu, group_sizes_E, impl)
+  buf_SxD = _checkpoint_name(dispatch.to_slots(x_TxD, assign, plan), _SAVED_ROWS[0])
+  h_gate = _checkpoint_name(ragged_dot(buf_SxD, wg, group_sizes_E, impl), _SAVED_ROWS[1])
+  h_up = _checkpoint_name(ragged_dot(buf_SxD, wu, group_sizes_E, impl), _SAVED_ROWS[2])
   y_SxD = ragged_dot(jax.nn.silu(h_gate) * h_up, wo, group_sizes_E, impl)
-  y_TxD = dispatch.to_tokens(y_SxD, assign, plan, x_TxD.shape[0])
   held = jnp.asarray(assign.expert) - expert_offset
-  dropped_NxM = (held >= 0) & (held < wg.shape[0]) & ~plan.kept
-  return y_TxD, dropped_NxM
+  return (dispatch.to_tokens(y_SxD, assign, plan, x_TxD.shape[0]),
+          (held >= 0) & (held < wg.shape[0]) & ~plan.kept)
 
 
 def _sharded_mesh():
@@ -289,7 +293,8 @@ def _varying(x, axis):
   return jax.lax.pvary(x, axis)  # jax < 0.10
 
 
-def _ragged_experts(x_TxD, assign, wg, wu, wo, *, impl="auto", buffer_factor=0.0):
+def _ragged_experts(x_TxD, assign, wg, wu, wo, *, impl="auto", buffer_factor=0.0,
+                    overflow="fallback"):
   """Dropless dispatch: the assignments sorted by expert, grouped SwiGLU matmuls.
 
   Without a mesh (or on one device) one grouped matmul over all N * M assignment rows. Under this
@@ -297,22 +302,26 @@ def _ragged_experts(x_TxD, assign, wg, wu, wo, *, impl="auto", buffer_factor=0.0
   (`jax.shard_map`), so nothing in it scales with the global batch:
 
   * each device takes its own tokens (the batch axis is split over data x fsdp x expert) and
-    all-gathers the tokens, gates and expert choices of the devices along "expert" (its expert
-    group: the tokens whose experts it shares out);
+    all-gathers those of its expert group (the devices along "expert") with gates and choices;
   * it all-gathers its experts' kernels over "fsdp" ([E / expert, D, F / model]: the FSDP
     gather of one layer, whose transpose reduce-scatters the gradients);
   * it sorts the group's assignments to its own experts (`dispatch.sorted_plan` with an expert
-    offset; the others are computed on the device holding their expert) and runs the grouped
-    matmuls on them;
+    offset) and runs the grouped matmuls on them;
   * the partial outputs are summed back: reduce-scatter along "expert" (each device gets its
     own tokens) and all-reduce along "model" (the F / model slices).
 
-  Dropless by default: the buffer holds every assignment of the expert group (expert x local
-  tokens x K rows), the worst case where all of them pick this device's experts. The
-  grouped-matmul kernels touch only the filled rows, but the buffer's memory, and the FLOPs a
-  kernel's static cost estimate reports, are that worst case. `buffer_factor` f > 0 bounds the
-  buffer at f x the device's mean load (local tokens x K rows): an expert group whose load on
-  one device exceeds it drops the excess (`kept` False, reported as `MoEAux.dropped`).
+  The buffer: with `buffer_factor` <= 0 every assignment of the expert group (expert x local
+  tokens x K rows), the worst case where all pick this device's experts: the kernels touch
+  only the filled rows, but memory and the kernels' static cost estimate are that worst case.
+  `buffer_factor` f > 0 bounds it at f x the device's mean load (local tokens x K rows); the
+  rest is dropped there. `overflow="drop"` leaves it out (`kept` False, `MoEAux.dropped`).
+  `overflow="fallback"` (dropless) computes it where its tokens are: when a device of the group
+  got more than its buffer (all of them see the same gathered choices, so all agree), a
+  `lax.cond` all-gathers the layer's expert kernels along "expert" and runs each device's
+  dropped assignments (a buffer of local tokens x K rows) through them, moving weights instead
+  of tokens; its backward gathers them again rather than keeping them. The cost estimate
+  counts both buffers (f + 1 x the mean load; where that reaches expert x, the worst-case
+  buffer runs instead); memory, the bounded buffer plus one layer's gathered kernels.
 
   Under a mesh the assignments must be token choice (`assign.token` None): rows are the tokens
   sharded along the batch axes.
@@ -320,8 +329,7 @@ def _ragged_experts(x_TxD, assign, wg, wu, wo, *, impl="auto", buffer_factor=0.0
   Args:
     x_TxD, assign, wg, wu, wo: as `apply`.
     impl: grouped-matmul implementation, one of RAGGED_IMPLS.
-    buffer_factor: float; > 0 bounds each device's buffer as above (with an expert axis > 1
-      only); <= 0 dropless.
+    buffer_factor, overflow: as above (<= 0: the worst case; one of EXPERT_OVERFLOWS).
 
   Returns:
     (float[T, D] combined outputs, bool[N, M] kept assignments: all True when dropless).
@@ -334,13 +342,11 @@ def _ragged_experts(x_TxD, assign, wg, wu, wo, *, impl="auto", buffer_factor=0.0
     raise NotImplementedError("dispatch='ragged' under a mesh takes token-major assignments "
                               "(token choice) only")
   P = jax.sharding.PartitionSpec
-  tok = P(sharding.BATCH_AXES)
+  tok, w_in, w_out = (P(sharding.BATCH_AXES), P("expert", "fsdp", "model"),
+                      P("expert", "model", "fsdp"))
   # Pallas TPU kernels (megablox) declare no varying-axis types, so shard_map cannot check them:
   # without the check, its transpose sums the cotangents of inputs replicated along an axis.
   check_vma = resolve_ragged_impl(impl) != "megablox" and not _FORCE_NO_VMA_CHECK
-
-  w_in, w_out = P("expert", "fsdp", "model"), P("expert", "model", "fsdp")
-
   local_tokens = x_TxD.shape[0] // math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
   top_k = assign.expert.shape[1]
   group_assign = local_tokens * mesh.shape["expert"] * top_k
@@ -348,25 +354,46 @@ def _ragged_experts(x_TxD, assign, wg, wu, wo, *, impl="auto", buffer_factor=0.0
   if buffer_factor > 0 and mesh.shape["expert"] > 1:
     num_slots = min(group_assign,
                     -(-int(math.ceil(local_tokens * top_k * buffer_factor)) // 8) * 8)
+  fallback = overflow == "fallback" and num_slots is not None
+  if fallback and num_slots + local_tokens * top_k >= group_assign:  # the worst case is smaller
+    num_slots, fallback = None, False
+
+  def refill(x, gates, index, wg, wu, wo):  # the dropped rows, through all experts' kernels
+    wg, wu, wo = (jax.lax.all_gather(w, "expert", axis=0, tiled=True) for w in (wg, wu, wo))
+    return _ragged_swiglu(x, routing.Assignments(token=None, expert=index, gate=gates),
+                          wg, wu, wo, 0, impl)[0]
 
   def local(x, gates, index, wg, wu, wo):
     wg, wu = (jax.lax.all_gather(w, "fsdp", axis=1, tiled=True) for w in (wg, wu))
     wo = jax.lax.all_gather(wo, "fsdp", axis=2, tiled=True)
-    x, gates, index = (jax.lax.all_gather(a, "expert", axis=0, tiled=True)
-                       for a in (x, gates, index))
     # The kernels vary along "model" (their F slices), so the dispatch / combine custom VJPs
     # see model-varying cotangents: mark their float inputs varying too, so the transpose of
     # that cast sums the token and gate gradients over "model".
     if check_vma:
       x, gates = (_varying(a, "model") for a in (x, gates))
+    group_x, group_gates, group_index = (jax.lax.all_gather(a, "expert", axis=0, tiled=True)
+                                         for a in (x, gates, index))
     offset = jax.lax.axis_index("expert") * wg.shape[0]
-    y, dropped = _ragged_swiglu(x, routing.Assignments(token=None, expert=index, gate=gates),
-                                wg, wu, wo, offset, impl, num_slots)
+    y, dropped = _ragged_swiglu(
+        group_x, routing.Assignments(token=None, expert=group_index, gate=group_gates),
+        wg, wu, wo, offset, impl, num_slots)
     y = jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
     # Each assignment is held on one device of the group: the sum says whether it was dropped.
     dropped = jax.lax.psum_scatter(dropped.astype(jnp.int32), "expert", scatter_dimension=0,
-                                   tiled=True)
-    return jax.lax.psum(y, "model"), dropped == 0
+                                   tiled=True) > 0
+    if fallback:
+      # Overflow, from the group's choices (the same on all its devices: one branch for all).
+      # The dropped rows alone go through the gathered kernels (the others get an expert past
+      # the last: held nowhere); the backward keeps its rows and gated halves, not the kernels
+      # (gathered again; no matmul is recomputed).
+      shard = group_index.reshape(-1, 1) // wg.shape[0]
+      overflow = jnp.max(jnp.sum(shard == jnp.arange(mesh.shape["expert"]), 0)) > num_slots
+      index = jnp.where(dropped, index, wg.shape[0] * mesh.shape["expert"])
+      policy = jax.checkpoint_policies.save_only_these_names(*_SAVED_ROWS)
+      y = y + jax.lax.cond(overflow, jax.checkpoint(refill, policy=policy),
+                           lambda x, *_: jnp.zeros_like(x), x, gates, index, wg, wu, wo)
+      dropped = jnp.zeros_like(dropped)
+    return jax.lax.psum(y, "model"), ~dropped
 
   return jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out),
                        out_specs=(tok, tok), check_vma=check_vma)(x_TxD, assign.gate, assign.expert,

@@ -78,8 +78,8 @@ def activation_bytes_per_token(config, seq_len, model_axis=1, expert_axis=1):
   hidden [F] (a / model) and its output; MoE: router logits and probabilities (2 E float32),
   and per buffer row the dispatched input and expert output (2 D a) and three hidden [F]
   (a / model). Rows per token: K x the dispatch's padding (`experts.padding`: 1 for "ragged",
-  on an expert axis its size or `expert_buffer_factor`; the capacity factor, at most E / K; the
-  smallest bucket).
+  on an expert axis its size or `expert_buffer_factor`, + 1 for the overflow fallback's buffer;
+  the capacity factor, at most E / K; the smallest bucket).
   Once per model: the embedding output (D a) and the float32 logits with their gradient
   (2 V float32 / model).
   """

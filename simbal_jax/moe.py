@@ -86,9 +86,12 @@ class MoEConfig:
       "mosaic" (that tokamax implementation), "megablox" (JAX's Pallas TPU grouped matmul),
       "lax" (`jax.lax.ragged_dot`: on GPU a dense E-times-larger computation).
     expert_buffer_factor: dispatch="ragged" on a mesh with an expert axis > 1: each device's
-      buffer holds this factor x its mean load (local tokens x K rows) and drops the excess;
-      <= 0 (default): dropless, the worst case of expert x local tokens x K rows
-      (`experts.apply`).
+      buffer holds this factor x its mean load (local tokens x K rows); a call where one device
+      gets more does what `expert_overflow` says (default 1.25); <= 0: the worst case, expert x
+      local tokens x K rows (`experts.apply`).
+    expert_overflow: one of `experts.EXPERT_OVERFLOWS`: "fallback" (dropless: the assignments
+      beyond a buffer are computed on their tokens' devices through the layer's expert kernels
+      gathered along "expert", in that call only) or "drop" (left out: `MoEAux.dropped`).
     min_gate: inference-time dynamic-K pruning (the paper's Table 6): chosen experts whose gate
       is below this value are left out of the token's output (their gate is set to 0); 0 keeps
       all K. `MoEAux.router` still reports the unpruned gates.
@@ -131,7 +134,8 @@ class MoEConfig:
   num_groups: int = 1
   dispatch: str = "capacity"
   ragged_impl: str = "auto"
-  expert_buffer_factor: float = 0.0
+  expert_buffer_factor: float = 1.25
+  expert_overflow: str = "fallback"
   min_gate: float = 0.0
   router_noise: str = "none"
   router_noise_eps: float = 0.0
@@ -162,6 +166,9 @@ class MoEConfig:
     if self.ragged_impl not in experts.RAGGED_IMPLS:
       raise ValueError(f"MoEConfig.ragged_impl={self.ragged_impl!r}; valid: "
                        f"{experts.RAGGED_IMPLS}")
+    if self.expert_overflow not in experts.EXPERT_OVERFLOWS:
+      raise ValueError(f"MoEConfig.expert_overflow={self.expert_overflow!r}; valid: "
+                       f"{experts.EXPERT_OVERFLOWS}")
     if self.dispatch == "ragged" and self.num_groups != 1:
       raise ValueError(f"MoEConfig.dispatch='ragged' needs num_groups=1, got "
                        f"{self.num_groups} (ragged_dot has no batching over groups without "

@@ -58,11 +58,17 @@ BIASES = {"none": None, "empty": (100.0, 50.0) + (0.0,) * (E - 2),
     (dict(data=1, fsdp=1, expert=8, model=1), "auto", "none"),
     (dict(data=2, fsdp=1, expert=2, model=2), "auto", "uneven")])
 def test_sharded_ragged_equals_one_device_and_loop(mesh_kw, impl, bias):
+  _check_sharded(mesh_kw, impl, bias)
+
+
+def _check_sharded(mesh_kw, impl, bias, shape=(B, L), **moe_kw):
+  """The shard_map path on `mesh_kw` against one device and the float64 loop; returns the
+  float64 top-K choices [tokens, K] (for tests that check which tokens went where)."""
   cfg = moe.MoEConfig(num_experts=E, top_k=K, d_ff=F, capacity_factor=0.0,
-                      router_init="normal", dispatch="ragged", ragged_impl=impl)
+                      router_init="normal", dispatch="ragged", ragged_impl=impl, **moe_kw)
   block = moe.MoEBlock(cfg, dtype=jnp.float32)
-  x = jax.random.normal(jax.random.PRNGKey(0), (B, L, D), jnp.float32)
-  proj = jax.random.normal(jax.random.PRNGKey(2), (B, L, D), jnp.float32)
+  x = jax.random.normal(jax.random.PRNGKey(0), (*shape, D), jnp.float32)
+  proj = jax.random.normal(jax.random.PRNGKey(2), (*shape, D), jnp.float32)
   bias = None if BIASES[bias] is None else jnp.asarray(BIASES[bias], jnp.float32)
   boxed = jax.jit(block.init)(jax.random.PRNGKey(1), x)
   params = nn.unbox(boxed)
@@ -96,6 +102,8 @@ def test_sharded_ragged_equals_one_device_and_loop(mesh_kw, impl, bias):
     np.testing.assert_array_equal(np.asarray(gp1["params"]["wo"][2:]), 0.0)
   elif bias == "uneven":
     assert counts.max() >= 2 * counts[counts > 0].min()
+  return np.asarray(jax.jit(lambda p, x: block.apply(p, x, bias)[1].router.expert_index)(
+      params, x))
 
 
 def test_sorted_plan_with_expert_offset_vs_numpy():
@@ -134,7 +142,7 @@ def test_bounded_expert_buffer_drops_the_excess():
   and 1, both on the first device of each expert group: its 16 assignments sorted by expert fill
   the 8 rows with expert 0's; expert 1's are dropped (half of all assignments)."""
   cfg = moe.MoEConfig(num_experts=E, top_k=K, d_ff=F, router_init="normal", dispatch="ragged",
-                      expert_buffer_factor=0.5)
+                      expert_buffer_factor=0.5, expert_overflow="drop")
   block = moe.MoEBlock(cfg, dtype=jnp.float32)
   x = jax.random.normal(jax.random.PRNGKey(0), (B, L, D), jnp.float32)
   bias = jnp.asarray(BIASES["empty"], jnp.float32)
@@ -148,6 +156,25 @@ def test_bounded_expert_buffer_drops_the_excess():
   np.testing.assert_allclose(np.asarray(y), _loop(nn.unbox(boxed), x, bias, experts_run={0}),
                              rtol=1e-5, atol=1e-5)
   assert float(aux.dropped) == 0.5
+
+
+@pytest.mark.parametrize("bias,shape,factor,overflows", [
+    ("empty", (B, L), 0.5, True), ("none", (4 * B, 2 * L), 1.25, False)])
+def test_bounded_expert_buffer_fallback_is_dropless(bias, shape, factor, overflows):
+  """expert_overflow="fallback" on fsdp 2 x expert 4 (2 experts per device): the call whose
+  group overflows its bounded buffer (every token on experts 0 and 1, both on the group's first
+  device: 32 rows against 8 slots) computes the dropped rows through the gathered expert
+  kernels and equals the dropless one-device block and the loop, values and gradients; so does
+  a balanced call within its buffers (32 local tokens x K 2 = 64 mean rows, 80 slots). Which
+  case each is comes from the routing choices (a group = 4 consecutive shards)."""
+  mesh_kw = dict(data=1, fsdp=2, expert=4, model=1)
+  index = _check_sharded(mesh_kw, "lax", bias, shape, expert_buffer_factor=factor)
+  per_device = index.shape[0] // 8
+  slots = -(-int(np.ceil(per_device * K * factor)) // 8) * 8
+  assert slots + per_device * K < 4 * per_device * K  # the bounded buffer runs, not the worst case
+  device_of = index.reshape(2, -1) // (E // 4)  # [group, its rows] -> device holding the expert
+  loads = np.stack([(device_of == d).sum(1) for d in range(4)], 1)
+  assert (loads.max() > slots) == overflows, (loads, slots)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,7 +316,13 @@ def test_capacities_and_padding():
   assert experts.padding(moe.MoEConfig(**kw, capacity_factor=0.0), 10, 2) == 5.0  # E / K
   assert experts.padding(bkt_cfg, 10, 2) == 1.25
   assert experts.padding(rag_cfg, 10, 2) == 1.0
-  assert experts.padding(rag_cfg, 10, 2, expert_axis=4) == 1.5
+  assert experts.padding(rag_cfg, 10, 2, expert_axis=4) == 2.5  # + the fallback's own buffer
+  drop_cfg = moe.MoEConfig(**kw, dispatch="ragged", expert_buffer_factor=1.5,
+                           expert_overflow="drop")
+  assert experts.padding(drop_cfg, 10, 2, expert_axis=4) == 1.5
+  assert experts.padding(drop_cfg, 10, 2, expert_axis=1) == 1.0
+  with pytest.raises(ValueError, match="expert_overflow"):
+    moe.MoEConfig(**kw, expert_overflow="spill")
   with pytest.raises(ValueError, match="divisible by num_groups=4"):
     experts.apply(jnp.zeros((T_A, D_A)), _assignments("token_major")[0],
                   *_weights()[1:], moe.MoEConfig(**kw, num_groups=4))

@@ -121,8 +121,8 @@ def hlo_collectives(hlo_text):
   `known_trip_count`, else N where the loop's condition is `i < N` with a constant N (a scan
   or fori loop counting from 0, as JAX emits them); else 1, counted in `unknown_trip_counts`.
   One collective split
-  by the compiler into start / done fusions (the same kind and channel, or the same
-  `async_collective_name`) counts once; both branches of a conditional count.
+  by the compiler into start / done fusions (the same `async_collective_name`, or the same kind
+  and channel in two computations) counts once; both branches of a conditional count.
 
   Returns:
     dict(collectives={kind: bytes}, kernels=sorted custom-call targets,
@@ -144,12 +144,18 @@ def hlo_collectives(hlo_text):
     comp = comps[current]
     kind = op[:-len("-start")] if op.endswith("-start") else op
     if kind in COLLECTIVES:
-      # XLA names each asynchronous collective; without a name, the start / done halves of one
-      # share their kind and channel (a channel id alone is reused across collectives).
+      # XLA names each asynchronous collective. Without a name, the start / done fusions of one
+      # share kind and channel, in different computations; the TPU compiler also reuses one
+      # channel for distinct collectives, so within a computation each counts (its ordinal).
       async_name = re.search(r'async_collective_name="([^"]+)"', rest)
       channel = re.search(r"\bchannel_id=(\d+)", rest)
-      key = (("async", async_name.group(1)) if async_name else
-             ("channel", kind, channel.group(1)) if channel else ("op", current, name))
+      if async_name:
+        key = ("async", async_name.group(1))
+      elif channel:
+        ordinal = sum(k[:3] == ("channel", kind, channel.group(1)) for k in comp["own"])
+        key = ("channel", kind, channel.group(1), ordinal)
+      else:
+        key = ("op", current, name)
       comp["own"][key] = (kind, _shape_bytes(shape), 1)
     if op == "custom-call":
       target = re.search(r'custom_call_target="([^"]+)"', rest)

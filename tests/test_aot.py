@@ -15,9 +15,9 @@ def test_collectives_count_loop_trips_and_one_channel_once():
   `i < 5` without a known trip count around a collective-permute of f32[2,2] (16 bytes), an
   all-reduce of f32[16] (64 bytes) split into start / done fusions on one channel, and a
   reduce-scatter of f32[2,2] (16 bytes) in the entry: 3 * 64, 5 * 16, 64 and 16 bytes. Then
-  two more all-gathers of bf16[4,8] and a reduce-scatter of f32[2,2] that reuse channel 1, as
-  XLA's TPU compiler emits them (the all-gathers told apart by their async collective names):
-  each counts."""
+  two more all-gathers of bf16[4,8] and two reduce-scatters of f32[2,2] that reuse channel 1,
+  as XLA's TPU compiler emits them (the all-gathers told apart by their async collective names,
+  the reduce-scatters by being two in one computation): each counts."""
   hlo = """
 HloModule m
 
@@ -57,12 +57,13 @@ ENTRY %main (x: bf16[1,8]) -> f32[2] {
   %g1 = bf16[4,8]{1,0} all-gather(%x), channel_id=1, frontend_attributes={async_collective_name="all-gather-start"}
   %g2 = bf16[4,8]{1,0} all-gather(%x), channel_id=1, frontend_attributes={async_collective_name="all-gather-start.1"}
   %rs1 = f32[2,2]{1,0} reduce-scatter(%z), channel_id=1, dimensions={0}
+  %rs2 = f32[2,2]{1,0} reduce-scatter(%z), channel_id=1, dimensions={0}
   ROOT %rs = f32[2,2]{1,0} reduce-scatter(%z), channel_id=11, dimensions={0}
 }
 """
   got = aot.hlo_collectives(hlo)
   assert got["collectives"] == {"all-gather": (3 + 2) * 4 * 8 * 2, "all-to-all": 0,
-                                "reduce-scatter": 2 * 2 * 2 * 4, "all-reduce": 16 * 4,
+                                "reduce-scatter": 3 * 2 * 2 * 4, "all-reduce": 16 * 4,
                                 "collective-permute": 5 * 2 * 2 * 4}
   assert got["kernels"] == ["tpu_custom_call"]
   assert got["unknown_trip_counts"] == 0

@@ -157,7 +157,9 @@ def test_min_versions_pin_the_train_extra_too():
     makefile = f.read()
   extras = re.search(r"min_requirements\.py --extras=(\S+)", makefile).group(1)
   assert set(extras.split(",")) >= {"train", "test"}
-  assert re.search(r'pip install -q -e "\.\[train,test', makefile)  # make install, make test
+  # make install, make test: uv, and pip where uv fails
+  assert re.search(r'uv pip install -q --python \S+ -e "\.\[train,test', makefile)
+  assert re.search(r'pip install -q -e "\.\[train,test', makefile)
   got = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "min_requirements.py"),
                         f"--extras={extras}"], capture_output=True, text=True, check=True)
   pins = got.stdout.split()

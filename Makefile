@@ -52,7 +52,8 @@ INSTALL_TESTS := tests/test_core_install.py tests/test_colab_fresh.py
 # site-packages, 16-55 s here against pip's 64-106 s; pip where uv cannot be installed or fails.
 # Modules are byte-compiled when first imported instead: `make test` lets Python write .pyc
 # files (PYTHONDONTWRITEBYTECODE emptied; some machines set it), or each of the suite's
-# processes would compile jax, flax and the rest again (import 4.3 s instead of 2.4 s).
+# processes would compile jax, flax and the rest again (import 4.3 s instead of 2.4 s); so
+# does `make demo`.
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip uv
@@ -87,7 +88,7 @@ min-versions: $(VENV_MIN)/.installed
 	$(PY_MIN) -m pytest -q -p no:cacheprovider $(MIN_TESTS) $(PYTEST_ARGS)
 
 demo: $(VENV)/.installed
-	$(CPU_ENV) $(PY) -m simbal_jax.experiments.demo --workdir=$(WORKDIR)
+	$(CPU_ENV) PYTHONDONTWRITEBYTECODE= $(PY) -m simbal_jax.experiments.demo --workdir=$(WORKDIR)
 
 # Ahead-of-time compile of CONFIG's train and eval steps for a TPU slice (no TPU needed).
 aot: $(VENV)/.installed

@@ -49,7 +49,8 @@ INSTALL_TESTS := tests/test_core_install.py tests/test_colab_fresh.py
 .PHONY: install test test-quick test-install demo min-versions aot clean
 
 # uv (from PyPI) installs the virtualenv: parallel downloads and no byte-compiling of all of
-# site-packages, 16-55 s here against pip's 64-106 s; pip where uv cannot be installed or fails.
+# site-packages: 23-37 s on the 2-core machine with uv's cache empty (16 s warm) against pip's
+# 64-106 s; pip where uv cannot be installed or fails.
 # Modules are byte-compiled when first imported instead: `make test` lets Python write .pyc
 # files (PYTHONDONTWRITEBYTECODE emptied; some machines set it), or each of the suite's
 # processes would compile jax, flax and the rest again (import 4.3 s instead of 2.4 s); so

@@ -387,10 +387,10 @@ def _ragged_experts(x_TxD, assign, wg, wu, wo, *, impl="auto", buffer_factor=0.0
       # the last: held nowhere); the backward keeps its rows and gated halves, not the kernels
       # (gathered again; no matmul is recomputed).
       shard = group_index.reshape(-1, 1) // wg.shape[0]
-      overflow = jnp.max(jnp.sum(shard == jnp.arange(mesh.shape["expert"]), 0)) > num_slots
+      overflowed = jnp.max(jnp.sum(shard == jnp.arange(mesh.shape["expert"]), 0)) > num_slots
       index = jnp.where(dropped, index, wg.shape[0] * mesh.shape["expert"])
       policy = jax.checkpoint_policies.save_only_these_names(*_SAVED_ROWS)
-      y = y + jax.lax.cond(overflow, jax.checkpoint(refill, policy=policy),
+      y = y + jax.lax.cond(overflowed, jax.checkpoint(refill, policy=policy),
                            lambda x, *_: jnp.zeros_like(x), x, gates, index, wg, wu, wo)
       dropped = jnp.zeros_like(dropped)
     return jax.lax.psum(y, "model"), ~dropped

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from conftest import xla_flags
+
 _TESTS = os.path.dirname(os.path.abspath(__file__))
 _SCRIPT = """
 import sys
@@ -26,7 +28,8 @@ app.run(demo.main, argv=["demo", "--workdir={workdir}", "--steps=4", "--methods=
 
 
 def _run(workdir):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  # One CPU device, as `make demo` has on a CPU machine (conftest.py gives this process 8).
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags())
   got = subprocess.run([sys.executable, "-c", _SCRIPT.format(tests=_TESTS, workdir=workdir)],
                        env=env, capture_output=True, text=True, timeout=600, check=False)
   assert got.returncode == 0, got.stderr[-3000:]

@@ -17,6 +17,7 @@ from simbal_jax import balance
 from simbal_jax.configs import base
 
 from conftest import copy_package_sources
+from conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # demo:simbal shrunk to seconds: one MoE layer of 4 experts, 2 steps, one small evaluation
@@ -43,7 +44,9 @@ def installed(tmp_path_factory):
                                f"brings setuptools and wheel):\n{got.stderr[-3000:]}")
   cwd.mkdir()
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-  env.update(PYTHONPATH=str(site), JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  # One CPU device, as a user's machine has (conftest.py gives this process 8 fake ones).
+  env.update(PYTHONPATH=str(site), JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+             XLA_FLAGS=xla_flags())
   return site, env, cwd
 
 
